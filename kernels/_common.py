@@ -1,0 +1,46 @@
+"""Helpers shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+NSUMS = 8
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where each program instance costs ~2 ms of CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def flat_block(n: int) -> int:
+    # On a GPU 4096 elements per program keeps enough bytes in flight per operand; under
+    # the interpreter take up to 64K elements per program so small test tensors need one.
+    if interpreting():
+        return max(16, min(triton.next_power_of_2(n), 1 << 16))
+    return 4096
+
+
+@triton.jit
+def isfinite(x):
+    # NaN fails every comparison, so this is False for NaN and +-Inf.
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """Round fp32 ``x`` to the storage dtype, round-to-nearest-even.
+
+    GPUs round fp32 -> bf16 to nearest even natively. Triton's CPU interpreter truncates
+    instead (triton 3.9), which would make every bf16 test disagree with torch by one
+    ulp on half the elements; under the interpreter (EXACT_BF16) the rounding is done
+    on the bits: add 0x7FFF plus the lowest kept bit, keep NaN as a quiet NaN.
+    """
+    if EXACT_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)

@@ -1,0 +1,295 @@
+"""Fused predict pass: h_out = h_in + R_hat for a skipped step (method.md sections 2, 5).
+
+One memory pass: reads h_in (and h_prev), the residuals the variant needs, writes h_out
+and optionally R_eff into the history ring with its TSI sums (the paper's history rule,
+or a probe prediction for the error policy). The per-step scalars come in as a tensor
+(tcpade.coef), so a new step is new tensor values, not a new compilation.
+
+Two kernels share one epilogue:
+* ``_predict_ew_kernel``: elementwise variants (paper, reuse, linear) over a flat range.
+* ``_predict_rational_kernel``: the time-aware [1/1] Pade, one program per block of token
+  rows; pass 1 over the row reduces the shared-denominator fit, pass 2 re-reads the row
+  (from cache) and writes. A row is owned by one program, so the fit of a row is complete
+  before any element of it is written (the write slot may be R3's own slot).
+Semantics: tcpade.reference.predict.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import NSUMS, flat_block, interpreting, isfinite, to_storage
+
+# Indices into the coefficient vector: must match tcpade/coef.py (checked by a test).
+W_MAIN, C1, C2, GAMMA = 0, 1, 2, 3
+LAM1, LAM2 = 5, 6
+ALP0, ALP1, ALP2 = 7, 8, 9
+TAU0, TAU1, TAU2 = 10, 11, 12
+BMAX, KAPPA, MU, PADE_C, WAVG = 13, 14, 15, 16, 17
+
+VARIANT_IDS = {"paper": 0, "rational": 1, "reuse": 2, "linear": 3}
+
+
+@triton.jit
+def _paper_main(r1, r2, ring_ptr, s3, s4, offs, slot_stride, mask, coef_ptr, NSLOT: tl.constexpr):
+    d = tl.abs(r1 - r2)
+    mag = 0.5 * (tl.abs(r1) + tl.abs(r2))
+    s = tl.exp(-5.0 * d / (mag + 1e-7))
+    num = 2.0 * s * r1 - s * r2
+    den = 1.0 - 0.1 * s * tl.load(coef_ptr + PADE_C)
+    den = tl.where(den >= 0.0, tl.maximum(den, 1e-5), tl.minimum(den, -1e-5))
+    p = num / den
+    avg = 0.6 * r1 + 0.4 * r2
+    m = tl.maximum(0.5 * d, 0.1 * mag)
+    p = avg + tl.maximum(tl.minimum(p - avg, m), -m)
+    beta = 0.7 * s + 0.3
+    pade = beta * p + (1.0 - beta) * avg
+    fb1 = r1 + 0.5 * (r1 - r2)
+    # R3/R4 are fetched only where both the Pade value and the first fallback failed.
+    need = mask & (~isfinite(pade)) & (~isfinite(fb1))
+    r3 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
+    wavg = tl.load(coef_ptr + WAVG) * r1 + tl.load(coef_ptr + WAVG + 1) * r2
+    wavg += tl.load(coef_ptr + WAVG + 2) * r3
+    if NSLOT >= 4:
+        r4 = tl.load(ring_ptr + s4 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
+        wavg += tl.load(coef_ptr + WAVG + 3) * r4
+    fb = tl.where(isfinite(fb1), fb1, wavg)
+    return tl.where(isfinite(pade), pade, fb)
+
+
+@triton.jit
+def _epilogue(
+    rhat,
+    r1,
+    r2,
+    x_raw,
+    offs,
+    mask,
+    w_ptrs,
+    h_prev_ptr,
+    out_ptr,
+    coef_ptr,
+    acc,
+    HAS_PREV: tl.constexpr,
+    STORE: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
+    """Input-change correction, stores, and this tile's 8 partial sums added to ``acc``."""
+    x = x_raw.to(tl.float32)
+    if HAS_PREV:
+        prev = tl.load(h_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(coef_ptr + GAMMA)
+        # Skip the term entirely at gamma == 0 so a non-finite h_prev cannot leak in.
+        rhat = rhat + tl.where(gamma != 0.0, gamma * (x - prev), 0.0)
+        tl.store(h_prev_ptr + offs, x_raw, mask=mask)
+    stored = to_storage(rhat, w_ptrs.dtype.element_ty, EXACT_BF16)
+    bad = ~isfinite(stored.to(tl.float32))
+    if STORE:
+        tl.store(w_ptrs, stored, mask=mask)
+    if WRITE_OUT:
+        o = to_storage(x + rhat, out_ptr.dtype.element_ty, EXACT_BF16)
+        tl.store(out_ptr + offs, o, mask=mask)
+        bad = bad | (~isfinite(o.to(tl.float32)))
+    bad = bad & mask
+    idx = tl.arange(0, 8)
+    vals = tl.zeros([8], dtype=tl.float32)
+    if STORE:
+        d1 = r1 - r2
+        d2 = rhat - r1
+        vals = tl.where(idx == 0, tl.sum(tl.ravel(d1 * d1), axis=0), vals)
+        vals = tl.where(idx == 1, tl.sum(tl.ravel(d2 * d2), axis=0), vals)
+        vals = tl.where(idx == 2, tl.sum(tl.ravel(d1 * d2), axis=0), vals)
+    vals = tl.where(idx == 4, tl.sum(tl.ravel(rhat * rhat), axis=0), vals)
+    vals = tl.where(idx == 5, tl.sum(tl.ravel(bad.to(tl.float32)), axis=0), vals)
+    return acc + vals
+
+
+@triton.jit
+def _predict_ew_kernel(
+    h_in_ptr,
+    ring_ptr,
+    slots_ptr,
+    coef_ptr,
+    h_prev_ptr,
+    out_ptr,
+    partial_ptr,
+    n_elements,
+    slot_stride,
+    NSLOT: tl.constexpr,
+    VARIANT: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    STORE: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    s1 = tl.load(slots_ptr + 0).to(tl.int64)
+    s2 = tl.load(slots_ptr + 1).to(tl.int64)
+    s3 = tl.load(slots_ptr + 2).to(tl.int64)
+    if NSLOT >= 4:
+        s4 = tl.load(slots_ptr + 3).to(tl.int64)
+    else:
+        s4 = s3
+    sw = tl.load(slots_ptr + NSLOT - 1).to(tl.int64)
+    x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
+    r1 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    if VARIANT == 2 and not STORE:
+        # Reuse needs R2 only for the TSI sums of a stored prediction.
+        r2 = r1
+    else:
+        r2 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    if VARIANT == 2:
+        rhat = r1
+    else:
+        if VARIANT == 0:
+            main = _paper_main(r1, r2, ring_ptr, s3, s4, offs, slot_stride, mask, coef_ptr, NSLOT)
+        else:
+            main = tl.load(coef_ptr + LAM1) * r2 + tl.load(coef_ptr + LAM2) * r1
+        w = tl.load(coef_ptr + W_MAIN)
+        rhat = tl.load(coef_ptr + C1) * r1 + tl.load(coef_ptr + C2) * r2
+        rhat += tl.where(w != 0.0, w * main, 0.0)
+    acc = _epilogue(
+        rhat, r1, r2, x_raw, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr, out_ptr,
+        coef_ptr, tl.zeros([8], dtype=tl.float32), HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+    )
+    tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
+
+
+@triton.jit
+def _predict_rational_kernel(
+    h_in_ptr,
+    ring_ptr,
+    slots_ptr,
+    coef_ptr,
+    h_prev_ptr,
+    out_ptr,
+    partial_ptr,
+    n_rows,
+    n_cols,
+    slot_stride,
+    NSLOT: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    STORE: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = rows < n_rows
+    cols = tl.arange(0, BLOCK_C)
+    s1 = tl.load(slots_ptr + 0).to(tl.int64)
+    s2 = tl.load(slots_ptr + 1).to(tl.int64)
+    s3 = tl.load(slots_ptr + 2).to(tl.int64)
+    sw = tl.load(slots_ptr + NSLOT - 1).to(tl.int64)
+    a0 = tl.load(coef_ptr + ALP0)
+    a1 = tl.load(coef_ptr + ALP1)
+    a2 = tl.load(coef_ptr + ALP2)
+    t0 = tl.load(coef_ptr + TAU0)
+    t1 = tl.load(coef_ptr + TAU1)
+    t2 = tl.load(coef_ptr + TAU2)
+    l1 = tl.load(coef_ptr + LAM1)
+    l2 = tl.load(coef_ptr + LAM2)
+    st = tl.zeros([BLOCK_R], dtype=tl.float32)
+    tt = tl.zeros([BLOCK_R], dtype=tl.float32)
+    ll = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dd = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # Pass 1: the per-row least-squares denominator b1 = -sum(S*T) / sum(T*T).
+    for c0 in range(0, n_cols, BLOCK_C):
+        cc = c0 + cols
+        mask = rmask[:, None] & (cc < n_cols)[None, :]
+        offs = rows[:, None] * n_cols + cc[None, :]
+        y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        S = a0 * y0 + a1 * y1 + a2 * y2
+        T = a0 * t0 * y0 + a1 * t1 * y1 + a2 * t2 * y2
+        lty = l1 * t1 * y1 + l2 * t2 * y2
+        st += tl.sum(S * T, axis=1)
+        tt += tl.sum(T * T, axis=1)
+        ll += tl.sum(lty * lty, axis=1)
+        dd += tl.sum((y2 - y1) * (y2 - y1), axis=1)
+    b1 = -st / (tt * (1.0 + tl.load(coef_ptr + MU)) + 1e-30)
+    bmax = tl.load(coef_ptr + BMAX)
+    b1 = tl.maximum(tl.minimum(b1, bmax), -bmax)
+    kappa = tl.load(coef_ptr + KAPPA)
+    lim = kappa * tl.sqrt(dd)
+    dev = tl.abs(b1) * tl.sqrt(ll)
+    over = (dev > lim) & (lim * 0.0 + kappa > 0.0)
+    b1 = tl.where(over, b1 * (lim / tl.where(over, dev, 1.0)), b1)
+    w = tl.load(coef_ptr + W_MAIN)
+    c1 = tl.load(coef_ptr + C1)
+    c2 = tl.load(coef_ptr + C2)
+    acc = tl.zeros([8], dtype=tl.float32)
+    # Pass 2: predict and write (the row was just read, so this re-read hits the cache).
+    for c0 in range(0, n_cols, BLOCK_C):
+        cc = c0 + cols
+        mask = rmask[:, None] & (cc < n_cols)[None, :]
+        offs = rows[:, None] * n_cols + cc[None, :]
+        y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        main = l1 * y1 + l2 * y2 + b1[:, None] * (l1 * t1 * y1 + l2 * t2 * y2)
+        rhat = c1 * y2 + c2 * y1 + tl.where(w != 0.0, w * main, 0.0)
+        x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
+        acc = _epilogue(
+            rhat, y2, y1, x_raw, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr, out_ptr,
+            coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+        )
+    tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
+
+
+def _row_blocks(n_rows: int, n_cols: int):
+    block_c = min(triton.next_power_of_2(n_cols), 1024)
+    if interpreting():
+        block_c = triton.next_power_of_2(n_cols)
+        block_r = max(1, min(triton.next_power_of_2(n_rows), (1 << 16) // block_c))
+    else:
+        block_r = max(1, 4096 // block_c)
+    return block_r, block_c
+
+
+def predict(
+    h_in: torch.Tensor,
+    ring: torch.Tensor,
+    slots: torch.Tensor,
+    coef: torch.Tensor,
+    h_prev: Optional[torch.Tensor],
+    variant: str,
+    store: bool,
+    write_out: bool,
+):
+    """Launch the predict kernel; inputs are validated by tcpade.ops. Returns (out, sums)."""
+    vid = VARIANT_IDS[variant]
+    n = h_in.numel()
+    out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
+    common = dict(NSLOT=ring.shape[0], HAS_PREV=h_prev is not None, STORE=bool(store), WRITE_OUT=bool(write_out),
+                  EXACT_BF16=interpreting())
+    prev = h_prev if h_prev is not None else h_in
+    out_arg = out if write_out else h_in
+    if vid == 1:
+        n_cols = h_in.shape[-1]
+        n_rows = n // n_cols
+        block_r, block_c = _row_blocks(n_rows, n_cols)
+        grid = triton.cdiv(n_rows, block_r)
+        partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
+        _predict_rational_kernel[(grid,)](
+            h_in, ring, slots, coef, prev, out_arg, partial, n_rows, n_cols, n,
+            BLOCK_R=block_r, BLOCK_C=block_c, **common,
+        )
+    else:
+        block = flat_block(n)
+        grid = triton.cdiv(n, block)
+        partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
+        _predict_ew_kernel[(grid,)](
+            h_in, ring, slots, coef, prev, out_arg, partial, n, n, VARIANT=vid, BLOCK=block, **common,
+        )
+    return out, partial.sum(0, dtype=torch.float64).to(torch.float32)

@@ -1,0 +1,101 @@
+"""Fused update pass: R = h_out - h_in into the history ring, plus the TSI sums.
+
+One memory pass: reads h_in, h_out, R1, R2 (and the probe in the write slot), writes R
+(and h_prev <- h_in when a previous-input buffer is kept). Each program reduces its block
+in fp32 and writes 8 partial sums; the launcher adds the partials in float64 on the
+device, so the result is deterministic (no atomics) and independent of the launch order.
+Semantics: tcpade.reference.update.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import NSUMS, flat_block, interpreting, isfinite, to_storage
+
+
+@triton.jit
+def _update_kernel(
+    h_in_ptr,
+    h_out_ptr,
+    ring_ptr,
+    slots_ptr,
+    h_prev_ptr,
+    partial_ptr,
+    n_elements,
+    slot_stride,
+    NSLOT: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    PROBE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    s1 = tl.load(slots_ptr + 0).to(tl.int64)
+    s2 = tl.load(slots_ptr + 1).to(tl.int64)
+    sw = tl.load(slots_ptr + NSLOT - 1).to(tl.int64)
+    x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
+    x = x_raw.to(tl.float32)
+    y = tl.load(h_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r1 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    r2 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    r = y - x
+    d1 = r1 - r2
+    d2 = r - r1
+    w_ptrs = ring_ptr + sw * slot_stride + offs
+    if PROBE:
+        p = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+        e = p - r
+        tl.store(partial_ptr + pid * 8 + 3, tl.sum(e * e, axis=0))
+        tl.store(partial_ptr + pid * 8 + 6, tl.sum(p * p, axis=0))
+    else:
+        tl.store(partial_ptr + pid * 8 + 3, 0.0)
+        tl.store(partial_ptr + pid * 8 + 6, 0.0)
+    stored = to_storage(r, ring_ptr.dtype.element_ty, EXACT_BF16)
+    tl.store(w_ptrs, stored, mask=mask)
+    if HAS_PREV:
+        tl.store(h_prev_ptr + offs, x_raw, mask=mask)
+    bad = tl.where(isfinite(stored.to(tl.float32)), 0.0, 1.0)
+    tl.store(partial_ptr + pid * 8 + 0, tl.sum(d1 * d1, axis=0))
+    tl.store(partial_ptr + pid * 8 + 1, tl.sum(d2 * d2, axis=0))
+    tl.store(partial_ptr + pid * 8 + 2, tl.sum(d1 * d2, axis=0))
+    tl.store(partial_ptr + pid * 8 + 4, tl.sum(r * r, axis=0))
+    tl.store(partial_ptr + pid * 8 + 5, tl.sum(bad, axis=0))
+    tl.store(partial_ptr + pid * 8 + 7, 0.0)
+
+
+def update(
+    h_in: torch.Tensor,
+    h_out: torch.Tensor,
+    ring: torch.Tensor,
+    slots: torch.Tensor,
+    h_prev: Optional[torch.Tensor] = None,
+    probe: bool = False,
+) -> torch.Tensor:
+    """Launch the update kernel; inputs are validated by tcpade.ops. Returns fp32 sums (8,)."""
+    n = h_in.numel()
+    block = flat_block(n)
+    grid = triton.cdiv(n, block)
+    partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
+    _update_kernel[(grid,)](
+        h_in,
+        h_out,
+        ring,
+        slots,
+        h_prev if h_prev is not None else h_in,
+        partial,
+        n,
+        n,
+        NSLOT=ring.shape[0],
+        HAS_PREV=h_prev is not None,
+        PROBE=bool(probe),
+        BLOCK=block,
+        EXACT_BF16=interpreting(),
+    )
+    return partial.sum(0, dtype=torch.float64).to(torch.float32)

@@ -1,0 +1,16 @@
+"""tcpade: TC-Pade caching for diffusion transformers.
+
+At each denoising step either run the whole transformer block stack, or skip it and
+predict its residual h_out - h_in from the last few residuals with a Pade (rational)
+extrapolator. This package holds the fused kernels (Triton on CUDA, C++ on CPU), the
+torch custom ops that dispatch to them, the float64 reference of the math, and the
+per-branch residual history.
+"""
+
+from . import coef, ops, reference
+from .history import History, StepSums
+from .reference import tsi_from_sums
+
+__version__ = "0.1.0"
+
+__all__ = ["History", "StepSums", "coef", "ops", "reference", "tsi_from_sums", "__version__"]

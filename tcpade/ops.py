@@ -1,0 +1,274 @@
+"""The tcpade custom ops (torch.library) and their backend dispatch.
+
+Two ops, one per hot path:
+
+* ``torch.ops.tcpade.update(h_in, h_out, ring, slots, h_prev, probe) -> sums``
+* ``torch.ops.tcpade.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
+  -> (h_out, sums)``
+
+Semantics are those of :mod:`tcpade.reference`. Both mutate ``ring`` (and ``h_prev``)
+in place, as declared in their schemas, and have fake implementations so they trace
+under ``torch.compile(fullgraph=True)`` without a graph break.
+
+Dispatch by device: CUDA tensors -> the Triton kernels; CPU tensors -> the C++ extension
+(``tcpade._C``), or the torch reference when the extension is absent (one warning).
+``use_backend("triton")`` forces the Triton kernels on CPU tensors; that needs
+TRITON_INTERPRET=1 set before triton is first imported (tests do this in conftest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import coef as K
+from . import reference
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+BACKENDS = ("auto", "triton", "cpp", "torch")
+
+_state = threading.local()
+_native = None
+_native_checked = False
+
+
+def _load_native():
+    """The C++ extension, or None (with one warning saying why)."""
+    global _native, _native_checked
+    if not _native_checked:
+        _native_checked = True
+        if os.environ.get("TCPADE_NO_NATIVE", "0") == "1":
+            warnings.warn("TCPADE_NO_NATIVE=1: tcpade uses the torch reference on CPU", stacklevel=3)
+        else:
+            try:
+                from . import _C
+
+                _native = _C
+            except ImportError as exc:
+                warnings.warn(
+                    f"tcpade's C++ extension is not available ({exc}); CPU tensors use the slower "
+                    "torch reference. Reinstall with a C++ compiler to build it.",
+                    stacklevel=3,
+                )
+    return _native
+
+
+def native_available() -> bool:
+    return _load_native() is not None
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def current_backend() -> str:
+    return getattr(_state, "backend", None) or os.environ.get("TCPADE_BACKEND", "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend for CPU tensors in this thread ("auto", "triton", "cpp", "torch")."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    old = getattr(_state, "backend", None)
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = old
+
+
+def available_backends(device: str = "cpu") -> list:
+    """Backends that can run on tensors of ``device`` in this process."""
+    if device == "cuda":
+        return ["triton"] if triton_available() and torch.cuda.is_available() else []
+    out = ["torch"]
+    if native_available():
+        out.append("cpp")
+    if triton_available() and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        out.append("triton")
+    return out
+
+
+def _resolve(t: torch.Tensor) -> str:
+    want = current_backend()
+    if want not in BACKENDS:
+        raise ValueError(f"TCPADE_BACKEND must be one of {BACKENDS}, got {want!r}")
+    if t.device.type == "cuda":
+        if want in ("cpp",):
+            raise ValueError("the C++ backend runs on CPU tensors only; got CUDA tensors")
+        if want == "torch":
+            return "torch"
+        if not triton_available():
+            raise RuntimeError("CUDA tensors need triton >= 3.6 (pip install triton)")
+        return "triton"
+    if t.device.type != "cpu":
+        return "torch"
+    if want == "triton":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                "the Triton backend on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return "triton"
+    if want == "torch":
+        return "torch"
+    if _load_native() is not None:
+        return "cpp"
+    if want == "cpp":
+        raise RuntimeError("the C++ backend was requested but tcpade._C is not built")
+    return "torch"
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _check_h(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dims (..., tokens, channels), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor, shape, contiguous: bool) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but h_in is on {ref.device}: move them to one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but h_in has {ref.dtype}: they must match")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is a tcpade state buffer written in place)")
+
+
+def _check_state(h_in, ring, slots, h_prev) -> None:
+    _check_h("h_in", h_in)
+    if ring.dim() != h_in.dim() + 1 or ring.shape[0] < 3:
+        raise ValueError(
+            f"ring must have shape (S >= 3, {', '.join(map(str, h_in.shape))}), got {tuple(ring.shape)}"
+        )
+    _check_like("ring", ring, h_in, (ring.shape[0], *h_in.shape), True)
+    if slots.dtype not in (torch.int32, torch.int64) or tuple(slots.shape) != (ring.shape[0],):
+        raise ValueError(f"slots must be an int32/int64 tensor of shape ({ring.shape[0]},), got "
+                         f"{slots.dtype} {tuple(slots.shape)}")
+    if slots.device != h_in.device:
+        raise ValueError(f"slots is on {slots.device} but h_in is on {h_in.device}")
+    if h_prev is not None:
+        _check_like("h_prev", h_prev, h_in, h_in.shape, True)
+
+
+def _check_slot_values(slots: torch.Tensor, nslot: int) -> list:
+    vals = [int(v) for v in slots.tolist()]
+    if sorted(vals) != list(range(nslot)):
+        raise ValueError(f"slots must be a permutation of 0..{nslot - 1}, got {vals}")
+    return vals
+
+
+# ------------------------------------------------------------------------------ update
+
+
+@torch.library.custom_op("tcpade::update", mutates_args=("ring", "h_prev"))
+def update(
+    h_in: torch.Tensor,
+    h_out: torch.Tensor,
+    ring: torch.Tensor,
+    slots: torch.Tensor,
+    h_prev: Optional[torch.Tensor],
+    probe: bool,
+) -> torch.Tensor:
+    """Write R = h_out - h_in into the write slot; return the 8 fp32 sums (reference.update)."""
+    _check_update(h_in, h_out, ring, slots, h_prev)
+    h_in = h_in.contiguous()
+    h_out = h_out.contiguous()
+    backend = _resolve(h_in)
+    if backend == "triton":
+        from . import kernels
+
+        return kernels.update(h_in, h_out, ring, slots, h_prev, probe)
+    vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None
+    if backend == "cpp":
+        sums = _native.update(
+            h_in.data_ptr(), h_out.data_ptr(), ring.data_ptr(), vals,
+            h_prev.data_ptr() if h_prev is not None else 0,
+            h_in.numel() // h_in.shape[-1], h_in.shape[-1], ring.shape[0], _DTYPE_CODE[h_in.dtype], bool(probe),
+        )
+        return torch.tensor(sums, dtype=torch.float32, device=h_in.device)
+    return reference.update(h_in, h_out, ring, slots, h_prev, probe).to(device=h_in.device)
+
+
+def _check_update(h_in, h_out, ring, slots, h_prev):
+    _check_state(h_in, ring, slots, h_prev)
+    _check_like("h_out", h_out, h_in, h_in.shape, False)
+
+
+@update.register_fake
+def _update_fake(h_in, h_out, ring, slots, h_prev, probe):
+    _check_update(h_in, h_out, ring, slots, h_prev)
+    return h_in.new_empty(reference.NSUMS, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _check_predict(h_in, ring, slots, coef, h_prev, variant):
+    _check_state(h_in, ring, slots, h_prev)
+    K.check_variant(variant)
+    if coef.dtype != torch.float32 or tuple(coef.shape) != (K.NCOEF,):
+        raise ValueError(f"coef must be a float32 tensor of shape ({K.NCOEF},), got {coef.dtype} {tuple(coef.shape)}")
+    if coef.device != h_in.device:
+        raise ValueError(f"coef is on {coef.device} but h_in is on {h_in.device}")
+
+
+@torch.library.custom_op("tcpade::predict", mutates_args=("ring", "h_prev"))
+def predict(
+    h_in: torch.Tensor,
+    ring: torch.Tensor,
+    slots: torch.Tensor,
+    coef: torch.Tensor,
+    h_prev: Optional[torch.Tensor],
+    variant: str,
+    store: bool,
+    write_out: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """h_out = h_in + R_eff for a skipped step; returns (h_out or an empty tensor, sums)."""
+    _check_predict(h_in, ring, slots, coef, h_prev, variant)
+    h_in = h_in.contiguous()
+    backend = _resolve(h_in)
+    if backend == "triton":
+        from . import kernels
+
+        return kernels.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
+    vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None
+    if backend == "cpp":
+        out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
+        sums = _native.predict(
+            h_in.data_ptr(), ring.data_ptr(), vals, coef.tolist(),
+            h_prev.data_ptr() if h_prev is not None else 0,
+            out.data_ptr() if write_out else 0,
+            h_in.numel() // h_in.shape[-1], h_in.shape[-1], ring.shape[0], _DTYPE_CODE[h_in.dtype],
+            K.VARIANTS.index(variant), bool(store),
+        )
+        return out, torch.tensor(sums, dtype=torch.float32)
+    out, sums = reference.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
+    return out, sums.to(device=h_in.device)
+
+
+@predict.register_fake
+def _predict_fake(h_in, ring, slots, coef, h_prev, variant, store, write_out):
+    _check_predict(h_in, ring, slots, coef, h_prev, variant)
+    out = torch.empty_like(h_in, memory_format=torch.contiguous_format) if write_out else h_in.new_empty(0)
+    return out, h_in.new_empty(reference.NSUMS, dtype=torch.float32)

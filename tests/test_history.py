@@ -1,0 +1,128 @@
+"""The per-branch residual history: ring rotation, reallocation, reset, bytes."""
+
+import math
+
+import pytest
+import torch
+from helpers import gen, randn
+
+from tcpade import History
+from tcpade import coef as K
+from tcpade import reference
+
+
+def test_ring_rotation_and_times(backend):
+    device, _ = backend
+    g = gen(1)
+    hist = History(nslots=3)
+    shape = (1, 6, 20)
+    residuals = []
+    for k, t in enumerate([1.0, 0.9, 0.75, 0.6, 0.5]):
+        h_in = randn(shape, torch.float32, device, g)
+        r = randn(shape, torch.float32, device, g)
+        sums = hist.record(h_in, h_in + r, t)
+        residuals.append((h_in + r) - h_in)
+        assert hist.count == min(k + 1, 3)
+        assert hist.times[: hist.count] == [1.0, 0.9, 0.75, 0.6, 0.5][k::-1][: hist.count]
+        # R1, R2, R3 are the newest residuals, in order of age.
+        for age in range(hist.count):
+            assert torch.equal(hist.ring[hist.order[age]], residuals[-1 - age])
+        assert hist.slots.tolist() == hist.order
+        if k >= 2:
+            d1 = (residuals[-2] - residuals[-3]).double()
+            d2 = (residuals[-1] - residuals[-2]).double()
+            direct = 0.5 * (d1 / d1.norm() - d2 / d2.norm()).norm().item()
+            assert abs(hist_tsi(sums) - direct) < 1e-5
+
+
+def hist_tsi(sums):
+    return reference.tsi_from_sums(sums.tolist())
+
+
+def test_reallocates_on_shape_dtype_change_and_reports_bytes():
+    hist = History(nslots=3, keep_prev_input=True)
+    h = torch.zeros(2, 5, 8)
+    assert hist.ensure(h) and hist.nbytes == (3 + 1) * h.numel() * 4 + 3 * 4
+    hist.record(h, h + 1, 0.9)
+    ring = hist.ring
+    assert not hist.ensure(torch.ones(2, 5, 8))  # same key: nothing reallocated
+    assert hist.ring is ring and hist.count == 1
+    assert hist.ensure(torch.zeros(1, 7, 8))  # new shape: fresh, empty history
+    assert hist.count == 0 and hist.ring.shape == (3, 1, 7, 8)
+    assert hist.ensure(torch.zeros(1, 7, 8, dtype=torch.bfloat16))
+    assert hist.nbytes == 4 * 7 * 8 * 2 + 3 * 4
+    hist.release()
+    assert hist.nbytes == 0
+
+
+def test_reset_keeps_buffers():
+    hist = History(nslots=4)
+    h = torch.zeros(1, 3, 8)
+    for t in (1.0, 0.8):
+        hist.record(h, h + t, t)
+    ring = hist.ring
+    hist.reset()
+    assert hist.ring is ring and hist.count == 0 and all(math.isnan(t) for t in hist.times)
+    assert hist.slots.tolist() == [0, 1, 2, 3]
+
+
+def test_bad_nslots():
+    with pytest.raises(ValueError, match="nslots must be an int >= 3"):
+        History(nslots=2)
+
+
+def test_predict_needs_history():
+    hist = History()
+    h = torch.zeros(1, 3, 8)
+    with pytest.raises(RuntimeError, match="before any record"):
+        hist.predict(h, [0.0] * K.NCOEF, "paper", 0.5)
+    hist.record(h, h + 1, 1.0)
+    with pytest.raises(RuntimeError, match="needs 2 stored residuals"):
+        hist.predict(h, hist.coef("paper", "middle", 0.5), "paper", 0.5)
+
+
+@pytest.mark.parametrize("variant", K.VARIANTS)
+def test_sequence_matches_reference_loop(backend, variant):
+    """A computed/skipped/probed sequence through History equals the same steps done by
+    hand with the float64 reference (the paper's history rule: predictions are stored)."""
+    device, _ = backend
+    g = gen(5)
+    shape = (1, 4, 24)
+    hist = History(nslots=3, keep_prev_input=True)
+    times = [1.0, 0.92, 0.8, 0.66, 0.5, 0.36, 0.2]
+    plan = ["compute", "compute", "compute", "skip", "probe", "skip", "compute"]
+    ref_ring = torch.zeros((3, *shape), dtype=torch.float64)
+    order = [0, 1, 2]
+    ref_times = [math.nan] * 3
+    ref_prev = torch.zeros(shape, dtype=torch.float64)
+    count = 0
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    for k, (t, what) in enumerate(zip(times, plan)):
+        h_in64 = base * (1 + 0.1 * k) + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64)
+        h_in = h_in64.float().to(device)
+        h_in64 = h_in.cpu().double()
+        stage = K.stage_of(k, len(times))
+        slots = torch.tensor(order, dtype=torch.int32)
+        if what == "compute":
+            h_out = (h_in64 + torch.sin(h_in64 * (k + 1))).float().to(device)
+            hist.record(h_in, h_out, t)
+            reference.update(h_in64, h_out.cpu().double(), ref_ring, slots, ref_prev, False, torch.float64)
+            order = [order[-1]] + order[:-1]
+            ref_times = [t] + ref_times[:-1]
+            count = min(count + 1, 3)
+            continue
+        cfv = hist.coef(variant, stage, t)
+        cf_ref = K.build_coef(variant, stage, ref_times, t, count, 3, gamma=None)
+        assert cfv == cf_ref
+        probe = what == "probe"
+        out, _ = hist.predict(h_in, cfv, variant, t, store=not probe, probe=probe)
+        ref_out, _ = reference.predict(h_in64, ref_ring, slots, torch.tensor(cf_ref, dtype=torch.float64), ref_prev,
+                                       variant, True, True, torch.float64)
+        assert (out.cpu().double() - ref_out).abs().max().item() < 1e-4
+        if not probe:
+            order = [order[-1]] + order[:-1]
+            ref_times = [t] + ref_times[:-1]
+            count = min(count + 1, 3)
+        assert hist.order == order and hist.count == count
+    for age in range(3):
+        assert (hist.ring[hist.order[age]].cpu().double() - ref_ring[order[age]]).abs().max().item() < 1e-4

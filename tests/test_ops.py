@@ -1,0 +1,134 @@
+"""The custom ops as torch sees them: schemas, fake kernels, torch.compile, input checks."""
+
+import pytest
+import torch
+from helpers import gen, randn, smooth_ring
+
+from tcpade import coef as K
+from tcpade import ops
+
+TIMES = [0.61, 0.74, 0.93]
+
+
+def _inputs(device, dtype=torch.float32, shape=(2, 5, 33), nslot=3, seed=0):
+    g = gen(seed)
+    h_in = randn(shape, dtype, device, g)
+    h_out = randn(shape, dtype, device, g)
+    ring = smooth_ring(shape, nslot, dtype, device, g)
+    slots = torch.tensor([2, 0, 1, 3][:nslot], dtype=torch.int32, device=device)
+    prev = randn(shape, dtype, device, g)
+    return h_in, h_out, ring, slots, prev
+
+
+def test_opcheck_update(backend):
+    device, _ = backend
+    h_in, h_out, ring, slots, prev = _inputs(device)
+    for args in [(h_in, h_out, ring, slots, prev, True), (h_in, h_out, ring, slots, None, False)]:
+        torch.library.opcheck(torch.ops.tcpade.update.default, args)
+
+
+@pytest.mark.parametrize("variant", K.VARIANTS)
+def test_opcheck_predict(backend, variant):
+    device, _ = backend
+    h_in, _, ring, slots, prev = _inputs(device)
+    cf = K.coef_tensor(K.build_coef(variant, "middle", TIMES, 0.45, 3, 3), device)
+    for store, write_out, p in [(True, True, prev), (False, True, None), (True, False, prev)]:
+        torch.library.opcheck(torch.ops.tcpade.predict.default, (h_in, ring, slots, cf, p, variant, store, write_out))
+
+
+def _step(h_in, h_out, ring, slots, prev, coef):
+    sums = torch.ops.tcpade.update(h_in, h_out, ring, slots, prev, False)
+    out, psums = torch.ops.tcpade.predict(h_in, ring, slots, coef, prev, "rational", True, True)
+    return out * 2.0, sums + psums
+
+
+def test_compile_fullgraph_no_graph_break():
+    """Both ops inside one torch.compile(fullgraph=True) region (CPU inductor here; the
+    fake kernels give shapes, the real ones run): same results as eager."""
+    torch._dynamo.reset()
+    h_in, h_out, ring, slots, prev = _inputs("cpu")
+    cf = K.coef_tensor(K.build_coef("rational", "middle", TIMES, 0.45, 3, 3), "cpu")
+    ring_e, prev_e = ring.clone(), prev.clone()
+    want = _step(h_in, h_out, ring_e, slots, prev_e, cf)
+    compiled = torch.compile(_step, fullgraph=True, backend="inductor")
+    got = compiled(h_in, h_out, ring, slots, prev, cf)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(ring, ring_e)
+    torch.testing.assert_close(prev, prev_e)
+
+
+def test_compile_no_recompile_across_steps(backend):
+    """A new step is new tensor values (coef, slots), never a recompile."""
+    device, _ = backend
+    torch._dynamo.reset()
+    h_in, h_out, ring, slots, prev = _inputs(device)
+    compiled = torch.compile(_step, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for k, t in enumerate([0.45, 0.35, 0.25, 0.15]):
+            cf = K.coef_tensor(K.build_coef("rational", K.STAGES[k % 3], TIMES, t, 3, 3), device)
+            slots.copy_(slots.roll(1))
+            compiled(h_in, h_out, ring, slots, prev, cf)
+
+
+def test_compile_dynamic_two_shapes():
+    torch._dynamo.reset()
+    compiled = torch.compile(_step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in [(1, 7, 33), (2, 9, 33)]:
+        h_in, h_out, ring, slots, prev = _inputs("cpu", shape=shape)
+        cf = K.coef_tensor(K.build_coef("rational", "middle", TIMES, 0.45, 3, 3), "cpu")
+        ring_e, prev_e = ring.clone(), prev.clone()
+        want = _step(h_in, h_out, ring_e, slots, prev_e, cf)
+        got = compiled(h_in, h_out, ring, slots, prev, cf)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(ring, ring_e)
+
+
+# ------------------------------------------------------------------ bad input, clear errors
+
+
+def test_errors_name_the_problem():
+    h_in, h_out, ring, slots, prev = _inputs("cpu")
+    cf = K.coef_tensor(K.build_coef("paper", "middle", TIMES, 0.45, 3, 3), "cpu")
+    with pytest.raises(ValueError, match="h_out must have shape"):
+        ops.update(h_in, h_out[:, :3], ring, slots, None, False)
+    with pytest.raises(TypeError, match="h_out has dtype"):
+        ops.update(h_in, h_out.half(), ring, slots, None, False)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        ops.update(h_in.double(), h_out.double(), ring.double(), slots, None, False)
+    with pytest.raises(ValueError, match="ring must have shape"):
+        ops.update(h_in, h_out, ring[:2], slots[:2], None, False)
+    with pytest.raises(ValueError, match="ring must be contiguous"):
+        ops.update(h_in, h_out, ring.transpose(2, 3).contiguous().transpose(2, 3), slots, None, False)
+    with pytest.raises(ValueError, match="h_prev must be contiguous"):
+        ops.update(h_in, h_out, ring, slots, prev.transpose(1, 2).contiguous().transpose(1, 2), False)
+    with pytest.raises(ValueError, match="permutation"):
+        ops.update(h_in, h_out, ring, torch.tensor([0, 0, 1], dtype=torch.int32), None, False)
+    with pytest.raises(ValueError, match="slots must be an int32/int64"):
+        ops.update(h_in, h_out, ring, slots.float(), None, False)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ops.predict(h_in, ring, slots, cf, None, "pade", False, True)
+    with pytest.raises(ValueError, match="coef must be a float32"):
+        ops.predict(h_in, ring, slots, cf.double(), None, "paper", False, True)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        ops.update(h_in[0, 0], h_out[0, 0], ring[:, 0, 0], slots, None, False)
+    with pytest.raises(ValueError, match="meta"):
+        ops.update(h_in, h_out.to("meta"), ring, slots, None, False)
+
+
+def test_noncontiguous_inputs_are_handled(backend):
+    """h_in / h_out may be strided views (e.g. image tokens sliced from a joint sequence)."""
+    device, _ = backend
+    h_in, h_out, ring, slots, prev = _inputs(device, shape=(2, 12, 33))
+    wide = torch.cat([h_out, h_out], dim=1)[:, ::2]
+    assert not wide.is_contiguous()
+    r1, r2 = ring.clone(), ring.clone()
+    a = ops.update(h_in, wide, r1, slots, None, False)
+    b = ops.update(h_in, wide.contiguous(), r2, slots, None, False)
+    assert torch.equal(r1, r2) and torch.equal(a, b)
+
+
+def test_backend_switch_validates():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with ops.use_backend("cuda"):
+            pass
