@@ -25,11 +25,13 @@ import triton.language as tl
 from ._common import NSUMS, flat_block, interpreting, isfinite, to_storage
 
 # Indices into the coefficient vector: must match tcpade/coef.py (checked by a test).
-W_MAIN, C1, C2, GAMMA = 0, 1, 2, 3
-LAM1, LAM2 = 5, 6
-ALP0, ALP1, ALP2 = 7, 8, 9
-TAU0, TAU1, TAU2 = 10, 11, 12
-BMAX, KAPPA, MU, PADE_C, WAVG = 13, 14, 15, 16, 17
+# Globals read inside @triton.jit must be tl.constexpr (the interpreter does not check).
+_c = tl.constexpr
+W_MAIN, C1, C2, GAMMA = _c(0), _c(1), _c(2), _c(3)
+LAM1, LAM2 = _c(5), _c(6)
+ALP0, ALP1, ALP2 = _c(7), _c(8), _c(9)
+TAU0, TAU1, TAU2 = _c(10), _c(11), _c(12)
+BMAX, KAPPA, MU, PADE_C, WAVG = _c(13), _c(14), _c(15), _c(16), _c(17)
 
 VARIANT_IDS = {"paper": 0, "rational": 1, "reuse": 2, "linear": 3}
 
@@ -247,14 +249,13 @@ def _predict_rational_kernel(
     tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
 
 
-def _row_blocks(n_rows: int, n_cols: int):
-    block_c = min(triton.next_power_of_2(n_cols), 1024)
+def _row_blocks(n_rows: int, n_cols: int, block: Optional[int] = None):
     if interpreting():
         block_c = triton.next_power_of_2(n_cols)
-        block_r = max(1, min(triton.next_power_of_2(n_rows), (1 << 16) // block_c))
-    else:
-        block_r = max(1, 4096 // block_c)
-    return block_r, block_c
+        return max(1, min(triton.next_power_of_2(n_rows), (1 << 16) // block_c)), block_c
+    block = block or 4096
+    block_c = min(triton.next_power_of_2(n_cols), 1024, block)
+    return max(1, block // block_c), block_c
 
 
 def predict(
@@ -266,19 +267,27 @@ def predict(
     variant: str,
     store: bool,
     write_out: bool,
+    block: Optional[int] = None,
+    num_warps: Optional[int] = None,
 ):
-    """Launch the predict kernel; inputs are validated by tcpade.ops. Returns (out, sums)."""
+    """Launch the predict kernel; inputs are validated by tcpade.ops. Returns (out, sums).
+
+    ``block`` (elements per program; for rational, BLOCK_R * BLOCK_C) and ``num_warps``
+    override the launch shape (benchmarks sweep them).
+    """
     vid = VARIANT_IDS[variant]
     n = h_in.numel()
     out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
     common = dict(NSLOT=ring.shape[0], HAS_PREV=h_prev is not None, STORE=bool(store), WRITE_OUT=bool(write_out),
                   EXACT_BF16=interpreting())
+    if num_warps:
+        common["num_warps"] = num_warps
     prev = h_prev if h_prev is not None else h_in
     out_arg = out if write_out else h_in
     if vid == 1:
         n_cols = h_in.shape[-1]
         n_rows = n // n_cols
-        block_r, block_c = _row_blocks(n_rows, n_cols)
+        block_r, block_c = _row_blocks(n_rows, n_cols, block)
         grid = triton.cdiv(n_rows, block_r)
         partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
         _predict_rational_kernel[(grid,)](
@@ -286,10 +295,10 @@ def predict(
             BLOCK_R=block_r, BLOCK_C=block_c, **common,
         )
     else:
-        block = flat_block(n)
+        block = block or flat_block(n)
         grid = triton.cdiv(n, block)
         partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
         _predict_ew_kernel[(grid,)](
             h_in, ring, slots, coef, prev, out_arg, partial, n, n, VARIANT=vid, BLOCK=block, **common,
         )
-    return out, partial.sum(0, dtype=torch.float64).to(torch.float32)
+    return out, partial.sum(0)

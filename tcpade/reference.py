@@ -74,7 +74,7 @@ def update(
     r2 = ring[s[1]].to(cd)
     d1 = r1 - r2
     d2 = r - r1
-    sums = torch.zeros(NSUMS, dtype=torch.float64)
+    sums = torch.zeros(NSUMS, dtype=torch.float64, device=h_in.device)
     sums[0] = (d1 * d1).sum().double()
     sums[1] = (d2 * d2).sum().double()
     sums[2] = (d1 * d2).sum().double()
@@ -185,7 +185,7 @@ def predict(
         if float(cf[K.GAMMA]) != 0.0:
             rhat = rhat + cf[K.GAMMA] * (x - h_prev.to(cd))
         h_prev.copy_(h_in)
-    sums = torch.zeros(NSUMS, dtype=torch.float64)
+    sums = torch.zeros(NSUMS, dtype=torch.float64, device=h_in.device)
     if store:
         d1 = r1 - r2
         d2 = rhat - r1

@@ -13,7 +13,7 @@ def test_kernel_indices_match_layout():
 
     for name in ["W_MAIN", "C1", "C2", "GAMMA", "LAM1", "LAM2", "ALP0", "ALP1", "ALP2", "TAU0", "TAU1", "TAU2",
                  "BMAX", "KAPPA", "MU", "PADE_C", "WAVG"]:
-        assert getattr(P, name) == getattr(K, name), name
+        assert getattr(P, name).value == getattr(K, name), name
     assert P.VARIANT_IDS == {v: i for i, v in enumerate(K.VARIANTS)}
 
 

@@ -42,12 +42,17 @@ def _step(h_in, h_out, ring, slots, prev, coef):
     return out * 2.0, sums + psums
 
 
-def test_compile_fullgraph_no_graph_break():
-    """Both ops inside one torch.compile(fullgraph=True) region (CPU inductor here; the
-    fake kernels give shapes, the real ones run): same results as eager."""
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_no_graph_break(device):
+    """Both ops inside one torch.compile(fullgraph=True) region (inductor: C++ on CPU,
+    Triton around our Triton kernels on CUDA): the fake kernels give shapes, the real ones
+    run, results equal eager."""
     torch._dynamo.reset()
-    h_in, h_out, ring, slots, prev = _inputs("cpu")
-    cf = K.coef_tensor(K.build_coef("rational", "middle", TIMES, 0.45, 3, 3), "cpu")
+    h_in, h_out, ring, slots, prev = _inputs(device)
+    cf = K.coef_tensor(K.build_coef("rational", "middle", TIMES, 0.45, 3, 3), device)
     ring_e, prev_e = ring.clone(), prev.clone()
     want = _step(h_in, h_out, ring_e, slots, prev_e, cf)
     compiled = torch.compile(_step, fullgraph=True, backend="inductor")

@@ -299,7 +299,10 @@ def test_gamma_zero_ignores_nonfinite_prev(backend):
     cf = K.coef_tensor(K.build_coef("rational", "middle", TIMES, T_TARGET, 3, 3, gamma=0.0), device)
     out, sums = ops.predict(h_in, ring.clone(), slots, cf, prev, "rational", False, True)
     ref, _ = ops.predict(h_in, ring.clone(), slots, cf, None, "rational", False, True)
-    assert sums[5].item() == 0 and torch.equal(out, ref)
+    # Not bit-equal on a GPU: the two specialisations may contract multiply-adds into
+    # FMAs differently (seen on an H200, 2026-11-28), so compare at fp32 rounding level.
+    assert sums[5].item() == 0 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_paper_early_stage_ignores_nonfinite_main(backend):
