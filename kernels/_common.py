@@ -15,12 +15,38 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def flat_block(n: int) -> int:
-    # On a GPU 4096 elements per program keeps enough bytes in flight per operand; under
-    # the interpreter take up to 64K elements per program so small test tensors need one.
+def flat_block(n: int, block: int) -> int:
+    """Elements per program: ``block`` on a GPU; under the interpreter up to 64K, so the
+    small tensors of the tests need one program (each costs ~2 ms there)."""
     if interpreting():
         return max(16, min(triton.next_power_of_2(n), 1 << 16))
-    return 4096
+    return block
+
+
+def needs_int64(n_addressed: int) -> bool:
+    """Whether element offsets (up to ``n_addressed``, ring slots included) can pass 2^31.
+
+    32-bit offsets save address arithmetic in these instruction-heavy kernels; the
+    switch is a constexpr, so each width is its own compiled specialisation.
+    """
+    return n_addressed >= 2**31 - 1
+
+
+@triton.jit
+def program_index(IDX64: tl.constexpr):
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    return pid
+
+
+@triton.jit
+def load_slot(slots_ptr, i: tl.constexpr, IDX64: tl.constexpr):
+    """Ring slot holding the residual of age ``i`` (0 = newest), read on the device."""
+    s = tl.load(slots_ptr + i)
+    if IDX64:
+        s = s.to(tl.int64)
+    return s
 
 
 @triton.jit

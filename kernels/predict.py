@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NSUMS, flat_block, interpreting, isfinite, to_storage
+from ._common import NSUMS, flat_block, interpreting, isfinite, load_slot, needs_int64, program_index, to_storage
 
 # Indices into the coefficient vector: must match tcpade/coef.py (checked by a test).
 # Globals read inside @triton.jit must be tl.constexpr (the interpreter does not check).
@@ -51,15 +51,21 @@ def _paper_main(r1, r2, ring_ptr, s3, s4, offs, slot_stride, mask, coef_ptr, NSL
     beta = 0.7 * s + 0.3
     pade = beta * p + (1.0 - beta) * avg
     fb1 = r1 + 0.5 * (r1 - r2)
-    # R3/R4 are fetched only where both the Pade value and the first fallback failed.
+    fb = fb1
+    # The last fallback (weighted average of up to four residuals) is needed only where
+    # both the Pade value and the first fallback are non-finite: in practice never, so
+    # its loads and arithmetic sit behind one block-level branch, off the hot path
+    # (measured on an H200: the paper kernel is instruction-bound, ~140 instructions
+    # per element before this change).
     need = mask & (~isfinite(pade)) & (~isfinite(fb1))
-    r3 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
-    wavg = tl.load(coef_ptr + WAVG) * r1 + tl.load(coef_ptr + WAVG + 1) * r2
-    wavg += tl.load(coef_ptr + WAVG + 2) * r3
-    if NSLOT >= 4:
-        r4 = tl.load(ring_ptr + s4 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
-        wavg += tl.load(coef_ptr + WAVG + 3) * r4
-    fb = tl.where(isfinite(fb1), fb1, wavg)
+    if tl.max(need.to(tl.int32), axis=0) > 0:
+        r3 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
+        wavg = tl.load(coef_ptr + WAVG) * r1 + tl.load(coef_ptr + WAVG + 1) * r2
+        wavg += tl.load(coef_ptr + WAVG + 2) * r3
+        if NSLOT >= 4:
+            r4 = tl.load(ring_ptr + s4 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
+            wavg += tl.load(coef_ptr + WAVG + 3) * r4
+        fb = tl.where(isfinite(fb1), fb1, wavg)
     return tl.where(isfinite(pade), pade, fb)
 
 
@@ -129,18 +135,19 @@ def _predict_ew_kernel(
     WRITE_OUT: tl.constexpr,
     BLOCK: tl.constexpr,
     EXACT_BF16: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = program_index(IDX64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    s1 = tl.load(slots_ptr + 0).to(tl.int64)
-    s2 = tl.load(slots_ptr + 1).to(tl.int64)
-    s3 = tl.load(slots_ptr + 2).to(tl.int64)
+    s1 = load_slot(slots_ptr, 0, IDX64)
+    s2 = load_slot(slots_ptr, 1, IDX64)
+    s3 = load_slot(slots_ptr, 2, IDX64)
     if NSLOT >= 4:
-        s4 = tl.load(slots_ptr + 3).to(tl.int64)
+        s4 = load_slot(slots_ptr, 3, IDX64)
     else:
         s4 = s3
-    sw = tl.load(slots_ptr + NSLOT - 1).to(tl.int64)
+    sw = load_slot(slots_ptr, NSLOT - 1, IDX64)
     x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
     r1 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
     if VARIANT == 2 and not STORE:
@@ -166,6 +173,37 @@ def _predict_ew_kernel(
 
 
 @triton.jit
+def _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2):
+    """Per-row sums of one tile: S*T, T*T, Lty^2 and (R1 - R2)^2 (method.md section 5)."""
+    S = a0 * y0 + a1 * y1 + a2 * y2
+    T = a0 * t0 * y0 + a1 * t1 * y1 + a2 * t2 * y2
+    lty = l1 * t1 * y1 + l2 * t2 * y2
+    d = y2 - y1
+    return tl.sum(S * T, axis=1), tl.sum(T * T, axis=1), tl.sum(lty * lty, axis=1), tl.sum(d * d, axis=1)
+
+
+@triton.jit
+def _rational_b1(st, tt, ll, dd, coef_ptr):
+    """Shared row denominator b1 = -sum(S*T) / sum(T*T), pole guard, kappa bound."""
+    b1 = -st / (tt * (1.0 + tl.load(coef_ptr + MU)) + 1e-30)
+    bmax = tl.load(coef_ptr + BMAX)
+    b1 = tl.maximum(tl.minimum(b1, bmax), -bmax)
+    kappa = tl.load(coef_ptr + KAPPA)
+    lim = kappa * tl.sqrt(dd)
+    dev = tl.abs(b1) * tl.sqrt(ll)
+    over = (dev > lim) & (lim * 0.0 + kappa > 0.0)
+    return tl.where(over, b1 * (lim / tl.where(over, dev, 1.0)), b1)
+
+
+@triton.jit
+def _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr):
+    main = l1 * y1 + l2 * y2 + b1[:, None] * (l1 * t1 * y1 + l2 * t2 * y2)
+    w = tl.load(coef_ptr + W_MAIN)
+    rhat = tl.load(coef_ptr + C1) * y2 + tl.load(coef_ptr + C2) * y1
+    return rhat + tl.where(w != 0.0, w * main, 0.0)
+
+
+@triton.jit
 def _predict_rational_kernel(
     h_in_ptr,
     ring_ptr,
@@ -183,16 +221,18 @@ def _predict_rational_kernel(
     WRITE_OUT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     EXACT_BF16: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    pid = program_index(IDX64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
     cols = tl.arange(0, BLOCK_C)
-    s1 = tl.load(slots_ptr + 0).to(tl.int64)
-    s2 = tl.load(slots_ptr + 1).to(tl.int64)
-    s3 = tl.load(slots_ptr + 2).to(tl.int64)
-    sw = tl.load(slots_ptr + NSLOT - 1).to(tl.int64)
+    s1 = load_slot(slots_ptr, 0, IDX64)
+    s2 = load_slot(slots_ptr, 1, IDX64)
+    s3 = load_slot(slots_ptr, 2, IDX64)
+    sw = load_slot(slots_ptr, NSLOT - 1, IDX64)
     a0 = tl.load(coef_ptr + ALP0)
     a1 = tl.load(coef_ptr + ALP1)
     a2 = tl.load(coef_ptr + ALP2)
@@ -201,60 +241,80 @@ def _predict_rational_kernel(
     t2 = tl.load(coef_ptr + TAU2)
     l1 = tl.load(coef_ptr + LAM1)
     l2 = tl.load(coef_ptr + LAM2)
-    st = tl.zeros([BLOCK_R], dtype=tl.float32)
-    tt = tl.zeros([BLOCK_R], dtype=tl.float32)
-    ll = tl.zeros([BLOCK_R], dtype=tl.float32)
-    dd = tl.zeros([BLOCK_R], dtype=tl.float32)
-    # Pass 1: the per-row least-squares denominator b1 = -sum(S*T) / sum(T*T).
-    for c0 in range(0, n_cols, BLOCK_C):
-        cc = c0 + cols
-        mask = rmask[:, None] & (cc < n_cols)[None, :]
-        offs = rows[:, None] * n_cols + cc[None, :]
+    acc = tl.zeros([8], dtype=tl.float32)
+    if ONE_PASS:
+        # One pass: the whole row fits one tile, so the fit and the prediction share the
+        # loaded residuals (no re-read).
+        mask = rmask[:, None] & (cols < n_cols)[None, :]
+        offs = rows[:, None] * n_cols + cols[None, :]
         y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
         y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
         y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        S = a0 * y0 + a1 * y1 + a2 * y2
-        T = a0 * t0 * y0 + a1 * t1 * y1 + a2 * t2 * y2
-        lty = l1 * t1 * y1 + l2 * t2 * y2
-        st += tl.sum(S * T, axis=1)
-        tt += tl.sum(T * T, axis=1)
-        ll += tl.sum(lty * lty, axis=1)
-        dd += tl.sum((y2 - y1) * (y2 - y1), axis=1)
-    b1 = -st / (tt * (1.0 + tl.load(coef_ptr + MU)) + 1e-30)
-    bmax = tl.load(coef_ptr + BMAX)
-    b1 = tl.maximum(tl.minimum(b1, bmax), -bmax)
-    kappa = tl.load(coef_ptr + KAPPA)
-    lim = kappa * tl.sqrt(dd)
-    dev = tl.abs(b1) * tl.sqrt(ll)
-    over = (dev > lim) & (lim * 0.0 + kappa > 0.0)
-    b1 = tl.where(over, b1 * (lim / tl.where(over, dev, 1.0)), b1)
-    w = tl.load(coef_ptr + W_MAIN)
-    c1 = tl.load(coef_ptr + C1)
-    c2 = tl.load(coef_ptr + C2)
-    acc = tl.zeros([8], dtype=tl.float32)
-    # Pass 2: predict and write (the row was just read, so this re-read hits the cache).
-    for c0 in range(0, n_cols, BLOCK_C):
-        cc = c0 + cols
-        mask = rmask[:, None] & (cc < n_cols)[None, :]
-        offs = rows[:, None] * n_cols + cc[None, :]
-        y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        main = l1 * y1 + l2 * y2 + b1[:, None] * (l1 * t1 * y1 + l2 * t2 * y2)
-        rhat = c1 * y2 + c2 * y1 + tl.where(w != 0.0, w * main, 0.0)
+        st, tt, ll, dd = _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2)
+        b1 = _rational_b1(st, tt, ll, dd, coef_ptr)
+        rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
         x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
         acc = _epilogue(
             rhat, y2, y1, x_raw, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr, out_ptr,
             coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
         )
+    else:
+        st = tl.zeros([BLOCK_R], dtype=tl.float32)
+        tt = tl.zeros([BLOCK_R], dtype=tl.float32)
+        ll = tl.zeros([BLOCK_R], dtype=tl.float32)
+        dd = tl.zeros([BLOCK_R], dtype=tl.float32)
+        # Pass 1 over the row: the least-squares fit of the shared denominator.
+        for c0 in range(0, n_cols, BLOCK_C):
+            cc = c0 + cols
+            mask = rmask[:, None] & (cc < n_cols)[None, :]
+            offs = rows[:, None] * n_cols + cc[None, :]
+            y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+            y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+            y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+            a, b, c, d = _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2)
+            st += a
+            tt += b
+            ll += c
+            dd += d
+        b1 = _rational_b1(st, tt, ll, dd, coef_ptr)
+        # Pass 2: predict and write (the row was just read: this re-read hits the cache).
+        for c0 in range(0, n_cols, BLOCK_C):
+            cc = c0 + cols
+            mask = rmask[:, None] & (cc < n_cols)[None, :]
+            offs = rows[:, None] * n_cols + cc[None, :]
+            y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+            y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+            rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
+            x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
+            acc = _epilogue(
+                rhat, y2, y1, x_raw, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr, out_ptr,
+                coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+            )
     tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
 
 
-def _row_blocks(n_rows: int, n_cols: int, block: Optional[int] = None):
-    if interpreting():
+# Launch shape per (kernel, bytes per element): (elements per program, warps), the best of
+# a sweep over {2048, 4096, 8192} x {4, 8} warps on an H200 at FLUX.1-dev 1024^2 size
+# (bench/results/gpu_2026-11-28). The paper variant is instruction-bound, and does best
+# at ~16 elements per thread; the plain variants are memory-bound and like big blocks.
+TUNED = {
+    ("paper", 2): (4096, 8), ("paper", 4): (2048, 4),
+    ("rational", 2): (4096, 8), ("rational", 4): (2048, 8),
+    ("reuse", 2): (8192, 8), ("reuse", 4): (8192, 4),
+    ("linear", 2): (8192, 4), ("linear", 4): (8192, 4),
+}
+MAX_ONE_PASS_COLS = 8192  # rows up to this many channels are fitted and predicted in one tile
+
+
+def _row_blocks(n_rows: int, n_cols: int, block: int, block_c: Optional[int] = None):
+    """(rows per program, channels per tile). Rows up to MAX_ONE_PASS_COLS channels take
+    one tile (the one-pass path); wider rows are walked in 1024-channel tiles, twice."""
+    if block_c is None:
         block_c = triton.next_power_of_2(n_cols)
+        if n_cols > MAX_ONE_PASS_COLS and not interpreting():
+            block_c = min(1024, block)
+    if interpreting():
         return max(1, min(triton.next_power_of_2(n_rows), (1 << 16) // block_c)), block_c
-    block = block or 4096
-    block_c = min(triton.next_power_of_2(n_cols), 1024, block)
     return max(1, block // block_c), block_c
 
 
@@ -269,33 +329,36 @@ def predict(
     write_out: bool,
     block: Optional[int] = None,
     num_warps: Optional[int] = None,
+    block_c: Optional[int] = None,
 ):
     """Launch the predict kernel; inputs are validated by tcpade.ops. Returns (out, sums).
 
     ``block`` (elements per program; for rational, BLOCK_R * BLOCK_C) and ``num_warps``
-    override the launch shape (benchmarks sweep them).
+    override the launch shape (benchmarks sweep them); ``block_c`` forces the rational
+    kernel's channel tile (tests use it to run the two-pass path on small rows).
     """
     vid = VARIANT_IDS[variant]
     n = h_in.numel()
+    tuned_block, tuned_warps = TUNED[(variant, 2 if h_in.element_size() == 2 else 4)]
     out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
     common = dict(NSLOT=ring.shape[0], HAS_PREV=h_prev is not None, STORE=bool(store), WRITE_OUT=bool(write_out),
-                  EXACT_BF16=interpreting())
-    if num_warps:
-        common["num_warps"] = num_warps
+                  EXACT_BF16=interpreting(), IDX64=needs_int64(n * ring.shape[0]))
+    if not interpreting():
+        common["num_warps"] = num_warps or tuned_warps
     prev = h_prev if h_prev is not None else h_in
     out_arg = out if write_out else h_in
     if vid == 1:
         n_cols = h_in.shape[-1]
         n_rows = n // n_cols
-        block_r, block_c = _row_blocks(n_rows, n_cols, block)
+        block_r, block_c = _row_blocks(n_rows, n_cols, block or tuned_block, block_c)
         grid = triton.cdiv(n_rows, block_r)
         partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
         _predict_rational_kernel[(grid,)](
             h_in, ring, slots, coef, prev, out_arg, partial, n_rows, n_cols, n,
-            BLOCK_R=block_r, BLOCK_C=block_c, **common,
+            BLOCK_R=block_r, BLOCK_C=block_c, ONE_PASS=block_c >= n_cols, **common,
         )
     else:
-        block = block or flat_block(n)
+        block = flat_block(n, block or tuned_block)
         grid = triton.cdiv(n, block)
         partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
         _predict_ew_kernel[(grid,)](

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NSUMS, flat_block, interpreting, isfinite, to_storage
+from ._common import NSUMS, flat_block, interpreting, isfinite, load_slot, needs_int64, program_index, to_storage
 
 
 @triton.jit
@@ -34,13 +34,14 @@ def _update_kernel(
     PROBE: tl.constexpr,
     BLOCK: tl.constexpr,
     EXACT_BF16: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = program_index(IDX64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    s1 = tl.load(slots_ptr + 0).to(tl.int64)
-    s2 = tl.load(slots_ptr + 1).to(tl.int64)
-    sw = tl.load(slots_ptr + NSLOT - 1).to(tl.int64)
+    s1 = load_slot(slots_ptr, 0, IDX64)
+    s2 = load_slot(slots_ptr, 1, IDX64)
+    sw = load_slot(slots_ptr, NSLOT - 1, IDX64)
     x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
     x = x_raw.to(tl.float32)
     y = tl.load(h_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -71,6 +72,12 @@ def _update_kernel(
     tl.store(partial_ptr + pid * 8 + 7, 0.0)
 
 
+# Launch shape per bytes per element: (elements per program, warps), best of a sweep over
+# {2048, 4096, 8192} x {4, 8} warps on an H200 at FLUX.1-dev 1024^2 size
+# (bench/results/gpu_2026-11-28).
+TUNED = {2: (8192, 4), 4: (4096, 8)}
+
+
 def update(
     h_in: torch.Tensor,
     h_out: torch.Tensor,
@@ -86,9 +93,11 @@ def update(
     ``block`` / ``num_warps`` override the launch shape (benchmarks sweep them).
     """
     n = h_in.numel()
-    block = block or flat_block(n)
+    tuned_block, tuned_warps = TUNED[2 if h_in.element_size() == 2 else 4]
+    block = flat_block(n, block or tuned_block)
     grid = triton.cdiv(n, block)
     partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
+    launch = {} if interpreting() else {"num_warps": num_warps or tuned_warps}
     _update_kernel[(grid,)](
         h_in,
         h_out,
@@ -103,6 +112,7 @@ def update(
         PROBE=bool(probe),
         BLOCK=block,
         EXACT_BF16=interpreting(),
-        **({"num_warps": num_warps} if num_warps else {}),
+        IDX64=needs_int64(n * ring.shape[0]),
+        **launch,
     )
     return partial.sum(0)

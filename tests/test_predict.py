@@ -315,3 +315,37 @@ def test_paper_early_stage_ignores_nonfinite_main(backend):
     out, sums = ops.predict(torch.zeros(shape, device=device), ring, slots, K.coef_tensor(cf, device), None,
                             "paper", False, True)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("block_c", [16, 64])
+def test_rational_two_pass_tiles(dtype, block_c):
+    """Rows wider than one tile (> 8192 channels on a GPU) are fitted in a first pass over
+    the row and predicted in a second; force small tiles to run that path on small rows."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "triton" not in ops.available_backends(device):
+        pytest.skip("no Triton backend here")
+    from tcpade import kernels
+
+    g = gen(41)
+    shape = (2, 5, 129)
+    h_in = randn(shape, dtype, device, g)
+    ring = smooth_ring(shape, 3, dtype, device, g)
+    slots = perm_slots(3, device, g)
+    prev = randn(shape, dtype, device, g)
+    cf = K.build_coef("rational", "late", TIMES, T_TARGET, 3, 3, kappa=0.8, gamma=0.1)
+    r64, p64 = ring.cpu().clone(), prev.cpu().clone()
+    out64, sums64 = reference.predict(h_in.cpu(), r64, slots.cpu(), torch.tensor(cf, dtype=torch.float64), p64,
+                                      "rational", True, True, torch.float64)
+    got_ring, got_prev = ring.clone(), prev.clone()
+    out, sums = kernels.predict(h_in, got_ring, slots, K.coef_tensor(cf, device), got_prev, "rational", True, True,
+                                block_c=block_c)
+    low_out = low_ring = None
+    if dtype != torch.float32:  # the same math in plain torch at the storage dtype
+        low_ring = ring.cpu().clone()
+        low_out, _ = reference.predict(h_in.cpu(), low_ring, slots.cpu(), torch.tensor(cf, dtype=dtype),
+                                       prev.cpu().clone(), "rational", True, True, dtype)
+    assert_close(out, out64, dtype, low_out, what="two-pass rational out")
+    assert_close(got_ring, r64, dtype, low_ring, what="two-pass rational ring")
+    for i in (0, 1, 2, 4):
+        assert math.isclose(sums[i].item(), sums64[i].item(), rel_tol=1e-4, abs_tol=1e-3)
