@@ -8,7 +8,8 @@ or a probe prediction for the error policy). The per-step scalars come in as a t
 Two kernels share one epilogue:
 * ``_predict_ew_kernel``: elementwise variants (paper, reuse, linear) over a flat range.
 * ``_predict_rational_kernel``: the time-aware [1/1] Pade, one program per block of token
-  rows; pass 1 over the row reduces the shared-denominator fit, pass 2 re-reads the row
+  rows. A row that fits one tile is fitted and predicted from the same loads; a wider
+  row is walked twice: pass 1 reduces the shared-denominator fit, pass 2 re-reads the row
   (from cache) and writes. A row is owned by one program, so the fit of a row is complete
   before any element of it is written (the write slot may be R3's own slot).
 Semantics: tcpade.reference.predict.
@@ -51,21 +52,17 @@ def _paper_main(r1, r2, ring_ptr, s3, s4, offs, slot_stride, mask, coef_ptr, NSL
     beta = 0.7 * s + 0.3
     pade = beta * p + (1.0 - beta) * avg
     fb1 = r1 + 0.5 * (r1 - r2)
-    fb = fb1
-    # The last fallback (weighted average of up to four residuals) is needed only where
-    # both the Pade value and the first fallback are non-finite: in practice never, so
-    # its loads and arithmetic sit behind one block-level branch, off the hot path
-    # (measured on an H200: the paper kernel is instruction-bound, ~140 instructions
-    # per element before this change).
+    # R3/R4 are fetched only where both the Pade value and the first fallback failed.
+    # (Putting this behind a block-level `if any(need)` branch measured 20% SLOWER on an
+    # H200 in bf16, 0.0596 -> 0.0676 ms at FLUX size: kept elementwise.)
     need = mask & (~isfinite(pade)) & (~isfinite(fb1))
-    if tl.max(need.to(tl.int32), axis=0) > 0:
-        r3 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
-        wavg = tl.load(coef_ptr + WAVG) * r1 + tl.load(coef_ptr + WAVG + 1) * r2
-        wavg += tl.load(coef_ptr + WAVG + 2) * r3
-        if NSLOT >= 4:
-            r4 = tl.load(ring_ptr + s4 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
-            wavg += tl.load(coef_ptr + WAVG + 3) * r4
-        fb = tl.where(isfinite(fb1), fb1, wavg)
+    r3 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
+    wavg = tl.load(coef_ptr + WAVG) * r1 + tl.load(coef_ptr + WAVG + 1) * r2
+    wavg += tl.load(coef_ptr + WAVG + 2) * r3
+    if NSLOT >= 4:
+        r4 = tl.load(ring_ptr + s4 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
+        wavg += tl.load(coef_ptr + WAVG + 3) * r4
+    fb = tl.where(isfinite(fb1), fb1, wavg)
     return tl.where(isfinite(pade), pade, fb)
 
 
@@ -294,25 +291,29 @@ def _predict_rational_kernel(
 
 
 # Launch shape per (kernel, bytes per element): (elements per program, warps), the best of
-# a sweep over {2048, 4096, 8192} x {4, 8} warps on an H200 at FLUX.1-dev 1024^2 size
-# (bench/results/gpu_2026-11-28). The paper variant is instruction-bound, and does best
-# at ~16 elements per thread; the plain variants are memory-bound and like big blocks.
+# sweeps over {2048, 4096, 8192} x {4, 8} warps on an H200 at FLUX.1-dev 1024^2 size
+# (bench/results/gpu_2026-11-28). The paper variant is instruction-bound (~100 PTX
+# instructions per element) and does best at ~16 elements per thread; the plain variants
+# are memory-bound and like big blocks.
 TUNED = {
     ("paper", 2): (4096, 8), ("paper", 4): (2048, 4),
-    ("rational", 2): (4096, 8), ("rational", 4): (2048, 8),
+    ("rational", 2): (4096, 8), ("rational", 4): (4096, 4),
     ("reuse", 2): (8192, 8), ("reuse", 4): (8192, 4),
     ("linear", 2): (8192, 4), ("linear", 4): (8192, 4),
 }
-MAX_ONE_PASS_COLS = 8192  # rows up to this many channels are fitted and predicted in one tile
+# Widest row (channels) the rational kernel fits and predicts from one tile; wider rows
+# are walked twice in tiles of this width. Measured on an H200 at C = 3072: fp32 one-pass
+# 0.078 ms vs two-pass 0.086 ms; bf16 one-pass 0.069 ms vs two-pass (1024-wide tiles)
+# 0.051 ms.
+RATIONAL_TILE = {2: 1024, 4: 8192}
 
 
-def _row_blocks(n_rows: int, n_cols: int, block: int, block_c: Optional[int] = None):
-    """(rows per program, channels per tile). Rows up to MAX_ONE_PASS_COLS channels take
-    one tile (the one-pass path); wider rows are walked in 1024-channel tiles, twice."""
+def _row_blocks(n_rows: int, n_cols: int, block: int, tile: int, block_c: Optional[int] = None):
+    """(rows per program, channels per tile); one pass when the row fits one tile."""
     if block_c is None:
         block_c = triton.next_power_of_2(n_cols)
-        if n_cols > MAX_ONE_PASS_COLS and not interpreting():
-            block_c = min(1024, block)
+        if n_cols > tile and not interpreting():
+            block_c = min(tile, block)
     if interpreting():
         return max(1, min(triton.next_power_of_2(n_rows), (1 << 16) // block_c)), block_c
     return max(1, block // block_c), block_c
@@ -339,7 +340,8 @@ def predict(
     """
     vid = VARIANT_IDS[variant]
     n = h_in.numel()
-    tuned_block, tuned_warps = TUNED[(variant, 2 if h_in.element_size() == 2 else 4)]
+    size = 2 if h_in.element_size() == 2 else 4
+    tuned_block, tuned_warps = TUNED[(variant, size)]
     out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
     common = dict(NSLOT=ring.shape[0], HAS_PREV=h_prev is not None, STORE=bool(store), WRITE_OUT=bool(write_out),
                   EXACT_BF16=interpreting(), IDX64=needs_int64(n * ring.shape[0]))
@@ -350,7 +352,7 @@ def predict(
     if vid == 1:
         n_cols = h_in.shape[-1]
         n_rows = n // n_cols
-        block_r, block_c = _row_blocks(n_rows, n_cols, block or tuned_block, block_c)
+        block_r, block_c = _row_blocks(n_rows, n_cols, block or tuned_block, RATIONAL_TILE[size], block_c)
         grid = triton.cdiv(n_rows, block_r)
         partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
         _predict_rational_kernel[(grid,)](

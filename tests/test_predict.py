@@ -320,7 +320,7 @@ def test_paper_early_stage_ignores_nonfinite_main(backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("block_c", [16, 64])
 def test_rational_two_pass_tiles(dtype, block_c):
-    """Rows wider than one tile (> 8192 channels on a GPU) are fitted in a first pass over
+    """Rows wider than one tile (> 1024 channels at 2 bytes, > 8192 at fp32, on a GPU) are fitted in a first pass over
     the row and predicted in a second; force small tiles to run that path on small rows."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if "triton" not in ops.available_backends(device):
