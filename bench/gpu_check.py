@@ -75,8 +75,9 @@ def make_inputs(shape, dtype, device, seed=0):
 
     base, vel = r(), r(0.2)
     ring = torch.stack([base + vel, base, base - vel + r(0.05)])
-    return dict(h_in=r(), h_out=r(), ring=ring, slots=torch.tensor([0, 1, 2], dtype=torch.int32, device=device),
-                prev=r())
+    return dict(
+        h_in=r(), h_out=r(), ring=ring, slots=torch.tensor([0, 1, 2], dtype=torch.int32, device=device), prev=r()
+    )
 
 
 # Elements of hidden size each kernel must read + write at least once.
@@ -116,7 +117,9 @@ def check_full_size(x, coef, device):
         out = torch.full_like(x["h_in"], float("nan"))
         got, s = ops.predict(x["h_in"], x["ring"], x["slots"], cf, None, v, False, True)
         out.copy_(got)
-        ref, _ = reference.predict(x["h_in"].cpu(), ring64, slots, cf.cpu().double(), None, v, False, True, torch.float64)
+        ref, _ = reference.predict(
+            x["h_in"].cpu(), ring64, slots, cf.cpu().double(), None, v, False, True, torch.float64
+        )
         scale = ref.abs().max().item()
         errs[v] = (out.cpu().double() - ref).abs().max().item() / scale
         errs[v + "_nonfinite"] = s[5].item()
@@ -163,14 +166,30 @@ def main(argv=None):
             if cuda and not args.quick:
                 for block in (2048, 4096, 8192):
                     for warps in (4, 8):
-                        t = bench(run_kernel(name, x, coef, "auto", block=block, num_warps=warps), device, graph=True)[0]
+                        t = bench(run_kernel(name, x, coef, "auto", block=block, num_warps=warps), device, graph=True)[
+                            0
+                        ]
                         if t < best[0]:
                             best = (t, f"block={block},warps={warps}")
             gbs = nbytes / (t_k[0] * 1e-3) / 1e9
-            rows.append(dict(dtype=dname, kernel=name, MB=nbytes / 1e6, ms=t_k[0], p20=t_k[1], p80=t_k[2],
-                             call_ms=t_call[0], GBps=gbs, pct_copy=100 * gbs / copy_gbs, torch_ms=t_t[0],
-                             speedup=t_t[0] / t_k[0], best_ms=best[0], best_cfg=best[1],
-                             best_pct_copy=100 * nbytes / (best[0] * 1e-3) / 1e9 / copy_gbs))
+            rows.append(
+                dict(
+                    dtype=dname,
+                    kernel=name,
+                    MB=nbytes / 1e6,
+                    ms=t_k[0],
+                    p20=t_k[1],
+                    p80=t_k[2],
+                    call_ms=t_call[0],
+                    GBps=gbs,
+                    pct_copy=100 * gbs / copy_gbs,
+                    torch_ms=t_t[0],
+                    speedup=t_t[0] / t_k[0],
+                    best_ms=best[0],
+                    best_cfg=best[1],
+                    best_pct_copy=100 * nbytes / (best[0] * 1e-3) / 1e9 / copy_gbs,
+                )
+            )
     result = dict(info=info, checks=checks, rows=rows)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -180,13 +199,17 @@ def main(argv=None):
     print(f"shape {tuple(shape)}; device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n")
     print("kernel ms: CUDA-graph replay (GPU time of the op's kernels); op call ms: one eager call;")
     print("eager torch: the same math as separate torch ops (tcpade.reference), eager.\n")
-    print("| dtype | kernel | MB moved | kernel ms (p20-p80) | GB/s | % copy | op call ms | eager torch ms "
-          "| x faster | best launch (ms, % copy) |")
+    print(
+        "| dtype | kernel | MB moved | kernel ms (p20-p80) | GB/s | % copy | op call ms | eager torch ms "
+        "| x faster | best launch (ms, % copy) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['kernel']} | {r['MB']:.1f} | {r['ms']:.4f} ({r['p20']:.4f}-{r['p80']:.4f}) | "
-              f"{r['GBps']:.0f} | {r['pct_copy']:.0f}% | {r['call_ms']:.4f} | {r['torch_ms']:.3f} | "
-              f"{r['speedup']:.1f} | {r['best_cfg']} {r['best_ms']:.4f} {r['best_pct_copy']:.0f}% |")
+        print(
+            f"| {r['dtype']} | {r['kernel']} | {r['MB']:.1f} | {r['ms']:.4f} ({r['p20']:.4f}-{r['p80']:.4f}) | "
+            f"{r['GBps']:.0f} | {r['pct_copy']:.0f}% | {r['call_ms']:.4f} | {r['torch_ms']:.3f} | "
+            f"{r['speedup']:.1f} | {r['best_cfg']} {r['best_ms']:.4f} {r['best_pct_copy']:.0f}% |"
+        )
     print("\nfull-size max relative error vs float64 reference:")
     for d, c in checks.items():
         print(f"  {d}: " + ", ".join(f"{k}={v:.2e}" for k, v in c.items()))

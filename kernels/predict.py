@@ -163,8 +163,21 @@ def _predict_ew_kernel(
         rhat = tl.load(coef_ptr + C1) * r1 + tl.load(coef_ptr + C2) * r2
         rhat += tl.where(w != 0.0, w * main, 0.0)
     acc = _epilogue(
-        rhat, r1, r2, x_raw, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr, out_ptr,
-        coef_ptr, tl.zeros([8], dtype=tl.float32), HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+        rhat,
+        r1,
+        r2,
+        x_raw,
+        offs,
+        mask,
+        ring_ptr + sw * slot_stride + offs,
+        h_prev_ptr,
+        out_ptr,
+        coef_ptr,
+        tl.zeros([8], dtype=tl.float32),
+        HAS_PREV,
+        STORE,
+        WRITE_OUT,
+        EXACT_BF16,
     )
     tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
 
@@ -252,8 +265,21 @@ def _predict_rational_kernel(
         rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
         x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
         acc = _epilogue(
-            rhat, y2, y1, x_raw, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr, out_ptr,
-            coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+            rhat,
+            y2,
+            y1,
+            x_raw,
+            offs,
+            mask,
+            ring_ptr + sw * slot_stride + offs,
+            h_prev_ptr,
+            out_ptr,
+            coef_ptr,
+            acc,
+            HAS_PREV,
+            STORE,
+            WRITE_OUT,
+            EXACT_BF16,
         )
     else:
         st = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -284,8 +310,21 @@ def _predict_rational_kernel(
             rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
             x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
             acc = _epilogue(
-                rhat, y2, y1, x_raw, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr, out_ptr,
-                coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+                rhat,
+                y2,
+                y1,
+                x_raw,
+                offs,
+                mask,
+                ring_ptr + sw * slot_stride + offs,
+                h_prev_ptr,
+                out_ptr,
+                coef_ptr,
+                acc,
+                HAS_PREV,
+                STORE,
+                WRITE_OUT,
+                EXACT_BF16,
             )
     tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
 
@@ -296,10 +335,14 @@ def _predict_rational_kernel(
 # instructions per element) and does best at ~16 elements per thread; the plain variants
 # are memory-bound and like big blocks.
 TUNED = {
-    ("paper", 2): (4096, 8), ("paper", 4): (2048, 4),
-    ("rational", 2): (4096, 8), ("rational", 4): (4096, 4),
-    ("reuse", 2): (8192, 8), ("reuse", 4): (8192, 4),
-    ("linear", 2): (8192, 4), ("linear", 4): (8192, 4),
+    ("paper", 2): (4096, 8),
+    ("paper", 4): (2048, 4),
+    ("rational", 2): (4096, 8),
+    ("rational", 4): (4096, 4),
+    ("reuse", 2): (8192, 8),
+    ("reuse", 4): (8192, 4),
+    ("linear", 2): (8192, 4),
+    ("linear", 4): (8192, 4),
 }
 # Widest row (channels) the rational kernel fits and predicts from one tile; wider rows
 # are walked twice in tiles of this width. Measured on an H200 at C = 3072: fp32 one-pass
@@ -343,8 +386,14 @@ def predict(
     size = 2 if h_in.element_size() == 2 else 4
     tuned_block, tuned_warps = TUNED[(variant, size)]
     out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
-    common = dict(NSLOT=ring.shape[0], HAS_PREV=h_prev is not None, STORE=bool(store), WRITE_OUT=bool(write_out),
-                  EXACT_BF16=interpreting(), IDX64=needs_int64(n * ring.shape[0]))
+    common = dict(
+        NSLOT=ring.shape[0],
+        HAS_PREV=h_prev is not None,
+        STORE=bool(store),
+        WRITE_OUT=bool(write_out),
+        EXACT_BF16=interpreting(),
+        IDX64=needs_int64(n * ring.shape[0]),
+    )
     if not interpreting():
         common["num_warps"] = num_warps or tuned_warps
     prev = h_prev if h_prev is not None else h_in
@@ -356,14 +405,37 @@ def predict(
         grid = triton.cdiv(n_rows, block_r)
         partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
         _predict_rational_kernel[(grid,)](
-            h_in, ring, slots, coef, prev, out_arg, partial, n_rows, n_cols, n,
-            BLOCK_R=block_r, BLOCK_C=block_c, ONE_PASS=block_c >= n_cols, **common,
+            h_in,
+            ring,
+            slots,
+            coef,
+            prev,
+            out_arg,
+            partial,
+            n_rows,
+            n_cols,
+            n,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            ONE_PASS=block_c >= n_cols,
+            **common,
         )
     else:
         block = flat_block(n, block or tuned_block)
         grid = triton.cdiv(n, block)
         partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
         _predict_ew_kernel[(grid,)](
-            h_in, ring, slots, coef, prev, out_arg, partial, n, n, VARIANT=vid, BLOCK=block, **common,
+            h_in,
+            ring,
+            slots,
+            coef,
+            prev,
+            out_arg,
+            partial,
+            n,
+            n,
+            VARIANT=vid,
+            BLOCK=block,
+            **common,
         )
     return out, partial.sum(0)

@@ -61,8 +61,12 @@ def run_variant(traj, variant: str, compute: list):
             tsis.append(hist_tsi(sums) if hist.count >= 3 else float("nan"))
             continue
         stage = K.stage_of(k, steps)
-        cf = hist.coef(variant, stage, s, pade_c=K.paper_curvature_flag(
-            hist.last_sums.tolist() if hist.last_sums is not None else None, hist.count))
+        cf = hist.coef(
+            variant,
+            stage,
+            s,
+            pade_c=K.paper_curvature_flag(hist.last_sums.tolist() if hist.last_sums is not None else None, hist.count),
+        )
         out, sums = hist.predict(h_in, cf, variant, s, store=(variant == "paper"))
         pred = out - h_in
         errs.append(((pred - r).norm() / r.norm()).item())
@@ -100,8 +104,9 @@ def time_backends(shape, reps: int = 20):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tcpade demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tcpade demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--channels", type=int, default=256)
@@ -111,9 +116,11 @@ def main(argv=None) -> int:
     compute = published_schedule(args.steps)
     n_full = sum(compute)
     print(f"tcpade kernel demo: synthetic {args.steps}-step flow-matching trajectory, hidden {shape}")
-    print(f"published schedule: {n_full}/{args.steps} steps computed "
-          f"({args.steps / n_full:.2f}x fewer block-stack passes); skipped: "
-          f"{[k for k, c in enumerate(compute) if not c]}\n")
+    print(
+        f"published schedule: {n_full}/{args.steps} steps computed "
+        f"({args.steps / n_full:.2f}x fewer block-stack passes); skipped: "
+        f"{[k for k, c in enumerate(compute) if not c]}\n"
+    )
     print("| predictor | mean rel. error of predicted residual | worst |")
     print("|---|---|---|")
     tsis = None
@@ -124,6 +131,8 @@ def main(argv=None) -> int:
         print(f"| {v} | {sum(errs) / len(errs):.4f} | {max(errs):.4f} |")
     print("\nTSI per step (paper history rule; NaN until three residuals are stored):")
     print("  " + " ".join("  -  " if math.isnan(x) else f"{x:.3f}" for x in tsis))
-    print("\none fused rational predict on this CPU, median ms:",
-          ", ".join(f"{b}: {ms:.3f}" for b, ms in time_backends(shape).items()))
+    print(
+        "\none fused rational predict on this CPU, median ms:",
+        ", ".join(f"{b}: {ms:.3f}" for b, ms in time_backends(shape).items()),
+    )
     return 0

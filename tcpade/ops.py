@@ -158,13 +158,12 @@ def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor, shape, contiguous
 def _check_state(h_in, ring, slots, h_prev) -> None:
     _check_h("h_in", h_in)
     if ring.dim() != h_in.dim() + 1 or ring.shape[0] < 3:
-        raise ValueError(
-            f"ring must have shape (S >= 3, {', '.join(map(str, h_in.shape))}), got {tuple(ring.shape)}"
-        )
+        raise ValueError(f"ring must have shape (S >= 3, {', '.join(map(str, h_in.shape))}), got {tuple(ring.shape)}")
     _check_like("ring", ring, h_in, (ring.shape[0], *h_in.shape), True)
     if slots.dtype not in (torch.int32, torch.int64) or tuple(slots.shape) != (ring.shape[0],):
-        raise ValueError(f"slots must be an int32/int64 tensor of shape ({ring.shape[0]},), got "
-                         f"{slots.dtype} {tuple(slots.shape)}")
+        raise ValueError(
+            f"slots must be an int32/int64 tensor of shape ({ring.shape[0]},), got {slots.dtype} {tuple(slots.shape)}"
+        )
     if slots.device != h_in.device:
         raise ValueError(f"slots is on {slots.device} but h_in is on {h_in.device}")
     if h_prev is not None:
@@ -202,9 +201,16 @@ def update(
     vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None
     if backend == "cpp":
         sums = _native.update(
-            h_in.data_ptr(), h_out.data_ptr(), ring.data_ptr(), vals,
+            h_in.data_ptr(),
+            h_out.data_ptr(),
+            ring.data_ptr(),
+            vals,
             h_prev.data_ptr() if h_prev is not None else 0,
-            h_in.numel() // h_in.shape[-1], h_in.shape[-1], ring.shape[0], _DTYPE_CODE[h_in.dtype], bool(probe),
+            h_in.numel() // h_in.shape[-1],
+            h_in.shape[-1],
+            ring.shape[0],
+            _DTYPE_CODE[h_in.dtype],
+            bool(probe),
         )
         return torch.tensor(sums, dtype=torch.float32, device=h_in.device)
     return reference.update(h_in, h_out, ring, slots, h_prev, probe).to(device=h_in.device)
@@ -256,11 +262,18 @@ def predict(
     if backend == "cpp":
         out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
         sums = _native.predict(
-            h_in.data_ptr(), ring.data_ptr(), vals, coef.tolist(),
+            h_in.data_ptr(),
+            ring.data_ptr(),
+            vals,
+            coef.tolist(),
             h_prev.data_ptr() if h_prev is not None else 0,
             out.data_ptr() if write_out else 0,
-            h_in.numel() // h_in.shape[-1], h_in.shape[-1], ring.shape[0], _DTYPE_CODE[h_in.dtype],
-            K.VARIANTS.index(variant), bool(store),
+            h_in.numel() // h_in.shape[-1],
+            h_in.shape[-1],
+            ring.shape[0],
+            _DTYPE_CODE[h_in.dtype],
+            K.VARIANTS.index(variant),
+            bool(store),
         )
         return out, torch.tensor(sums, dtype=torch.float32)
     out, sums = reference.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)

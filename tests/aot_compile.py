@@ -28,35 +28,105 @@ def compile_one(fn, sig, consts):
 def main():
     for dt in ("bf16", "fp16", "fp32"):
         p = "*" + dt
-        usig = {"h_in_ptr": p, "h_out_ptr": p, "ring_ptr": p, "slots_ptr": "*i32", "h_prev_ptr": p,
-                "partial_ptr": "*fp32", "n_elements": "i32", "slot_stride": "i32", "NSLOT": "constexpr",
-                "HAS_PREV": "constexpr", "PROBE": "constexpr", "BLOCK": "constexpr", "EXACT_BF16": "constexpr",
-                "IDX64": "constexpr"}
+        usig = {
+            "h_in_ptr": p,
+            "h_out_ptr": p,
+            "ring_ptr": p,
+            "slots_ptr": "*i32",
+            "h_prev_ptr": p,
+            "partial_ptr": "*fp32",
+            "n_elements": "i32",
+            "slot_stride": "i32",
+            "NSLOT": "constexpr",
+            "HAS_PREV": "constexpr",
+            "PROBE": "constexpr",
+            "BLOCK": "constexpr",
+            "EXACT_BF16": "constexpr",
+            "IDX64": "constexpr",
+        }
         for prev, probe in itertools.product((False, True), repeat=2):
-            compile_one(U._update_kernel, usig, dict(NSLOT=3, HAS_PREV=prev, PROBE=probe, BLOCK=4096, EXACT_BF16=False,
-                                                     IDX64=prev))
-        esig = {"h_in_ptr": p, "ring_ptr": p, "slots_ptr": "*i32", "coef_ptr": "*fp32", "h_prev_ptr": p,
-                "out_ptr": p, "partial_ptr": "*fp32", "n_elements": "i32", "slot_stride": "i32",
-                "NSLOT": "constexpr", "VARIANT": "constexpr", "HAS_PREV": "constexpr", "STORE": "constexpr",
-                "WRITE_OUT": "constexpr", "BLOCK": "constexpr", "EXACT_BF16": "constexpr", "IDX64": "constexpr"}
+            compile_one(
+                U._update_kernel,
+                usig,
+                dict(NSLOT=3, HAS_PREV=prev, PROBE=probe, BLOCK=4096, EXACT_BF16=False, IDX64=prev),
+            )
+        esig = {
+            "h_in_ptr": p,
+            "ring_ptr": p,
+            "slots_ptr": "*i32",
+            "coef_ptr": "*fp32",
+            "h_prev_ptr": p,
+            "out_ptr": p,
+            "partial_ptr": "*fp32",
+            "n_elements": "i32",
+            "slot_stride": "i32",
+            "NSLOT": "constexpr",
+            "VARIANT": "constexpr",
+            "HAS_PREV": "constexpr",
+            "STORE": "constexpr",
+            "WRITE_OUT": "constexpr",
+            "BLOCK": "constexpr",
+            "EXACT_BF16": "constexpr",
+            "IDX64": "constexpr",
+        }
         for variant, nslot, store in itertools.product((0, 2, 3), (3, 4), (False, True)):
-            compile_one(P._predict_ew_kernel, esig, dict(NSLOT=nslot, VARIANT=variant, HAS_PREV=True, STORE=store,
-                                                         WRITE_OUT=True, BLOCK=4096, EXACT_BF16=False,
-                                                         IDX64=store))
-        rsig = {"h_in_ptr": p, "ring_ptr": p, "slots_ptr": "*i32", "coef_ptr": "*fp32", "h_prev_ptr": p,
-                "out_ptr": p, "partial_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "slot_stride": "i32",
-                "NSLOT": "constexpr", "HAS_PREV": "constexpr", "STORE": "constexpr", "WRITE_OUT": "constexpr",
-                "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "ONE_PASS": "constexpr",
-                "EXACT_BF16": "constexpr", "IDX64": "constexpr"}
+            compile_one(
+                P._predict_ew_kernel,
+                esig,
+                dict(
+                    NSLOT=nslot,
+                    VARIANT=variant,
+                    HAS_PREV=True,
+                    STORE=store,
+                    WRITE_OUT=True,
+                    BLOCK=4096,
+                    EXACT_BF16=False,
+                    IDX64=store,
+                ),
+            )
+        rsig = {
+            "h_in_ptr": p,
+            "ring_ptr": p,
+            "slots_ptr": "*i32",
+            "coef_ptr": "*fp32",
+            "h_prev_ptr": p,
+            "out_ptr": p,
+            "partial_ptr": "*fp32",
+            "n_rows": "i32",
+            "n_cols": "i32",
+            "slot_stride": "i32",
+            "NSLOT": "constexpr",
+            "HAS_PREV": "constexpr",
+            "STORE": "constexpr",
+            "WRITE_OUT": "constexpr",
+            "BLOCK_R": "constexpr",
+            "BLOCK_C": "constexpr",
+            "ONE_PASS": "constexpr",
+            "EXACT_BF16": "constexpr",
+            "IDX64": "constexpr",
+        }
         for store, write_out, one_pass in ((False, True, True), (True, False, False), (True, True, True)):
-            compile_one(P._predict_rational_kernel, rsig, dict(NSLOT=3, HAS_PREV=True, STORE=store,
-                                                               WRITE_OUT=write_out, BLOCK_R=1 if one_pass else 4,
-                                                               BLOCK_C=4096 if one_pass else 1024,
-                                                               ONE_PASS=one_pass, EXACT_BF16=False, IDX64=not one_pass))
+            compile_one(
+                P._predict_rational_kernel,
+                rsig,
+                dict(
+                    NSLOT=3,
+                    HAS_PREV=True,
+                    STORE=store,
+                    WRITE_OUT=write_out,
+                    BLOCK_R=1 if one_pass else 4,
+                    BLOCK_C=4096 if one_pass else 1024,
+                    ONE_PASS=one_pass,
+                    EXACT_BF16=False,
+                    IDX64=not one_pass,
+                ),
+            )
     # The interpreter's exact-bf16 rounding path must compile too (it is plain Triton).
-    compile_one(U._update_kernel, dict(usig, h_in_ptr="*bf16", h_out_ptr="*bf16", ring_ptr="*bf16",
-                                       h_prev_ptr="*bf16"),
-                dict(NSLOT=3, HAS_PREV=False, PROBE=False, BLOCK=1024, EXACT_BF16=True, IDX64=False))
+    compile_one(
+        U._update_kernel,
+        dict(usig, h_in_ptr="*bf16", h_out_ptr="*bf16", ring_ptr="*bf16", h_prev_ptr="*bf16"),
+        dict(NSLOT=3, HAS_PREV=False, PROBE=False, BLOCK=1024, EXACT_BF16=True, IDX64=False),
+    )
     return 0
 
 

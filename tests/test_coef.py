@@ -11,8 +11,25 @@ def test_kernel_indices_match_layout():
     pytest.importorskip("triton")
     P = importlib.import_module("tcpade.kernels.predict")
 
-    for name in ["W_MAIN", "C1", "C2", "GAMMA", "LAM1", "LAM2", "ALP0", "ALP1", "ALP2", "TAU0", "TAU1", "TAU2",
-                 "BMAX", "KAPPA", "MU", "PADE_C", "WAVG"]:
+    for name in [
+        "W_MAIN",
+        "C1",
+        "C2",
+        "GAMMA",
+        "LAM1",
+        "LAM2",
+        "ALP0",
+        "ALP1",
+        "ALP2",
+        "TAU0",
+        "TAU1",
+        "TAU2",
+        "BMAX",
+        "KAPPA",
+        "MU",
+        "PADE_C",
+        "WAVG",
+    ]:
         assert getattr(P, name).value == getattr(K, name), name
     assert P.VARIANT_IDS == {v: i for i, v in enumerate(K.VARIANTS)}
 
@@ -23,9 +40,24 @@ def test_native_indices_match_layout():
     if not ops.native_available():
         pytest.skip("C++ extension not built")
     assert ops._native.coef_layout() == {
-        "W_MAIN": K.W_MAIN, "C1": K.C1, "C2": K.C2, "GAMMA": K.GAMMA, "LAM1": K.LAM1, "LAM2": K.LAM2,
-        "ALP0": K.ALP0, "ALP1": K.ALP1, "ALP2": K.ALP2, "TAU0": K.TAU0, "TAU1": K.TAU1, "TAU2": K.TAU2,
-        "BMAX": K.BMAX, "KAPPA": K.KAPPA, "MU": K.MU, "PADE_C": K.PADE_C, "WAVG": K.WAVG, "NCOEF": K.NCOEF,
+        "W_MAIN": K.W_MAIN,
+        "C1": K.C1,
+        "C2": K.C2,
+        "GAMMA": K.GAMMA,
+        "LAM1": K.LAM1,
+        "LAM2": K.LAM2,
+        "ALP0": K.ALP0,
+        "ALP1": K.ALP1,
+        "ALP2": K.ALP2,
+        "TAU0": K.TAU0,
+        "TAU1": K.TAU1,
+        "TAU2": K.TAU2,
+        "BMAX": K.BMAX,
+        "KAPPA": K.KAPPA,
+        "MU": K.MU,
+        "PADE_C": K.PADE_C,
+        "WAVG": K.WAVG,
+        "NCOEF": K.NCOEF,
     }
 
 
@@ -44,9 +76,9 @@ def test_stage_20_matches_published_code():
 
 def test_wavg_renormalised_to_history():
     c = K.build_coef("paper", "middle", [0.5, 0.6, 0.7], 0.4, 2, 4)
-    assert c[K.WAVG:K.WAVG + 4] == pytest.approx([0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0])
+    assert c[K.WAVG : K.WAVG + 4] == pytest.approx([0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0])
     c = K.build_coef("paper", "middle", [0.5, 0.6, 0.7], 0.4, 4, 4)
-    assert c[K.WAVG:K.WAVG + 4] == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert c[K.WAVG : K.WAVG + 4] == pytest.approx([0.4, 0.3, 0.2, 0.1])
 
 
 def test_paper_curvature_flag():

@@ -6,9 +6,8 @@ import pytest
 import torch
 from helpers import gen, randn
 
-from tcpade import History
+from tcpade import History, reference
 from tcpade import coef as K
-from tcpade import reference
 
 
 def test_ring_rotation_and_times(backend):
@@ -116,8 +115,17 @@ def test_sequence_matches_reference_loop(backend, variant):
         assert cfv == cf_ref
         probe = what == "probe"
         out, _ = hist.predict(h_in, cfv, variant, t, store=not probe, probe=probe)
-        ref_out, _ = reference.predict(h_in64, ref_ring, slots, torch.tensor(cf_ref, dtype=torch.float64), ref_prev,
-                                       variant, True, True, torch.float64)
+        ref_out, _ = reference.predict(
+            h_in64,
+            ref_ring,
+            slots,
+            torch.tensor(cf_ref, dtype=torch.float64),
+            ref_prev,
+            variant,
+            True,
+            True,
+            torch.float64,
+        )
         assert (out.cpu().double() - ref_out).abs().max().item() < 1e-4
         if not probe:
             order = [order[-1]] + order[:-1]

@@ -36,8 +36,19 @@ def _run(backend, dtype, shape, nslot, variant, stage, store, write_out, with_pr
     got_ring = ring.clone()
     got_prev = prev.clone() if with_prev else None
     out, sums = ops.predict(h_in, got_ring, slots, K.coef_tensor(cf, device), got_prev, variant, store, write_out)
-    return dict(out=out, sums=sums, ring=got_ring, prev=got_prev, h_in=h_in, ring0=ring, slots=slots,
-                out64=out64, sums64=sums64, ring64=ring64, low=low)
+    return dict(
+        out=out,
+        sums=sums,
+        ring=got_ring,
+        prev=got_prev,
+        h_in=h_in,
+        ring0=ring,
+        slots=slots,
+        out64=out64,
+        sums64=sums64,
+        ring64=ring64,
+        low=low,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -47,8 +58,19 @@ def _run(backend, dtype, shape, nslot, variant, stage, store, write_out, with_pr
 @pytest.mark.parametrize("nslot", [3, 4])
 def test_predict_matches_reference(backend, dtype, variant, stage, shape, nslot):
     for store, write_out, with_prev in [(False, True, True), (True, True, False), (True, False, True)]:
-        r = _run(backend, dtype, shape, nslot, variant, stage, store, write_out, with_prev,
-                 kappa=1.5 if variant == "rational" else 0.0, seed=nslot * 10 + len(shape))
+        r = _run(
+            backend,
+            dtype,
+            shape,
+            nslot,
+            variant,
+            stage,
+            store,
+            write_out,
+            with_prev,
+            kappa=1.5 if variant == "rational" else 0.0,
+            seed=nslot * 10 + len(shape),
+        )
         what = f"{variant}/{stage} store={store} write_out={write_out} prev={with_prev}"
         if write_out:
             assert r["out"].shape == r["h_in"].shape and r["out"].dtype == dtype
@@ -99,8 +121,17 @@ def test_paper_reference_matches_scalar_formula(c):
     r2 = r1 + 0.3 * torch.randn(1, 4, 9, generator=g, dtype=torch.float64)
     ring, slots = _manual(r1.shape, torch.float64, "cpu", r1, r2, torch.zeros_like(r1))
     cf = K.build_coef("paper", "middle", TIMES, T_TARGET, 3, 3, pade_c=c)
-    out, _ = reference.predict(torch.zeros_like(r1), ring, slots, torch.tensor(cf, dtype=torch.float64),
-                               None, "paper", False, True, torch.float64)
+    out, _ = reference.predict(
+        torch.zeros_like(r1),
+        ring,
+        slots,
+        torch.tensor(cf, dtype=torch.float64),
+        None,
+        "paper",
+        False,
+        True,
+        torch.float64,
+    )
     want = [_paper_scalar(a, b, c) for a, b in zip(r1.flatten().tolist(), r2.flatten().tolist())]
     assert max(abs(a - b) for a, b in zip(out.flatten().tolist(), want)) < 1e-12
 
@@ -152,13 +183,15 @@ def test_rational_recovers_exact_rational_fp64():
 
     ring, slots = _manual(shape, torch.float64, "cpu", *(y(t) for t in TIMES))
     cf = torch.tensor(K.build_coef("rational", "middle", TIMES, T_TARGET, 3, 3), dtype=torch.float64)
-    out, _ = reference.predict(torch.zeros(shape, dtype=torch.float64), ring, slots, cf, None,
-                               "rational", False, True, torch.float64)
+    out, _ = reference.predict(
+        torch.zeros(shape, dtype=torch.float64), ring, slots, cf, None, "rational", False, True, torch.float64
+    )
     assert (out - a).abs().max().item() < 1e-6
     # A per-element linear extrapolation would be far off on the same data.
     lin = torch.tensor(K.build_coef("linear", "middle", TIMES, T_TARGET, 3, 3), dtype=torch.float64)
-    out_lin, _ = reference.predict(torch.zeros(shape, dtype=torch.float64), ring, slots, lin, None,
-                                   "linear", False, True, torch.float64)
+    out_lin, _ = reference.predict(
+        torch.zeros(shape, dtype=torch.float64), ring, slots, lin, None, "linear", False, True, torch.float64
+    )
     assert (out_lin - a).abs().max().item() > 1e-2
 
 
@@ -188,12 +221,22 @@ def test_reduces_to_linear_on_linear_data(backend, variant):
     ys = [a + b * ((t - T_TARGET) / h) for t in TIMES]
     ring, slots = _manual(shape, torch.float64, "cpu", *ys)
     cf = K.build_coef(variant, "middle", TIMES, T_TARGET, 3, 3)
-    out64, _ = reference.predict(torch.zeros(shape, dtype=torch.float64), ring, slots,
-                                 torch.tensor(cf, dtype=torch.float64), None, variant, False, True, torch.float64)
+    out64, _ = reference.predict(
+        torch.zeros(shape, dtype=torch.float64),
+        ring,
+        slots,
+        torch.tensor(cf, dtype=torch.float64),
+        None,
+        variant,
+        False,
+        True,
+        torch.float64,
+    )
     assert (out64 - a).abs().max().item() < 1e-12
     ring32, slots32 = _manual(shape, torch.float32, device, *ys)
-    out, _ = ops.predict(torch.zeros(shape, device=device), ring32, slots32, K.coef_tensor(cf, device), None,
-                         variant, False, True)
+    out, _ = ops.predict(
+        torch.zeros(shape, device=device), ring32, slots32, K.coef_tensor(cf, device), None, variant, False, True
+    )
     assert (out.cpu().double() - a).abs().max().item() < 1e-5
 
 
@@ -312,8 +355,9 @@ def test_paper_early_stage_ignores_nonfinite_main(backend):
     r1 = torch.full(shape, 3e38, dtype=torch.float64)  # 2*s*R1 overflows fp32 in the Pade form
     ring, slots = _manual(shape, torch.float32, device, r1, r1 * 0.99, r1 * 0.98)
     cf = K.build_coef("paper", "early", TIMES, T_TARGET, 3, 3)
-    out, sums = ops.predict(torch.zeros(shape, device=device), ring, slots, K.coef_tensor(cf, device), None,
-                            "paper", False, True)
+    out, sums = ops.predict(
+        torch.zeros(shape, device=device), ring, slots, K.coef_tensor(cf, device), None, "paper", False, True
+    )
     assert torch.isfinite(out).all()
 
 
@@ -335,16 +379,27 @@ def test_rational_two_pass_tiles(dtype, block_c):
     prev = randn(shape, dtype, device, g)
     cf = K.build_coef("rational", "late", TIMES, T_TARGET, 3, 3, kappa=0.8, gamma=0.1)
     r64, p64 = ring.cpu().clone(), prev.cpu().clone()
-    out64, sums64 = reference.predict(h_in.cpu(), r64, slots.cpu(), torch.tensor(cf, dtype=torch.float64), p64,
-                                      "rational", True, True, torch.float64)
+    out64, sums64 = reference.predict(
+        h_in.cpu(), r64, slots.cpu(), torch.tensor(cf, dtype=torch.float64), p64, "rational", True, True, torch.float64
+    )
     got_ring, got_prev = ring.clone(), prev.clone()
-    out, sums = kernels.predict(h_in, got_ring, slots, K.coef_tensor(cf, device), got_prev, "rational", True, True,
-                                block_c=block_c)
+    out, sums = kernels.predict(
+        h_in, got_ring, slots, K.coef_tensor(cf, device), got_prev, "rational", True, True, block_c=block_c
+    )
     low_out = low_ring = None
     if dtype != torch.float32:  # the same math in plain torch at the storage dtype
         low_ring = ring.cpu().clone()
-        low_out, _ = reference.predict(h_in.cpu(), low_ring, slots.cpu(), torch.tensor(cf, dtype=dtype),
-                                       prev.cpu().clone(), "rational", True, True, dtype)
+        low_out, _ = reference.predict(
+            h_in.cpu(),
+            low_ring,
+            slots.cpu(),
+            torch.tensor(cf, dtype=dtype),
+            prev.cpu().clone(),
+            "rational",
+            True,
+            True,
+            dtype,
+        )
     assert_close(out, out64, dtype, low_out, what="two-pass rational out")
     assert_close(got_ring, r64, dtype, low_ring, what="two-pass rational ring")
     for i in (0, 1, 2, 4):
