@@ -197,7 +197,10 @@ def _rational_b1(st, tt, ll, dd, coef_ptr):
     """Shared row denominator b1 = -sum(S*T) / sum(T*T), pole guard, kappa bound."""
     b1 = -st / (tt * (1.0 + tl.load(coef_ptr + MU)) + 1e-30)
     bmax = tl.load(coef_ptr + BMAX)
-    b1 = tl.maximum(tl.minimum(b1, bmax), -bmax)
+    # NaN must survive the guard (a non-finite residual in the fit must show in the
+    # output): Triton's min/max return the non-NaN operand unless told otherwise.
+    nan_all: tl.constexpr = tl.PropagateNan.ALL
+    b1 = tl.maximum(tl.minimum(b1, bmax, propagate_nan=nan_all), -bmax, propagate_nan=nan_all)
     kappa = tl.load(coef_ptr + KAPPA)
     lim = kappa * tl.sqrt(dd)
     dev = tl.abs(b1) * tl.sqrt(ll)
@@ -252,6 +255,9 @@ def _predict_rational_kernel(
     l1 = tl.load(coef_ptr + LAM1)
     l2 = tl.load(coef_ptr + LAM2)
     acc = tl.zeros([8], dtype=tl.float32)
+    # R3 is read only with a non-zero weight (three residuals stored, a regular grid), so a
+    # stale non-finite value in its slot cannot leak in through 0 * NaN. (The load mask is
+    # spelled tl.where(mask, a0, 0) != 0: the interpreter cannot `&` a scalar with a block.)
     if ONE_PASS:
         # One pass: the whole row fits one tile, so the fit and the prediction share the
         # loaded residuals (no re-read).
@@ -259,7 +265,7 @@ def _predict_rational_kernel(
         offs = rows[:, None] * n_cols + cols[None, :]
         y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
         y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=tl.where(mask, a0, 0.0) != 0.0, other=0.0).to(tl.float32)
         st, tt, ll, dd = _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2)
         b1 = _rational_b1(st, tt, ll, dd, coef_ptr)
         rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
@@ -293,7 +299,9 @@ def _predict_rational_kernel(
             offs = rows[:, None] * n_cols + cc[None, :]
             y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
             y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-            y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+            y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=tl.where(mask, a0, 0.0) != 0.0, other=0.0).to(
+                tl.float32
+            )
             a, b, c, d = _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2)
             st += a
             tt += b

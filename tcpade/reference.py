@@ -118,6 +118,10 @@ def _paper_main(r1, r2, r3, r4, cf, cd):
 def _rational_main(r1, r2, r3, cf, cd, rows_shape):
     """Time-aware [1/1] Pade with one denominator per token row (method.md section 5)."""
     c = r1.shape[-1]
+    if float(cf[K.ALP0]) == 0.0:
+        # No R3 term (fewer than three residuals, or a degenerate grid): R3 is not read,
+        # so a stale non-finite value in its slot cannot leak in through 0 * NaN.
+        r3 = torch.zeros_like(r2)
     y0, y1, y2 = (x.reshape(-1, c) for x in (r3, r2, r1))
     tau0, tau1, tau2 = cf[K.TAU0], cf[K.TAU1], cf[K.TAU2]
     S = cf[K.ALP0] * y0 + cf[K.ALP1] * y1 + cf[K.ALP2] * y2

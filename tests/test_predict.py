@@ -404,3 +404,26 @@ def test_rational_two_pass_tiles(dtype, block_c):
     assert_close(got_ring, r64, dtype, low_ring, what="two-pass rational ring")
     for i in (0, 1, 2, 4):
         assert math.isclose(sums[i].item(), sums64[i].item(), rel_tol=1e-4, abs_tol=1e-3)
+
+
+def test_rational_does_not_read_r3_without_weight(backend):
+    """With two residuals stored the R3 slot is stale (or garbage): a NaN there must not
+    reach a prediction that gives it no weight (0 * NaN would poison the whole row)."""
+    device, _ = backend
+    g = gen(51)
+    shape = (1, 6, 40)
+    h_in = randn(shape, torch.float32, device, g)
+    ring = smooth_ring(shape, 3, torch.float32, device, g)
+    slots = torch.tensor([1, 2, 0], dtype=torch.int32, device=device)
+    ring[0] = float("nan")  # R3's slot
+    cf = K.build_coef("rational", "middle", TIMES, T_TARGET, 2, 3)
+    assert cf[K.ALP0] == 0.0
+    out, sums = ops.predict(h_in, ring, slots, K.coef_tensor(cf, device), None, "rational", False, True)
+    assert sums[5].item() == 0 and torch.isfinite(out).all()
+    lin = K.coef_tensor(K.build_coef("linear", "middle", TIMES, T_TARGET, 2, 3), device)
+    ref, _ = ops.predict(h_in, ring, slots, lin, None, "linear", False, True)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    # With three residuals the same NaN is used, and visible.
+    cf3 = K.coef_tensor(K.build_coef("rational", "middle", TIMES, T_TARGET, 3, 3), device)
+    _, sums3 = ops.predict(h_in, ring, slots, cf3, None, "rational", False, True)
+    assert sums3[5].item() > 0
