@@ -217,6 +217,31 @@ def _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr):
 
 
 @triton.jit
+def _rational_load(ring_ptr, s1, s2, s3, slot_stride, offs, mask, a0):
+    """(R3, R2, R1) of one tile in fp32. R3 is read only with a non-zero weight a0 (three
+    residuals stored, a regular grid), so a stale non-finite value in its slot cannot leak
+    in through 0 * NaN. (Mask spelled tl.where(mask, a0, 0) != 0: the interpreter cannot
+    `&` a scalar with a block.)"""
+    y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=tl.where(mask, a0, 0.0) != 0.0, other=0.0)
+    return y0.to(tl.float32), y1, y2
+
+
+@triton.jit
+def _rational_write(
+    y1, y2, b1, l1, l2, t1, t2, h_in_ptr, offs, mask, w_ptrs, h_prev_ptr, out_ptr, coef_ptr, acc,
+    HAS_PREV: tl.constexpr, STORE: tl.constexpr, WRITE_OUT: tl.constexpr, EXACT_BF16: tl.constexpr,
+):  # fmt: skip
+    rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
+    x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
+    return _epilogue(
+        rhat, y2, y1, x_raw, offs, mask, w_ptrs, h_prev_ptr, out_ptr, coef_ptr, acc,
+        HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+    )  # fmt: skip
+
+
+@triton.jit
 def _predict_rational_kernel(
     h_in_ptr,
     ring_ptr,
@@ -255,38 +280,17 @@ def _predict_rational_kernel(
     l1 = tl.load(coef_ptr + LAM1)
     l2 = tl.load(coef_ptr + LAM2)
     acc = tl.zeros([8], dtype=tl.float32)
-    # R3 is read only with a non-zero weight (three residuals stored, a regular grid), so a
-    # stale non-finite value in its slot cannot leak in through 0 * NaN. (The load mask is
-    # spelled tl.where(mask, a0, 0) != 0: the interpreter cannot `&` a scalar with a block.)
     if ONE_PASS:
-        # One pass: the whole row fits one tile, so the fit and the prediction share the
-        # loaded residuals (no re-read).
+        # The whole row fits one tile: the fit and the prediction share the loaded residuals.
         mask = rmask[:, None] & (cols < n_cols)[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
-        y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=tl.where(mask, a0, 0.0) != 0.0, other=0.0).to(tl.float32)
+        y0, y1, y2 = _rational_load(ring_ptr, s1, s2, s3, slot_stride, offs, mask, a0)
         st, tt, ll, dd = _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2)
         b1 = _rational_b1(st, tt, ll, dd, coef_ptr)
-        rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
-        x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
-        acc = _epilogue(
-            rhat,
-            y2,
-            y1,
-            x_raw,
-            offs,
-            mask,
-            ring_ptr + sw * slot_stride + offs,
-            h_prev_ptr,
-            out_ptr,
-            coef_ptr,
-            acc,
-            HAS_PREV,
-            STORE,
-            WRITE_OUT,
-            EXACT_BF16,
-        )
+        acc = _rational_write(
+            y1, y2, b1, l1, l2, t1, t2, h_in_ptr, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr,
+            out_ptr, coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+        )  # fmt: skip
     else:
         st = tl.zeros([BLOCK_R], dtype=tl.float32)
         tt = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -297,43 +301,24 @@ def _predict_rational_kernel(
             cc = c0 + cols
             mask = rmask[:, None] & (cc < n_cols)[None, :]
             offs = rows[:, None] * n_cols + cc[None, :]
-            y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-            y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-            y0 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=tl.where(mask, a0, 0.0) != 0.0, other=0.0).to(
-                tl.float32
-            )
+            y0, y1, y2 = _rational_load(ring_ptr, s1, s2, s3, slot_stride, offs, mask, a0)
             a, b, c, d = _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2)
             st += a
             tt += b
             ll += c
             dd += d
         b1 = _rational_b1(st, tt, ll, dd, coef_ptr)
-        # Pass 2: predict and write (the row was just read: this re-read hits the cache).
+        # Pass 2: predict and write (the row was just read: this re-read hits the cache;
+        # R3, unused here, is masked off).
         for c0 in range(0, n_cols, BLOCK_C):
             cc = c0 + cols
             mask = rmask[:, None] & (cc < n_cols)[None, :]
             offs = rows[:, None] * n_cols + cc[None, :]
-            y2 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-            y1 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-            rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
-            x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
-            acc = _epilogue(
-                rhat,
-                y2,
-                y1,
-                x_raw,
-                offs,
-                mask,
-                ring_ptr + sw * slot_stride + offs,
-                h_prev_ptr,
-                out_ptr,
-                coef_ptr,
-                acc,
-                HAS_PREV,
-                STORE,
-                WRITE_OUT,
-                EXACT_BF16,
-            )
+            _, y1, y2 = _rational_load(ring_ptr, s1, s2, s3, slot_stride, offs, mask, 0.0)
+            acc = _rational_write(
+                y1, y2, b1, l1, l2, t1, t2, h_in_ptr, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr,
+                out_ptr, coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+            )  # fmt: skip
     tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
 
 
