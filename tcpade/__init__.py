@@ -8,9 +8,22 @@ per-branch residual history.
 """
 
 from . import coef, ops, reference
+from .config import TCPadeConfig
 from .history import History, StepSums
+from .policy import Runtime, StepRecord
 from .reference import tsi_from_sums
 
 __version__ = "0.1.0"
 
-__all__ = ["History", "StepSums", "coef", "ops", "reference", "tsi_from_sums", "__version__"]
+__all__ = [
+    "History",
+    "Runtime",
+    "StepRecord",
+    "StepSums",
+    "TCPadeConfig",
+    "coef",
+    "ops",
+    "reference",
+    "tsi_from_sums",
+    "__version__",
+]

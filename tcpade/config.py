@@ -1,0 +1,163 @@
+"""TCPadeConfig: every knob of the skip policy and the predictor, with presets.
+
+Each field says what it does, its default, its allowed range, and which direction is
+faster (fewer full block-stack passes). A bad value raises ValueError naming the field
+and the allowed range.
+
+Provisional defaults: method.md section 8 measured, on a model we trained, the
+time-aware rational predictor with error-controlled skipping ahead of every peer up to
+2.5x; until our own benchmark (the evidence issue) chooses, the defaults follow it.
+``paper()`` reproduces the published method; ``slow()`` / ``fast()`` land on the paper's
+operating points at 20 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from . import coef as K
+
+POLICIES = ("tsi", "error")
+
+
+@dataclass(frozen=True)
+class TCPadeConfig:
+    predictor: str = "rational"
+    """How a skipped step's residual is predicted: "paper" (the published [2/1] form),
+    "rational" (time-aware [1/1] Pade, method.md section 5), "reuse" (last residual) or
+    "linear" (in schedule time). Not a speed knob: every predictor is one memory pass."""
+
+    policy: str = "error"
+    """Which steps are skipped: "tsi" (the paper: fixed always-computed steps, others
+    skipped while the TSI test passes) or "error" (method.md section 7: the measured
+    error of the predictor sizes the next run of skipped steps)."""
+
+    warmup: int = 4
+    """Steps 0..warmup are always computed (>= 0). Smaller = faster."""
+
+    interval: int = 4
+    """Every step k with k % interval == 0 is computed (>= 0; 0 = no such steps).
+    tsi policy only. Larger = faster."""
+
+    final_steps: int = 1
+    """The last final_steps steps are computed (>= 0). Smaller = faster."""
+
+    tsi_threshold: float = 1.0
+    """tsi policy: skip while TSI <= tsi_threshold (TSI is in [0, 1]: 0 = the residuals
+    move in a straight line, 1 = they reverse). >= 1 never blocks a skip. Larger = faster.
+    (The published notes use a threshold parametrised differently; this one is monotone.)"""
+
+    tolerance: float = 0.05
+    """error policy: the relative error ||R_hat - R|| / ||R|| allowed for a predicted
+    residual (> 0). Larger = faster."""
+
+    max_skips: int = 3
+    """Cap on consecutive skipped steps (>= 0; 0 = never skip). Larger = faster."""
+
+    store_predictions: bool = False
+    """Append predicted residuals to the history too (the paper's rule) instead of only
+    computed ones. Not a speed knob."""
+
+    input_correction: Optional[float] = None
+    """Weight of the input-change correction h_out += w * (h_in - h_in_prev) on skipped
+    steps; None = the predictor's default (paper 0.2, others 0). Not a speed knob."""
+
+    early_frac: float = 0.3
+    """Stage boundary: steps k <= early_frac * T are "early" (0 <= early_frac <= late_frac)."""
+
+    late_frac: float = 0.8
+    """Stage boundary: steps k > late_frac * T are "late" (early_frac <= late_frac <= 1)."""
+
+    pole_delta: float = 0.3
+    """rational: pole guard margin, 1 + b1 * tau >= pole_delta on the fit interval
+    (0 < pole_delta < 1). Larger = safer, closer to linear extrapolation."""
+
+    kappa: float = 0.0
+    """rational: bound ||R_hat - R_linear|| <= kappa * ||R1 - R2|| per token row
+    (>= 0; 0 = off)."""
+
+    history_slots: int = 3
+    """Residuals kept per branch (>= 3). Memory: history_slots (+1 with an input-change
+    correction) hidden-state-sized tensors per CFG branch."""
+
+    def __post_init__(self):
+        def bad(name, allowed, value):
+            raise ValueError(f"TCPadeConfig.{name} must be {allowed}, got {value!r}")
+
+        if self.predictor not in K.VARIANTS:
+            bad("predictor", f"one of {K.VARIANTS}", self.predictor)
+        if self.policy not in POLICIES:
+            bad("policy", f"one of {POLICIES}", self.policy)
+        for name in ("warmup", "interval", "final_steps", "max_skips"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(name, "an int >= 0", v)
+        if not isinstance(self.history_slots, int) or self.history_slots < 3:
+            bad("history_slots", "an int >= 3", self.history_slots)
+        if not (isinstance(self.tsi_threshold, (int, float)) and self.tsi_threshold >= 0.0):
+            bad("tsi_threshold", "a number >= 0", self.tsi_threshold)
+        if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance > 0.0):
+            bad("tolerance", "a finite number > 0", self.tolerance)
+        if not (0.0 <= self.early_frac <= self.late_frac <= 1.0):
+            bad("early_frac/late_frac", "0 <= early_frac <= late_frac <= 1", (self.early_frac, self.late_frac))
+        if not (0.0 < self.pole_delta < 1.0):
+            bad("pole_delta", "in (0, 1)", self.pole_delta)
+        if not (math.isfinite(self.kappa) and self.kappa >= 0.0):
+            bad("kappa", "a finite number >= 0", self.kappa)
+        if self.input_correction is not None and not math.isfinite(self.input_correction):
+            bad("input_correction", "None or a finite number", self.input_correction)
+        if not isinstance(self.store_predictions, bool):
+            bad("store_predictions", "a bool", self.store_predictions)
+
+    # ------------------------------------------------------------------- presets
+    @classmethod
+    def paper(cls, **overrides) -> "TCPadeConfig":
+        """The published method as closely as method.md sections 2-3 allow: paper
+        predictor, TSI policy, warm-up 4, every 4th step and the last step computed,
+        predictions stored in the history, input-change correction 0.2. At 20 steps
+        this computes 9 of 20 calls (2.22x) when the TSI never blocks a skip."""
+        base = dict(predictor="paper", policy="tsi", warmup=4, interval=4, final_steps=1, tsi_threshold=1.0,
+                    max_skips=3, store_predictions=True, input_correction=None)  # fmt: skip
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def slow(cls, **overrides) -> "TCPadeConfig":
+        """The paper's "slow" operating point: ~2.2x fewer block-stack passes at 20 steps
+        (9 of 20 computed: warm-up 4, every 4th, the last). At 50 steps: 17 of 50 (2.9x)."""
+        base = dict(warmup=4, interval=4, final_steps=1, max_skips=3)
+        base.update(overrides)
+        return cls._preset(base)
+
+    @classmethod
+    def fast(cls, **overrides) -> "TCPadeConfig":
+        """The paper's "fast" operating point: ~2.9x fewer block-stack passes at 20 steps
+        (7 of 20 computed: warm-up 2, every 6th, the last). At 50 steps: 12 of 50 (4.2x)."""
+        base = dict(warmup=2, interval=6, final_steps=1, max_skips=5)
+        base.update(overrides)
+        return cls._preset(base)
+
+    @classmethod
+    def _preset(cls, base: dict) -> "TCPadeConfig":
+        # Provisional (method.md section 8) until the benchmark picks: the rational
+        # predictor on the TSI policy's schedule, the TSI never blocking (threshold 1).
+        base.setdefault("predictor", "rational")
+        base.setdefault("policy", "tsi")
+        base.setdefault("tsi_threshold", 1.0)
+        return cls(**base)
+
+    def replace(self, **changes) -> "TCPadeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def always_computed(self, k: int, total: int) -> Optional[str]:
+        """Why step k of ``total`` is computed whatever the history says, or None."""
+        if k <= self.warmup:
+            return "warmup"
+        if k >= total - self.final_steps:
+            return "final"
+        if self.policy == "tsi" and self.interval > 0 and k % self.interval == 0:
+            return "interval"
+        return None
