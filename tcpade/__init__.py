@@ -8,6 +8,7 @@ per-branch residual history.
 """
 
 from . import coef, ops, reference
+from .api import Summary, apply, remove, runtime, summary
 from .config import TCPadeConfig
 from .history import History, StepSums
 from .policy import Runtime, StepRecord
@@ -16,6 +17,11 @@ from .reference import tsi_from_sums
 __version__ = "0.1.0"
 
 __all__ = [
+    "Summary",
+    "apply",
+    "remove",
+    "runtime",
+    "summary",
     "History",
     "Runtime",
     "StepRecord",

@@ -79,8 +79,10 @@ class BranchState:
     last_values: Optional[list] = None
     records: List[StepRecord] = field(default_factory=list)
     runs: int = 0  # sampling runs started
+    reset_pending: bool = False
 
     def new_run(self) -> None:
+        self.reset_pending = False
         self.history.reset()
         self.k = self.run = self.run_left = self.consecutive = 0
         self.poisoned = self.unread = self.last_probed = False
@@ -146,9 +148,12 @@ class Runtime:
         return None
 
     def reset(self) -> None:
-        """Forget every branch's history (the next call starts a new sampling run)."""
+        """End the current sampling run: the next call of every branch starts a new one.
+
+        (diffusers pipelines reset stateful hooks at the end of each call; the records of
+        the run just finished stay readable through ``tcpade.summary`` until then.)"""
         for b in self.branches.values():
-            b.new_run()
+            b.reset_pending = True
 
     def _branch(self, name: str) -> BranchState:
         b = self.branches.get(name)
@@ -173,7 +178,7 @@ class Runtime:
             # its probe may have overwritten a slot, so start over.
             log.warning("tcpade: branch %r: the previous call did not finish; history reset", branch)
             b.new_run()
-        elif (total is not None and b.k >= total) or b.restarted(t):
+        elif b.reset_pending or (total is not None and b.k >= total) or b.restarted(t):
             b.new_run()
         if b.history.ensure(h_in) and b.k > 0:
             log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
@@ -222,7 +227,9 @@ class Runtime:
         rec = b.records[-1]
         if b.history.count >= 3:
             rec.tsi = tsi_from_sums(values)
-        if values[5] != 0.0 or not all(math.isfinite(v) for v in values[:6]):
+        # Non-finite values written at this call (a stale NaN further back in the history
+        # only turns the TSI into NaN, which blocks skipping by itself).
+        if values[5] != 0.0 or not (math.isfinite(values[4]) and math.isfinite(values[5])):
             if not b.poisoned:
                 log.warning("tcpade: non-finite values in the trajectory at step %d: computing from now on", rec.k)
             rec.nonfinite = True

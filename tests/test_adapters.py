@@ -1,0 +1,537 @@
+"""tcpade.adapters on tiny random-weight diffusers transformers (no downloads).
+
+For each supported family (FLUX, Wan, DiT, SD3):
+1. a controller that always computes leaves the output bit-identical and sees h_in/h_out of the
+   image tokens only;
+2. an "oracle" controller that returns the recorded h_out reproduces the full output, with zero
+   block bodies run on the skipped calls;
+3. detach restores the unhooked model; double attach and unsupported models raise;
+4. the branch is the active cache-context name, "default" outside one;
+5. a tiny WanPipeline runs end to end with cond/uncond branches.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import (  # noqa: E402
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DModel,
+    WanTransformer3DModel,
+)
+
+from tcpade import adapters  # noqa: E402
+
+B, TXT = 2, 5
+
+
+def _flux():
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    )
+    h = w = 4
+    n = h * w
+    img_ids = torch.stack(
+        torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1
+    )
+
+    def inputs(k):
+        g = torch.Generator().manual_seed(100 + k)
+        return dict(
+            hidden_states=torch.randn(B, n, 16, generator=g),
+            encoder_hidden_states=torch.randn(B, TXT, 32, generator=g),
+            pooled_projections=torch.randn(B, 32, generator=g),
+            timestep=torch.full((B,), 1.0 - 0.2 * k),
+            img_ids=img_ids.reshape(n, 3).float(),
+            txt_ids=torch.zeros(TXT, 3),
+        )
+
+    return model, inputs, (B, n, 32)
+
+
+def _wan():
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+
+    def inputs(k):
+        g = torch.Generator().manual_seed(200 + k)
+        return dict(
+            hidden_states=torch.randn(B, 16, 2, 4, 4, generator=g),
+            timestep=torch.full((B,), 900 - 200 * k),
+            encoder_hidden_states=torch.randn(B, TXT, 32, generator=g),
+        )
+
+    return model, inputs, (B, 2 * 2 * 2, 24)
+
+
+def _dit():
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+
+    def inputs(k):
+        g = torch.Generator().manual_seed(300 + k)
+        return dict(
+            hidden_states=torch.randn(B, 4, 8, 8, generator=g),
+            timestep=torch.full((B,), 900 - 200 * k, dtype=torch.long),
+            class_labels=torch.tensor([1, 7]),
+        )
+
+    return model, inputs, (B, 16, 16)
+
+
+def _sd3():
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+
+    def inputs(k):
+        g = torch.Generator().manual_seed(400 + k)
+        return dict(
+            hidden_states=torch.randn(B, 4, 8, 8, generator=g),
+            encoder_hidden_states=torch.randn(B, TXT, 32, generator=g),
+            pooled_projections=torch.randn(B, 16, generator=g),
+            timestep=torch.full((B,), 900.0 - 200 * k),
+        )
+
+    return model, inputs, (B, 16, 16)
+
+
+def _eval(make):
+    # eval(): a freshly built model is in training mode, where DiT's class-label embedding drops labels at random.
+    def build():
+        model, inputs, image_shape = make()
+        return model.eval(), inputs, image_shape
+
+    return build
+
+
+FAMILIES = {name: _eval(make) for name, make in {"flux": _flux, "wan": _wan, "dit": _dit, "sd3": _sd3}.items()}
+NCALLS = 3
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    model, inputs, image_shape = FAMILIES[request.param]()
+    with torch.no_grad():
+        ref = [run(model, inputs(k)) for k in range(NCALLS)]
+    return request.param, model, inputs, image_shape, ref
+
+
+def run(model, kw):
+    return model(**kw, return_dict=False)[0]
+
+
+class Recorder:
+    """Always computes; records what it is given. Optionally replays a script of predictions."""
+
+    def __init__(self, predictions=None):
+        self.predictions = predictions or {}
+        self.calls = 0
+        self.begins, self.ends = [], []
+
+    def begin(self, branch, h_in, timestep):
+        self.begins.append((branch, h_in.clone(), timestep))
+        pred = self.predictions.get(self.calls)
+        self.calls += 1
+        return pred
+
+    def end(self, branch, h_in, h_out):
+        self.ends.append((branch, h_in.clone(), h_out.clone()))
+
+
+def blocks_of(model):
+    return adapters.find_adapter(model).stack(model)
+
+
+class BlockBodyCounter:
+    """Counts, per block, calls to the attention modules INSIDE the block: they run only when the
+    block's own forward runs. (A torch hook on the block itself would fire on skipped calls too,
+    because the module's __call__ still happens; DiT calls transformer_blocks[0].norm1.emb after
+    the stack, so norm submodules are not a clean signal either.)"""
+
+    def __init__(self, model):
+        self.counts = {}
+        self.handles = []
+        for name, block in blocks_of(model):
+            self.counts[name] = 0
+            attn = [m for m in block.modules() if "Attention" in type(m).__name__]
+            assert attn, name
+            for m in attn:
+                self.handles.append(m.register_forward_pre_hook(self._bump(name)))
+
+    def _bump(self, name):
+        def hook(module, args):
+            self.counts[name] += 1
+
+        return hook
+
+    def snapshot(self):
+        return dict(self.counts)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def test_compute_is_bit_identical_and_sees_image_tokens(family):
+    name, model, inputs, image_shape, ref = family
+    rec = Recorder()
+    adapters.attach(model, rec)
+    try:
+        assert adapters.is_attached(model)
+        for k in range(NCALLS):
+            assert torch.equal(run(model, inputs(k)), ref[k])
+    finally:
+        adapters.detach(model)
+    assert len(rec.begins) == len(rec.ends) == NCALLS
+    for k, ((branch, h_in, ts), (branch2, h_in2, h_out)) in enumerate(zip(rec.begins, rec.ends)):
+        assert branch == branch2 == "default"
+        assert torch.equal(ts, inputs(k)["timestep"])
+        assert tuple(h_in.shape) == tuple(h_out.shape) == image_shape
+        assert torch.equal(h_in, h_in2)
+        assert not torch.equal(h_in, h_out)
+
+
+@torch.no_grad()
+def test_oracle_skip_reproduces_output_and_runs_no_block(family):
+    name, model, inputs, image_shape, ref = family
+    full = Recorder()
+    adapters.attach(model, full)
+    try:
+        for k in range(NCALLS):
+            run(model, inputs(k))
+    finally:
+        adapters.detach(model)
+    recorded = {k: e[2] for k, e in enumerate(full.ends)}
+
+    skip = {1, 2}
+    oracle = Recorder(predictions={k: recorded[k] for k in skip})
+    counter = BlockBodyCounter(model)
+    adapters.attach(model, oracle)
+    try:
+        for k in range(NCALLS):
+            before = counter.snapshot()
+            out = run(model, inputs(k))
+            ran = {b: counter.counts[b] - before[b] for b in before}
+            assert torch.equal(out, ref[k]), (name, k, (out - ref[k]).abs().max())
+            if k in skip:
+                assert all(v == 0 for v in ran.values()), (name, k, ran)
+            else:
+                assert all(v > 0 for v in ran.values()), (name, k, ran)
+    finally:
+        adapters.detach(model)
+        counter.remove()
+    # end() only on computed calls, begin() on all.
+    assert len(oracle.begins) == NCALLS and len(oracle.ends) == NCALLS - len(skip)
+    # h_in of the skipped calls equals the full run's h_in: embeddings still run.
+    for k in range(NCALLS):
+        assert torch.equal(oracle.begins[k][1], full.begins[k][1])
+
+
+@torch.no_grad()
+def test_detach_double_attach_and_unsupported(family):
+    name, model, inputs, image_shape, ref = family
+    had_registry = hasattr(model, "_diffusers_hook")
+    adapters.attach(model, Recorder(predictions={0: torch.zeros(image_shape)}))
+    with pytest.raises(RuntimeError, match="already attached"):
+        adapters.attach(model, Recorder())
+    assert not torch.equal(run(model, inputs(0)), ref[0])  # the skip took effect
+    adapters.detach(model)
+    assert not adapters.is_attached(model)
+    assert torch.equal(run(model, inputs(0)), ref[0])
+    # Nothing left behind: no instance-level forward, no hook registry we created.
+    for _, block in blocks_of(model):
+        assert "forward" not in block.__dict__ and not hasattr(block, "_diffusers_hook")
+    assert "forward" not in model.__dict__
+    assert hasattr(model, "_diffusers_hook") == had_registry
+    # Re-attach works after detach.
+    adapters.attach(model, Recorder())
+    adapters.detach(model)
+
+
+def test_unsupported_models_raise_type_error():
+    for model in (
+        torch.nn.Linear(2, 2),
+        UNet2DModel(
+            block_out_channels=(8,), norm_num_groups=4, down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",)
+        ),
+    ):
+        with pytest.raises(TypeError) as info:
+            adapters.attach(model, Recorder())
+        msg = str(info.value)
+        for cls in (
+            "FluxTransformer2DModel",
+            "WanTransformer3DModel",
+            "DiTTransformer2DModel",
+            "SD3Transformer2DModel",
+        ):
+            assert cls in msg
+        assert "recipe" in msg and "tcpade/adapters.py" in msg
+        assert not adapters.is_attached(model)
+
+
+@torch.no_grad()
+def test_branches_follow_cache_context(family):
+    name, model, inputs, image_shape, ref = family
+    rec = Recorder()
+    adapters.attach(model, rec)
+    try:
+        has_native = hasattr(model, "cache_context")
+        assert has_native == (name in ("flux", "wan"))  # DiT and SD3 lack CacheMixin in diffusers 0.42
+        ctx = model.cache_context if has_native else (lambda b: adapters.cache_context(model, b))
+        with ctx("cond"):
+            out_c = run(model, inputs(0))
+        with ctx("uncond"):
+            run(model, inputs(1))
+        run(model, inputs(2))
+        if has_native:  # tcpade's helper defers to the native one
+            with adapters.cache_context(model, "cond"):
+                run(model, inputs(0))
+    finally:
+        adapters.detach(model)
+    assert torch.equal(out_c, ref[0])
+    expect = ["cond", "uncond", "default"] + (["cond"] if has_native else [])
+    assert [b[0] for b in rec.begins] == expect
+    assert [e[0] for e in rec.ends] == expect
+
+
+@torch.no_grad()
+def test_sd3_skip_layers_still_decides_and_ends():
+    model, inputs, image_shape = FAMILIES["sd3"]()
+    rec = Recorder()
+    adapters.attach(model, rec)
+    try:
+        ref = run(model, inputs(0))
+        out = model(**inputs(0), skip_layers=[0, 2], return_dict=False)[0]  # first and last block not called
+    finally:
+        adapters.detach(model)
+    assert not torch.equal(out, ref)
+    assert len(rec.begins) == len(rec.ends) == 2
+    # h_in is still the pos_embed output (skipped layers pass it through unchanged).
+    assert torch.equal(rec.begins[0][1], rec.begins[1][1])
+
+
+@torch.no_grad()
+def test_bad_prediction_shape_raises():
+    model, inputs, image_shape = FAMILIES["dit"]()
+    adapters.attach(model, Recorder(predictions={0: torch.zeros(1, 2, 3)}))
+    try:
+        with pytest.raises(ValueError, match="like h_in"):
+            run(model, inputs(0))
+        run(model, inputs(0))  # state was cleaned up after the error
+    finally:
+        adapters.detach(model)
+
+
+def _wan_pipeline():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+    )
+    g = torch.Generator().manual_seed(1)
+    pe, ne = torch.randn(1, TXT, 32, generator=g), torch.randn(1, TXT, 32, generator=g)
+
+    def generate(steps=4):  # guidance_scale > 1: classifier-free guidance with separate cond / uncond calls
+        return pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=ne,
+            height=32,
+            width=32,
+            num_frames=5,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).frames
+
+    return pipe, generate
+
+
+def _flux_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    transformer, _, _ = FAMILIES["flux"]()
+    vae = AutoencoderKL(
+        block_out_channels=(4,),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=1,
+        sample_size=32,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    g = torch.Generator().manual_seed(1)
+    pe, pp = torch.randn(1, TXT, 32, generator=g), torch.randn(1, 32, generator=g)
+    ne, npp = torch.randn(1, TXT, 32, generator=g), torch.randn(1, 32, generator=g)
+
+    def generate(steps=4):  # true_cfg_scale > 1 with negative embeddings: cond / uncond calls
+        return pipe(
+            prompt_embeds=pe,
+            pooled_prompt_embeds=pp,
+            negative_prompt_embeds=ne,
+            negative_pooled_prompt_embeds=npp,
+            true_cfg_scale=2.0,
+            height=16,
+            width=16,
+            num_inference_steps=steps,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    return pipe, generate
+
+
+class _Counting(Recorder):
+    """Computes the first `skip_after` calls of each branch, then replays that branch's newest h_out."""
+
+    def __init__(self, skip_after=None):
+        super().__init__()
+        self.skip_after = skip_after
+        self.resets = 0
+
+    def begin(self, branch, h_in, timestep):
+        super().begin(branch, h_in, timestep)
+        n = sum(1 for b in self.begins if b[0] == branch)
+        if self.skip_after is not None and n > self.skip_after:
+            return [e for e in self.ends if e[0] == branch][-1][2]
+        return None
+
+    def reset(self):
+        self.resets += 1
+
+
+@pytest.mark.parametrize("make", [_wan_pipeline, _flux_pipeline], ids=["wan", "flux"])
+@torch.no_grad()
+def test_pipeline_end_to_end_branches(make):
+    pipe, generate = make()
+    pipe.set_progress_bar_config(disable=True)
+    transformer = pipe.transformer
+    ref = generate()
+
+    ctl = _Counting()
+    adapters.attach(transformer, ctl)
+    try:
+        out = generate()
+        assert torch.equal(out, ref)
+        assert [b[0] for b in ctl.begins] == ["cond", "uncond"] * 4
+        assert [e[0] for e in ctl.ends] == ["cond", "uncond"] * 4
+        # The timestep is forwarded as the pipeline passed it (FLUX: t / 1000).
+        scale = 1000.0 if make is _flux_pipeline else 1.0
+        got = [float(b[2][0]) for b in ctl.begins[::2]]
+        assert got == pytest.approx([float(t) / scale for t in pipe.scheduler.timesteps])
+        assert ctl.resets == 1  # maybe_free_model_hooks -> reset_stateful_hooks at the end of the call
+        adapters.detach(transformer)
+
+        ctl2 = _Counting(skip_after=2)
+        adapters.attach(transformer, ctl2)
+        out2 = generate()
+        assert out2.shape == ref.shape and torch.isfinite(out2).all()
+        assert [b[0] for b in ctl2.begins] == ["cond", "uncond"] * 4
+        assert [e[0] for e in ctl2.ends] == ["cond", "uncond"] * 2  # steps 3 and 4 skipped in both branches
+    finally:
+        adapters.detach(transformer)
+    assert torch.equal(generate(), ref)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_gradient_checkpointing_path(name):
+    """With grad enabled and gradient checkpointing on, the models call their blocks positionally
+    through torch.utils.checkpoint: the hooks must still find h_in and skip."""
+    model, inputs, image_shape = FAMILIES[name]()
+    model.enable_gradient_checkpointing()
+    with torch.no_grad():
+        ref = run(model, inputs(0))
+    full = Recorder()
+    adapters.attach(model, full)
+    try:
+        out = run(model, inputs(0))
+        assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+        oracle = Recorder(predictions={0: full.ends[0][2].detach()})
+        adapters.detach(model)
+        adapters.attach(model, oracle)
+        counter = BlockBodyCounter(model)
+        out2 = run(model, inputs(0))
+        counter.remove()
+        assert torch.allclose(out2, ref, atol=1e-6, rtol=0)
+        assert sum(counter.counts.values()) == 0 and oracle.ends == []
+    finally:
+        adapters.detach(model)

@@ -1,0 +1,139 @@
+"""tcpade.apply / remove / summary on real diffusers pipelines with tiny random weights.
+
+Random weights make trajectories meaningless for quality, so these tests check the
+mechanics: the share of calls skipped, that a skipped call runs no block, state per CFG
+branch, resets between pipeline calls, bit-identical output after remove(), and the
+handling of NaN. (Quality against the full run is the benchmark issue's job, on trained
+models.)
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from test_adapters import FAMILIES, BlockBodyCounter, _flux_pipeline, _wan_pipeline  # noqa: E402
+
+import tcpade  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402
+
+
+def _dit_pipeline():
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    transformer, _, _ = FAMILIES["dit"]()
+    vae = AutoencoderKL(
+        block_out_channels=(4,),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=1,
+        sample_size=8,
+    )
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+
+    def generate(steps=4):  # CFG batched into one call per step: one branch
+        out = pipe(class_labels=[1, 7], guidance_scale=4.0, num_inference_steps=steps, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        return torch.from_numpy(out)
+
+    return pipe, generate
+
+
+PIPELINES = {"wan": (_wan_pipeline, ("cond", "uncond")), "flux": (_flux_pipeline, ("cond", "uncond")),
+             "dit": (_dit_pipeline, ("default",))}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(PIPELINES))
+def pipeline(request):
+    make, branches = PIPELINES[request.param]
+    pipe, generate = make()
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        base20 = generate(20)
+    return request.param, pipe, generate, branches, base20
+
+
+@torch.no_grad()
+def test_apply_skips_the_preset_share_and_remove_restores(pipeline):
+    name, pipe, generate, branches, base20 = pipeline
+    counter = BlockBodyCounter(pipe.transformer)
+    generate(20)
+    full_counts = counter.snapshot()
+    counter.counts = dict.fromkeys(full_counts, 0)
+
+    tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        out = generate(20)
+        counts = counter.snapshot()
+        s = tcpade.summary(pipe)
+        assert sorted(s.branches) == sorted(branches)
+        for br in branches:
+            assert len(s.branches[br]) == 20 and len(s.computed(br)) == 9, str(s)
+        # A skipped call runs no block body: block bodies ran 9/20 as often as in the full run.
+        assert all(counts[k] * 20 == full_counts[k] * 9 for k in full_counts), (counts, full_counts)
+        assert torch.isfinite(out).all() and out.shape == base20.shape
+        # Same inputs, same seed: a repeated call gives identical results (state was reset).
+        assert torch.equal(generate(20), out)
+        # A different step count on the next call just works.
+        generate(12)
+        s12 = tcpade.summary(pipe)
+        for br in branches:
+            assert [r.k for r in s12.branches[br]] == list(range(12))
+            assert s12.computed(br) == [0, 1, 2, 3, 4, 8, 11]
+        with pytest.raises(RuntimeError, match="already applied"):
+            tcpade.apply(pipe, TCPadeConfig.fast())
+    finally:
+        tcpade.remove(pipe)
+        counter.remove()
+    assert torch.equal(generate(20), base20)
+
+
+@torch.no_grad()
+def test_transformer_target_needs_steps_and_works_with_them():
+    pipe, generate = _wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    tcpade.apply(pipe.transformer, TCPadeConfig.fast(), num_steps=20)
+    try:
+        generate(20)
+        s = tcpade.summary(pipe.transformer)
+        assert len(s.computed("cond")) == 7 and len(s.computed("uncond")) == 7
+    finally:
+        tcpade.remove(pipe.transformer)
+
+
+def test_unsupported_targets():
+    with pytest.raises(TypeError, match="FluxTransformer2DModel"):
+        tcpade.apply(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="pipeline"):
+        tcpade.apply(object())
+    with pytest.raises(RuntimeError, match="not applied"):
+        tcpade.remove(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_nan_in_trajectory_forces_full_computation_and_shows_in_summary():
+    pipe, generate = _flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # NaN into the embedded image tokens of call 12 (step 6, cond)
+        calls["n"] += 1
+        if calls["n"] == 13:
+            output = output.clone()
+            output[0, 0, 0] = float("nan")
+        return output
+
+    handle = pipe.transformer.x_embedder.register_forward_hook(poison)
+    tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        generate(20)
+        s = tcpade.summary(pipe)
+        cond = s.branches["cond"]
+        assert cond[6].nonfinite and all(r.computed for r in cond[6:])
+        assert "non-finite values at steps [6" in str(s)
+    finally:
+        handle.remove()
+        tcpade.remove(pipe)

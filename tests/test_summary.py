@@ -1,0 +1,41 @@
+"""tcpade.summary: the per-branch step table and its plot."""
+
+import pytest
+import torch
+from test_policy import run  # the synthetic block stack
+
+import tcpade
+from tcpade.config import TCPadeConfig
+from tcpade.policy import Runtime
+
+
+def test_summary_table_lists_decisions_per_branch():
+    rt, passes, _, _ = run(TCPadeConfig.slow(), 20, branches=("cond", "uncond"))
+    s = tcpade.summary(rt)
+    assert s.computed("cond") == [0, 1, 2, 3, 4, 8, 12, 16, 19]
+    assert s.skipped("uncond") == [5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18]
+    text = str(s)
+    assert "branch 'cond': 9/20 computed (2.22x fewer block-stack passes)" in text
+    assert "branch 'uncond'" in text and "| skip    |" in text and "| warmup     |" in text
+    assert s.history_bytes == rt.nbytes > 0
+
+
+def test_summary_reports_nonfinite_steps():
+    rt, _, _, _ = run(TCPadeConfig.slow(), 20, nan_at=8)
+    s = tcpade.summary(rt)
+    assert s.nonfinite("default") == [8]
+    assert "non-finite values at steps [8]" in str(s)
+
+
+def test_summary_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rt, _, _, _ = run(TCPadeConfig.fast(), 20, branches=("cond", "uncond"))
+    path = tmp_path / "tsi.png"
+    tcpade.summary(rt).plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_of_unapplied_module_raises():
+    with pytest.raises(RuntimeError, match="not applied"):
+        tcpade.summary(torch.nn.Linear(2, 2))
+    assert isinstance(Runtime().config, TCPadeConfig)
