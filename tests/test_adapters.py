@@ -416,7 +416,7 @@ def _wan_pipeline():
     return pipe, generate
 
 
-def _flux_pipeline():
+def _flux_pipeline(dtype=torch.float32):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     transformer, _, _ = FAMILIES["flux"]()
@@ -439,9 +439,10 @@ def _flux_pipeline():
         tokenizer_2=None,
         transformer=transformer,
     )
+    pipe.to(dtype)
     g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, TXT, 32, generator=g), torch.randn(1, 32, generator=g)
-    ne, npp = torch.randn(1, TXT, 32, generator=g), torch.randn(1, 32, generator=g)
+    pe, pp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
+    ne, npp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
 
     def generate(steps=4):  # true_cfg_scale > 1 with negative embeddings: cond / uncond calls
         return pipe(

@@ -42,8 +42,39 @@ def _dit_pipeline():
     return pipe, generate
 
 
+def _sd3_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    transformer, _, _ = FAMILIES["sd3"]()
+    vae = AutoencoderKL(
+        block_out_channels=(4,),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=1,
+        sample_size=8,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    emb = [torch.randn(1, 5, 32, generator=g), torch.randn(1, 16, generator=g)]
+    neg = [torch.randn(1, 5, 32, generator=g), torch.randn(1, 16, generator=g)]
+
+    def generate(steps=4):  # CFG batched into one call per step: one branch
+        g = torch.Generator().manual_seed(0)
+        return pipe(prompt_embeds=emb[0], pooled_prompt_embeds=emb[1], negative_prompt_embeds=neg[0],
+                    negative_pooled_prompt_embeds=neg[1], height=8, width=8, num_inference_steps=steps,
+                    guidance_scale=3.0, output_type="latent", generator=g).images  # fmt: skip
+
+    return pipe, generate
+
+
 PIPELINES = {"wan": (_wan_pipeline, ("cond", "uncond")), "flux": (_flux_pipeline, ("cond", "uncond")),
-             "dit": (_dit_pipeline, ("default",))}  # fmt: skip
+             "dit": (_dit_pipeline, ("default",)), "sd3": (_sd3_pipeline, ("default",))}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=list(PIPELINES))
