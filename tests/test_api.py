@@ -77,6 +77,9 @@ PIPELINES = {"wan": (_wan_pipeline, ("cond", "uncond")), "flux": (_flux_pipeline
              "dit": (_dit_pipeline, ("default",)), "sd3": (_sd3_pipeline, ("default",))}  # fmt: skip
 
 
+CLOSE = {"wan": 0.05, "flux": 0.05, "sd3": 0.05, "dit": None}
+
+
 @pytest.fixture(scope="module", params=list(PIPELINES))
 def pipeline(request):
     make, branches = PIPELINES[request.param]
@@ -106,6 +109,13 @@ def test_apply_skips_the_preset_share_and_remove_restores(pipeline):
         # A skipped call runs no block body: block bodies ran 9/20 as often as in the full run.
         assert all(counts[k] * 20 == full_counts[k] * 9 for k in full_counts), (counts, full_counts)
         assert torch.isfinite(out).all() and out.shape == base20.shape
+        # Close to the full run: with random weights the flow-matching trajectories are
+        # smooth enough that the slow preset lands within ~1% (measured: wan 0.012, flux
+        # 0.004, sd3 0.007 relative L2); 5% leaves room across platforms. The tiny random
+        # DiT under DDIM is not smooth (plain reuse is 37% off as well), so it is exempt.
+        if CLOSE[name] is not None:
+            rel = ((out - base20).norm() / base20.norm()).item()
+            assert rel < CLOSE[name], rel
         # Same inputs, same seed: a repeated call gives identical results (state was reset).
         assert torch.equal(generate(20), out)
         # A different step count on the next call just works.
