@@ -13,6 +13,7 @@ from .config import TCPadeConfig
 from .history import History, StepSums
 from .policy import Runtime, StepRecord
 from .reference import tsi_from_sums
+from .sampling import sample
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "apply",
     "remove",
     "runtime",
+    "sample",
     "summary",
     "History",
     "Runtime",

@@ -134,10 +134,16 @@ class Runtime:
         self._gamma = float(gamma)
 
     # ------------------------------------------------------------------ plumbing
-    def set_steps(self, total: int) -> None:
-        if not isinstance(total, int) or total <= 0:
-            raise ValueError(f"total steps must be an int > 0, got {total!r}")
+    def set_steps(self, total: Optional[int]) -> None:
+        """Fix T for the coming runs; None goes back to the ``total_steps`` callable."""
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total <= 0):
+            raise ValueError(f"total steps must be an int > 0 or None, got {total!r}")
         self._total = total
+
+    @property
+    def steps_override(self) -> Optional[int]:
+        """The T fixed by ``set_steps``, or None."""
+        return self._total
 
     def total_steps(self) -> Optional[int]:
         if self._total is not None:
