@@ -445,15 +445,16 @@ def _flux_pipeline(dtype=torch.float32):
     pe, pp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
     ne, npp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
 
-    def generate(steps=4):  # true_cfg_scale > 1 with negative embeddings: cond / uncond calls
+    def generate(steps=4, size=16, images=1):  # true_cfg_scale > 1 with negative embeddings: cond / uncond calls
         return pipe(
+            num_images_per_prompt=images,
             prompt_embeds=pe,
             pooled_prompt_embeds=pp,
             negative_prompt_embeds=ne,
             negative_pooled_prompt_embeds=npp,
             true_cfg_scale=2.0,
-            height=16,
-            width=16,
+            height=size,
+            width=size,
             num_inference_steps=steps,
             output_type="latent",
             generator=torch.Generator().manual_seed(0),

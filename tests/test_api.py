@@ -145,6 +145,26 @@ def test_transformer_target_needs_steps_and_works_with_them():
         tcpade.remove(pipe.transformer)
 
 
+@torch.no_grad()
+def test_resolution_and_batch_change_between_calls():
+    """Each call may change resolution or batch: the history reallocates and starts over."""
+    pipe, generate = _flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    base = generate(20, size=32, images=2)
+    rt = tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        for size, images in [(16, 1), (32, 2), (16, 1)]:
+            out = generate(20, size=size, images=images)
+            assert torch.isfinite(out).all()
+            hist = rt.branches["cond"].history
+            assert hist.ring.shape[1:3] == (images, (size // 2) ** 2)  # 2x2-packed latent tokens
+            assert tcpade.summary(pipe).computed("uncond") == [0, 1, 2, 3, 4, 8, 12, 16, 19]
+        assert (out - generate(20, size=16, images=1)).abs().max() == 0  # repeatable after the changes
+    finally:
+        tcpade.remove(pipe)
+    assert torch.equal(generate(20, size=32, images=2), base)
+
+
 def test_unsupported_targets():
     with pytest.raises(TypeError, match="FluxTransformer2DModel"):
         tcpade.apply(torch.nn.Linear(2, 2))
