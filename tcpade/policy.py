@@ -17,7 +17,8 @@ Policies (TCPadeConfig.policy):
   predictor first predicts that step (a probe into the ring's free slot), the update pass
   then measures e = ||R_hat - R|| / ||R||, and the next run of skipped steps is sized
   from e against the tolerance like an ODE solver's step: e <= tol/2 -> one step longer,
-  e <= tol -> the same, e <= 2 tol -> one shorter, else none; capped by max_skips.
+  e <= tol -> the same (at least one), e <= 2 tol -> one shorter, else none; capped by
+  max_skips.
 
 A non-finite value anywhere in the trajectory (a computed h_out, or a prediction) forces
 full computation for the rest of that branch's run and is recorded in the summary.
@@ -251,8 +252,11 @@ class Runtime:
             b.run = 0
         elif e > tol:
             b.run = max(0, b.run - 1)
-        elif e <= 0.5 * tol:
-            b.run = min(self.config.max_skips, b.run + 1)
+        elif e > 0.5 * tol:
+            b.run = max(1, b.run)  # within tolerance: keep the run (and start one if none)
+        else:
+            b.run = b.run + 1
+        b.run = min(b.run, self.config.max_skips)
         b.run_left = b.run
 
     def _reason_to_compute(self, b: BranchState, k: int, total: int, last) -> Optional[str]:

@@ -165,6 +165,30 @@ def test_resolution_and_batch_change_between_calls():
     assert torch.equal(generate(20, size=32, images=2), base)
 
 
+@torch.no_grad()
+def test_error_policy_in_a_pipeline():
+    """The default config (rational predictor, error policy): skips only where the measured
+    error allows. Random weights make the trajectory rough, so a loose tolerance is needed
+    to see skips here; a strict one computes everything."""
+    pipe, generate = _wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    base = generate(20)
+    counts = []
+    for tol in (1e-4, 0.3):
+        tcpade.apply(pipe, TCPadeConfig(tolerance=tol))
+        try:
+            out = generate(20)
+            s = tcpade.summary(pipe)
+        finally:
+            tcpade.remove(pipe)
+        assert torch.isfinite(out).all()
+        counts.append(len(s.computed("cond")))
+        errs = [r.error for r in s.branches["cond"] if r.computed and r.error == r.error]
+        assert errs, "the error policy measures its predictor at computed steps"
+    assert counts[0] == 20 and counts[1] < 20
+    assert ((out - base).norm() / base.norm()).item() < 0.2
+
+
 def test_unsupported_targets():
     with pytest.raises(TypeError, match="FluxTransformer2DModel"):
         tcpade.apply(torch.nn.Linear(2, 2))
