@@ -61,9 +61,8 @@ def _flux():
     return model, inputs, (B, n, 32)
 
 
-def _wan():
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
+def _wan_transformer(num_layers):
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -72,11 +71,32 @@ def _wan():
         text_dim=32,
         freq_dim=32,
         ffn_dim=32,
-        num_layers=3,
+        num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
+
+
+def tiny_vae(sample_size):
+    """A one-level AutoencoderKL with 4 latent channels (scale factor 1): pipelines need one."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(4,),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=1,
+        sample_size=sample_size,
+    )
+
+
+def _wan():
+    torch.manual_seed(0)
+    model = _wan_transformer(num_layers=3)
 
     def inputs(k):
         g = torch.Generator().manual_seed(200 + k)
@@ -373,20 +393,7 @@ def _wan_pipeline():
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+    transformer = _wan_transformer(num_layers=2)
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
@@ -417,19 +424,10 @@ def _wan_pipeline():
 
 
 def _flux_pipeline(dtype=torch.float32):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     transformer, _, _ = FAMILIES["flux"]()
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=1,
-        sample_size=32,
-    )
+    vae = tiny_vae(32)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,

@@ -12,26 +12,17 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_adapters import FAMILIES, BlockBodyCounter, _flux_pipeline, _wan_pipeline  # noqa: E402
+from test_adapters import FAMILIES, BlockBodyCounter, _flux_pipeline, _wan_pipeline, tiny_vae  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
 
 
 def _dit_pipeline():
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+    from diffusers import DDIMScheduler, DiTPipeline
 
     transformer, _, _ = FAMILIES["dit"]()
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=1,
-        sample_size=8,
-    )
+    vae = tiny_vae(8)
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
 
     def generate(steps=4):  # CFG batched into one call per step: one branch
@@ -43,19 +34,10 @@ def _dit_pipeline():
 
 
 def _sd3_pipeline():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     transformer, _, _ = FAMILIES["sd3"]()
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=1,
-        sample_size=8,
-    )
+    vae = tiny_vae(8)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
         tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
