@@ -10,7 +10,7 @@ per-branch residual history.
 from . import coef, ops, reference
 from .api import Summary, apply, remove, runtime, summary
 from .config import TCPadeConfig
-from .history import History, StepSums
+from .history import History
 from .policy import Runtime, StepRecord
 from .reference import tsi_from_sums
 from .sampling import sample
@@ -27,7 +27,6 @@ __all__ = [
     "History",
     "Runtime",
     "StepRecord",
-    "StepSums",
     "TCPadeConfig",
     "coef",
     "ops",

@@ -24,35 +24,6 @@ import torch
 
 from . import coef as K
 from . import ops
-from .reference import tsi_from_sums
-
-
-@dataclass
-class StepSums:
-    """The sums of one update/predict pass, moved to the host (one sync)."""
-
-    values: List[float]
-
-    @property
-    def tsi(self) -> float:
-        return tsi_from_sums(self.values)
-
-    @property
-    def rel_error(self) -> float:
-        """Probe error ||R_hat - R|| / ||R|| (method.md section 7); NaN if R = 0."""
-        num, den = self.values[3], self.values[4]
-        if not (math.isfinite(num) and math.isfinite(den)) or den <= 0.0:
-            return float("nan")
-        return math.sqrt(num / den)
-
-    @property
-    def nonfinite(self) -> int:
-        v = self.values[5]
-        return int(v) if math.isfinite(v) else -1
-
-    @property
-    def finite(self) -> bool:
-        return self.nonfinite == 0 and all(math.isfinite(v) for v in self.values[:5])
 
 
 @dataclass
