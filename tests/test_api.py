@@ -100,6 +100,9 @@ def test_apply_skips_the_preset_share_and_remove_restores(pipeline):
             assert rel < CLOSE[name], rel
         # Same inputs, same seed: a repeated call gives identical results (state was reset).
         assert torch.equal(generate(20), out)
+        # T = 50: the slow preset computes 17 of 50 calls per branch.
+        generate(50)
+        assert all(len(tcpade.summary(pipe).computed(br)) == 17 for br in branches)
         # A different step count on the next call just works.
         generate(12)
         s12 = tcpade.summary(pipe)
