@@ -55,6 +55,11 @@ PAPER_WAVG = (0.4, 0.3, 0.2, 0.1)
 MIN_HISTORY = {"paper": 2, "rational": 2, "reuse": 1, "linear": 2}
 
 
+def default_gamma(variant: str) -> float:
+    """The input-change correction weight a variant uses unless told otherwise."""
+    return PAPER_GAMMA if variant == "paper" else 0.0
+
+
 def check_variant(variant: str) -> int:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -166,7 +171,7 @@ def build_coef(
         stage_weights = PAPER_STAGE_WEIGHTS if variant == "paper" else PURE_STAGE_WEIGHTS
     c[W_MAIN], c[C1], c[C2] = (float(x) for x in stage_weights[stage])
     if gamma is None:
-        gamma = PAPER_GAMMA if variant == "paper" else 0.0
+        gamma = default_gamma(variant)
     c[GAMMA] = float(gamma)
     tw = time_weights(times, t_target, count)
     c[LAM0], c[LAM1], c[LAM2] = tw["lam"]

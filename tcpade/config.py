@@ -13,7 +13,6 @@ operating points at 20 steps.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -148,9 +147,6 @@ class TCPadeConfig:
         base.setdefault("policy", "tsi")
         base.setdefault("tsi_threshold", 1.0)
         return cls(**base)
-
-    def replace(self, **changes) -> "TCPadeConfig":
-        return dataclasses.replace(self, **changes)
 
     def always_computed(self, k: int, total: int) -> Optional[str]:
         """Why step k of ``total`` is computed whatever the history says, or None."""

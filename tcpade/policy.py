@@ -130,8 +130,7 @@ class Runtime:
         self._warned_no_steps = False
         self.branches: Dict[str, BranchState] = {}
         c = self.config
-        gamma = c.input_correction if c.input_correction is not None else (
-            K.PAPER_GAMMA if c.predictor == "paper" else 0.0)  # fmt: skip
+        gamma = c.input_correction if c.input_correction is not None else K.default_gamma(c.predictor)
         self._gamma = float(gamma)
 
     # ------------------------------------------------------------------ plumbing
