@@ -51,6 +51,10 @@ PURE_STAGE_WEIGHTS = {s: (1.0, 0.0, 0.0) for s in STAGES}
 PAPER_GAMMA = 0.2
 PAPER_WAVG = (0.4, 0.3, 0.2, 0.1)
 
+# Largest |tau| (a sample time's distance from the target in units of the last step)
+# kept in the coefficients; farther samples are dropped (see time_weights).
+TAU_MAX = 1e6
+
 # Residuals a variant needs before it may predict (fewer -> the caller must compute).
 MIN_HISTORY = {"paper": 2, "rational": 2, "reuse": 1, "linear": 2}
 
@@ -99,9 +103,16 @@ def time_weights(times: Sequence[float], t_target: float, count: int) -> dict:
         return out
     tau2 = -1.0
     tau1 = (t1 - t_target) / h
+    if not abs(tau1) <= TAU_MAX:
+        # The target is over TAU_MAX times closer to R1 than R2 is: linear extrapolation
+        # differs from reusing R1 by < 1/TAU_MAX of R1 - R2, and a larger tau overflows
+        # the fp32 coefficient tensor (found by tests/test_fuzz.py).
+        return out
     tau0 = tau1
     if n >= 3 and math.isfinite(float(times[2])):
-        tau0 = (float(times[2]) - t_target) / h
+        t0 = (float(times[2]) - t_target) / h
+        if abs(t0) <= TAU_MAX:  # else R3 is too far back to matter: linear from R2, R1
+            tau0 = t0
     if tau1 != tau2:
         g = -tau2 / (tau2 - tau1)
         out["lam"] = (0.0, -g, 1.0 + g)

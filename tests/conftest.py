@@ -38,3 +38,20 @@ def backend(request):
     device, name = request.param
     with ops.use_backend(name):
         yield device, name
+
+
+# Examples run by the property-based tests (tests/test_fuzz.py), printed in the test log.
+_EXAMPLES: dict = {}
+
+
+def record_examples(name: str) -> None:
+    _EXAMPLES[name] = _EXAMPLES.get(name, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _EXAMPLES:
+        runs = ", ".join(f"{name} {n}" for name, n in _EXAMPLES.items())
+        terminalreporter.write_line(
+            f"hypothesis examples run: {runs} (total {sum(_EXAMPLES.values())}; "
+            f"backends {ops.available_backends('cpu')})"
+        )
