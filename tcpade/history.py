@@ -6,12 +6,18 @@ history); ``reset()`` forgets without freeing. Per branch it holds
 
 * ``ring``: (S, *h.shape) residuals in the storage dtype, S = ``nslots`` (default 3),
 * ``slots``: an int32 device tensor mapping age -> ring slot (slots[0] = R1, newest),
-  mirrored on the host (``order``) so no step needs to read it back,
+  mirrored on the host (``order``) so no step needs to read it back; a write rotates it
+  on the device (a roll by one), so no step copies host data to the device for it,
 * ``times``: the schedule time of each stored residual (host floats),
 * ``h_prev``: the previous call's h_in, only when ``keep_prev_input`` (the paper's
   input-change correction needs it).
 
 Memory: (S + keep_prev_input) hidden-state-sized tensors, reported by ``nbytes``.
+
+Nothing here waits for the device: the per-step scalars (``coef``) go up through pinned
+memory with a non-blocking copy (``torch.tensor(values, device="cuda")`` would copy from
+pageable memory and synchronise the stream), and the sums come back as device tensors
+for the Runtime to read when, and only when, a decision needs them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,20 @@ import torch
 
 from . import coef as K
 from . import ops
+
+
+def upload(values, device) -> torch.Tensor:
+    """A float32 device tensor of ``values`` without synchronising the stream.
+
+    On CUDA the host copy is pinned and copied with ``non_blocking=True``; PyTorch's
+    caching host allocator keeps the pinned block until that copy has run, so it is
+    never overwritten early. Elsewhere it is a plain tensor.
+    """
+    host = torch.tensor(list(values), dtype=torch.float32)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -82,14 +102,16 @@ class History:
 
     # --------------------------------------------------------------- bookkeeping
     def _push_order(self) -> None:
-        self.slots.copy_(torch.tensor(self.order, dtype=torch.int32), non_blocking=True)
+        # Only at allocation and reset: the identity order, made on the device.
+        self.slots.copy_(torch.arange(self.nslots, dtype=self.slots.dtype, device=self.slots.device))
 
     def _rotate(self, t: float) -> None:
         w = self.order[-1]
         self.order = [w] + self.order[:-1]
         self.times = [float(t)] + self.times[:-1]
         self.count = min(self.count + 1, self.nslots)
-        self._push_order()
+        # The write slot becomes R1, everything else ages by one: the same roll on the device.
+        self.slots.copy_(self.slots.roll(1))
 
     def recent_times(self) -> List[float]:
         """Times of R1, R2, R3 (newest first); NaN where nothing is stored."""
@@ -132,7 +154,7 @@ class History:
             raise RuntimeError(
                 f"variant {variant!r} needs {K.MIN_HISTORY[variant]} stored residuals, have {self.count}"
             )
-        coef = K.coef_tensor(coef_values, h_in.device)
+        coef = upload(coef_values, h_in.device)
         out, sums = ops.predict(
             h_in, self.ring, self.slots, coef, self.h_prev, variant, bool(store or probe), bool(write_out)
         )

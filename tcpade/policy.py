@@ -3,9 +3,24 @@
 ``Runtime`` implements the adapter's Controller protocol (``begin`` before the first
 block, ``end`` after the last): it keeps one residual history per CFG branch, decides
 per call from the step index k, the total T, the schedule time and the history, and
-runs the fused ops. The only host synchronisation per call is in ``begin`` (reading the
-previous pass's 8 sums, plus the predicted step's non-finite count on a skip): it is one
-small function marked ``torch.compiler.disable``.
+runs the fused ops. ``begin`` and ``end`` are marked ``torch.compiler.disable``: a
+compiled transformer runs them eagerly between its compiled regions (two graph breaks per
+call, no recompiles across steps; see the README's torch.compile section).
+
+Host synchronisation (issue 5). Each history write (a computed step's update pass, or a
+stored prediction) leaves 8 sums on the device; on CUDA their copy to pinned host memory
+is queued right behind the write, with an event, at the end of step k. The host reads
+them only when a decision depends on them: at a call whose compute-or-skip decision the
+host cannot already make from k, T and the config (warm-up, interval and final steps,
+max_skips, too little history, a known non-finite trajectory are all decided on the
+host), and then it waits for that event only, not for the work queued after it. A skip
+reads its prediction's non-finite count before handing the prediction to the model (the
+published guarantee: never a non-finite prediction). All device sums reach the host in
+``_read_writes`` (one place; a cross-rank reduction would go there, before the read).
+Records read by ``summary`` bring outstanding sums to the host first. The decisions are
+exactly those of reading every write at the next call: an outstanding write can only
+change the decision of a call that reads it, and a non-finite value found late is
+marked on the records it would have marked. ``Runtime.host_reads`` counts the waits.
 
 Policies (TCPadeConfig.policy):
 
@@ -67,6 +82,17 @@ class _Pending:
 
 
 @dataclass
+class _Write:
+    """One history write whose sums are on their way to the host."""
+
+    record: StepRecord  # the call that wrote
+    count: int  # residuals stored right after the write
+    probed: bool  # the write slot held a probe prediction (error policy)
+    sums: torch.Tensor  # the sums (CPU), or their pinned host copy (CUDA, valid once ``event`` is done)
+    event: Optional[object] = None  # torch.cuda.Event recorded after the copy was queued
+
+
+@dataclass
 class BranchState:
     history: History
     k: int = 0
@@ -75,29 +101,37 @@ class BranchState:
     consecutive: int = 0
     poisoned: bool = False
     pending: Optional[_Pending] = None  # the call being computed (between begin and end)
-    unread: bool = False  # the history was written since its sums were last read
-    last_probed: bool = False
-    last_values: Optional[list] = None
-    records: List[StepRecord] = field(default_factory=list)
+    unread: List[_Write] = field(default_factory=list)  # history writes whose sums the host has not read
+    last_values: Optional[list] = None  # the sums of the newest write the host has read
+    _records: List[StepRecord] = field(default_factory=list)
     runs: int = 0  # sampling runs started
     reset_pending: bool = False
+    reader: Optional[Callable[["BranchState"], None]] = field(default=None, repr=False)
+
+    @property
+    def records(self) -> List[StepRecord]:
+        """The calls of the current run; reading them first brings outstanding sums to the host."""
+        if self.unread and self.reader is not None:
+            self.reader(self)
+        return self._records
 
     def new_run(self) -> None:
         self.reset_pending = False
         self.history.reset()
         self.k = self.run = self.run_left = self.consecutive = 0
-        self.poisoned = self.unread = self.last_probed = False
+        self.poisoned = False
+        self.unread = []  # the previous run's records are dropped unread with them
         self.pending = None
         self.last_values = None
-        self.records = []
+        self._records = []
         self.runs += 1
 
     def restarted(self, t: float) -> bool:
         """Does time t begin a new sampling run? (A run interrupted by an exception leaves
         k mid-way; the schedule's time going back says a new run started.)"""
-        if not self.records:
+        if not self._records:
             return False
-        t0, t_last = self.records[0].t, self.records[-1].t
+        t0, t_last = self._records[0].t, self._records[-1].t
         if t == t0:
             return True
         direction = math.copysign(1.0, t_last - t0) if t_last != t0 else -1.0  # diffusers: decreasing
@@ -110,6 +144,30 @@ def _scalar_time(timestep) -> float:
             raise ValueError("the transformer was called with an empty timestep tensor")
         return float(timestep.reshape(-1)[0])
     return float(timestep)
+
+
+def _start_read(sums: torch.Tensor):
+    """Queue the copy of a write's sums to the host: (host tensor, event or None).
+
+    CUDA: a non-blocking copy into pinned memory and an event recorded behind it on the
+    current stream; reading waits for that event only. Elsewhere the sums are already
+    host memory."""
+    if sums.device.type != "cuda":
+        return sums, None
+    host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+    host.copy_(sums, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _finish_reads(rt: "Runtime", pending) -> List[list]:
+    """Host values of queued reads [(host tensor, event or None)], after one wait."""
+    rt.host_reads += 1
+    for _, event in pending:
+        if event is not None:
+            event.synchronize()
+    return [[float(v) for v in host.tolist()] for host, _ in pending]
 
 
 class Runtime:
@@ -129,6 +187,10 @@ class Runtime:
         self._total: Optional[int] = None
         self._warned_no_steps = False
         self.branches: Dict[str, BranchState] = {}
+        # Builds each branch's History; tcpade.distributed swaps in one whose sums are
+        # reduced over the ranks that hold the other image tokens (sequence parallelism).
+        self.history_factory: Callable[..., History] = History
+        self.host_reads = 0  # times the host waited for device values (each a stream stall on CUDA)
         c = self.config
         gamma = c.input_correction if c.input_correction is not None else K.default_gamma(c.predictor)
         self._gamma = float(gamma)
@@ -164,7 +226,8 @@ class Runtime:
     def _branch(self, name: str) -> BranchState:
         b = self.branches.get(name)
         if b is None:
-            b = BranchState(History(nslots=self.config.history_slots, keep_prev_input=self._gamma != 0.0))
+            b = BranchState(self.history_factory(nslots=self.config.history_slots, keep_prev_input=self._gamma != 0.0))
+            b.reader = self._read_writes
             self.branches[name] = b
         return b
 
@@ -190,7 +253,6 @@ class Runtime:
             log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
             b.new_run()
         k = b.k
-        last = self._read_last(b)
         if total is None:
             if not self._warned_no_steps:
                 warnings.warn(
@@ -202,11 +264,22 @@ class Runtime:
             return self._compute(b, h_in, k, t, "steps-unknown", "middle", probe=False)
         c = self.config
         stage = K.stage_of(k, total, c.early_frac, c.late_frac)
-        reason = self._reason_to_compute(b, k, total, last)
+        guess = None
+        if b.unread and self._needs_sums(b, k, total):
+            # The decision waits for the device anyway: queue the prediction first, when it
+            # cannot disturb a compute, so one wait brings both the sums the decision needs
+            # and the prediction's non-finite count (a skip's second wait saved; a compute
+            # wastes one prediction pass, a few hidden-state reads).
+            if self._may_guess(b):
+                out, sums = b.history.predict(h_in, self._coef(b, stage, t, b.last_values), c.predictor, t)
+                guess = (out, sums, self._read_writes(b, also=_start_read(sums)))
+            else:
+                self._read_writes(b)
+        reason = self._reason_to_compute(b, k, total)
         if reason is not None:
             probe = c.policy == "error" and not b.poisoned and b.history.count >= K.MIN_HISTORY[c.predictor]
             return self._compute(b, h_in, k, t, reason, stage, probe)
-        return self._skip(b, h_in, k, t, stage, last)
+        return self._skip(b, h_in, k, t, stage, guess)
 
     @torch.compiler.disable
     def end(self, branch: str, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
@@ -216,22 +289,62 @@ class Runtime:
         if p is None:
             raise RuntimeError(f"tcpade: end() for branch {branch!r} without a matching begin()")
         b.pending = None
-        b.history.record(h_in, h_out, p.t, probe=p.probed)
-        b.unread, b.last_probed = True, p.probed
-        b.records.append(StepRecord(p.k, p.t, True, p.reason, p.stage, nonfinite=p.nonfinite))
+        sums = b.history.record(h_in, h_out, p.t, probe=p.probed)
+        rec = StepRecord(p.k, p.t, True, p.reason, p.stage, nonfinite=p.nonfinite)
+        b._records.append(rec)
+        b.unread.append(_Write(rec, b.history.count, p.probed, *_start_read(sums)))
         b.k += 1
 
     # ------------------------------------------------------------------- internals
-    def _read_last(self, b: BranchState) -> Optional[list]:
-        """The sums of the branch's last history write (the one host sync), folded into
-        the branch state once: TSI and probe error on its record, poisoning on NaN."""
-        if not b.unread:
-            return b.last_values
-        b.unread = False
-        values = [float(v) for v in b.history.last_sums.tolist()]
+    def _needs_sums(self, b: BranchState, k: int, total: int) -> bool:
+        """Can sums still on the device change this call's decision (or its coefficients)?
+
+        No when the host alone already decides to compute: a known non-finite trajectory,
+        a step the config always computes, max_skips reached, too little history. (The
+        paper predictor's probe reads its curvature flag from the last sums: the error
+        policy with it and five or more slots reads at every probe.)"""
+        c = self.config
+        if b.poisoned:
+            return False
+        forced = c.always_computed(k, total) or c.max_skips == 0 or b.consecutive >= c.max_skips
+        need = 3 if c.policy == "tsi" else K.MIN_HISTORY[c.predictor]
+        if forced or b.history.count < need:
+            return c.policy == "error" and c.predictor == "paper" and b.history.count >= 5
+        return True
+
+    def _may_guess(self, b: BranchState) -> bool:
+        """May this call's prediction be made before the decision? Only when making it and
+        then computing leaves the state exactly as computing alone: no stored prediction,
+        no previous input to overwrite (the input-change correction), no coefficient read
+        from the sums being waited for (the paper predictor's curvature flag)."""
+        c = self.config
+        h = b.history
+        return (
+            not c.store_predictions
+            and h.h_prev is None
+            and c.predictor != "paper"
+            and h.count >= K.MIN_HISTORY[c.predictor]
+        )
+
+    def _read_writes(self, b: BranchState, also=None) -> Optional[list]:
+        """Bring the sums of every unread history write of ``b`` to the host (one wait) and
+        fold them, oldest first, into the branch state: TSI and probe error on each write's
+        record, poisoning on a non-finite value, the error policy's run length. ``also``: one
+        more queued read (``_start_read``) to wait for at the same time; its values are returned."""
+        writes, b.unread = b.unread, []
+        pending = [(w.sums, w.event) for w in writes] + ([also] if also is not None else [])
+        if not pending:
+            return None
+        values = _finish_reads(self, pending)
+        for v, w in zip(values, writes):
+            self._fold(b, w, v)
+        return values[-1] if also is not None else None
+
+    def _fold(self, b: BranchState, w: _Write, values: list) -> None:
+        rec = w.record
+        poisoned_before = b.poisoned
         b.last_values = values
-        rec = b.records[-1]
-        if b.history.count >= 3:
+        if w.count >= 3:
             rec.tsi = tsi_from_sums(values)
         # Non-finite values written at this call (a stale NaN further back in the history
         # only turns the TSI into NaN, which blocks skipping by itself).
@@ -240,10 +353,12 @@ class Runtime:
                 log.warning("tcpade: non-finite values in the trajectory at step %d: computing from now on", rec.k)
             rec.nonfinite = True
             b.poisoned = True
-        if b.last_probed:
+        if poisoned_before:
+            # Read late: read at once, this call would have been computed as "nonfinite", without a probe.
+            rec.reason = "nonfinite"
+        elif w.probed:
             rec.error = math.sqrt(values[3] / values[4]) if values[4] > 0 else math.nan
             self._size_run(b, rec.error)
-        return values
 
     def _size_run(self, b: BranchState, e: float) -> None:
         tol = self.config.tolerance
@@ -258,7 +373,7 @@ class Runtime:
         b.run = min(b.run, self.config.max_skips)
         b.run_left = b.run
 
-    def _reason_to_compute(self, b: BranchState, k: int, total: int, last) -> Optional[str]:
+    def _reason_to_compute(self, b: BranchState, k: int, total: int) -> Optional[str]:
         c = self.config
         if b.poisoned:
             return "nonfinite"
@@ -271,32 +386,36 @@ class Runtime:
         if b.history.count < need:
             return "history"
         if c.policy == "tsi":
+            last = b.last_values
             tsi = tsi_from_sums(last) if last is not None else math.nan
             return None if tsi <= c.tsi_threshold else "tsi"  # NaN never passes
         return None if b.run_left > 0 else "error"
 
     def _compute(self, b, h_in, k, t, reason, stage, probe, nonfinite=False):
-        if probe:
+        if probe:  # (b.last_values is current here whenever the paper predictor's flag needs it)
             cf = self._coef(b, stage, t, b.last_values)
             b.history.predict(h_in, cf, self.config.predictor, t, write_out=False, probe=True)
         b.pending = _Pending(k, t, reason, stage, probe, nonfinite)
         b.consecutive = 0
         return None
 
-    def _skip(self, b, h_in, k, t, stage, last):
+    def _skip(self, b, h_in, k, t, stage, guess=None):
         c = self.config
-        cf = self._coef(b, stage, t, last)
-        out, sums = b.history.predict(h_in, cf, c.predictor, t, store=c.store_predictions)
-        bad = float(sums[5])  # host sync: never hand a non-finite prediction to the model
-        if bad != 0.0:
+        if guess is not None:  # predicted and read before the decision
+            out, sums, values = guess
+        else:
+            cf = self._coef(b, stage, t, b.last_values)
+            out, sums = b.history.predict(h_in, cf, c.predictor, t, store=c.store_predictions)
+            # The one wait a skip cannot avoid: never hand a non-finite prediction to the model.
+            (values,) = _finish_reads(self, [_start_read(sums)])
+        if values[5] != 0.0:
             log.warning("tcpade: non-finite prediction at step %d: computing it instead", k)
-            b.poisoned = True
-            if c.store_predictions:
-                b.unread = False  # the stored prediction is garbage: do not read its sums
+            b.poisoned = True  # (a stored prediction's sums are garbage: they are not folded)
             return self._compute(b, h_in, k, t, "nonfinite", stage, probe=False, nonfinite=True)
-        if c.store_predictions:
-            b.unread, b.last_probed = True, False
-        b.records.append(StepRecord(k, t, False, "skip", stage))
+        rec = StepRecord(k, t, False, "skip", stage)
+        b._records.append(rec)
+        if c.store_predictions:  # a history write, already read
+            self._fold(b, _Write(rec, b.history.count, False, sums), values)
         b.k += 1
         b.consecutive += 1
         b.run_left = max(0, b.run_left - 1)
