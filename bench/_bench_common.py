@@ -451,7 +451,7 @@ def n_sets(bytes_per_set: int, device: str) -> int:
     return int(min(32, max(1, math.ceil(4 * cache / max(1, bytes_per_set)))))
 
 
-def time_cuda(fn: Callable, graph: bool, rep_ms: int = 60) -> tuple:
+def time_cuda(fn: Callable, graph: bool, rep_ms: int = 50) -> tuple:
     """(median, p20, p80) ms by triton.testing.do_bench, or its CUDA-graph replay variant
     (the GPU time of the kernels alone, without the host's launch work in between)."""
     import triton
@@ -625,6 +625,7 @@ def machine_info(device: str) -> dict:
         cpu=cpu_name(),
         cpus=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
+        loadavg_1m=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # other jobs on a shared host
     )
     try:
         import triton
@@ -688,7 +689,10 @@ def main_common(args, cases: Sequence[Case], title: str) -> List[dict]:
     rows = run_cases(
         cases, shapes, dtypes, device, copy_gbs, providers, compile_at, reps, log=lambda s: print(s, file=sys.stderr)
     )
-    where = info.get("gpu") or f"{info['cpu']} ({info['cpus']} CPUs, C++ kernels {info.get('cpp_isa')})"
+    where = info.get("gpu") or (
+        f"{info['cpu']} ({info['cpus']} CPUs, C++ kernels {info.get('cpp_isa')}, load average "
+        f"{info['loadavg_1m']} at the start)"
+    )
     timing = (
         "triton.testing.do_bench medians (p20-p80); tcpade, eager and compiled replayed from a CUDA graph "
         "(kernel time), published timed as it runs (it syncs with the host)"

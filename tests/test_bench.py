@@ -119,7 +119,7 @@ def test_gpu_check_dry_run(tmp_path):
     pytest.importorskip("diffusers")
     out = _run(["bench/gpu_check.py", "--dry", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert res["correctness"]["checks"] > 1000 and not res["correctness"]["failed"]
+    assert res["correctness"]["checks"] > 500 and not res["correctness"]["failed"]
     cases = {r["case"] for r in res["micro"]}
     assert cases == set(B.ALL_CASES)
     assert any("compiled" in r for r in res["micro"]) and any("published" in r for r in res["micro"])
