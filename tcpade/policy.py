@@ -15,8 +15,8 @@ host cannot already make from k, T and the config (warm-up, interval and final s
 max_skips, too little history, a known non-finite trajectory are all decided on the
 host), and then it waits for that event only, not for the work queued after it. A skip
 reads its prediction's non-finite count before handing the prediction to the model (the
-published guarantee: never a non-finite prediction). All device sums reach the host in
-``_read_writes`` (one place; a cross-rank reduction would go there, before the read).
+published guarantee: never a non-finite prediction). All device sums reach the host through
+``_start_read`` / ``_finish_reads`` (one place; a cross-rank reduction goes there).
 Records read by ``summary`` bring outstanding sums to the host first. The decisions are
 exactly those of reading every write at the next call: an outstanding write can only
 change the decision of a call that reads it, and a non-finite value found late is
@@ -146,30 +146,6 @@ def _scalar_time(timestep) -> float:
     return float(timestep)
 
 
-def _start_read(sums: torch.Tensor):
-    """Queue the copy of a write's sums to the host: (host tensor, event or None).
-
-    CUDA: a non-blocking copy into pinned memory and an event recorded behind it on the
-    current stream; reading waits for that event only. Elsewhere the sums are already
-    host memory."""
-    if sums.device.type != "cuda":
-        return sums, None
-    host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
-    host.copy_(sums, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
-
-def _finish_reads(rt: "Runtime", pending) -> List[list]:
-    """Host values of queued reads [(host tensor, event or None)], after one wait."""
-    rt.host_reads += 1
-    for _, event in pending:
-        if event is not None:
-            event.synchronize()
-    return [[float(v) for v in host.tolist()] for host, _ in pending]
-
-
 class Runtime:
     """TC-Pade for one transformer: per-branch histories, the policy, the fused ops.
 
@@ -272,7 +248,7 @@ class Runtime:
             # wastes one prediction pass, a few hidden-state reads).
             if self._may_guess(b):
                 out, sums = b.history.predict(h_in, self._coef(b, stage, t, b.last_values), c.predictor, t)
-                guess = (out, sums, self._read_writes(b, also=_start_read(sums)))
+                guess = (out, sums, self._read_writes(b, also=self._start_read(sums)))
             else:
                 self._read_writes(b)
         reason = self._reason_to_compute(b, k, total)
@@ -292,10 +268,35 @@ class Runtime:
         sums = b.history.record(h_in, h_out, p.t, probe=p.probed)
         rec = StepRecord(p.k, p.t, True, p.reason, p.stage, nonfinite=p.nonfinite)
         b._records.append(rec)
-        b.unread.append(_Write(rec, b.history.count, p.probed, *_start_read(sums)))
+        b.unread.append(_Write(rec, b.history.count, p.probed, *self._start_read(sums)))
         b.k += 1
 
     # ------------------------------------------------------------------- internals
+    # Every device sums tensor reaches the host through _start_read (queued at the write)
+    # and _finish_reads (the wait): a cross-rank reduction, so that all ranks decide alike,
+    # belongs at the top of _start_read.
+    def _start_read(self, sums: torch.Tensor):
+        """Queue the copy of a write's sums to the host: (host tensor, event or None).
+
+        CUDA: a non-blocking copy into pinned memory and an event recorded behind it on the
+        current stream; reading waits for that event only. Elsewhere the sums are already
+        host memory."""
+        if sums.device.type != "cuda":
+            return sums, None
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _finish_reads(self, pending) -> List[list]:
+        """Host values of queued reads [(host tensor, event or None)], after one wait."""
+        self.host_reads += 1
+        for _, event in pending:
+            if event is not None:
+                event.synchronize()
+        return [[float(v) for v in host.tolist()] for host, _ in pending]
+
     def _needs_sums(self, b: BranchState, k: int, total: int) -> bool:
         """Can sums still on the device change this call's decision (or its coefficients)?
 
@@ -335,7 +336,7 @@ class Runtime:
         pending = [(w.sums, w.event) for w in writes] + ([also] if also is not None else [])
         if not pending:
             return None
-        values = _finish_reads(self, pending)
+        values = self._finish_reads(pending)
         for v, w in zip(values, writes):
             self._fold(b, w, v)
         return values[-1] if also is not None else None
@@ -407,7 +408,7 @@ class Runtime:
             cf = self._coef(b, stage, t, b.last_values)
             out, sums = b.history.predict(h_in, cf, c.predictor, t, store=c.store_predictions)
             # The one wait a skip cannot avoid: never hand a non-finite prediction to the model.
-            (values,) = _finish_reads(self, [_start_read(sums)])
+            (values,) = self._finish_reads([self._start_read(sums)])
         if values[5] != 0.0:
             log.warning("tcpade: non-finite prediction at step %d: computing it instead", k)
             b.poisoned = True  # (a stored prediction's sums are garbage: they are not folded)
