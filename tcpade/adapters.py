@@ -463,6 +463,14 @@ def attach(transformer, controller: Controller) -> None:
     # Validate everything before touching the model.
     blocks = adapter.stack(module)
     specs = [adapter.spec_for(b) for _, b in blocks]
+    for name, block in blocks:
+        registry = getattr(block, "_diffusers_hook", None)
+        if registry is not None and any(h.startswith("cp_input---") for h in registry.hooks):
+            # diffusers runs the hook registered last outermost: ours would see the unsplit sequence.
+            raise RuntimeError(
+                f"diffusers' context parallelism splits the inputs of {name}, a block tcpade hooks: call "
+                "tcpade.apply before transformer.enable_parallelism"
+            )
     state = _CallState(controller)
     root = _RootHook(state, adapter, _ArgReader(type(module).forward, adapter.timestep_arg))
     hooks = [

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import distributed
 from .config import TCPadeConfig
 from .policy import Runtime, StepRecord
 
@@ -77,6 +78,9 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
     runtime = Runtime(config or TCPadeConfig(), total_steps=_scheduler_steps(pipe) if pipe is not None else None)
     if num_steps is not None:
         runtime.set_steps(num_steps)
+    # Under diffusers' context parallelism (enabled before or after this call) the TSI sums
+    # are summed over the ranks, so every rank takes the same decision (tcpade.distributed).
+    distributed.follow_context_parallel(runtime, transformer)
     adapters.attach(transformer, runtime)
     setattr(transformer, _ATTR, runtime)
     return runtime
