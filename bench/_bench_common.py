@@ -369,6 +369,19 @@ def tcpade_fn(case: Case, x: Inputs) -> Callable:
     return lambda: ops.predict(x.h_in, x.ring, x.slots, x.coef, x.h_prev, case.variant, case.store, True)
 
 
+def launch_fn(case: Case, x: Inputs, **launch) -> Callable:
+    """The Triton kernel with an explicit launch shape (block, num_warps): the sweep that
+    launch-parameter tuning needs as GPU evidence."""
+    from tcpade import kernels
+
+    if case.op == "update":
+        return lambda: kernels.update(x.h_in, x.h_out, x.ring, x.slots, x.h_prev, case.probe, **launch)
+    return lambda: kernels.predict(x.h_in, x.ring, x.slots, x.coef, x.h_prev, case.variant, case.store, True, **launch)
+
+
+SWEEP = [dict(block=b, num_warps=w) for b in (2048, 4096, 8192) for w in (4, 8)]
+
+
 def math_fn(case: Case, x: Inputs, compiled: Optional[Callable] = None) -> Callable:
     if case.op == "update":
         f = compiled or math_update
@@ -503,8 +516,10 @@ def bench_case(
     reps: int = 20,
     warmup: int = 3,
     log: Callable = lambda s: None,
+    sweep: bool = False,
 ) -> dict:
-    """Time one case at one shape and dtype under every provider; one result row."""
+    """Time one case at one shape and dtype under every provider; one result row. sweep
+    (CUDA): also time tcpade's kernel at each launch shape of SWEEP and keep the best."""
     dtype = DTYPES[dname]
     elt = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     nbytes = case.tensors * elt
@@ -536,6 +551,19 @@ def bench_case(
             if name == "tcpade":
                 row["tcpade_call"] = time_cuda(fn, graph=False)
             torch.cuda.synchronize()
+        if sweep and "tcpade" in fns:
+            best = (row["tcpade"][0], "default")
+            for launch in SWEEP:
+                try:
+                    t = time_cuda(rotating([launch_fn(case, x, **launch) for x in sets]), graph=True)[0]
+                except Exception as exc:  # a shape the kernel refuses is a result, not the end of the run
+                    row.setdefault("notes", []).append(f"launch {launch}: {type(exc).__name__}: {exc}")
+                    continue
+                if t < best[0]:
+                    best = (t, ",".join(f"{k}={v}" for k, v in launch.items()))
+            row["best_launch"] = dict(
+                ms=best[0], launch=best[1], pct_copy=100.0 * nbytes / (best[0] * 1e-3) / 1e9 / copy_gbs
+            )
     else:
         names = list(fns)
         for name, t in zip(names, time_cpu_interleaved([fns[n] for n in names], reps, warmup)):
@@ -564,6 +592,7 @@ def run_cases(
     compile_at: Optional[Callable[[str, str, str], bool]] = None,
     reps: int = 20,
     log: Callable = lambda s: None,
+    sweep: bool = False,
 ) -> List[dict]:
     """Every case x shape x dtype; compile_at(shape_name, dtype, case_name) limits the compiled
     provider (each shape/dtype/case is one more inductor compile, seconds each)."""
@@ -574,7 +603,9 @@ def run_cases(
                 prov = [
                     p for p in providers if p != "compiled" or compile_at is None or compile_at(sname, dname, case.name)
                 ]
-                rows.append(bench_case(case, sname, shape, dname, device, copy_gbs, prov, reps=reps, log=log))
+                rows.append(
+                    bench_case(case, sname, shape, dname, device, copy_gbs, prov, reps=reps, log=log, sweep=sweep)
+                )
     return rows
 
 
@@ -603,6 +634,14 @@ def markdown(rows: List[dict], device: str) -> str:
             f"{fmt_t(r.get('eager'))} | {fmt_t(r.get('compiled'))} | {fmt_t(r.get('published'))} | "
             f"{ratio('eager')} | {ratio('compiled')} | {ratio('published')} |"
         )
+    swept = [r for r in rows if "best_launch" in r]
+    if swept:
+        lines += ["", "Launch-shape sweep (best CUDA-graph time of tcpade's kernel):", ""]
+        for r in swept:
+            b = r["best_launch"]
+            lines.append(
+                f"- {r['dtype']} {r['shape']} {r['case']}: {b['launch']} {b['ms']:.4f} ms ({b['pct_copy']:.0f}% copy)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -660,6 +699,7 @@ def parse_common(ap, default_shapes: str):
     ap.add_argument("--compile-at", default="all", help="'all' or shape:dtype pairs, e.g. flux1024:bf16")
     ap.add_argument("--reps", type=int, default=None, help="CPU: timed reps per provider")
     ap.add_argument("--threads", type=int, default=2, help="CPU: torch.set_num_threads")
+    ap.add_argument("--sweep", action="store_true", help="CUDA: also sweep the kernels' launch shapes")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--md", default=None, help="write the markdown table here")
 
@@ -686,9 +726,8 @@ def main_common(args, cases: Sequence[Case], title: str) -> List[dict]:
     copy_gbs = copy_bandwidth(device, nbytes=(64 << 20) if args.quick else (1 << 30))
     info = machine_info(device)
     info["copy_GBps"] = copy_gbs
-    rows = run_cases(
-        cases, shapes, dtypes, device, copy_gbs, providers, compile_at, reps, log=lambda s: print(s, file=sys.stderr)
-    )
+    rows = run_cases(cases, shapes, dtypes, device, copy_gbs, providers, compile_at, reps,
+                     log=lambda s: print(s, file=sys.stderr), sweep=args.sweep and device == "cuda")  # fmt: skip
     where = info.get("gpu") or (
         f"{info['cpu']} ({info['cpus']} CPUs, C++ kernels {info.get('cpp_isa')}, load average "
         f"{info['loadavg_1m']} at the start)"

@@ -24,10 +24,10 @@ CASES = B.PREDICT_CASES
 
 
 def run(device, shapes, dtypes, copy_gbs, providers=B.PROVIDERS, compile_at=None, reps=20, log=lambda s: None,
-        variants=None):  # fmt: skip
+        variants=None, sweep=False):  # fmt: skip
     """The rows for gpu_check.py (same as the command line)."""
     cases = [c for c in CASES if variants is None or c.name in variants]
-    return B.run_cases(cases, shapes, dtypes, device, copy_gbs, providers, compile_at, reps, log)
+    return B.run_cases(cases, shapes, dtypes, device, copy_gbs, providers, compile_at, reps, log, sweep)
 
 
 def main(argv=None):

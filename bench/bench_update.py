@@ -21,9 +21,10 @@ import _bench_common as B
 CASES = B.UPDATE_CASES
 
 
-def run(device, shapes, dtypes, copy_gbs, providers=B.PROVIDERS, compile_at=None, reps=20, log=lambda s: None):
+def run(device, shapes, dtypes, copy_gbs, providers=B.PROVIDERS, compile_at=None, reps=20, log=lambda s: None,
+        sweep=False):  # fmt: skip
     """The rows for gpu_check.py (same as the command line)."""
-    return B.run_cases(CASES, shapes, dtypes, device, copy_gbs, providers, compile_at, reps, log)
+    return B.run_cases(CASES, shapes, dtypes, device, copy_gbs, providers, compile_at, reps, log, sweep)
 
 
 def main(argv=None):

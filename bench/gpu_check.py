@@ -591,6 +591,7 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="default: cuda if available (cpu with --dry)")
     ap.add_argument("--out", default=None, help="directory for gpu_check.json, gpu_check.md and the log")
     ap.add_argument("--full", action="store_true", help="torch.compile at every shape and dtype (adds minutes)")
+    ap.add_argument("--sweep", action="store_true", help="sweep the kernels' launch shapes at FLUX 1024^2 (~1 min)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,micro,e2e")
     ap.add_argument("--models", default="flux,dit,wan", help="end-to-end models, in order")
     ap.add_argument(
@@ -643,8 +644,9 @@ def main(argv=None):
 
     def micro(names):
         sub = {n: shapes[n] for n in names}
-        micro_rows.extend(bench_update.run(device, sub, dtypes, copy_gbs, compile_at=compile_at, reps=reps, log=mlog))
-        micro_rows.extend(bench_predict.run(device, sub, dtypes, copy_gbs, compile_at=compile_at, reps=reps, log=mlog))
+        kw = dict(compile_at=compile_at, reps=reps, log=mlog, sweep=args.sweep and device == "cuda")
+        micro_rows.extend(bench_update.run(device, sub, dtypes, copy_gbs, **kw))
+        micro_rows.extend(bench_predict.run(device, sub, dtypes, copy_gbs, **kw))
 
     if "micro" not in skip:
         micro(first)
