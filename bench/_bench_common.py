@@ -475,22 +475,31 @@ def time_cuda(fn: Callable, graph: bool, rep_ms: int = 50) -> tuple:
     return tuple(triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=q))
 
 
-def time_cpu_interleaved(fns: List[Callable], reps: int, warmup: int) -> List[tuple]:
+CPU_CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def time_cpu_interleaved(fns: List[Callable], reps: int, warmup: int, clock: str = "wall") -> List[tuple]:
     """Each fn reps times, interleaved rep by rep so that a shared machine's slow drifts hit
-    all of them alike; one (median, p20, p80) in ms per fn."""
+    all of them alike; one (median, p20, p80) in ms per fn.
+
+    clock="thread": the CPU time of this thread (CLOCK_THREAD_CPUTIME_ID) instead of wall
+    time. Only meaningful with one thread everywhere (torch, OpenMP): then it leaves out the
+    time other processes hold the core, which on a shared, oversubscribed host (load 8 on 2
+    cores, measured here) otherwise dominates every wall-clock median."""
+    now = CPU_CLOCKS[clock]
     for fn in fns:
         for _ in range(warmup):
             fn()
     ts = [[] for _ in fns]
     for _ in range(reps):
         for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            ts[k].append((time.perf_counter() - t0) * 1e3)
+            ts[k].append((now() - t0) * 1e3)
     return [quantiles(t) for t in ts]
 
 
-def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 20) -> float:
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 20, clock: str = "wall") -> float:
     """GB/s of a large device-to-device copy, counting bytes read + written (the ceiling the
     % column divides by). 1 GiB on a GPU, far past its L2."""
     n = nbytes // 4
@@ -499,7 +508,7 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 20) -> float:
     if device == "cuda":
         ms = time_cuda(lambda: dst.copy_(src), graph=False, rep_ms=100)[0]
     else:
-        ms = time_cpu_interleaved([lambda: dst.copy_(src)], reps, 2)[0][0]
+        ms = time_cpu_interleaved([lambda: dst.copy_(src)], reps, 2, clock)[0][0]
     src = dst = None  # free the 2 GiB before the benchmarks allocate
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
@@ -517,6 +526,7 @@ def bench_case(
     warmup: int = 3,
     log: Callable = lambda s: None,
     sweep: bool = False,
+    clock: str = "wall",
 ) -> dict:
     """Time one case at one shape and dtype under every provider; one result row. sweep
     (CUDA): also time tcpade's kernel at each launch shape of SWEEP and keep the best."""
@@ -566,7 +576,7 @@ def bench_case(
             )
     else:
         names = list(fns)
-        for name, t in zip(names, time_cpu_interleaved([fns[n] for n in names], reps, warmup)):
+        for name, t in zip(names, time_cpu_interleaved([fns[n] for n in names], reps, warmup, clock)):
             row[name] = t
     for name in PROVIDERS:
         if name in row:
@@ -593,6 +603,7 @@ def run_cases(
     reps: int = 20,
     log: Callable = lambda s: None,
     sweep: bool = False,
+    clock: str = "wall",
 ) -> List[dict]:
     """Every case x shape x dtype; compile_at(shape_name, dtype, case_name) limits the compiled
     provider (each shape/dtype/case is one more inductor compile, seconds each)."""
@@ -604,7 +615,9 @@ def run_cases(
                     p for p in providers if p != "compiled" or compile_at is None or compile_at(sname, dname, case.name)
                 ]
                 rows.append(
-                    bench_case(case, sname, shape, dname, device, copy_gbs, prov, reps=reps, log=log, sweep=sweep)
+                    bench_case(
+                        case, sname, shape, dname, device, copy_gbs, prov, reps, log=log, sweep=sweep, clock=clock
+                    )
                 )
     return rows
 
@@ -699,6 +712,8 @@ def parse_common(ap, default_shapes: str):
     ap.add_argument("--compile-at", default="all", help="'all' or shape:dtype pairs, e.g. flux1024:bf16")
     ap.add_argument("--reps", type=int, default=None, help="CPU: timed reps per provider")
     ap.add_argument("--threads", type=int, default=2, help="CPU: torch.set_num_threads")
+    ap.add_argument("--clock", choices=sorted(CPU_CLOCKS), default="wall",
+                    help="CPU: 'thread' = this thread's CPU time (--threads 1, OMP_NUM_THREADS=1)")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="CUDA: also sweep the kernels' launch shapes")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--md", default=None, help="write the markdown table here")
@@ -711,6 +726,14 @@ def main_common(args, cases: Sequence[Case], title: str) -> List[dict]:
     device = args.device
     if device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        native = ops._load_native()
+        omp = native.num_threads() if native is not None and hasattr(native, "num_threads") else 1
+        if device != "cpu" or args.threads != 1 or omp != 1:
+            raise SystemExit(
+                f"--clock thread measures one thread's CPU time: it needs --device cpu, --threads 1 and "
+                f"OMP_NUM_THREADS=1 (got device {device}, threads {args.threads}, C++ OpenMP threads {omp})"
+            )
     if args.quick:
         shapes = dict(QUICK_SHAPES)
     else:
@@ -723,11 +746,12 @@ def main_common(args, cases: Sequence[Case], title: str) -> List[dict]:
         pairs = {tuple(p.split(":")) for p in args.compile_at.split(",") if p}
         compile_at = lambda s, d, c: (s, d) in pairs  # noqa: E731
     reps = args.reps or (3 if args.quick else 20)
-    copy_gbs = copy_bandwidth(device, nbytes=(64 << 20) if args.quick else (1 << 30))
+    copy_gbs = copy_bandwidth(device, nbytes=(64 << 20) if args.quick else (1 << 30), clock=args.clock)
     info = machine_info(device)
     info["copy_GBps"] = copy_gbs
     rows = run_cases(cases, shapes, dtypes, device, copy_gbs, providers, compile_at, reps,
-                     log=lambda s: print(s, file=sys.stderr), sweep=args.sweep and device == "cuda")  # fmt: skip
+                     log=lambda s: print(s, file=sys.stderr), sweep=args.sweep and device == "cuda",
+                     clock=args.clock)  # fmt: skip
     where = info.get("gpu") or (
         f"{info['cpu']} ({info['cpus']} CPUs, C++ kernels {info.get('cpp_isa')}, load average "
         f"{info['loadavg_1m']} at the start)"
@@ -736,7 +760,8 @@ def main_common(args, cases: Sequence[Case], title: str) -> List[dict]:
         "triton.testing.do_bench medians (p20-p80); tcpade, eager and compiled replayed from a CUDA graph "
         "(kernel time), published timed as it runs (it syncs with the host)"
         if device == "cuda"
-        else f"median (p20-p80) of {reps} interleaved reps"
+        else f"median (p20-p80) of {reps} interleaved reps, "
+        + ("CPU time of the one thread (time.thread_time)" if args.clock == "thread" else "wall time")
     )
     md = (
         f"{title} on {where}; torch {info['torch']}, triton {info['triton']}, {info['date']}. "
