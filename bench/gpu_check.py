@@ -95,14 +95,20 @@ def _err_tol(got, ref64, lowprec, dtype):
 
 
 def _sums_err(got, ref64, idx=(0, 1, 2, 4)):
-    """Worst relative error of the reductions (fp32 partial sums vs float64)."""
+    """Worst error of the reductions (fp32 partial sums vs float64) relative to the size of
+    their terms: the sum itself for the sums of squares (0, 1, 3, 4, 6), and
+    sqrt(S d1^2 * S d2^2) >= S |d1 d2| for the cross term (2), which cancels: relative to
+    its own small value an fp32 sum over 12.6 M terms is only good to ~1e-7 * sqrt(N) = 4e-4.
+    Tolerance 1e-5: blocked fp32 summation is good to ~1e-7 * log2(N) of the terms' size.
+    The non-finite count (5) must be exact."""
     g = got.detach().cpu().double()
     worst = 0.0
     for i in idx:
         r = ref64[i].item()
-        worst = max(worst, abs(g[i].item() - r) / max(abs(r), 1e-30))
+        scale = math.sqrt(abs(ref64[0].item() * ref64[1].item())) if i == 2 else abs(r)
+        worst = max(worst, abs(g[i].item() - r) / max(scale, 1e-30))
     bad = g[5].item() != ref64[5].item()
-    return (math.inf if bad else worst), 1e-4
+    return (math.inf if bad else worst), 1e-5
 
 
 def _inputs(shape, dtype, device, seed, nslot=4):
@@ -118,7 +124,6 @@ def _inputs(shape, dtype, device, seed, nslot=4):
 
 
 def _one_update(x, device, dtype, probe, with_prev):
-    nslot = x["ring"].shape[0]
     write = int(x["slots"][-1])
     ring_d = x["ring"].clone().to(device)
     if not probe:
@@ -134,10 +139,10 @@ def _one_update(x, device, dtype, probe, with_prev):
     if not probe:
         ring_low[write] = float("nan")
     reference.update(x["h_in"].to(device), x["h_out"].to(device), ring_low, x["slots"].to(device), None, probe, dtype)
-    errs = [_err_tol(ring_d[write], ring_ref[write], ring_low[write], dtype), _sums_err(sums, ref_sums)]
+    idx = (0, 1, 2, 3, 4, 6) if probe else (0, 1, 2, 4)
+    errs = [_err_tol(ring_d[write], ring_ref[write], ring_low[write], dtype), _sums_err(sums, ref_sums, idx)]
     if with_prev:
         errs.append(_err_tol(prev_d, prev_ref, prev_d, dtype))
-    del nslot
     return errs
 
 
