@@ -1,0 +1,245 @@
+"""The diffusers integration under faults: no stale state, no silent degradation.
+
+Tiny random-weight pipelines (tests/test_adapters.py). Covered elsewhere and not repeated:
+resolution, batch size and step count changing between calls (test_api.py), an exception
+between begin and end at the Runtime level (test_policy.py), op-level input errors such
+as mismatched devices, wrong shapes, non-contiguous state buffers (test_ops.py), invalid
+config values (test_policy.py).
+
+Not testable here: CPU offload. ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``
+need an accelerator, and accelerate's ``cpu_offload`` with the CPU as execution device fails
+on these pipelines without tcpade too ("Cannot copy out of meta tensor"). Moving a pipeline
+between devices is tested when a GPU is present (pending a GPU run).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from test_adapters import BlockBodyCounter, _flux_pipeline, _wan_pipeline  # noqa: E402
+
+import tcpade  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402
+
+STEPS = 12
+SLOW12 = [0, 1, 2, 3, 4, 8, 11]  # the slow preset's computed calls at T = 12 (test_api.py)
+
+
+def _flux():
+    pipe, generate = _flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, generate
+
+
+def _summary(pipe):
+    s = tcpade.summary(pipe)
+    return {br: [(r.k, r.computed, r.reason, r.nonfinite) for r in recs] for br, recs in s.branches.items()}
+
+
+class _Fault:
+    """A forward hook on a module that acts at its n-th call (0-based) only."""
+
+    def __init__(self, module, at, action):
+        self.n, self.at, self.action = 0, at, action
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        n, self.n = self.n, self.n + 1
+        return self.action(output) if n == self.at else output
+
+    def remove(self):
+        self.handle.remove()
+
+
+class _InnerFault(_Fault):
+    """The same, as a diffusers hook registered before tcpade's: tcpade's block hook then
+    runs outside it and sees the faulty output as the block's own (a torch forward hook
+    would act after tcpade has read the output)."""
+
+    def __init__(self, module, at, action):
+        from diffusers.hooks import HookRegistry, ModelHook
+
+        fault = self
+
+        class Hook(ModelHook):
+            def post_forward(self, module, output):
+                return fault(module, (), output)
+
+        self.n, self.at, self.action, self.module = 0, at, action, module
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(Hook(), "fault")
+
+    def remove(self):
+        self.module._diffusers_hook.remove_hook("fault", recurse=False)
+
+
+def _image(output):  # a FLUX block returns (encoder_hidden_states, hidden_states)
+    return output[1] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def test_exception_mid_run_leaves_no_stale_state():
+    pipe, generate = _flux()
+    tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        clean = generate(STEPS)
+        clean_dec = _summary(pipe)
+
+        def boom(output):
+            raise RuntimeError("injected fault")
+
+        # Call 13 = step 6's cond call: mid-run, with history stored and skips behind it.
+        fault = _Fault(pipe.transformer.transformer_blocks[0], 10, boom)
+        with pytest.raises(RuntimeError, match="injected fault"):
+            generate(STEPS)
+        fault.remove()
+        # The next call is exactly the clean one: same output bits, same decisions.
+        assert torch.equal(generate(STEPS), clean)
+        assert _summary(pipe) == clean_dec
+        # Also after a fault inside the very first call, and with another step count next.
+        fault = _Fault(pipe.transformer.transformer_blocks[0], 0, boom)
+        with pytest.raises(RuntimeError):
+            generate(STEPS)
+        fault.remove()
+        assert torch.equal(generate(STEPS), clean)
+        generate(7)
+        assert [r.k for r in tcpade.summary(pipe).branches["cond"]] == list(range(7))
+    finally:
+        tcpade.remove(pipe)
+
+
+@torch.no_grad()
+def test_nan_at_step_k_computes_from_k_and_does_not_leak():
+    pipe, generate = _flux()
+    counter = BlockBodyCounter(pipe.transformer)
+
+    def nan(output):
+        img = _image(output).clone()
+        img[0, 0, 0] = float("nan")
+        return (output[0], img) if isinstance(output, tuple) else img
+
+    # On the last block's output (h_out), armed below; inner to tcpade's hook (see _InnerFault).
+    fault = _InnerFault(pipe.transformer.single_transformer_blocks[-1], None, nan)
+    tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        clean = generate(STEPS)
+        clean_dec = _summary(pipe)
+        counter.counts = dict.fromkeys(counter.counts, 0)
+        fault.n, fault.at = 0, 8  # the last block's 9th run = step 4's cond call (0-4 compute)
+        generate(STEPS)
+        s = tcpade.summary(pipe)
+        cond = s.branches["cond"]
+        assert cond[4].nonfinite and cond[4].computed, str(s)
+        assert all(r.computed for r in cond[4:]), str(s)
+        assert all(r.reason == "nonfinite" for r in cond[5:]), str(s)
+        assert "non-finite values at steps [4" in str(s)
+        # Every block ran at every step from 4 on in both branches (the NaN reaches the
+        # uncond branch through the latents at step 5): all 12 steps x 2 branches.
+        assert set(counter.snapshot().values()) == {2 * STEPS}
+        # The next call does not inherit the poisoning.
+        assert torch.equal(generate(STEPS), clean)
+        assert _summary(pipe) == clean_dec
+    finally:
+        tcpade.remove(pipe)
+        fault.remove()
+        counter.remove()
+
+
+@torch.no_grad()
+def test_fp16_overflow_in_a_residual():
+    """h_in and h_out finite in fp16, their difference is not: the step is flagged and
+    everything after it is computed."""
+    pipe, generate = _flux_pipeline(torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+
+    def big(sign):
+        def act(output):
+            img = _image(output).clone()
+            img[0, 0, 0] = sign * 40000.0
+            return (output[0], img) if isinstance(output, tuple) else img
+
+        return act
+
+    # Step 3's cond call is call 6: h_in (x_embedder's output) -40000, h_out +40000.
+    faults = [_Fault(pipe.transformer.x_embedder, 6, big(-1)),
+              _InnerFault(pipe.transformer.single_transformer_blocks[-1], 6, big(+1))]  # fmt: skip
+    tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        generate(STEPS)
+        for f in faults:
+            f.remove()
+        s = tcpade.summary(pipe)
+        cond = s.branches["cond"]
+        assert cond[3].nonfinite and all(r.computed for r in cond[3:]), str(s)
+        hist = tcpade.runtime(pipe).branches["cond"].history
+        assert hist.ring.dtype == torch.float16
+    finally:
+        tcpade.remove(pipe)
+
+
+@torch.no_grad()
+def test_two_pipelines_in_one_process():
+    """Two pipelines with tcpade, called alternately: each gets exactly its solo result."""
+    flux, gen_flux = _flux()
+    wan, gen_wan = _wan_pipeline()
+    wan.set_progress_bar_config(disable=True)
+    tcpade.apply(flux, TCPadeConfig.slow())
+    tcpade.apply(wan, TCPadeConfig.fast())
+    try:
+        solo_flux, dec_flux = gen_flux(STEPS), _summary(flux)
+        solo_wan, dec_wan = gen_wan(STEPS), _summary(wan)
+        for _ in range(2):
+            assert torch.equal(gen_flux(STEPS), solo_flux)
+            assert torch.equal(gen_wan(STEPS), solo_wan)
+        assert _summary(flux) == dec_flux and _summary(wan) == dec_wan
+        assert [r.k for r in tcpade.summary(flux).branches["cond"] if r.computed] == SLOW12
+        assert tcpade.runtime(flux) is not tcpade.runtime(wan)
+    finally:
+        tcpade.remove(flux)
+        tcpade.remove(wan)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (a CPU-only machine has one device)")
+@torch.no_grad()
+def test_pipeline_moved_between_devices():
+    pipe, generate = _flux()
+    tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        cpu_out = generate(STEPS)
+        pipe.to("cuda")
+        gpu_out = generate(STEPS).cpu()
+        assert tcpade.runtime(pipe).branches["cond"].history.ring.device.type == "cuda"
+        assert [r.k for r in tcpade.summary(pipe).branches["cond"] if r.computed] == SLOW12
+        pipe.to("cpu")
+        assert torch.equal(generate(STEPS), cpu_out)
+        assert ((gpu_out - cpu_out).norm() / cpu_out.norm()).item() < 1e-3  # TF32-free fp32 on both
+    finally:
+        tcpade.remove(pipe)
+
+
+def test_unsupported_model_error_names_models_and_recipe():
+    with pytest.raises(TypeError) as info:
+        tcpade.apply(torch.nn.Linear(2, 2))
+    msg = str(info.value)
+    for name in ("FluxTransformer2DModel", "WanTransformer3DModel", "DiTTransformer2DModel", "SD3Transformer2DModel"):
+        assert name in msg
+    assert "adapter recipe" in msg and "tcpade/adapters.py" in msg
+
+
+@torch.no_grad()
+def test_prediction_on_another_device_or_shape_is_refused():
+    """The Runtime's tensors must follow h_in; a controller answering with a tensor on
+    another device (or shape) is refused with both named, and the next call is clean."""
+    from test_adapters import FAMILIES, Recorder, run
+
+    from tcpade import adapters
+
+    model, inputs, _ = FAMILIES["wan"]()
+    ref = run(model, inputs(0))
+    adapters.attach(model, Recorder(predictions={0: torch.zeros(2, 8, 24, device="meta")}))
+    try:
+        with pytest.raises(ValueError, match="meta"):
+            run(model, inputs(0))
+        assert torch.equal(run(model, inputs(0)), ref)
+    finally:
+        adapters.detach(model)
