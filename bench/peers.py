@@ -438,10 +438,14 @@ def peer_methods(model_name: str, steps: int, quick: bool = False) -> list:
            (0.5, 6, 0.1)]  # fmt: skip
     methods += [_magcache(*g) for g in ([mag[2], mag[5]] if quick else mag)]
 
-    db = [(0.04, w(0.3)), (0.08, w(0.2)), (0.15, w(0.15)), (0.3, w(0.1)), (0.5, w(0.1)), (0.8, w(0.1))]
+    # (threshold, warm-up, max continuous cached steps); the capped points force periodic refreshes.
+    db = [(0.04, w(0.3), -1), (0.08, w(0.2), -1), (0.15, w(0.15), -1), (0.3, w(0.1), 5), (0.5, w(0.1), 3),
+          (0.8, w(0.1), -1)]  # fmt: skip
     pick = (lambda g: [g[1], g[4]]) if quick else (lambda g: g)
-    methods += [_dbcache(th, 1, 0, wu, -1, None) for th, wu in pick(db)]
-    # + TaylorSeer: first order over the whole grid, second order at two of its aggressive points.
-    db_ts = [(th, wu, 1) for th, wu in db] + [(th, wu, 2) for th, wu in (db[3], db[4])]
-    methods += [_dbcache(th, 1, 0, wu, -1, o) for th, wu, o in pick(db_ts)]
+    methods += [_dbcache(th, 1, 0, wu, mc, None) for th, wu, mc in pick(db)]
+    # + TaylorSeer: first order over the whole grid, second order at two of its aggressive points. cache-dit's
+    # calibrator forms a derivative only from the third computed step on (current_step > 1), so with
+    # fewer warm-up steps and nothing computed after them it degenerates to plain reuse: warm-up >= 3.
+    db_ts = [(th, max(wu, 3), mc, 1) for th, wu, mc in db] + [(th, max(wu, 3), mc, 2) for th, wu, mc in (db[3], db[4])]
+    methods += [_dbcache(th, 1, 0, wu, mc, o) for th, wu, mc, o in pick(db_ts)]
     return methods

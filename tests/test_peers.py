@@ -149,3 +149,27 @@ def test_mac_counter_sees_through_diffusers_hooks():
             assert c.macs == full // (STEPS * n) * (STEPS + n - 1)
         else:
             assert c.macs == full
+
+
+def test_mag_calibration_per_branch():
+    """MagCache's calibrated ratios are the per-step mean norm ratios of the block-stack residual of each
+    CFG branch on its own (cond first), computed here independently from the block inputs / outputs."""
+    m, _, _ = _model("wan-digits")
+    runs = peers.calibrate_mag_ratios(m, STEPS, SEEDS, LABELS)
+    blocks = m.transformer.blocks
+    ins, res = [], []
+    h1 = blocks[0].register_forward_pre_hook(lambda mod, a, k: ins.append(k.get("hidden_states", a[0] if a else None)),
+                                             with_kwargs=True)  # fmt: skip
+    h2 = blocks[-1].register_forward_hook(lambda mod, a, o: res.append(o - ins[-1]))
+    try:
+        m.sample(SEEDS, LABELS, STEPS)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert len(runs) == 2
+    for b in range(2):
+        r = res[b::2]  # calls alternate cond, uncond
+        norm = [torch.linalg.norm(x.float(), dim=-1) for x in r]
+        want = [1.0] + [(norm[i] / (norm[i - 1] + 1e-8)).mean().item() for i in range(1, STEPS)]
+        assert runs[b] == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert runs[0] != runs[1]
