@@ -46,13 +46,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["GROUPS", "Method", "block_lists", "count_macs", "peer_methods"]
+__all__ = [
+    "GROUPS",
+    "Method",
+    "block_lists",
+    "calibrate_mag_ratios",
+    "clear_calibrations",
+    "count_macs",
+    "peer_methods",
+]
 
 GROUPS = (
     "FirstBlockCache",
@@ -271,7 +280,13 @@ def calibrate_mag_ratios(model, steps: int, seeds, labels) -> list:
     return handler.runs
 
 
-_MAG_CACHE: dict = {}  # (model id, steps, seeds, labels) -> ratios: one calibration per model and setting
+# model -> {(steps, seeds, labels): ratios}: one calibration per model object and setting (weak keys, so a
+# new model object never sees another's ratios; call clear_calibrations() after changing weights in place).
+_MAG_CACHE = weakref.WeakKeyDictionary()
+
+
+def clear_calibrations() -> None:
+    _MAG_CACHE.clear()
 
 
 def _magcache(threshold: float, max_skip: int, retention: float) -> Method:
@@ -280,10 +295,11 @@ def _magcache(threshold: float, max_skip: int, retention: float) -> Method:
     def on(m, model, steps, seeds, labels):
         from diffusers import MagCacheConfig
 
-        key = (id(model), steps, tuple(int(s) for s in seeds), tuple(int(x) for x in labels))
-        if key not in _MAG_CACHE:
-            _MAG_CACHE[key] = calibrate_mag_ratios(model, steps, seeds, labels)
-        runs = _MAG_CACHE[key]
+        key = (steps, tuple(int(s) for s in seeds), tuple(int(x) for x in labels))
+        cache = _MAG_CACHE.setdefault(model, {})
+        if key not in cache:
+            cache[key] = calibrate_mag_ratios(model, steps, seeds, labels)
+        runs = cache[key]
         m.info["mag_ratios"] = runs
         cfg = MagCacheConfig(num_inference_steps=steps, mag_ratios=torch.tensor(runs[0]), **knobs)
         _diffusers_enable(model.transformer, cfg)
@@ -357,7 +373,8 @@ def _dbcache(threshold: float, fn: int, bn: int, warmup: int, max_cont: int, ord
         from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
         t = model.transformer
-        m.info["added_attrs"] = [a for a in _PATCHED_ATTRS if a not in t.__dict__]
+        m.info["added_attrs"] = [a for a in _PATCHED_ATTRS if a not in t.__dict__ and a not in t._modules]
+        m.info["module_order"] = list(t._modules)
         cfg = DBCacheConfig(
             Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=threshold,
             max_warmup_steps=warmup, max_continuous_cached_steps=max_cont, num_inference_steps=steps,
@@ -383,8 +400,18 @@ def _dbcache(threshold: float, fn: int, bn: int, warmup: int, max_cont: int, ord
         with _quiet_cachedit():
             cache_dit.disable_cache(t)
         # The DiT patch functor's forward (and its helper attributes) outlive cache-dit's release.
+        # _norm1_emb is a registered submodule (it would otherwise stay in the state_dict as a duplicate).
         for a in m.info.pop("added_attrs", []):
             t.__dict__.pop(a, None)
+            t._modules.pop(a, None)
+        # cache-dit re-registers the block lists (FLUX: they move behind norm_out / proj_out): restore the
+        # original order so named_modules() / state_dict() iterate exactly as before.
+        order = m.info.pop("module_order", None)
+        if order is not None:
+            mods = t._modules
+            t._modules = type(mods)(
+                [(k, mods[k]) for k in order if k in mods] + [(k, v) for k, v in mods.items() if k not in order]
+            )
 
     group = "cache-dit DBCache+TaylorSeer" if order else "cache-dit DBCache"
     label = f"DB F{fn}B{bn} th={threshold:g} w={warmup} mc={max_cont}" + (f" TS{order}" if order else "")

@@ -57,6 +57,7 @@ def _aggressive(name):
 @pytest.mark.parametrize("name", zoo.names())
 def test_every_group_runs_skips_and_restores(name):
     m, base, full = _model(name)
+    keys = list(m.transformer.state_dict())
     methods = _aggressive(name)
     groups = {meth.group for meth in methods}
     expected = set(peers.GROUPS) - ({"TaylorSeer (lite)"} if name == "dit-faces" else set())
@@ -72,6 +73,9 @@ def test_every_group_runs_skips_and_restores(name):
         assert 0 < c.macs < full, (meth.label, c.macs / full)
         after = m.sample(SEEDS, LABELS, STEPS)
         assert torch.equal(after, base), meth.label
+        # Nothing left behind: no instance forward or extra submodule (cache-dit's DiT patch adds both).
+        assert "forward" not in m.transformer.__dict__, meth.label
+        assert list(m.transformer.state_dict()) == keys, meth.label
 
 
 def test_quick_sweeps_are_small_and_labels_unique():
