@@ -36,9 +36,16 @@ CFG (DiT, Wan: two transformer calls per step, inside ``cache_context("cond")`` 
 diffusers hooks keep one state per context, so each branch caches on its own; cache-dit counts calls
 and is told ``enable_separate_cfg=True`` so even calls are "cond", odd ones "uncond".
 
-MagCache is calibrated per model, step count, seeds and labels: one full pass with ``calibrate=True``
-logs the per-step ratios of every branch; the cond branch's ratios are used (MagCacheConfig takes one
-array for all branches) and the uncond ones are kept in ``Method.info`` for inspection.
+MagCache is calibrated per model, step count, seeds and labels (those given to ``enable``, i.e. the
+evaluation inputs themselves: the most favourable calibration MagCache can get): one full pass with
+``calibrate=True`` logs the per-step ratios of every branch (captured from the INFO log record); the
+cond branch's ratios are used (MagCacheConfig takes one array for all branches) and both are kept in
+``Method.info["mag_ratios"]``.
+
+cache-dit's transformer-only context is not fully reset between generations (with skipping, every
+second run of the same inputs differed); a stateful diffusers hook on the transformer refreshes it
+(``cache_dit.refresh_context`` with the same configs) whenever ``tcpade.sample`` resets the hooks, i.e.
+at the start and end of every run.
 """
 
 from __future__ import annotations
@@ -443,7 +450,11 @@ def peer_methods(model_name: str, steps: int, quick: bool = False) -> list:
     """The knob sweeps of every peer group that runs on ``model_name`` (see the module table).
 
     Grids aim at compute shares from about 0.9 to 0.25 of full at 20 and 50 steps; warm-up lengths
-    scale with ``steps``. ``quick``: two points per group."""
+    scale with ``steps``. ``quick``: two points per group. The step-scheduled groups (TaylorSeer) reach
+    the same shares on any weights (whole-block / lite: 0.80 .. 0.25; per-module only caches attention, so
+    it stays above ~0.8 on FLUX, ~0.75 on DiT, ~0.6 on Wan). The threshold-driven ones (FirstBlockCache,
+    MagCache, DBCache) depend on the weights: on the random ``zoo.build`` models FLUX skipped nothing with
+    FBC / DBCache thresholds below 0.3-0.5, so the grids reach far up; re-check them on the trained models."""
     from tcpade import zoo
 
     family = zoo.SPECS[model_name].family
