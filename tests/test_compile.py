@@ -91,7 +91,8 @@ class CompileCount:
     def __exit__(self, *exc):
         self._log.removeHandler(self._handler)
         torch._logging.set_logs()
-        self.frames = counters["frames"]["total"]
+        self.frames = counters["frames"]["total"]  # (frames of non-fullgraph compiles)
+        self.graphs = counters["stats"]["unique_graphs"]
         self.graph_breaks = sum(counters["graph_break"].values())
 
 
@@ -142,7 +143,7 @@ def test_compiled_transformer_keeps_skipping_without_recompiles(eager_reference,
         counter.counts = dict.fromkeys(counter.counts, 0)
         with torch._dynamo.config.patch(error_on_recompile=True), CompileCount() as steady:
             second = trajectory(family, call, inputs)
-        assert steady.frames == 0 and steady.recompiles == [], (steady.frames, steady.recompiles[:1])
+        assert steady.frames == steady.graphs == 0 and steady.recompiles == [], (steady.frames, steady.recompiles[:1])
         assert tcpade.summary(model).computed("default") == SLOW_COMPUTED
         # Skipping happened inside the compiled model: each block body ran on the 9 computed steps only.
         assert counter.snapshot() == ref_body
@@ -238,3 +239,33 @@ def test_bench_compile_runs(tmp_path):
     assert [r["computed"] for r in rows] == [20, 9, 9]
     assert [r["host_waits"] for r in rows[1:]] == [11, 19]
     assert "| dit | eager | on |" in proc.stdout
+
+
+def test_ops_inductor_dynamic_two_shapes():
+    """Both ops in one inductor graph with dynamic=True: two shapes, one compile, eager results
+    (tests/test_ops.py runs the same through aot_eager and a static inductor graph)."""
+    from helpers import gen, randn, smooth_ring
+
+    from tcpade import coef as K
+
+    def step(h_in, h_out, ring, slots, cf):
+        sums = torch.ops.tcpade.update(h_in, h_out, ring, slots, None, False)
+        out, psums = torch.ops.tcpade.predict(h_in, ring, slots, cf, None, "rational", False, True)
+        return out * 2.0 + 1.0, sums + psums
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="inductor")
+    cf = K.coef_tensor(K.build_coef("rational", "middle", [0.61, 0.74, 0.93], 0.45, 3, 3), "cpu")
+    with CompileCount() as cc:
+        for shape in [(2, 7, 33), (3, 9, 33)]:  # (sizes 0 and 1 are always specialised by dynamo)
+            g = gen(sum(shape))
+            h_in, h_out = randn(shape, torch.float32, "cpu", g), randn(shape, torch.float32, "cpu", g)
+            ring = smooth_ring(shape, 3, torch.float32, "cpu", g)
+            slots = torch.tensor([2, 0, 1], dtype=torch.int32)
+            ring_e = ring.clone()
+            want = step(h_in, h_out, ring_e, slots, cf)
+            got = compiled(h_in, h_out, ring, slots, cf)
+            torch.testing.assert_close(got[0], want[0])
+            torch.testing.assert_close(got[1], want[1])
+            torch.testing.assert_close(ring, ring_e)
+    assert cc.graphs == 1 and cc.recompiles == [], (cc.graphs, cc.recompiles[:1])
