@@ -1,138 +1,105 @@
-"""``python -m tcpade demo``: the kernels on a synthetic denoising trajectory.
+"""``python -m tcpade demo``: TC-Pade on a really trained model, no download.
 
-No model and no download: the block-stack residual of a 20-step flow-matching run is
-stood in for by a smooth rational function of the (shifted, non-uniform) sigma schedule
-plus a small per-step perturbation. The demo runs the published skip pattern (warm-up 4
-steps, every 4th step computed, the last step computed) through the residual history
-and the fused ops, and prints, per predictor, the relative error of the predicted
-residuals against the true ones, the TSI trace, and the time of one fused predict call
-on each backend present. It is a kernel demo: the end-to-end demo on a trained model
-replaces it once the diffusers integration lands.
+Runs the zoo's default model (``flux-digits``: a FLUX-architecture transformer trained on
+scikit-learn's digits, shipped with tcpade) once with full computation and then with
+tcpade's presets, on the same seeds, and prints per run: block-stack passes, the wall-clock
+speedup measured in this run, and PSNR / SSIM against the full run. Writes a side-by-side
+image grid (rows: full, then each preset) and the TSI / skip-decision plot of the fast
+preset into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import time
 
 import torch
 
-from . import coef as K
-from . import ops
-from .history import History
+from . import metrics, zoo
+from .config import TCPadeConfig
 
 
-def flow_sigmas(steps: int, shift: float = 3.0) -> list:
-    """FLUX-style shifted sigmas: sigma' = shift*s / (1 + (shift-1)*s), s uniform in (1, 0]."""
-    out = []
-    for k in range(steps):
-        s = 1.0 - k / steps
-        out.append(shift * s / (1.0 + (shift - 1.0) * s))
-    return out
+def _grid(rows, path, names):
+    """rows: list of image batches (N, 1, H, W) in [-1, 1] -> one PNG, a row per method."""
+    from PIL import Image, ImageDraw
+
+    scale, pad, label_w = 4, 2, 70
+    n, _, h, w = rows[0].shape
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = Image.new("L", (label_w + n * cell_w, len(rows) * cell_h), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (batch, name) in enumerate(zip(rows, names)):
+        draw.text((4, r * cell_h + cell_h // 2 - 5), name, fill=0)
+        x = ((batch.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        for i in range(n):
+            tile = Image.fromarray(x[i, 0]).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (label_w + i * cell_w, r * cell_h))
+    canvas.save(path)
 
 
-def synthetic_trajectory(steps: int, shape, seed: int = 0):
-    """(h_in, R) per step: R follows (A + B*sigma) / (1 + c*sigma) per token row."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(shape, generator=g)
-    b = torch.randn(shape, generator=g)
-    c = 0.6 * torch.rand(*shape[:-1], 1, generator=g)
-    data, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    out = []
-    for s in flow_sigmas(steps):
-        r = (a + b * s) / (1.0 + c * s) + 0.01 * torch.randn(shape, generator=g)
-        h_in = data * (1.0 - s) + noise * s  # the embedded latent moves along the flow path
-        out.append((h_in, r, s))
-    return out
+def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0, threads=1):
+    # One thread: the model is small (a 20-step run of 20 samples is ~0.3 s), and on a shared
+    # machine OpenMP threads that spin-wait for a busy core cost more than they bring.
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = zoo.load(model_name)
+    spec = model.spec
+    if len(spec.sample_shape) != 3:
+        raise ValueError(f"the demo draws images; {model_name!r} makes clips (use bench/quality.py for it)")
+    labels = list(range(spec.num_classes)) * (2 if spec.num_classes > 2 else 5)
+    seeds = [seed * 1000 + i for i in range(len(labels))]
+    methods = [("full", None), ("slow", TCPadeConfig.slow()), ("fast", TCPadeConfig.fast())]
 
-
-def published_schedule(steps: int, warmup: int = 4, interval: int = 4) -> list:
-    return [k <= warmup or k % interval == 0 or k == steps - 1 for k in range(steps)]
-
-
-def run_variant(traj, variant: str, compute: list):
-    hist = History(nslots=3, keep_prev_input=(variant == "paper"))
-    errs, tsis = [], []
-    steps = len(traj)
-    for k, (h_in, r, s) in enumerate(traj):
-        if compute[k] or hist.count < K.MIN_HISTORY[variant]:
-            sums = hist.record(h_in, h_in + r, s)
-            tsis.append(hist_tsi(sums) if hist.count >= 3 else float("nan"))
-            continue
-        stage = K.stage_of(k, steps)
-        cf = hist.coef(
-            variant,
-            stage,
-            s,
-            pade_c=K.paper_curvature_flag(hist.last_sums.tolist() if hist.last_sums is not None else None, hist.count),
-        )
-        out, sums = hist.predict(h_in, cf, variant, s, store=(variant == "paper"))
-        pred = out - h_in
-        errs.append(((pred - r).norm() / r.norm()).item())
-        tsis.append(hist_tsi(sums) if variant == "paper" else float("nan"))
-    return errs, tsis
-
-
-def hist_tsi(sums) -> float:
-    from .reference import tsi_from_sums
-
-    return tsi_from_sums(sums.tolist())
-
-
-def time_backends(shape, reps: int = 20):
-    """Median ms of one fused rational predict on each CPU backend present."""
-    g = torch.Generator().manual_seed(1)
-    h = torch.randn(shape, generator=g)
-    ring = torch.randn((3, *shape), generator=g)
-    slots = torch.tensor([0, 1, 2], dtype=torch.int32)
-    cf = K.coef_tensor(K.build_coef("rational", "middle", [0.6, 0.7, 0.8], 0.5, 3, 3), "cpu")
-    out = {}
-    for b in ops.available_backends("cpu"):
-        if b == "triton":
-            continue  # the interpreter is a correctness tool, not a speed one
-        with ops.use_backend(b):
-            ops.predict(h, ring, slots, cf, None, "rational", False, True)
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                ops.predict(h, ring, slots, cf, None, "rational", False, True)
-                ts.append((time.perf_counter() - t0) * 1e3)
-        ts.sort()
-        out[b] = ts[len(ts) // 2]
-    return out
+    model.sample(seeds[:2], labels[:2], steps=steps)  # warm-up: first-call costs out of the timings
+    results = {}
+    for _ in range(repeats):  # interleaved repeats, best of each: the ratios are measured side by side
+        for name, cfg in methods:
+            t0 = time.perf_counter()
+            if cfg is None:
+                images, summ = model.sample(seeds, labels, steps=steps), None
+            else:
+                images, summ = model.sample(seeds, labels, steps=steps, config=cfg, return_summary=True)
+            dt = time.perf_counter() - t0
+            prev = results.get(name)
+            results[name] = (images, summ, min(dt, prev[2]) if prev else dt)
+    ref, _, t_full = results["full"]
+    print(f"tcpade demo: {model_name} ({type(model.transformer).__name__}, "
+          f"{sum(p.numel() for p in model.transformer.parameters()):,} parameters), {len(seeds)} samples, "
+          f"{steps} steps, CPU {torch.get_num_threads()} thread(s)")  # fmt: skip
+    print(f"{'method':8s} {'passes':>8s} {'fewer passes':>13s} {'wall speedup':>13s} {'PSNR dB':>8s} {'SSIM':>7s}")
+    for name, _ in methods:
+        images, summ, dt = results[name]
+        if summ is None:
+            passes = steps
+            p, s = "inf", "1.0000"
+        else:
+            passes = max(len(summ.computed(b)) for b in summ.branches)
+            p = f"{float(metrics.psnr(images, ref).mean()):.2f}"
+            s = f"{float(metrics.ssim(images, ref).mean()):.4f}"
+        print(f"{name:8s} {passes:>5d}/{steps:<2d} {steps / passes:>12.2f}x {t_full / dt:>12.2f}x {p:>8s} {s:>7s}")
+    os.makedirs(out, exist_ok=True)
+    grid = os.path.join(out, "samples.png")
+    _grid([results[n][0] for n, _ in methods], grid, [n for n, _ in methods])
+    tsi = os.path.join(out, "tsi_fast.png")
+    results["fast"][1].plot(tsi)
+    print(f"\nwrote {grid} (rows: full, slow, fast) and {tsi}")
+    print(results["fast"][1])
+    return results
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m tcpade demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--channels", type=int, default=256)
-    args = ap.parse_args(argv)
-    shape = (1, args.tokens, args.channels)
-    traj = synthetic_trajectory(args.steps, shape)
-    compute = published_schedule(args.steps)
-    n_full = sum(compute)
-    print(f"tcpade kernel demo: synthetic {args.steps}-step flow-matching trajectory, hidden {shape}")
-    print(
-        f"published schedule: {n_full}/{args.steps} steps computed "
-        f"({args.steps / n_full:.2f}x fewer block-stack passes); skipped: "
-        f"{[k for k, c in enumerate(compute) if not c]}\n"
-    )
-    print("| predictor | mean rel. error of predicted residual | worst |")
-    print("|---|---|---|")
-    tsis = None
-    for v in K.VARIANTS:
-        errs, t = run_variant(traj, v, compute)
-        if v == "paper":
-            tsis = t
-        print(f"| {v} | {sum(errs) / len(errs):.4f} | {max(errs):.4f} |")
-    print("\nTSI per step (paper history rule; NaN until three residuals are stored):")
-    print("  " + " ".join("  -  " if math.isnan(x) else f"{x:.3f}" for x in tsis))
-    print(
-        "\none fused rational predict on this CPU, median ms:",
-        ", ".join(f"{b}: {ms:.3f}" for b, ms in time_backends(shape).items()),
-    )
+    p = argparse.ArgumentParser(prog="python -m tcpade demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="flux-digits", choices=[n for n in zoo.names() if n != "wan-digits"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default="tcpade-demo", help="folder for samples.png and tsi_fast.png")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be >= 2")
+    if args.repeats < 1 or args.threads < 1:
+        p.error("--repeats and --threads must be >= 1")
+    run(args.model, args.steps, args.out, args.repeats, threads=args.threads)
     return 0

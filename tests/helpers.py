@@ -60,3 +60,12 @@ def smooth_ring(shape, nslot, dtype, device, g):
 def perm_slots(nslot, device, g):
     """A random age->slot map, as a real ring has after some steps."""
     return torch.randperm(nslot, generator=g).to(torch.int32).to(device)
+
+
+def flow_sigmas(steps: int, shift: float = 3.0) -> list:
+    """FLUX-style shifted sigmas: sigma' = shift*s / (1 + (shift-1)*s), s uniform in (1, 0]."""
+    out = []
+    for k in range(steps):
+        s = 1.0 - k / steps
+        out.append(shift * s / (1.0 + (shift - 1.0) * s))
+    return out

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import flow_sigmas
 
 from tcpade.config import TCPadeConfig
-from tcpade.demo import flow_sigmas
 from tcpade.policy import Runtime
 
 SHAPE = (1, 16, 24)
