@@ -49,7 +49,8 @@ def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0
         raise ValueError(f"the demo draws images; {model_name!r} makes clips (use bench/quality.py for it)")
     labels = list(range(spec.num_classes)) * (2 if spec.num_classes > 2 else 5)
     seeds = [seed * 1000 + i for i in range(len(labels))]
-    methods = [("full", None), ("slow", TCPadeConfig.slow()), ("fast", TCPadeConfig.fast())]
+    methods = [("full", None), ("adaptive", TCPadeConfig.adaptive()), ("slow", TCPadeConfig.slow()),
+               ("fast", TCPadeConfig.fast())]  # fmt: skip
 
     model.sample(seeds[:2], labels[:2], steps=steps)  # warm-up: first-call costs out of the timings
     results = {}
@@ -67,7 +68,7 @@ def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0
     print(f"tcpade demo: {model_name} ({type(model.transformer).__name__}, "
           f"{sum(p.numel() for p in model.transformer.parameters()):,} parameters), {len(seeds)} samples, "
           f"{steps} steps, CPU {torch.get_num_threads()} thread(s)")  # fmt: skip
-    print(f"{'method':8s} {'passes':>8s} {'fewer passes':>13s} {'wall speedup':>13s} {'PSNR dB':>8s} {'SSIM':>7s}")
+    print(f"{'method':9s} {'passes':>8s} {'fewer passes':>13s} {'wall speedup':>13s} {'PSNR dB':>8s} {'SSIM':>7s}")
     for name, _ in methods:
         images, summ, dt = results[name]
         if summ is None:
@@ -77,13 +78,13 @@ def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0
             passes = max(len(summ.computed(b)) for b in summ.branches)
             p = f"{float(metrics.psnr(images, ref).mean()):.2f}"
             s = f"{float(metrics.ssim(images, ref).mean()):.4f}"
-        print(f"{name:8s} {passes:>5d}/{steps:<2d} {steps / passes:>12.2f}x {t_full / dt:>12.2f}x {p:>8s} {s:>7s}")
+        print(f"{name:9s} {passes:>5d}/{steps:<2d} {steps / passes:>12.2f}x {t_full / dt:>12.2f}x {p:>8s} {s:>7s}")
     os.makedirs(out, exist_ok=True)
     grid = os.path.join(out, "samples.png")
     _grid([results[n][0] for n, _ in methods], grid, [n for n, _ in methods])
     tsi = os.path.join(out, "tsi_fast.png")
     results["fast"][1].plot(tsi)
-    print(f"\nwrote {grid} (rows: full, slow, fast) and {tsi}")
+    print(f"\nwrote {grid} (rows: {', '.join(n for n, _ in methods)}) and {tsi}")
     print(results["fast"][1])
     return results
 

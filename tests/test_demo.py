@@ -27,9 +27,14 @@ def test_demo_runs_in_under_a_minute(tmp_path):
     # time is its wall time on an idle machine (~8 s here, imports included); CPU time, unlike
     # wall time, does not grow when other jobs share the machine.
     assert cpu < 60, f"demo used {cpu:.1f} CPU seconds"
-    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split()[:1] in (["full"], ["slow"], ["fast"])}
+    lines = {
+        ln.split()[0]: ln.split()
+        for ln in out.splitlines()
+        if ln.split()[:1] in (["full"], ["adaptive"], ["slow"], ["fast"])
+    }
     assert lines["full"][1] == "20/20" and lines["slow"][1] == "9/20" and lines["fast"][1] == "7/20"
-    for name in ("slow", "fast"):
+    assert 1 < 20 / int(lines["adaptive"][1].split("/")[0]) < 3
+    for name in ("adaptive", "slow", "fast"):
         assert float(lines[name][4]) > 25.0, out  # PSNR against the full run, dB
         assert 0.9 < float(lines[name][5]) <= 1.0, out  # SSIM
     assert (tmp_path / "demo" / "samples.png").stat().st_size > 1000

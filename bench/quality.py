@@ -1,0 +1,481 @@
+"""Quality against compute, side by side: tcpade and its peers on the zoo's trained models.
+
+    python bench/quality.py                 # all models, 20 and 50 steps, full sweeps (~30 min on 2 cores)
+    python bench/quality.py --quick         # one model, 20 steps, a few methods per group (CI)
+    python bench/quality.py --models flux-digits --steps 20
+
+For each zoo model (tcpade/zoo) and step count, over a fixed set of seeds and class labels:
+full computation; tcpade's presets and every predictor x policy combination over a sweep of
+their knobs; diffusers' FirstBlockCache, TaylorSeerCache (per-module, whole-block, lite) and
+MagCache (calibrated on this model); cache-dit's DBCache with and without its TaylorSeer
+calibrator (bench/peers.py). Every method runs through the same denoising loop
+(tcpade.sample, which is diffusers' loop) and is scored the same way:
+
+* compute: multiply-accumulates of the Linear layers inside the transformer blocks that
+  really ran, as a share of the full run's (bench/peers.py count_macs); "speedup (MACs)" is
+  its reciprocal. For tcpade this is exactly computed calls / all calls.
+* wall: the full run's wall time over the method's, both measured in this process on this
+  CPU (a shared 2-core VM: noisy, the MAC ratio is the dependable one).
+* PSNR and SSIM (tcpade.metrics, data range [-1, 1]) against the full run of the same seed,
+  averaged over samples (clips: over frames).
+* acc: the share of samples (frames) a small classifier trained on the same data assigns to
+  the requested class; FD: Frechet distance between its hidden features of the samples and
+  of the training data (like FID, with a classifier trained on our data instead of Inception).
+
+Writes bench/results/quality.md (all tables, the Pareto-front comparison at 2x, 2.5x and
+2.9x, and which predictor x policy wins where), quality_<model>.csv and pareto_<model>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import tcpade  # noqa: E402
+from tcpade import metrics, zoo  # noqa: E402
+from tcpade.config import TCPadeConfig  # noqa: E402
+
+OUT = os.path.join(ROOT, "bench", "results")
+# The issue's operating points at 20 steps: 10, 8 and 7 of 20 block-stack passes.
+LEVELS = ((2.0, "2x"), (2.5, "2.5x"), (20 / 7, "2.9x"))
+TCPADE = "tcpade"
+
+
+# --------------------------------------------------------------------------------------------- data
+def eval_set(name: str, quick: bool):
+    """Fixed seeds and labels per model: every class, several seeds."""
+    spec = zoo.SPECS[name]
+    per = {"flux-digits": 3, "dit-faces": 10, "wan-digits": 1}[name]
+    if quick:
+        per = max(1, per // 3) if spec.num_classes > 2 else 3
+    labels = [c for c in range(spec.num_classes) for _ in range(per)]
+    seeds = [1000 + i for i in range(len(labels))]
+    return seeds, labels
+
+
+class Judge:
+    """A small classifier (sklearn MLP, one hidden layer of 64) trained on the model's data:
+    class accuracy of samples and a Frechet distance on its hidden features."""
+
+    def __init__(self, name: str):
+        from sklearn.neural_network import MLPClassifier
+
+        from tcpade.zoo import data
+
+        spec = zoo.SPECS[name]
+        if spec.data == "digits":
+            x, y = data.digits(spec.sample_shape[-1])
+        elif spec.data == "faces":
+            x, y = data.faces()
+            x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y])
+        else:
+            clips, labels = data.moving_digits(1500, frames=spec.sample_shape[1], size=spec.sample_shape[-1], seed=7)
+            x = clips.permute(0, 2, 1, 3, 4).reshape(-1, 1, *clips.shape[-2:])
+            y = labels.repeat_interleave(clips.shape[2])
+        self.x = x.flatten(1).numpy().astype(np.float64)
+        self.clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=0).fit(self.x, y.numpy())
+        self.train_acc = float(self.clf.score(self.x, y.numpy()))
+        h = self.hidden(self.x)
+        # FD in the top-10 principal components of the hidden features: with 10-30 samples per
+        # method, a 64-dim covariance would be singular
+        self.center = h.mean(0)
+        self.basis = np.linalg.svd(h - self.center, full_matrices=False)[2][:10].T
+        f = self.features(self.x)
+        self.mu, self.cov = f.mean(0), np.cov(f, rowvar=False)
+
+    def hidden(self, x):
+        return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
+
+    def features(self, x):
+        return (self.hidden(x) - self.center) @ self.basis
+
+    @staticmethod
+    def _flat(images):
+        if images.ndim == 5:  # clips: every frame is a sample of the frame distribution
+            return images.permute(0, 2, 1, 3, 4).reshape(-1, images[0, :, 0].numel()).double().numpy()
+        return images.flatten(1).double().numpy()
+
+    def accuracy(self, images, labels) -> float:
+        x = self._flat(images)
+        y = np.asarray(labels)
+        if images.ndim == 5:
+            y = np.repeat(y, images.shape[2])
+        return float((self.clf.predict(x) == y).mean())
+
+    def fd(self, images) -> float:
+        from scipy import linalg
+
+        f = self.features(self._flat(images))
+        mu, cov = f.mean(0), np.cov(f, rowvar=False)
+        covmean = linalg.sqrtm(cov @ self.cov)
+        if np.iscomplexobj(covmean):
+            covmean = covmean.real
+        return float(((mu - self.mu) ** 2).sum() + np.trace(cov + self.cov - 2 * covmean))
+
+
+# ------------------------------------------------------------------------------------------ methods
+@dataclasses.dataclass
+class TcpadeMethod:
+    group: str
+    label: str
+    knobs: dict
+    config: TCPadeConfig
+
+
+def tcpade_methods(quick: bool):
+    """Presets, then predictor x policy sweeps. tsi: the schedule (warmup, interval, max_skips)
+    and the threshold; error: the tolerance and the cap on a run of skips."""
+    out = [
+        TcpadeMethod(f"{TCPADE} presets", "slow", {}, TCPadeConfig.slow()),
+        TcpadeMethod(f"{TCPADE} presets", "fast", {}, TCPadeConfig.fast()),
+        TcpadeMethod(f"{TCPADE} presets", "paper", {}, TCPadeConfig.paper()),
+        TcpadeMethod(f"{TCPADE} presets", "adaptive", {}, TCPadeConfig.adaptive()),
+    ]
+    # tsi schedules (warmup, interval, max_skips, final_steps): the paper's slow and fast, and evenly
+    # spaced ones (runs of at most interval - 1 skips) at 7-10 of 20 passes
+    schedules = (
+        [(4, 4, 3, 1), (2, 4, 3, 0)]
+        if quick
+        else [(4, 4, 3, 1), (2, 4, 3, 1), (2, 4, 3, 0), (3, 5, 4, 1), (2, 5, 4, 0), (2, 6, 5, 1), (1, 6, 5, 0),
+              (2, 8, 7, 0)]
+    )  # fmt: skip
+    thresholds = [1.0] if quick else [1.0, 0.5]
+    tolerances = [0.1] if quick else [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.8]
+    caps = [3] if quick else [3, 5]
+    for pred in ("paper", "rational", "reuse", "linear"):
+        extra = dict(store_predictions=True) if pred == "paper" else {}
+        for w, i, m, f in schedules:
+            for th in thresholds:
+                cfg = TCPadeConfig(predictor=pred, policy="tsi", warmup=w, interval=i, max_skips=m, final_steps=f,
+                                   tsi_threshold=th, **extra)  # fmt: skip
+                knobs = dict(warmup=w, interval=i, max_skips=m, final_steps=f, tsi_threshold=th)
+                label = f"{pred}/tsi w{w} i{i} m{m} f{f} th{th:g}"
+                out.append(TcpadeMethod(f"{TCPADE} {pred}/tsi", label, knobs, cfg))
+        for tol in tolerances:
+            for cap in caps:
+                cfg = TCPadeConfig(predictor=pred, policy="error", warmup=2, tolerance=tol, max_skips=cap, **extra)
+                knobs = dict(warmup=2, tolerance=tol, max_skips=cap)
+                out.append(TcpadeMethod(f"{TCPADE} {pred}/error", f"{pred}/error tol{tol:g} m{cap}", knobs, cfg))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- run
+def cpu_name():
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_one(model, steps, seeds, labels, config=None):
+    from peers import count_macs
+
+    with count_macs(model.transformer) as counter:
+        t0 = time.perf_counter()
+        if config is None:
+            images = model.sample(seeds, labels, steps=steps)
+            summ = None
+        else:
+            images, summ = model.sample(seeds, labels, steps=steps, config=config, return_summary=True)
+        wall = time.perf_counter() - t0
+    return images, counter.macs, wall, summ
+
+
+def score(row, images, ref, judge, labels):
+    row["psnr"] = float(metrics.psnr(images, ref).mean())
+    row["ssim"] = float(metrics.ssim(images, ref).mean())
+    row["acc"] = judge.accuracy(images, labels)
+    row["fd"] = judge.fd(images)
+
+
+def bench_model(name, steps_list, quick, log):
+    from peers import peer_methods
+
+    torch.manual_seed(0)
+    model = zoo.load(name)
+    seeds, labels = eval_set(name, quick)
+    judge = Judge(name)
+    log(f"\n## {name}: {len(seeds)} samples; judge train accuracy {judge.train_acc:.3f}")
+    rows = []
+    for steps in steps_list:
+        run_one(model, steps, seeds[:2], labels[:2])  # warm-up (allocator, first-call costs)
+        ref, macs_full, wall_a, _ = run_one(model, steps, seeds, labels)
+        _, _, wall_b, _ = run_one(model, steps, seeds, labels)
+        wall_full = min(wall_a, wall_b)
+        full = dict(model=name, steps=steps, group="full", label="full", knobs="", share=1.0, speedup=1.0,
+                    wall_speedup=1.0, passes="")  # fmt: skip
+        score(full, ref, ref, judge, labels)
+        rows.append(full)
+        log(f"{name} T={steps}: full {wall_full:.2f}s psnr=inf acc={full['acc']:.3f} fd={full['fd']:.2f}")
+        methods = tcpade_methods(quick) + peer_methods(name, steps, quick=quick)
+        for m in methods:
+            row = dict(model=name, steps=steps, group=m.group, label=m.label,
+                       knobs=" ".join(f"{k}={v}" for k, v in m.knobs.items()))  # fmt: skip
+            try:
+                if isinstance(m, TcpadeMethod):
+                    images, macs, wall, summ = run_one(model, steps, seeds, labels, m.config)
+                    comp = [len(summ.computed(b)) for b in summ.branches]
+                    row["passes"] = f"{max(comp)}/{steps}"
+                else:
+                    m.enable(model, steps, seeds, labels)
+                    try:
+                        images, macs, wall, _ = run_one(model, steps, seeds, labels)
+                    finally:
+                        m.disable(model)
+                    row["passes"] = ""
+            except Exception as exc:  # a peer that fails on a family is reported, not hidden
+                log(f"  {m.label}: FAILED {type(exc).__name__}: {exc}")
+                continue
+            row["share"] = macs / macs_full
+            row["speedup"] = macs_full / max(macs, 1)
+            row["wall_speedup"] = wall_full / wall
+            score(row, images, ref, judge, labels)
+            rows.append(row)
+            log(f"  {m.label:42s} share={row['share']:.3f} x{row['speedup']:.2f} wall x{row['wall_speedup']:.2f} "
+                f"psnr={row['psnr']:.2f} ssim={row['ssim']:.4f} acc={row['acc']:.3f} fd={row['fd']:.2f}")  # fmt: skip
+    return rows, judge
+
+
+# ------------------------------------------------------------------------------------------ analysis
+def best_at(rows, group_pred, level):
+    """The highest-PSNR row of the groups matching group_pred whose MAC speedup reaches level."""
+    cands = [r for r in rows if group_pred(r["group"]) and r["speedup"] >= level * (1 - 1e-9)]
+    return max(cands, key=lambda r: r["psnr"], default=None)
+
+
+def peer_groups(rows):
+    return sorted({r["group"] for r in rows if not r["group"].startswith(TCPADE) and r["group"] != "full"})
+
+
+def front_table(rows, steps):
+    rows = [r for r in rows if r["steps"] == steps]
+    lines = [
+        "| level | tcpade best (PSNR, config) | best peer (PSNR, method) | margin | goal (>= 2 dB over every peer) |",
+        "|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for level, tag in LEVELS:
+        ours = best_at(rows, lambda g: g.startswith(TCPADE), level)
+        peers = [best_at(rows, lambda g, p=p: g == p, level) for p in peer_groups(rows)]
+        peers = [p for p in peers if p is not None]
+        best_peer = max(peers, key=lambda r: r["psnr"], default=None)
+        if ours is None:
+            lines.append(f"| {tag} | no tcpade point | - | - | not met |")
+            verdicts.append(False)
+            continue
+        if best_peer is None:
+            lines.append(f"| {tag} | {ours['psnr']:.2f} ({ours['label']}) | no peer reaches it | - | met (no peer) |")
+            verdicts.append(True)
+            continue
+        margin = ours["psnr"] - best_peer["psnr"]
+        ok = margin >= 2.0
+        verdicts.append(ok)
+        lines.append(
+            f"| {tag} | {ours['psnr']:.2f} ({ours['label']}) | {best_peer['psnr']:.2f} ({best_peer['label']}) | "
+            f"{margin:+.2f} dB | {'met' if ok else 'not met'} |"
+        )
+    return lines, verdicts
+
+
+def presets_on_front(rows, steps):
+    """For each preset: is there any point (any method) with at least its speedup and a higher PSNR?"""
+    rows = [r for r in rows if r["steps"] == steps]
+    out = []
+    for r in rows:
+        if r["group"] != f"{TCPADE} presets":
+            continue
+        better = [
+            o for o in rows if o is not r and o["speedup"] >= r["speedup"] - 1e-9 and o["psnr"] > r["psnr"] + 1e-9
+        ]
+        dom = max(better, key=lambda o: o["psnr"], default=None)
+        state = (
+            "on the front"
+            if dom is None
+            else f"dominated by {dom['label']} ({dom['psnr']:.2f} dB at x{dom['speedup']:.2f})"
+        )
+        out.append(f"- {r['label']}: x{r['speedup']:.2f}, {r['psnr']:.2f} dB: {state}")
+    return out
+
+
+def combo_table(rows, steps):
+    """Best PSNR of each predictor x policy at each level (which combination wins where)."""
+    rows = [r for r in rows if r["steps"] == steps]
+    groups = sorted({r["group"] for r in rows if r["group"].startswith(TCPADE) and "/" in r["group"]})
+    lines = ["| predictor/policy | " + " | ".join(tag for _, tag in LEVELS) + " |", "|---" * (len(LEVELS) + 1) + "|"]
+    for g in groups:
+        cells = []
+        for level, _ in LEVELS:
+            b = best_at(rows, lambda x, g=g: x == g, level)
+            cells.append("-" if b is None else f"{b['psnr']:.2f}")
+        lines.append(f"| {g.removeprefix(TCPADE + ' ')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_csv(rows, path):
+    keys = ["model", "steps", "group", "label", "knobs", "passes", "share", "speedup", "wall_speedup", "psnr", "ssim",
+            "acc", "fd"]  # fmt: skip
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def pareto_plot(rows, name, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps_list = sorted({r["steps"] for r in rows})
+    fig, axes = plt.subplots(1, len(steps_list), figsize=(7 * len(steps_list), 5), squeeze=False)
+    for ax, steps in zip(axes[0], steps_list):
+        rs = [r for r in rows if r["steps"] == steps and r["group"] != "full"]
+        for g in sorted({r["group"] for r in rs}):
+            pts = sorted((r["speedup"], r["psnr"]) for r in rs if r["group"] == g)
+            ours = g.startswith(TCPADE)
+            ax.plot(*zip(*pts), "o" if ours else "s", ms=5 if ours else 4, alpha=0.85, label=g,
+                    mfc=None if ours else "none")  # fmt: skip
+        for level, _ in LEVELS:
+            ax.axvline(level, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("speedup in block MACs (full / method)")
+        ax.set_ylabel("PSNR vs full computation (dB)")
+        ax.set_title(f"{name}, {steps} steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+EQUAL_SCHEDULE = (
+    # At 20 steps these compute the same calls, 0,1,2,4,8,12,16 (7 of 20): predictor against predictor.
+    ("fast", "rational/tsi w2 i4 m3 f0 th1", "linear/tsi w2 i4 m3 f0 th1", "reuse/tsi w2 i4 m3 f0 th1",
+     "paper/tsi w2 i4 m3 f0 th1", "TS-lite N=4 O=1 w=3", "TS-blk N=4 O=1 w=3", "TS-mod N=4 O=1 w=3")
+)  # fmt: skip
+
+
+def equal_schedule_table(rows):
+    rows = {r["label"]: r for r in rows if r["steps"] == 20}
+    lines = ["| method (same 7 of 20 calls computed) | PSNR | SSIM |", "|---|---|---|"]
+    for label in EQUAL_SCHEDULE:
+        r = rows.get(label)
+        if r is not None:
+            lines.append(f"| {label} | {r['psnr']:.2f} | {r['ssim']:.4f} |")
+    return lines
+
+
+def read_csv(path):
+    out = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            for k in ("steps",):
+                r[k] = int(r[k])
+            for k in ("share", "speedup", "wall_speedup", "psnr", "ssim", "acc", "fd"):
+                r[k] = float(r[k])
+            out.append(r)
+    return out
+
+
+def write_report(out_dir, suffix, meta, results):
+    """The markdown report from the runs (``results``: model -> rows) and the run's metadata."""
+    report = [
+        "# Quality against compute: tcpade and its peers on the zoo's trained models",
+        "",
+        f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); torch {meta['torch']}, "
+        f"tcpade {meta['tcpade']}; {meta['date']}. Command: `{meta['command']}`.",
+        "",
+        "Compute = block-Linear MACs that ran / full run's; speedup = its reciprocal. PSNR/SSIM against the full run "
+        "of the same seed. acc = judge-classifier accuracy on the requested class; FD = Frechet distance of its "
+        "features to the training data (lower is better). Wall = full / method wall time in this run (a shared "
+        "2-core VM: noisy).",
+    ]
+    all_ok = {}
+    for name, rows in results.items():
+        acc = meta.get("judges", {}).get(name)
+        report += ["", f"## {name}", "", (f"Judge classifier: train accuracy {acc:.3f}; " if acc is not None else "")
+                   + f"{meta.get('samples', {}).get(name, '?')} samples per method. Plot: `pareto_{name}{suffix}.png`;"
+                   f" every run: `quality_{name}{suffix}.csv`."]  # fmt: skip
+        for steps in sorted({r["steps"] for r in rows}):
+            lines, verdicts = front_table(rows, steps)
+            all_ok[(name, steps)] = all(verdicts)
+            report += ["", f"### {steps} steps: the Pareto front at 2x, 2.5x, 2.9x fewer block passes", ""] + lines
+            report += ["", "Presets:"] + presets_on_front(rows, steps)
+            report += ["", "Best PSNR per predictor/policy at each level:", ""] + combo_table(rows, steps)
+            if steps == 20:
+                report += ["", "Equal schedule, predictor against predictor:", ""] + equal_schedule_table(rows)
+            report += ["", "All runs (sorted by speedup):", "",
+                       "| method | passes | speedup (MACs) | wall speedup | PSNR | SSIM | acc | FD |",
+                       "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for r in sorted((r for r in rows if r["steps"] == steps), key=lambda r: (r["speedup"], -r["psnr"])):
+                report.append(f"| {r['label']} | {r.get('passes', '')} | {r['speedup']:.2f} | "
+                              f"{r['wall_speedup']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['acc']:.3f} | "
+                              f"{r['fd']:.2f} |")  # fmt: skip
+    report += ["", "## Goal: >= 2 dB over every peer at 2x, 2.5x, 2.9x", ""]
+    for (name, steps), ok in all_ok.items():
+        report.append(f"- {name}, {steps} steps: {'met' if ok else 'NOT met'}")
+    path = os.path.join(out_dir, f"quality{suffix}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(report) + "\n")
+    return path, all_ok
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None, help="comma-separated zoo names (default: all; --quick: flux-digits)")
+    p.add_argument("--steps", default=None, help="comma-separated step counts (default 20,50; --quick: 20)")
+    p.add_argument("--quick", action="store_true", help="few samples, few knob values: the CI smoke run")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    p.add_argument("--report-only", action="store_true", help="re-render the report and plots from the CSVs in --out")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.models.split(",") if args.models else (["flux-digits"] if args.quick else zoo.names())
+    steps_list = [int(s) for s in args.steps.split(",")] if args.steps else ([20] if args.quick else [20, 50])
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    meta_path = os.path.join(args.out, f"quality_meta{suffix}.json")
+    results = {}
+    if args.report_only:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        for name in names:
+            results[name] = read_csv(os.path.join(args.out, f"quality_{name}{suffix}.csv"))
+    else:
+        meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, tcpade=tcpade.__version__,
+                    date=time.strftime("%Y-%m-%d"), command="python bench/quality.py " + " ".join(argv or sys.argv[1:]),
+                    judges={}, samples={})  # fmt: skip
+        for name in names:
+            rows, judge = bench_model(name, steps_list, args.quick, lambda msg: print(msg, flush=True))
+            meta["judges"][name] = judge.train_acc
+            meta["samples"][name] = len(eval_set(name, args.quick)[0])
+            write_csv(rows, os.path.join(args.out, f"quality_{name}{suffix}.csv"))
+            results[name] = rows
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=1)
+    for name, rows in results.items():
+        pareto_plot(rows, name, os.path.join(args.out, f"pareto_{name}{suffix}.png"))
+    path, all_ok = write_report(args.out, suffix, meta, results)
+    print(f"\nwrote {path}", flush=True)
+    return all_ok
+
+
+if __name__ == "__main__":
+    main()
