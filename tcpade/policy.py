@@ -297,6 +297,16 @@ class Runtime:
                 event.synchronize()
         return [[float(v) for v in host.tolist()] for host, _ in pending]
 
+    @property
+    def _min_history(self) -> int:
+        """Stored residuals a skip needs: the predictor's minimum, and three for a TSI that can
+        block (threshold < 1). A TSI that never blocks needs no third residual: on the trained
+        zoo models waiting for one cost the evenly spaced 8-of-20 schedule (0, 1, 3, 6, .., 18)."""
+        c = self.config
+        if c.policy == "tsi" and c.tsi_threshold < 1.0:
+            return max(3, K.MIN_HISTORY[c.predictor])
+        return K.MIN_HISTORY[c.predictor]
+
     def _needs_sums(self, b: BranchState, k: int, total: int) -> bool:
         """Can sums still on the device change this call's decision (or its coefficients)?
 
@@ -308,7 +318,7 @@ class Runtime:
         if b.poisoned:
             return False
         forced = c.always_computed(k, total) or c.max_skips == 0 or b.consecutive >= c.max_skips
-        need = 3 if c.policy == "tsi" else K.MIN_HISTORY[c.predictor]
+        need = self._min_history
         if forced or b.history.count < need:
             return c.policy == "error" and c.predictor == "paper" and b.history.count >= 5
         return True
@@ -383,7 +393,7 @@ class Runtime:
             return forced
         if c.max_skips == 0 or b.consecutive >= c.max_skips:
             return "max-skips"
-        need = 3 if c.policy == "tsi" else K.MIN_HISTORY[c.predictor]
+        need = self._min_history
         if b.history.count < need:
             return "history"
         if c.policy == "tsi":
