@@ -590,6 +590,22 @@ def summary_text(info, corr, copy_gbs, micro_rows, e2e, tg, device, dry=False) -
     return "\n".join(L)
 
 
+def save(out, info, corr, copy_gbs, micro_rows, e2e, device, dry) -> str:
+    """Write gpu_check.json and gpu_check.md (called after every section, so that a run cut
+    short by the call's time limit still leaves its numbers in $OUT); returns the summary."""
+    tg = targets(micro_rows, e2e, device)
+    text = summary_text(info, corr, copy_gbs, micro_rows, e2e, tg, device, dry)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "gpu_check.json"), "w") as f:
+            json.dump(dict(info=info, correctness=corr, micro=micro_rows, e2e=e2e,
+                           targets=[dict(target=a, value=b, wanted=c, met=d) for a, b, c, d in tg]), f, indent=1,
+                      default=str)  # fmt: skip
+        with open(os.path.join(out, "gpu_check.md"), "w") as f:
+            f.write(B.markdown(micro_rows, device) + "\n" + text + "\n")
+    return text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes and models: the same code paths, no claims")
@@ -627,6 +643,7 @@ def main(argv=None):
             "tolerance")  # fmt: skip
         for f in corr["failed"]:
             log(f"  FAILED {f}")
+        save(args.out, info, corr, math.nan, [], [], device, args.dry)
 
     copy_gbs = B.copy_bandwidth(device, nbytes=(32 << 20) if args.dry else (1 << 30))
     info["copy_GBps"] = copy_gbs
@@ -655,6 +672,7 @@ def main(argv=None):
 
     if "micro" not in skip:
         micro(first)
+        save(args.out, info, corr, copy_gbs, micro_rows, [], device, args.dry)
 
     e2e = []
     if "e2e" not in skip:
@@ -678,6 +696,7 @@ def main(argv=None):
                 continue
             try:
                 e2e.append(e2e_model(spec, device, torch.bfloat16, pr, args.budget_s, args.dry))
+                save(args.out, info, corr, copy_gbs, micro_rows, e2e, device, args.dry)
             except Exception:  # one model failing must not hide the others' numbers
                 tb = traceback.format_exc()
                 log(tb)
@@ -704,16 +723,7 @@ def main(argv=None):
         log(B.markdown(micro_rows, device))
     info["micro_not_run"] = not_run
 
-    tg = targets(micro_rows, e2e, device)
-    text = summary_text(info, corr, copy_gbs, micro_rows, e2e, tg, device, args.dry)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-            json.dump(dict(info=info, correctness=corr, micro=micro_rows, e2e=e2e,
-                           targets=[dict(target=a, value=b, wanted=c, met=d) for a, b, c, d in tg]), f, indent=1,
-                      default=str)  # fmt: skip
-        with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
-            f.write(B.markdown(micro_rows, device) + "\n" + text + "\n")
+    text = save(args.out, info, corr, copy_gbs, micro_rows, e2e, device, args.dry)
     print(text, flush=True)
     return 0 if corr is None or not corr["failed"] else 1
 
