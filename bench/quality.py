@@ -255,8 +255,9 @@ def bench_model(name, steps_list, quick, log):
 
 # ------------------------------------------------------------------------------------------ analysis
 def best_at(rows, group_pred, level):
-    """The highest-PSNR row of the groups matching group_pred whose MAC speedup reaches level."""
-    cands = [r for r in rows if group_pred(r["group"]) and r["speedup"] >= level * (1 - 1e-9)]
+    """The highest-PSNR row of the groups matching group_pred whose MAC speedup reaches level (within
+    1e-3: speedups read back from the CSV are rounded to 4 decimals, and 20 / 7 = 2.857...)."""
+    cands = [r for r in rows if group_pred(r["group"]) and r["speedup"] >= level * (1 - 1e-3)]
     return max(cands, key=lambda r: r["psnr"], default=None)
 
 
@@ -302,7 +303,7 @@ def presets_on_front(rows, steps):
         if r["group"] != f"{TCPADE} presets":
             continue
         better = [
-            o for o in rows if o is not r and o["speedup"] >= r["speedup"] - 1e-9 and o["psnr"] > r["psnr"] + 1e-9
+            o for o in rows if o is not r and o["speedup"] >= r["speedup"] * (1 - 1e-3) and o["psnr"] > r["psnr"] + 1e-9
         ]
         dom = max(better, key=lambda o: o["psnr"], default=None)
         state = (
@@ -381,9 +382,10 @@ def pareto_plot(rows, name, path):
 
 
 EQUAL_SCHEDULE = (
-    # At 20 steps these compute the same calls, 0,1,2,4,8,12,16 (7 of 20): predictor against predictor.
+    # At 20 steps these compute the same calls, 0,1,2,4,8,12,16 (7 of 20), with the same block MACs:
+    # predictor against predictor. (TaylorSeer per-module shares the schedule but caches attention only.)
     ("fast", "rational/tsi w2 i4 m3 f0 th1", "linear/tsi w2 i4 m3 f0 th1", "reuse/tsi w2 i4 m3 f0 th1",
-     "paper/tsi w2 i4 m3 f0 th1", "TS-lite N=4 O=1 w=3", "TS-blk N=4 O=1 w=3", "TS-mod N=4 O=1 w=3")
+     "paper/tsi w2 i4 m3 f0 th1", "TS-lite N=4 O=1 w=3", "TS-blk N=4 O=1 w=3")
 )  # fmt: skip
 
 

@@ -8,9 +8,10 @@ Presets, chosen by bench/quality.py on the zoo's three trained models (bench/res
 quality.md): ``paper()`` reproduces the published method; ``slow()`` (9 of 20 passes) and
 ``fast()`` (7 of 20) are fixed schedules at the paper's two operating points, with the
 time-aware rational predictor, which beat the paper, reuse and linear predictors on the same
-schedule on all three models; ``adaptive()`` is error-controlled skipping, tcpade's best
-point near 2x. The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05:
-about 1.3x at 20 steps on those models).
+schedule on the FLUX and Wan models (on DiT linear was 1-1.5 dB ahead, paper last);
+``adaptive()`` is error-controlled skipping, on the Pareto front near 2x of the DiT and Wan
+models. The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05: about
+1.3x at 20 steps on those models).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class TCPadeConfig:
         """~2.9x fewer block-stack passes at 20 steps (7 of 20 computed: warm-up 2, then every
         4th step; at 50 steps 15 of 50, 3.3x). The paper's "fast" point computes the same 7 of 20
         as warm-up 2, every 6th and the last step; on our three trained models (bench/results/
-        quality.md) spreading the same passes evenly gave 3.9-6.3 dB more PSNR at 20 steps, so
+        quality.md) spreading the same passes evenly gave 3.3-6.3 dB more PSNR at 20 steps, so
         this preset does that (``fast(interval=6, max_skips=5, final_steps=1)`` is the paper's)."""
         base = dict(warmup=2, interval=4, final_steps=0, max_skips=3)
         base.update(overrides)
@@ -147,9 +148,9 @@ class TCPadeConfig:
     @classmethod
     def adaptive(cls, **overrides) -> "TCPadeConfig":
         """Error-controlled skipping (method.md section 7) with the rational predictor at
-        tolerance 0.2: the compute adapts to the trajectory (on our trained models 1.8-2.0x
-        fewer passes at 20 steps, 2.8-3.1x at 50) and it was tcpade's best point near 2x on
-        all three (bench/results/quality.md)."""
+        tolerance 0.2: the compute adapts to the trajectory (on our trained models 10-11 of 20
+        passes, 1.8-2.0x; 16 of 50, 3.1x) and it sits on the quality/compute Pareto front of
+        the DiT and Wan zoo models at 20 steps (bench/results/quality.md)."""
         base = dict(predictor="rational", policy="error", warmup=2, tolerance=0.2, max_skips=3)
         base.update(overrides)
         return cls(**base)
@@ -157,8 +158,8 @@ class TCPadeConfig:
     @classmethod
     def _preset(cls, base: dict) -> "TCPadeConfig":
         # The rational predictor on the TSI policy's schedule, the TSI never blocking
-        # (threshold 1): at 20 steps it led the other predictors on the same schedule by
-        # 1.5-10 dB on the three trained models (bench/results/quality.md).
+        # (threshold 1): at 20 steps it led the other predictors on the same schedule on the
+        # FLUX and Wan zoo models (by 1.1-10.6 dB; on DiT linear led by 1.5 dB).
         base.setdefault("predictor", "rational")
         base.setdefault("policy", "tsi")
         base.setdefault("tsi_threshold", 1.0)
