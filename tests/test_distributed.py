@@ -13,8 +13,8 @@ diffusers 0.42.1 runs its context parallelism on CPU + gloo except for one line:
 ``rank % 0`` on a machine without an accelerator. The workers set ``device_count`` to 1
 (the CPU as the one device) before calling it; nothing else is patched. (Its ring
 attention needs the attention's log-sum-exp, which the native CPU backend lacks, hence
-Ulysses.) On a GPU machine the same code runs with NCCL: see ``_main`` (pending a
-multi-GPU run).
+Ulysses.) With NCCL on GPUs tcpade.distributed runs the same code (the sums are
+gathered on the device); that run is pending a multi-GPU machine.
 """
 
 import math
