@@ -134,8 +134,11 @@ class BranchState:
         t0, t_last = self._records[0].t, self._records[-1].t
         if t == t0:
             return True
-        direction = math.copysign(1.0, t_last - t0) if t_last != t0 else -1.0  # diffusers: decreasing
-        return (t - t_last) * direction < 0
+        if t_last == t0:
+            # One record (or a constant schedule) gives no direction yet. Assuming diffusers'
+            # decreasing one here made every increasing schedule restart at step 1, forever.
+            return False
+        return (t - t_last) * (t_last - t0) < 0
 
 
 def _scalar_time(timestep) -> float:

@@ -226,3 +226,22 @@ def test_bad_config_raises_naming_the_field(kw, field):
 def test_runtime_rejects_non_config():
     with pytest.raises(TypeError, match="TCPadeConfig"):
         Runtime(config={"predictor": "paper"})
+
+
+def test_increasing_time_schedule_skips_and_restarts():
+    """A schedule whose time grows (t = step index, as some research loops pass it) is one run,
+    not a restart at every second call; its time going back down starts a new run."""
+    cfg = TCPadeConfig.slow()
+    rt = Runtime(cfg)
+    rt.set_steps(20)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)
+    for run_index in range(2):
+        for k in range(20):
+            h_in = a * (1 + 0.01 * k)
+            out = rt.begin("default", h_in, float(k))
+            if out is None:
+                rt.end("default", h_in, h_in + b * (1 + 0.05 * k))
+        recs = rt.branches["default"].records
+        assert [r.k for r in recs] == list(range(20)), run_index
+        assert sum(r.computed for r in recs) == 9, run_index
