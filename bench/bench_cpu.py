@@ -32,11 +32,11 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+from _bench_common import cpu_name
 
 from tcpade import coef as K
 from tcpade import reference as ref
@@ -51,17 +51,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 VARIANTS = ("paper", "rational", "reuse", "linear")
 PREDICT_TENSORS = {"paper": 6, "rational": 5, "reuse": 3, "linear": 4}
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def quantiles(ts):

@@ -33,8 +33,6 @@ import csv
 import dataclasses
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -44,6 +42,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_common import cpu_name  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import metrics, zoo  # noqa: E402
@@ -174,16 +174,6 @@ def tcpade_methods(quick: bool):
 
 
 # ---------------------------------------------------------------------------------------------- run
-def cpu_name():
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def run_one(model, steps, seeds, labels, config=None):
     from peers import count_macs
 

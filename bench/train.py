@@ -18,8 +18,6 @@ import copy
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -27,6 +25,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_common import cpu_name  # noqa: E402
 
 from tcpade import zoo  # noqa: E402
 from tcpade.zoo import data  # noqa: E402
@@ -46,17 +47,6 @@ def dataset(spec):
     if spec.data == "moving_digits":
         return data.moving_digits(12000, frames=spec.sample_shape[1], size=spec.sample_shape[-1], seed=1)
     raise ValueError(spec.data)
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def grid_png(images, path, nrow):
