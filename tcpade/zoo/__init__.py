@@ -4,26 +4,25 @@ Nobody can download FLUX, Wan or DiT weights on our machines, and random weights
 meaningless trajectories, so tcpade ships three small models trained on CPU (``bench/train.py``)
 on data that ships inside PyPI packages; the quality benchmark and ``tcpade demo`` run on them.
 
-=============  ===============================  ===========================================
+=============  ===============================  =============================================
 name           diffusers class, objective       data, conditioning, sampling
-=============  ===============================  ===========================================
-flux-digits    FluxTransformer2DModel,          digits 16x16 (packed 4x4: 16 tokens);
-               rectified flow (v-prediction)    class -> 4 "prompt" tokens as
-                                                encoder_hidden_states + pooled vector;
-                                                Euler flow matching, no CFG (as FLUX.1-dev)
-dit-faces      DiTTransformer2DModel,           LFW subset 24x24 (patch 4: 36 tokens):
-                                                face / non-face;
-               DDPM epsilon-prediction          class_labels; DDIM with CFG
-wan-digits     WanTransformer3DModel,           moving-digit clips 6x16x16 (patch
-                                                1x4x4: 96 tokens); class -> 4
-               rectified flow (v-prediction)    tokens as encoder_hidden_states; Euler
+=============  ===============================  =============================================
+flux-digits    FluxTransformer2DModel,          digits 16x16 (packed 4x4: 16 tokens); class
+               rectified flow (v-prediction)    -> 4 "prompt" tokens (encoder_hidden_states)
+                                                + pooled vector; Euler flow matching, no
+                                                CFG (as FLUX.1-dev)
+dit-faces      DiTTransformer2DModel,           LFW subset 24x24 (patch 4: 36 tokens), face
+               DDPM epsilon-prediction          / non-face as class_labels; DDIM with CFG
+wan-digits     WanTransformer3DModel,           moving-digit clips 6x16x16 (patch 1x4x4: 96
+               rectified flow (v-prediction)    tokens); class -> 4 prompt tokens; Euler
                                                 flow matching with CFG
-=============  ===============================  ===========================================
+=============  ===============================  =============================================
 
     from tcpade import zoo
     m = zoo.load("flux-digits")
     images = m.sample(seeds=[0, 1], labels=[3, 7], steps=20)             # full computation
     images = m.sample(seeds=[0, 1], labels=[3, 7], steps=20, config=tcpade.TCPadeConfig.fast())
+    # images: (2, 1, 16, 16) in [-1, 1]
 
 The weights are float16 safetensors in ``tcpade/zoo/weights`` (loaded as float32), each
 with a model card ``<name>.md`` (data, steps, loss, training time, command).
