@@ -69,7 +69,8 @@ def eval_set(name: str, quick: bool):
 
 class Judge:
     """A small classifier (sklearn MLP, one hidden layer of 64) trained on the model's data:
-    class accuracy of samples and a Frechet distance on its hidden features."""
+    class accuracy of samples and a Frechet distance on the top-10 principal components of
+    its hidden features."""
 
     def __init__(self, name: str):
         from sklearn.neural_network import MLPClassifier
