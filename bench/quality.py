@@ -19,8 +19,9 @@ calibrator (bench/peers.py). Every method runs through the same denoising loop
 * PSNR and SSIM (tcpade.metrics, data range [-1, 1]) against the full run of the same seed,
   averaged over samples (clips: over frames).
 * acc: the share of samples (frames) a small classifier trained on the same data assigns to
-  the requested class; FD: Frechet distance between its hidden features of the samples and
-  of the training data (like FID, with a classifier trained on our data instead of Inception).
+  the requested class; FD: Frechet distance between its hidden features (top 10 principal
+  components) of the samples and of the training data (like FID, with a classifier trained
+  on our data instead of Inception).
 
 Writes bench/results/quality.md (all tables, the Pareto-front comparison at 2x, 2.5x and
 2.9x, and which predictor x policy wins where), quality_<model>.csv and pareto_<model>.png.
