@@ -31,12 +31,10 @@ import datetime
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
-from _bench_common import cpu_name
+from _bench_common import cpu_name, time_cpu_interleaved
 
 from tcpade import coef as K
 from tcpade import reference as ref
@@ -51,36 +49,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 VARIANTS = ("paper", "rational", "reuse", "linear")
 PREDICT_TENSORS = {"paper": 6, "rational": 5, "reuse": 3, "linear": 4}
-
-
-def quantiles(ts):
-    """Median, p20, p80 of a list of milliseconds."""
-    ts = sorted(ts)
-
-    def q(p):
-        if len(ts) == 1:
-            return ts[0]
-        k = p * (len(ts) - 1)
-        lo, hi = math.floor(k), math.ceil(k)
-        return ts[lo] + (ts[hi] - ts[lo]) * (k - lo)
-
-    return statistics.median(ts), q(0.2), q(0.8)
-
-
-def time_interleaved(fns, reps: int, warmup: int):
-    """Times each of fns reps times, interleaved (rep 1 of every fn, then rep 2, ...) so
-    that slow drifts of a shared machine hit all of them alike. Returns one
-    (median, p20, p80) in ms per fn."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    ts = [[] for _ in fns]
-    for _ in range(reps):
-        for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            ts[k].append((time.perf_counter() - t0) * 1e3)
-    return [quantiles(t) for t in ts]
 
 
 def make_inputs(shape, dtype, nslot=3, seed=0):
@@ -156,7 +124,7 @@ def bench_dtype(shape, dtype, reps, warmup, rows_out):
 
     for name, ntens, cpp, eager in cases:
         nbytes = ntens * tensor_bytes
-        t_c, t_t, t_k = time_interleaved([cpp, eager, copy_fn(ntens)], reps, warmup)
+        t_c, t_t, t_k = time_cpu_interleaved([cpp, eager, copy_fn(ntens)], reps, warmup)
         rows_out.append(
             {
                 "dtype": str(dtype).replace("torch.", ""),
