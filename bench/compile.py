@@ -63,7 +63,9 @@ STEPS = 20
 
 
 class EveryRead(Runtime):
-    """Runtime as before issue 5: every write read at the next call, prediction after the decision."""
+    """Runtime as before issue 5: every write's sums read at the next call (a wait at every
+    call after a computed step) and a skip's prediction made after the decision. Also the
+    oracle of tests/test_compile.py: the deferred reads must decide exactly as this does."""
 
     def _needs_sums(self, b, k, total):
         return True
@@ -144,7 +146,9 @@ def blocks(family, model):
 
 
 class CompileCount:
-    """Frames dynamo compiled, recompiles it logged, graph breaks, inside a block."""
+    """Inside a block: frames dynamo compiled (its ``frames`` counter, which fullgraph
+    compiles leave at 0), graphs it built, recompiles it logged, graph breaks. tests/
+    test_compile.py counts with this too."""
 
     def __enter__(self):
         counters.clear()
@@ -160,6 +164,7 @@ class CompileCount:
         self._log.removeHandler(self._handler)
         torch._logging.set_logs()
         self.frames = counters["frames"]["total"]
+        self.graphs = counters["stats"]["unique_graphs"]
         self.graph_breaks = sum(counters["graph_break"].values())
 
 

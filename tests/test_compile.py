@@ -30,17 +30,20 @@ on computed steps and 1.5e-6 on skipped ones, outputs up to 1.9; Wan and DiT (ao
 bit-identical. 1e-4 absolute + 1e-4 relative is ~70x that.
 """
 
-import logging
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from compile import CompileCount, EveryRead  # noqa: E402  (bench/compile.py)
 from test_adapters import FAMILIES, BlockBodyCounter, blocks_of  # noqa: E402
 from test_policy import run  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
@@ -71,29 +74,6 @@ def trajectory(family, call, inputs):
         outs.append(out)
         x = x - out[:, : x.shape[1]] / STEPS  # DiT predicts (eps, variance): the first half is eps
     return outs
-
-
-class CompileCount:
-    """Frames dynamo compiled (its ``frames`` counter) and recompiles it logged, in a block."""
-
-    def __init__(self):
-        self.recompiles = []
-
-    def __enter__(self):
-        counters.clear()
-        torch._logging.set_logs(recompiles=True)
-        self._log = logging.getLogger("torch._dynamo.guards.__recompiles")
-        self._handler = logging.Handler()
-        self._handler.emit = lambda rec: self.recompiles.append(rec.getMessage())
-        self._log.addHandler(self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        self._log.removeHandler(self._handler)
-        torch._logging.set_logs()
-        self.frames = counters["frames"]["total"]  # (frames of non-fullgraph compiles)
-        self.graphs = counters["stats"]["unique_graphs"]
-        self.graph_breaks = sum(counters["graph_break"].values())
 
 
 def _regional(model, backend):
@@ -159,17 +139,6 @@ def test_compiled_transformer_keeps_skipping_without_recompiles(eager_reference,
 # ------------------------------------------------------------ decisions without a stall
 
 
-class EagerReads(Runtime):
-    """The behaviour before issue 5: every write's sums read at the next call (a wait at
-    every call after a computed step) and a skip's prediction made after the decision."""
-
-    def _needs_sums(self, b, k, total):
-        return True
-
-    def _may_guess(self, b):
-        return False
-
-
 CONFIGS = {
     "slow": TCPadeConfig.slow(),
     "fast": TCPadeConfig.fast(),
@@ -190,7 +159,7 @@ def test_deferred_reads_decide_exactly_as_eager_reads(name, nan):
     cfg = CONFIGS[name]
     kw = {"output": dict(nan_at=2), "input": dict(nan_input_at=9)}.get(nan, {})  # 2: then warm-up computes
     runs = {}
-    for kind, rt in [("eager", EagerReads(cfg)), ("deferred", Runtime(cfg))]:
+    for kind, rt in [("eager", EveryRead(cfg)), ("deferred", Runtime(cfg))]:
         rt, passes, _, outs = run(cfg, 20, branches=("cond", "uncond"), rt=rt, **kw)
         reads = rt.host_reads  # before the records are read (that read is the summary's, after sampling)
         runs[kind] = (rt, passes, outs, reads)
@@ -214,7 +183,7 @@ def test_waits_per_run_slow_preset():
     (11), the first skip of each run reading the computed step's sums in the same wait."""
     cfg = TCPadeConfig.slow()
     counts = []
-    for rt in (EagerReads(cfg), Runtime(cfg)):
+    for rt in (EveryRead(cfg), Runtime(cfg)):
         rt = run(cfg, 20, rt=rt)[0]
         counts.append(rt.host_reads)
     assert counts == [19, 11]
