@@ -79,15 +79,11 @@ class Judge:
         from tcpade.zoo import data
 
         spec = zoo.SPECS[name]
-        if spec.data == "digits":
-            x, y = data.digits(spec.sample_shape[-1])
-        elif spec.data == "faces":
-            x, y = data.faces()
+        x, y = data.for_spec(spec, clips=1500, seed=7)  # clips other than the training ones
+        if spec.data == "faces":
             x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y])
-        else:
-            clips, labels = data.moving_digits(1500, frames=spec.sample_shape[1], size=spec.sample_shape[-1], seed=7)
-            x = clips.permute(0, 2, 1, 3, 4).reshape(-1, 1, *clips.shape[-2:])
-            y = labels.repeat_interleave(clips.shape[2])
+        elif x.ndim == 5:  # clips: the judge classifies frames
+            x, y = x.permute(0, 2, 1, 3, 4).reshape(-1, 1, *x.shape[-2:]), y.repeat_interleave(x.shape[2])
         self.x = x.flatten(1).numpy().astype(np.float64)
         self.clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=0).fit(self.x, y.numpy())
         self.train_acc = float(self.clf.score(self.x, y.numpy()))

@@ -39,16 +39,6 @@ DEFAULTS = {  # batch, peak learning rate
 }
 
 
-def dataset(spec):
-    if spec.data == "digits":
-        return data.digits(spec.sample_shape[-1])
-    if spec.data == "faces":
-        return data.faces()
-    if spec.data == "moving_digits":
-        return data.moving_digits(12000, frames=spec.sample_shape[1], size=spec.sample_shape[-1], seed=1)
-    raise ValueError(spec.data)
-
-
 def grid_png(images, path, nrow):
     """Save images (N, 1, [F,] H, W) in [-1, 1] as a grid PNG (clips: frames left to right)."""
     import numpy as np
@@ -79,7 +69,7 @@ def train(name, minutes, seed, threads, max_steps=None, log_every=100):
     spec = model.spec
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    x_all, y_all = dataset(spec)
+    x_all, y_all = data.for_spec(spec)  # 12,000 clips, seed 1, for wan-digits
     batch, lr = DEFAULTS[name]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear") if spec.objective == "eps" else None

@@ -63,3 +63,15 @@ def moving_digits(n: int, frames: int = 6, size: int = 16, digit: int = 10, seed
                 out[i, 0, f, y : y + digit, x : x + digit], imgs[idx[i], 0]
             )
     return out, labels[idx]
+
+
+def for_spec(spec, clips: int = 12000, seed: int = 1):
+    """(x, labels) of a zoo model's data (``Spec.data``) at its sample shape; ``clips`` and
+    ``seed`` apply to the generated moving-digit clips only."""
+    if spec.data == "digits":
+        return digits(spec.sample_shape[-1])
+    if spec.data == "faces":
+        return faces()
+    if spec.data == "moving_digits":
+        return moving_digits(clips, frames=spec.sample_shape[1], size=spec.sample_shape[-1], seed=seed)
+    raise ValueError(f"unknown zoo data {spec.data!r}")
