@@ -6,6 +6,7 @@ CPU with one warning at import.
 """
 
 import os
+import runpy
 import sys
 
 from setuptools import setup
@@ -33,6 +34,25 @@ class OptionalBuildExt(build_ext):
         )
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+GENERATED = os.path.join(HERE, "build", "generated")
+
+
+def generate_layout_header() -> str:
+    """Write tcpade_layout.h (the C++ view of tcpade/layout.py) into build/generated.
+
+    layout.py is plain Python, run here on its own (tcpade itself needs torch). The file is
+    rewritten only when its text changes, so an unchanged layout does not force a rebuild."""
+    text = runpy.run_path(os.path.join(HERE, "tcpade", "layout.py"))["c_header"]()
+    os.makedirs(GENERATED, exist_ok=True)
+    path = os.path.join(GENERATED, "tcpade_layout.h")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return GENERATED
+
+
 def native_extensions():
     if os.environ.get("TCPADE_NO_NATIVE", "0") == "1":
         return []
@@ -45,6 +65,8 @@ def native_extensions():
         Pybind11Extension(
             "tcpade._C",
             ["csrc/tcpade.cpp"],
+            include_dirs=[generate_layout_header()],
+            depends=[os.path.join(GENERATED, "tcpade_layout.h")],
             cxx_std=17,
             extra_compile_args=["-O3", "-fno-math-errno", *openmp],
             extra_link_args=openmp,

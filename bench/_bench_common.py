@@ -27,7 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from tcpade import coef as K
-from tcpade import ops
+from tcpade import ops, reference
+from tcpade.layout import PAPER
 
 # ------------------------------------------------------------------ models and their shapes
 # Constructor arguments of the diffusers transformers as in the published checkpoints'
@@ -137,7 +138,7 @@ class Case:
 UPDATE_CASES = [Case("update", "update", tensors=5, published=True)]
 PREDICT_CASES = [
     Case("paper", "predict", "paper", tensors=4),
-    Case("paper+", "predict", "paper", store=True, gamma=K.PAPER_GAMMA, tensors=7, published=True),
+    Case("paper+", "predict", "paper", store=True, gamma=PAPER.gamma, tensors=7, published=True),
     Case("rational", "predict", "rational", tensors=5),
     Case("reuse", "predict", "reuse", tensors=3),
     Case("linear", "predict", "linear", tensors=4),
@@ -195,114 +196,28 @@ def make_inputs(case: Case, shape, dtype, device, seed=0) -> Inputs:
 
 
 # ------------------------------------------------------------- the same math, eager torch
-# These mirror tcpade.reference exactly (tests/test_bench.py checks them against it) but
-# take the slot order and the coefficients as Python values, so they neither read a device
-# tensor back nor graph-break: a fair input for torch.compile and for CUDA-graph capture.
+# tcpade.reference's own math, called with the slot order and the coefficients as Python
+# values, so that it neither reads a device tensor back nor graph-breaks: a fair input for
+# torch.compile and for CUDA-graph capture.
 
 
 def math_update(h_in, h_out, ring, slots: tuple, probe: bool = False):
-    r = h_out.float() - h_in.float()
-    r1 = ring[slots[0]].float()
-    r2 = ring[slots[1]].float()
-    d1 = r1 - r2
-    d2 = r - r1
-    zero = r.new_zeros(())
-    stored = r.to(ring.dtype)
-    if probe:
-        p = ring[slots[-1]].float()
-        perr, psq = ((p - r) ** 2).sum(), (p * p).sum()
-    else:
-        perr = psq = zero
-    nonfinite = (~torch.isfinite(stored)).sum().float()
-    sums = torch.stack([(d1 * d1).sum(), (d2 * d2).sum(), (d1 * d2).sum(), perr, (r * r).sum(), nonfinite, psq, zero])
-    ring[slots[-1]].copy_(stored)
-    return sums
-
-
-def _paper_main(r1, r2, r3, cf):
-    d = (r1 - r2).abs()
-    mag = 0.5 * (r1.abs() + r2.abs())
-    s = torch.exp(-5.0 * d / (mag + 1e-7))
-    num = 2.0 * s * r1 - s * r2
-    den = 1.0 - 0.1 * s * cf[K.PADE_C]
-    den = torch.where(den >= 0, den.clamp(min=1e-5), den.clamp(max=-1e-5))
-    p = num / den
-    avg = 0.6 * r1 + 0.4 * r2
-    m = torch.maximum(0.5 * d, 0.1 * mag)
-    p = avg + torch.maximum(torch.minimum(p - avg, m), -m)
-    beta = 0.7 * s + 0.3
-    pade = beta * p + (1.0 - beta) * avg
-    fb1 = r1 + 0.5 * (r1 - r2)
-    wavg = cf[K.WAVG] * r1 + cf[K.WAVG + 1] * r2 + cf[K.WAVG + 2] * r3
-    fb = torch.where(torch.isfinite(fb1), fb1, wavg)
-    return torch.where(torch.isfinite(pade), pade, fb)
-
-
-def _rational_main(r1, r2, r3, cf):
-    c = r1.shape[-1]
-    if cf[K.ALP0] == 0.0:
-        r3 = torch.zeros_like(r2)
-    y0, y1, y2 = (x.reshape(-1, c) for x in (r3, r2, r1))
-    t0, t1, t2 = cf[K.TAU0], cf[K.TAU1], cf[K.TAU2]
-    a0, a1, a2 = cf[K.ALP0], cf[K.ALP1], cf[K.ALP2]
-    S = a0 * y0 + a1 * y1 + a2 * y2
-    T = a0 * t0 * y0 + a1 * t1 * y1 + a2 * t2 * y2
-    lin = cf[K.LAM1] * y1 + cf[K.LAM2] * y2
-    lty = cf[K.LAM1] * t1 * y1 + cf[K.LAM2] * t2 * y2
-    b1 = -(S * T).sum(-1) / ((T * T).sum(-1) * (1.0 + cf[K.MU]) + 1e-30)
-    b1 = b1.clamp(-cf[K.BMAX], cf[K.BMAX])
-    if cf[K.KAPPA] > 0.0:
-        lim = cf[K.KAPPA] * ((y2 - y1) ** 2).sum(-1).sqrt()
-        dev = b1.abs() * (lty * lty).sum(-1).sqrt()
-        b1 = b1 * torch.where(dev > lim, lim / torch.where(dev > lim, dev, torch.ones_like(dev)), torch.ones_like(dev))
-    return (lin + b1[:, None] * lty).reshape(r1.shape)
+    return reference.update_math(h_in, h_out, ring, slots, None, probe)
 
 
 def math_predict(h_in, ring, slots: tuple, cf: tuple, h_prev, variant: str, store: bool, write_out: bool = True):
-    r1 = ring[slots[0]].float()
-    r2 = ring[slots[1]].float()
-    r3 = ring[slots[2]].float()
-    if variant == "reuse":
-        rhat = r1
-    else:
-        if variant == "paper":
-            main = _paper_main(r1, r2, r3, cf)
-        elif variant == "rational":
-            main = _rational_main(r1, r2, r3, cf)
-        else:
-            main = cf[K.LAM1] * r2 + cf[K.LAM2] * r1
-        blend = cf[K.C1] * r1 + cf[K.C2] * r2
-        rhat = blend + cf[K.W_MAIN] * main if cf[K.W_MAIN] != 0.0 else blend
-    x = h_in.float()
-    if h_prev is not None:
-        if cf[K.GAMMA] != 0.0:
-            rhat = rhat + cf[K.GAMMA] * (x - h_prev.float())
-        h_prev.copy_(h_in)
-    zero = x.new_zeros(())
-    if store:
-        d1 = r1 - r2
-        d2 = rhat - r1
-        tsi = [(d1 * d1).sum(), (d2 * d2).sum(), (d1 * d2).sum()]
-    else:
-        tsi = [zero, zero, zero]
-    stored = rhat.to(ring.dtype)
-    bad = ~torch.isfinite(stored)
-    out = None
-    if write_out:
-        out = (x + rhat).to(h_in.dtype)
-        bad = bad | ~torch.isfinite(out)
-    sums = torch.stack([*tsi, zero, (rhat * rhat).sum(), bad.sum().float(), zero, zero])
-    if store:
-        ring[slots[-1]].copy_(stored)
-    return out, sums
+    return reference.predict_math(h_in, ring, slots, cf, h_prev, variant, store, write_out)
 
 
 # ---------------------------------------------------- the published implementation's way
 # method.md sections 2-3 and 6: a Python list of residuals, fp32 temporaries, the TSI from
 # whole-tensor norms read back to the host, and the predictor's fallbacks decided by host-side
-# checks of the whole tensor (torch.isfinite(...).all() -> a sync each). Written the way that
-# code is structured, as separate tensor ops; its arithmetic matches ours on finite data
-# (where its whole-tensor fallbacks do not trigger, as here).
+# checks of the whole tensor (torch.isfinite(...).all() -> a sync each). This is deliberately
+# a second copy of the paper predictor: the published code's SEQUENCE of separate tensor ops
+# (the unfused baseline the kernels are timed against). Its constants are tcpade.layout.PAPER
+# (tcpade.reference.paper_pade is the same formula fused differently); tests/test_bench.py
+# checks that it predicts what tcpade.reference predicts on finite data (where its
+# whole-tensor fallbacks do not trigger).
 
 
 def published_update(h_in, h_out, hist: collections.deque):
@@ -321,37 +236,41 @@ def published_update(h_in, h_out, hist: collections.deque):
     return 0.5 * torch.norm(u1 - u2).item()  # host sync: the skip decision is made on the host
 
 
-def published_predict(h_in, h_prev, hist: collections.deque, stage: str, pade_c: float = 1.0):
+def published_predict(h_in, h_prev, hist: collections.deque, stage: str):
     """A skipped step as the paper's code runs it: predict, correct for the input change,
     write h_out, append the prediction to the history."""
+    P = PAPER
     r1, r2 = hist[-1].float(), hist[-2].float()
+    _, c1, c2 = P.stage_weights[stage]
     if stage == "early":
-        pred = 0.9 * r1 + 0.1 * r2
+        pred = c1 * r1 + c2 * r2
     else:
         diff = torch.abs(r1 - r2)
         mag = 0.5 * (torch.abs(r1) + torch.abs(r2))
-        rel = diff / (mag + 1e-7)
-        s = torch.exp(-5.0 * rel)
-        num = 2.0 * s * r1 - s * r2
-        a1 = -0.1 * s
-        den = 1.0 + a1 * pade_c
-        small = torch.abs(den) < 1e-5
-        den = torch.where(small, torch.where(den >= 0, torch.full_like(den, 1e-5), torch.full_like(den, -1e-5)), den)
+        rel = diff / (mag + P.s_eps)
+        s = torch.exp(-P.s_rate * rel)
+        num = P.num_r1 * s * r1 - s * r2
+        a1 = -P.den_a * s
+        den = 1.0 + a1  # the published curvature flag is always 1
+        small = torch.abs(den) < P.den_min
+        den = torch.where(
+            small, torch.where(den >= 0, torch.full_like(den, P.den_min), torch.full_like(den, -P.den_min)), den
+        )
         p = num / den
-        avg = 0.6 * r1 + 0.4 * r2
-        m = torch.maximum(0.5 * diff, 0.1 * mag)
+        avg = P.avg_r1 * r1 + P.avg_r2 * r2
+        m = torch.maximum(P.trust_d * diff, P.trust_mag * mag)
         p = avg + torch.clamp(p - avg, min=-m, max=m)
-        beta = 0.7 * s + 0.3
+        beta = P.beta_s * s + P.beta_0
         pred = beta * p + (1.0 - beta) * avg
         if not torch.isfinite(pred).all():  # host sync
-            pred = r1 + 0.5 * (r1 - r2)
+            pred = r1 + P.fb1 * (r1 - r2)
             if not torch.isfinite(pred).all():  # host sync
-                ws = [0.4, 0.3, 0.2, 0.1][: len(hist)]
+                ws = P.wavg[: len(hist)]
                 pred = sum(w * h.float() for w, h in zip(ws, reversed(hist))) / sum(ws)
-        if stage == "late":
-            pred = pred + 0.3 * (r1 - r2)
+        if stage == "late":  # weights (1, c1, -c1): + c1 (R1 - R2)
+            pred = pred + c1 * (r1 - r2)
     delta = h_in.float() - h_prev.float()
-    pred = pred + K.PAPER_GAMMA * delta
+    pred = pred + P.gamma * delta
     h_prev.copy_(h_in)
     out = (h_in.float() + pred).to(h_in.dtype)
     hist.append(pred.to(h_in.dtype))
@@ -456,7 +375,7 @@ def rotating(fns: List[Callable]) -> Callable:
 
 def n_sets(bytes_per_set: int, device: str) -> int:
     """Input sets to rotate so that one pass over all of them is >= 4x the last-level cache
-    (H100 50 MB and H200 60 MB of L2; this CPU 32 MiB of L3): timings then measure memory, not
+    (the device's L2 on a GPU, 64 MiB assumed on a CPU): timings then measure memory, not
     cache. FLUX-sized sets are past it with one."""
     cache = 64 << 20
     if device == "cuda":
@@ -484,8 +403,8 @@ def time_cpu_interleaved(fns: List[Callable], reps: int, warmup: int, clock: str
 
     clock="thread": the CPU time of this thread (CLOCK_THREAD_CPUTIME_ID) instead of wall
     time. Only meaningful with one thread everywhere (torch, OpenMP): then it leaves out the
-    time other processes hold the core, which on a shared, oversubscribed host (load 8 on 2
-    cores, measured here) otherwise dominates every wall-clock median."""
+    time other processes hold the core, which on a shared, oversubscribed host otherwise
+    dominates every wall-clock median."""
     now = CPU_CLOCKS[clock]
     for fn in fns:
         for _ in range(warmup):

@@ -47,7 +47,7 @@ except ImportError as exc:  # the extension is optional (TCPADE_NO_NATIVE=1 or n
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-VARIANTS = ("paper", "rational", "reuse", "linear")
+VARIANTS = K.VARIANTS
 PREDICT_TENSORS = {"paper": 6, "rational": 5, "reuse": 3, "linear": 4}
 
 
@@ -95,11 +95,11 @@ def bench_dtype(shape, dtype, reps, warmup, rows_out):
         cases.append((name, ntens, cpp, eager))
 
     for variant in VARIANTS:
-        paper = variant == "paper"
-        cf = K.build_coef(variant, "middle", [0.7, 0.8, 0.9], 0.6, 5, nslot, gamma=0.2 if paper else 0.0)
+        gamma = K.default_gamma(variant)
+        cf = K.build_coef(variant, "middle", [0.7, 0.8, 0.9], 0.6, 5, nslot, gamma=gamma)
         cf_t = torch.tensor(cf, dtype=torch.float32)
-        hp_c, hp_t = (h_prev.clone(), h_prev.clone()) if paper else (None, None)
-        vid = VARIANTS.index(variant)
+        hp_c, hp_t = (h_prev.clone(), h_prev.clone()) if gamma else (None, None)
+        vid = K.check_variant(variant)
 
         def cpp(cf=cf, hp_c=hp_c, vid=vid):
             _C.predict(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared call for a lent GPU (../shared/gpu.md), about 6 minutes on an H100:
+# The one prepared call for a lent GPU, about 6 minutes on an H100:
 #   bash bench/gpu_check.sh                    # on the GPU machine, from the repository root
 # It installs what the machine lacks (diffusers and its one missing need, carried as wheels in
 # the git-ignored .whl/, see below), installs tcpade without the C++ extension (the GPU path is
@@ -8,8 +8,8 @@
 # targets, met or not; its short summary is printed last. Logs, gpu_check.json and
 # gpu_check.md go to $OUT (or /tmp/tcpade_gpu).
 #
-# Environment: TCPADE_GPU_TESTS=1 also runs the CUDA cases of the test suite first (adds ~5
-# minutes: the whole suite took 312 s on an H200); GPU_CHECK_ARGS passes options to
+# Environment: TCPADE_GPU_TESTS=1 also runs the CUDA cases of the test suite first (adds a
+# few minutes, bench/RESULTS.md); GPU_CHECK_ARGS passes options to
 # gpu_check.py (e.g. "--full" or "--skip e2e").
 #
 # Wheels, fetched on a machine with network access (the GPU machine has none), then named in

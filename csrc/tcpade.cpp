@@ -1,7 +1,9 @@
 // tcpade._C: the CPU backend of tcpade's two fused ops (update, predict).
 //
 // The math is specified exactly by tcpade/reference.py (functions update and predict,
-// compute_dtype=float32) and the coefficient layout by tcpade/coef.py. Every value is
+// compute_dtype=float32). The shared tables (the sums' and coefficients' positions, the
+// variant codes, the paper's constants) come from tcpade/layout.py through the header
+// tcpade_layout.h, which setup.py generates from it at build time. Every value is
 // loaded from its storage dtype, all arithmetic is float32, and the result is rounded
 // to the storage dtype only at the store. Sums are accumulated in double per thread and
 // reduced in thread order (deterministic for a fixed thread count).
@@ -45,20 +47,21 @@ static inline int omp_get_thread_num() { return 0; }
 #include <type_traits>
 #include <vector>
 
+#include "tcpade_layout.h"  // generated from tcpade/layout.py (setup.py)
+
 namespace py = pybind11;
 
 namespace {
 
-// Coefficient indices: must match tcpade/coef.py.
-constexpr int W_MAIN = 0, C1 = 1, C2 = 2, GAMMA = 3;
-constexpr int LAM1 = 5, LAM2 = 6;  // LAM0 = 4 is reserved (always 0): never read
-constexpr int ALP0 = 7, ALP1 = 8, ALP2 = 9;
-constexpr int TAU0 = 10, TAU1 = 11, TAU2 = 12;
-constexpr int BMAX = 13, KAPPA = 14, MU = 15, PADE_C = 16, WAVG = 17;
-constexpr int NCOEF = 24;
-constexpr int NSUMS = 8;
+using namespace tcl;
+constexpr int W_MAIN = CF_W_MAIN, C1 = CF_C1, C2 = CF_C2, GAMMA = CF_GAMMA;
+constexpr int LAM1 = CF_LAM1, LAM2 = CF_LAM2;
+constexpr int ALP0 = CF_ALP0, ALP1 = CF_ALP1, ALP2 = CF_ALP2;
+constexpr int TAU0 = CF_TAU0, TAU1 = CF_TAU1, TAU2 = CF_TAU2;
+constexpr int BMAX = CF_BMAX, KAPPA = CF_KAPPA, WAVG = CF_WAVG0;
+static_assert(CF_WAVG3 == CF_WAVG0 + 3, "the four wavg weights are consecutive");
 
-enum Variant { PAPER = 0, RATIONAL = 1, REUSE = 2, LINEAR = 3 };
+enum Variant { PAPER = VARIANT_PAPER, RATIONAL = VARIANT_RATIONAL, REUSE = VARIANT_REUSE, LINEAR = VARIANT_LINEAR };
 
 using Sums = std::array<double, NSUMS>;
 
@@ -76,8 +79,9 @@ struct PredictArgs {
 
 // gcc (without -fno-trapping-math) refuses to if-convert the paper's loops: jump threading
 // turns the selects of exp_paper into branches whose arithmetic "could trap", and the
-// loop stays scalar (5x slower than SSE2 vectors, 25x than AVX-512). Assuming no FP traps (true under Python/torch: exceptions are
-// masked) changes no result, only allows the speculation; NaN/Inf semantics are kept.
+// loop stays scalar (several times slower than vectorised). Assuming no FP traps (true
+// under Python/torch: exceptions are masked) changes no result, only allows the
+// speculation; NaN/Inf semantics are kept.
 // clang does not trap-track by default and ignores this attribute.
 #if defined(__GNUC__) && !defined(__clang__)
 #define TC_NO_TRAPS __attribute__((noinline, optimize("no-trapping-math")))
@@ -199,7 +203,8 @@ py::list py_predict(uintptr_t h_in, uintptr_t ring, std::vector<int64_t> slots, 
                     int variant, bool store) {
     check_common(rows, C, dtype, h_in, ring);
     check_slots(slots, nslot);
-    if (variant < 0 || variant > 3) throw std::invalid_argument("tcpade._C.predict: variant must be 0..3");
+    if (variant < 0 || variant >= NVARIANTS)
+        throw std::invalid_argument("tcpade._C.predict: variant code must be 0.." + std::to_string(NVARIANTS - 1));
     if ((int64_t)coef.size() < NCOEF)
         throw std::invalid_argument("tcpade._C.predict: coef needs " + std::to_string(NCOEF) + " values");
     PredictArgs A;
@@ -227,38 +232,52 @@ PYBIND11_MODULE(_C, mod) {
     mod.def("update", &py_update, py::arg("h_in"), py::arg("h_out"), py::arg("ring"), py::arg("slots"),
             py::arg("h_prev"), py::arg("rows"), py::arg("C"), py::arg("nslot"), py::arg("dtype"),
             py::arg("probe"),
-            "Write R = h_out - h_in into ring slot slots[nslot-1]; return the 8 sums (list of float).");
+            "Write R = h_out - h_in into ring slot slots[nslot-1]; return the sums (tcpade.layout.SUMS).");
     mod.def("predict", &py_predict, py::arg("h_in"), py::arg("ring"), py::arg("slots"), py::arg("coef"),
             py::arg("h_prev"), py::arg("out"), py::arg("rows"), py::arg("C"), py::arg("nslot"),
             py::arg("dtype"), py::arg("variant"), py::arg("store"),
-            "Predict R_eff (variant 0 paper, 1 rational, 2 reuse, 3 linear), optionally write h_out = "
-            "h_in + R_eff (out != 0) and store R_eff in slots[nslot-1]; return the 8 sums.");
+            "Predict R_eff (variant: the code of tcpade.layout.VARIANT_TABLE), optionally write h_out = "
+            "h_in + R_eff (out != 0; a non-finite element becomes h_in + R1) and store R_eff in "
+            "slots[nslot-1]; return the sums (tcpade.layout.SUMS).");
     mod.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP max threads.");
     mod.def(
-        "coef_layout",
+        "layout",
         []() {
             py::dict d;
-            d["W_MAIN"] = W_MAIN;
-            d["C1"] = C1;
-            d["C2"] = C2;
-            d["GAMMA"] = GAMMA;
-            d["LAM1"] = LAM1;  // LAM0 is reserved (always 0) and never read
-            d["LAM2"] = LAM2;
-            d["ALP0"] = ALP0;
-            d["ALP1"] = ALP1;
-            d["ALP2"] = ALP2;
-            d["TAU0"] = TAU0;
-            d["TAU1"] = TAU1;
-            d["TAU2"] = TAU2;
-            d["BMAX"] = BMAX;
-            d["KAPPA"] = KAPPA;
-            d["MU"] = MU;
-            d["PADE_C"] = PADE_C;
-            d["WAVG"] = WAVG;
+            d["NSUMS"] = NSUMS;
             d["NCOEF"] = NCOEF;
+            d["NVARIANTS"] = NVARIANTS;
+            d["SUM_D11"] = SUM_D11;
+            d["SUM_D22"] = SUM_D22;
+            d["SUM_D12"] = SUM_D12;
+            d["SUM_ERR2"] = SUM_ERR2;
+            d["SUM_R2"] = SUM_R2;
+            d["SUM_NONFINITE"] = SUM_NONFINITE;
+            d["CF_W_MAIN"] = CF_W_MAIN;
+            d["CF_C1"] = CF_C1;
+            d["CF_C2"] = CF_C2;
+            d["CF_GAMMA"] = CF_GAMMA;
+            d["CF_LAM1"] = CF_LAM1;
+            d["CF_LAM2"] = CF_LAM2;
+            d["CF_ALP0"] = CF_ALP0;
+            d["CF_ALP1"] = CF_ALP1;
+            d["CF_ALP2"] = CF_ALP2;
+            d["CF_TAU0"] = CF_TAU0;
+            d["CF_TAU1"] = CF_TAU1;
+            d["CF_TAU2"] = CF_TAU2;
+            d["CF_BMAX"] = CF_BMAX;
+            d["CF_KAPPA"] = CF_KAPPA;
+            d["CF_WAVG0"] = CF_WAVG0;
+            d["CF_WAVG1"] = CF_WAVG1;
+            d["CF_WAVG2"] = CF_WAVG2;
+            d["CF_WAVG3"] = CF_WAVG3;
+            d["VARIANT_PAPER"] = VARIANT_PAPER;
+            d["VARIANT_RATIONAL"] = VARIANT_RATIONAL;
+            d["VARIANT_REUSE"] = VARIANT_REUSE;
+            d["VARIANT_LINEAR"] = VARIANT_LINEAR;
             return d;
         },
-        "The coefficient indices compiled into the kernels (must equal tcpade.coef's).");
+        "The tables compiled into the kernels (tcpade.layout.compiled_layout() of the build's layout.py).");
     mod.def("isa", []() { return std::string(isa().name); },
             "Instruction set of the kernels in use: sse2, avx2 or avx512 (TCPADE_CPU_ISA=sse2|avx2 lowers it).");
 }
@@ -401,9 +420,9 @@ Sums update_impl(const typename D::S* hin, const typename D::S* hout, typename D
         const S* r1 = R1 + o;
         const S* r2 = R2 + o;
         S* w = W + o;
-        double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a6 = 0;
+        double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0;
         int cnt = 0;  // per row: C < 2^31 (checked at the binding)
-#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a6, cnt)
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, cnt)
         for (int64_t j = 0; j < C; ++j) {
             const float r = D::ld(y[j]) - D::ld(x[j]);
             const float v1 = D::ld(r1[j]);
@@ -417,19 +436,17 @@ Sums update_impl(const typename D::S* hin, const typename D::S* hout, typename D
                 const float p = D::ld(w[j]);  // read before the write below
                 const float e = p - r;
                 a3 += (double)(e * e);
-                a6 += (double)(p * p);
             }
             const S s = D::st(r);
             cnt += D::bad(s);
             w[j] = s;
         }
-        acc[0] += a0;
-        acc[1] += a1;
-        acc[2] += a2;
-        acc[3] += a3;
-        acc[4] += a4;
-        acc[5] += (double)cnt;
-        acc[6] += a6;
+        acc[SUM_D11] += a0;
+        acc[SUM_D22] += a1;
+        acc[SUM_D12] += a2;
+        acc[SUM_ERR2] += a3;
+        acc[SUM_R2] += a4;
+        acc[SUM_NONFINITE] += (double)cnt;
         if (hprev != nullptr && hprev + o != x) std::memcpy(hprev + o, x, (size_t)C * sizeof(S));
     });
 }
@@ -451,55 +468,50 @@ Sums update_impl(const typename D::S* hin, const typename D::S* hout, typename D
 // replaces by wavg.
 //
 // Two exact shortcuts keep this compute-bound loop short (results are unchanged):
-// * den = 1 - 0.1*s*c with s in [0, 1] (or NaN): for |c| <= 9, |den| >= 0.1, so the
-//   |den| >= 1e-5 clamp is the identity (CLAMP_DEN = false); NaN stays NaN either way.
+// * den = 1 - den_a*s with s in [0, 1] (or NaN) is >= 1 - den_a >= den_min (asserted
+//   below), so the reference's |den| >= den_min clamp is the identity and is left out;
+//   NaN stays NaN either way.
 // * The trust region p = avg + max(min(p - avg, m), -m) uses plain selects instead of
 //   NaN-propagating torch.maximum/minimum. Where they differ (p - avg or m NaN), pade is
 //   NaN anyway: m NaN means d or mag NaN, hence s and beta NaN; p - avg NaN means avg
 //   NaN (which reaches pade through (1 - beta) * avg, and 0 * NaN is NaN) or p NaN,
-//   which with finite r1, r2 needs s NaN (num = +-inf at worst, |den| >= 1e-5).
+//   which with finite r1, r2 needs s NaN (num = +-inf at worst, |den| >= den_min).
 //   Either way the element falls back to fb1 exactly as in the reference.
 
 // One element of the paper's main prediction: pade, or fb1 where pade is not finite.
 // both_bad: fb1 is not finite either (the caller then needs wavg).
-template <bool CLAMP_DEN>
-TC_INLINE float paper_elem(float a, float b, float c, int& both_bad) {
+static_assert(1.0f - PAPER_DEN_A >= PAPER_DEN_MIN && PAPER_DEN_A >= 0.0f, "den clamp is the identity");
+static_assert(PAPER_S_RATE >= 0.0f && PAPER_S_RATE <= 40.0f, "exp_paper's argument stays in [-87, 0]");
+
+TC_INLINE float paper_elem(float a, float b, int& both_bad) {
     const float d = abs_f(a - b);
     const float mag = 0.5f * (abs_f(a) + abs_f(b));
-    const float s = exp_paper((-5.0f * d) / (mag + 1e-7f));
-    const float num = (2.0f * s) * a - s * b;
-    float den = 1.0f - (0.1f * s) * c;
-    if constexpr (CLAMP_DEN) {
-        // torch.where(den >= 0, den.clamp(min=1e-5), den.clamp(max=-1e-5)); NaN stays NaN
-        const bool pos = den >= 0.0f, small_pos = den < 1e-5f, small_neg = den > -1e-5f;
-        const float den_pos = small_pos ? 1e-5f : den;
-        const float den_neg = small_neg ? -1e-5f : den;
-        den = pos ? den_pos : den_neg;
-    }
+    const float s = exp_paper((-PAPER_S_RATE * d) / (mag + PAPER_S_EPS));
+    const float num = (PAPER_NUM_R1 * s) * a - s * b;
+    const float den = 1.0f - PAPER_DEN_A * s;
     float p = num / den;
-    const float avg = 0.6f * a + 0.4f * b;
-    const float h1 = 0.5f * d, h2 = 0.1f * mag;
+    const float avg = PAPER_AVG_R1 * a + PAPER_AVG_R2 * b;
+    const float h1 = PAPER_TRUST_D * d, h2 = PAPER_TRUST_MAG * mag;
     const float mm = h1 > h2 ? h1 : h2;
     float cl = p - avg;
     cl = cl < mm ? cl : mm;
     cl = cl > -mm ? cl : -mm;
     p = avg + cl;
-    const float beta = 0.7f * s + 0.3f;
+    const float beta = PAPER_BETA_S * s + PAPER_BETA_0;
     const float pade = beta * p + (1.0f - beta) * avg;
-    const float fb1 = a + 0.5f * (a - b);
+    const float fb1 = a + PAPER_FB1 * (a - b);
     const int bad_p = nonfinite_f(pade);
     both_bad = bad_p & nonfinite_f(fb1);
     return bad_p ? fb1 : pade;
 }
 
-template <class D, bool CLAMP_DEN>
-TC_NO_TRAPS int paper_main_row(const typename D::S* r1, const typename D::S* r2, float c, float* m,
-                               int64_t C) {
+template <class D>
+TC_NO_TRAPS int paper_main_row(const typename D::S* r1, const typename D::S* r2, float* m, int64_t C) {
     int nb = 0;
 #pragma omp simd reduction(+ : nb)
     for (int64_t j = 0; j < C; ++j) {
         int both_bad;
-        m[j] = paper_elem<CLAMP_DEN>(D::ld(r1[j]), D::ld(r2[j]), c, both_bad);
+        m[j] = paper_elem(D::ld(r1[j]), D::ld(r2[j]), both_bad);
         nb += both_bad;
     }
     return nb;
@@ -512,7 +524,7 @@ TC_NO_TRAPS int paper_main_row(const typename D::S* r1, const typename D::S* r2,
 enum MainKind { M_BLEND = 0, M_BUF = 1, M_LINEAR = 2, M_RATIONAL = 3, M_REUSE = 4, M_PAPER = 5 };
 
 struct RowCoef {
-    float c1, c2, w_main, g, lam1, lam2, lt1, lt2, b, pade_c;  // b: the rational row's b1
+    float c1, c2, w_main, g, lam1, lam2, lt1, lt2, b;  // b: the rational row's b1
 };
 
 template <class D>
@@ -531,7 +543,7 @@ TC_NO_TRAPS int fused_row(const typename D::S* x, const typename D::S* r1,
     constexpr bool NEED_R2 = MAIN != M_REUSE || STORE;
     constexpr bool NEED_X = GAMMA || WOUT;
     const float c1 = k.c1, c2 = k.c2, w_main = k.w_main, g = k.g;
-    const float lam1 = k.lam1, lam2 = k.lam2, lt1 = k.lt1, lt2 = k.lt2, b = k.b, pade_c = k.pade_c;
+    const float lam1 = k.lam1, lam2 = k.lam2, lt1 = k.lt1, lt2 = k.lt2, b = k.b;
     static_assert(MAIN != M_PAPER || !STORE, "M_PAPER is for store=False only");
     double a0 = 0, a1 = 0, a2 = 0, a4 = 0;
     int cnt = 0, nb = 0;
@@ -552,7 +564,7 @@ TC_NO_TRAPS int fused_row(const typename D::S* x, const typename D::S* r1,
                     mv = m[j];
                 } else if constexpr (MAIN == M_PAPER) {
                     int both_bad;
-                    mv = paper_elem<false>(v1, v2, pade_c, both_bad);
+                    mv = paper_elem(v1, v2, both_bad);
                     nb += both_bad;
                 } else if constexpr (MAIN == M_LINEAR) {
                     mv = lam1 * v2 + lam2 * v1;
@@ -577,18 +589,21 @@ TC_NO_TRAPS int fused_row(const typename D::S* x, const typename D::S* r1,
         const S sv = D::st(rh);
         int bad = D::bad(sv);
         if constexpr (WOUT) {
+            // A non-finite h_out element becomes h_in + R1; the count keeps the raw one.
             const S o = D::st(xv + rh);
-            bad |= D::bad(o);
-            out[j] = o;
+            const int bad_o = D::bad(o);
+            bad |= bad_o;
+            const S alt = D::st(xv + v1);
+            out[j] = bad_o ? alt : o;
         }
         if constexpr (STORE) w[j] = sv;
         cnt += bad;
     }
-    acc[0] += a0;
-    acc[1] += a1;
-    acc[2] += a2;
-    acc[4] += a4;
-    acc[5] += (double)cnt;
+    acc[SUM_D11] += a0;
+    acc[SUM_D22] += a1;
+    acc[SUM_D12] += a2;
+    acc[SUM_R2] += a4;
+    acc[SUM_NONFINITE] += (double)cnt;
     return nb;
 }
 
@@ -625,8 +640,8 @@ FusedFn<D> pick_fused(int main, bool gamma, bool store, bool wout) {
 // Rational pass 1: the per-row reductions, then b1 (clamped, kappa-rescaled) as float32.
 template <class D, bool KAPPA_ON>
 float rational_b1(const typename D::S* y0s, const typename D::S* y1s, const typename D::S* y2s, float alp0,
-                  float alp1, float alp2, float at0, float at1, float at2, float lt1, float lt2, float mu1,
-                  float bmax, float kappa, int64_t C) {
+                  float alp1, float alp2, float at0, float at1, float at2, float lt1, float lt2, float bmax,
+                  float kappa, int64_t C) {
     double st = 0, tt = 0, ll = 0, dd = 0;
 #pragma omp simd reduction(+ : st, tt, ll, dd)
     for (int64_t j = 0; j < C; ++j) {
@@ -643,7 +658,7 @@ float rational_b1(const typename D::S* y0s, const typename D::S* y1s, const type
         }
     }
     // The row sums are rounded to float32, as torch's float32 .sum(-1) would return them.
-    float b = -(float)st / ((float)tt * mu1 + 1e-30f);
+    float b = -(float)st / ((float)tt + 1e-30f);
     b = max_p(min_p(b, bmax), -bmax);
     if constexpr (KAPPA_ON) {
         const float lim = kappa * std::sqrt((float)dd);
@@ -683,35 +698,32 @@ Sums predict_impl(const typename D::S* hin, typename D::S* ring, typename D::S* 
     k0.c2 = cf[C2];
     k0.w_main = cf[W_MAIN];
     k0.g = cf[GAMMA];
-    k0.lam1 = cf[LAM1];  // LAM0 is reserved (always 0): linear reads (R2, R1) only
+    k0.lam1 = cf[LAM1];
     k0.lam2 = cf[LAM2];
     k0.lt1 = cf[LAM1] * cf[TAU1];
     k0.lt2 = cf[LAM2] * cf[TAU2];
     const float alp0 = cf[ALP0], alp1 = cf[ALP1], alp2 = cf[ALP2];
     const float at0 = alp0 * cf[TAU0], at1 = alp1 * cf[TAU1], at2 = alp2 * cf[TAU2];
-    const float bmax = cf[BMAX], kappa = cf[KAPPA], mu1 = 1.0f + cf[MU];
-    const float pade_c = cf[PADE_C];
-    const bool clamp_den = !(abs_f(pade_c) <= 9.0f);  // see paper_main_row
+    const float bmax = cf[BMAX], kappa = cf[KAPPA];
     const float wv0 = cf[WAVG], wv1 = cf[WAVG + 1], wv2 = cf[WAVG + 2], wv3 = cf[WAVG + 3];
 
-    k0.pade_c = pade_c;
 
     int main_kind = M_BLEND;
     if (var == REUSE) main_kind = M_REUSE;
     else if (use_main) main_kind = var == PAPER ? M_BUF : var == LINEAR ? M_LINEAR : M_RATIONAL;
-    // float32 paper without store and without the den clamp: one fused pass (M_PAPER); a
+    // float32 paper without store: one fused pass (M_PAPER); a
     // row that needs the second fallback is redone in two passes (M_BUF). Not when h_out
     // overwrites h_in or h_prev in place (a redo must re-read them), and not for 16-bit
     // storage: there gcc vectorises the fused loop 32 lanes wide (u16 loads), spills, and
-    // two passes are faster (measured, AVX-512: bf16 7.4 ms vs 8.7 ms at 1x4096x3072).
-    const bool paper_one_pass = std::is_same<D, F32>::value && main_kind == M_BUF && !store && !clamp_den &&
+    // two passes are faster (bench/RESULTS.md).
+    const bool paper_one_pass = std::is_same<D, F32>::value && main_kind == M_BUF && !store &&
                                 !(write_out && ((const void*)out == (const void*)hin || out == hprev));
     const FusedFn<D> fused = pick_fused<D>(paper_one_pass ? (int)M_PAPER : main_kind, gamma, store, write_out);
     const FusedFn<D> fused_buf = main_kind == M_BUF ? pick_fused<D>(M_BUF, gamma, store, write_out) : nullptr;
 
     // h_out written in place over h_in while h_prev must receive the old h_in: keep a copy.
     const bool save_x = hprev != nullptr && hprev != hin && write_out && (const void*)out == (const void*)hin;
-    constexpr int64_t PCH = 1024;  // paper two-pass chunk (bf16 at 1x4096x3072: 7.0 ms vs 7.5 unchunked)
+    constexpr int64_t PCH = 1024;  // paper two-pass chunk (faster than whole rows: bench/RESULTS.md)
     const int64_t mlen = main_kind == M_BUF ? (C < PCH ? C : PCH) : 0;
     const int64_t nbuf = mlen + (save_x ? C : 0);
 
@@ -733,8 +745,7 @@ Sums predict_impl(const typename D::S* hin, typename D::S* ring, typename D::S* 
                 for (int64_t c0 = 0; c0 < C; c0 += PCH) {
                     const int64_t cn = C - c0 < PCH ? C - c0 : PCH;
                     const int64_t oc = o + c0;
-                    const int nb = clamp_den ? paper_main_row<D, true>(R1 + oc, R2 + oc, pade_c, m, cn)
-                                             : paper_main_row<D, false>(R1 + oc, R2 + oc, pade_c, m, cn);
+                    const int nb = paper_main_row<D>(R1 + oc, R2 + oc, m, cn);
                     if (nb > 0) {  // second fallback, wavg over the history (rare: reads R3/R4)
                         for (int64_t j = 0; j < cn; ++j) {
                             if (!nonfinite_f(m[j])) continue;
@@ -751,9 +762,9 @@ Sums predict_impl(const typename D::S* hin, typename D::S* ring, typename D::S* 
                 if (main_kind == M_RATIONAL)
                     k.b = kappa > 0.0f
                               ? rational_b1<D, true>(R3fit + o, R2 + o, R1 + o, alp0, alp1, alp2, at0, at1, at2,
-                                                     k0.lt1, k0.lt2, mu1, bmax, kappa, C)
+                                                     k0.lt1, k0.lt2, bmax, kappa, C)
                               : rational_b1<D, false>(R3fit + o, R2 + o, R1 + o, alp0, alp1, alp2, at0, at1, at2,
-                                                      k0.lt1, k0.lt2, mu1, bmax, kappa, C);
+                                                      k0.lt1, k0.lt2, bmax, kappa, C);
                 // All reads of R3 for this row are done: the write slot may be R3's.
                 fused(hin + o, R1 + o, R2 + o, hp, m, W + o, ho, k, C, rs);
             }

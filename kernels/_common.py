@@ -7,17 +7,27 @@ import os
 import triton
 import triton.language as tl
 
-NSUMS = 8
+from tcpade import layout as L
+
+# The sums every history write returns (tcpade.layout.SUMS): their count, each one's
+# position, and the power-of-two width of the in-register vector they are gathered in.
+# Globals read inside @triton.jit must be tl.constexpr.
+NSUMS = L.NSUMS
+SUMS_PAD = tl.constexpr(triton.next_power_of_2(L.NSUMS))
+NSUMS_C = tl.constexpr(L.NSUMS)
+S_D11, S_D22, S_D12, S_ERR2, S_R2, S_NONFINITE = (
+    tl.constexpr(L.SUMS.index(n)) for n in ("d11", "d22", "d12", "err2", "r2", "nonfinite")
+)
 
 
 def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1, where each program instance costs ~2 ms of CPU."""
+    """True under TRITON_INTERPRET=1, where each program instance is slow (numpy on the CPU)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def flat_block(n: int, block: int) -> int:
     """Elements per program: ``block`` on a GPU; under the interpreter up to 64K, so the
-    small tensors of the tests need one program (each costs ~2 ms there)."""
+    small tensors of the tests need one program (each program is slow there)."""
     if interpreting():
         return max(16, min(triton.next_power_of_2(n), 1 << 16))
     return block

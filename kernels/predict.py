@@ -23,38 +23,65 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NSUMS, flat_block, interpreting, isfinite, load_slot, needs_int64, program_index, to_storage
+from tcpade import coef as K
+from tcpade import layout as L
 
-# Indices into the coefficient vector: must match tcpade/coef.py (checked by a test).
-# Globals read inside @triton.jit must be tl.constexpr (the interpreter does not check).
+from ._common import (
+    NSUMS,
+    NSUMS_C,
+    S_D11,
+    S_D12,
+    S_D22,
+    S_NONFINITE,
+    S_R2,
+    SUMS_PAD,
+    flat_block,
+    interpreting,
+    isfinite,
+    load_slot,
+    needs_int64,
+    program_index,
+    to_storage,
+)
+
+# Everything below comes from tcpade.layout / tcpade.coef: the coefficient indices, the
+# variant codes, the paper's constants. Globals read inside @triton.jit must be
+# tl.constexpr (the interpreter does not check; tests/aot_compile.py does).
 _c = tl.constexpr
-W_MAIN, C1, C2, GAMMA = _c(0), _c(1), _c(2), _c(3)
-LAM1, LAM2 = _c(5), _c(6)
-ALP0, ALP1, ALP2 = _c(7), _c(8), _c(9)
-TAU0, TAU1, TAU2 = _c(10), _c(11), _c(12)
-BMAX, KAPPA, MU, PADE_C, WAVG = _c(13), _c(14), _c(15), _c(16), _c(17)
-
-VARIANT_IDS = {"paper": 0, "rational": 1, "reuse": 2, "linear": 3}
+W_MAIN, C1, C2, GAMMA = _c(K.W_MAIN), _c(K.C1), _c(K.C2), _c(K.GAMMA)
+LAM1, LAM2 = _c(K.LAM1), _c(K.LAM2)
+ALP0, ALP1, ALP2 = _c(K.ALP0), _c(K.ALP1), _c(K.ALP2)
+TAU0, TAU1, TAU2 = _c(K.TAU0), _c(K.TAU1), _c(K.TAU2)
+BMAX, KAPPA, WAVG = _c(K.BMAX), _c(K.KAPPA), _c(K.WAVG)
+PAPER, RATIONAL, REUSE, LINEAR = (_c(L.VARIANT_TABLE[n].code) for n in ("paper", "rational", "reuse", "linear"))
+_P = L.PAPER
+P_S_RATE, P_S_EPS, P_NUM_R1 = _c(_P.s_rate), _c(_P.s_eps), _c(_P.num_r1)
+P_DEN_A, P_DEN_MIN = _c(_P.den_a), _c(_P.den_min)
+P_AVG_R1, P_AVG_R2, P_TRUST_D, P_TRUST_MAG = _c(_P.avg_r1), _c(_P.avg_r2), _c(_P.trust_d), _c(_P.trust_mag)
+P_BETA_S, P_BETA_0, P_FB1 = _c(_P.beta_s), _c(_P.beta_0), _c(_P.fb1)
 
 
 @triton.jit
 def _paper_main(r1, r2, ring_ptr, s3, s4, offs, slot_stride, mask, coef_ptr, NSLOT: tl.constexpr):
+    """tcpade.reference.paper_pade and the two fallbacks of _paper_main, elementwise."""
+    # (Tensor first in each product with a table constant: the interpreter cannot multiply
+    # a constexpr by a tensor. IEEE products commute, so the bits are those of the reference.)
     d = tl.abs(r1 - r2)
     mag = 0.5 * (tl.abs(r1) + tl.abs(r2))
-    s = tl.exp(-5.0 * d / (mag + 1e-7))
-    num = 2.0 * s * r1 - s * r2
-    den = 1.0 - 0.1 * s * tl.load(coef_ptr + PADE_C)
-    den = tl.where(den >= 0.0, tl.maximum(den, 1e-5), tl.minimum(den, -1e-5))
+    s = tl.exp(d * (-P_S_RATE) / (mag + P_S_EPS))
+    num = s * P_NUM_R1 * r1 - s * r2
+    den = 1.0 - s * P_DEN_A
+    den = tl.where(den >= 0.0, tl.maximum(den, P_DEN_MIN), tl.minimum(den, -P_DEN_MIN))
     p = num / den
-    avg = 0.6 * r1 + 0.4 * r2
-    m = tl.maximum(0.5 * d, 0.1 * mag)
+    avg = r1 * P_AVG_R1 + r2 * P_AVG_R2
+    m = tl.maximum(d * P_TRUST_D, mag * P_TRUST_MAG)
     p = avg + tl.maximum(tl.minimum(p - avg, m), -m)
-    beta = 0.7 * s + 0.3
+    beta = s * P_BETA_S + P_BETA_0
     pade = beta * p + (1.0 - beta) * avg
-    fb1 = r1 + 0.5 * (r1 - r2)
-    # R3/R4 are fetched only where both the Pade value and the first fallback failed.
-    # (Putting this behind a block-level `if any(need)` branch measured 20% SLOWER on an
-    # H200 in bf16, 0.0596 -> 0.0676 ms at FLUX size: kept elementwise.)
+    fb1 = r1 + (r1 - r2) * P_FB1
+    # R3/R4 are fetched only where both the Pade value and the first fallback failed, as
+    # masked elementwise loads (a block-level `if any(need)` branch around them was slower
+    # on a GPU, see bench/RESULTS.md).
     need = mask & (~isfinite(pade)) & (~isfinite(fb1))
     r3 = tl.load(ring_ptr + s3 * slot_stride + offs, mask=need, other=0.0).to(tl.float32)
     wavg = tl.load(coef_ptr + WAVG) * r1 + tl.load(coef_ptr + WAVG + 1) * r2
@@ -84,7 +111,10 @@ def _epilogue(
     WRITE_OUT: tl.constexpr,
     EXACT_BF16: tl.constexpr,
 ):
-    """Input-change correction, stores, and this tile's 8 partial sums added to ``acc``."""
+    """Input-change correction, stores, and this tile's partial sums added to ``acc``.
+
+    A non-finite element of h_out is written as h_in + R1 instead (tcpade.ops.predict);
+    the nonfinite sum counts the raw predictions that were not finite."""
     x = x_raw.to(tl.float32)
     if HAS_PREV:
         prev = tl.load(h_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -98,19 +128,21 @@ def _epilogue(
         tl.store(w_ptrs, stored, mask=mask)
     if WRITE_OUT:
         o = to_storage(x + rhat, out_ptr.dtype.element_ty, EXACT_BF16)
+        bad_o = ~isfinite(o.to(tl.float32))
+        bad = bad | bad_o
+        o = tl.where(bad_o, to_storage(x + r1, out_ptr.dtype.element_ty, EXACT_BF16), o)
         tl.store(out_ptr + offs, o, mask=mask)
-        bad = bad | (~isfinite(o.to(tl.float32)))
     bad = bad & mask
-    idx = tl.arange(0, 8)
-    vals = tl.zeros([8], dtype=tl.float32)
+    idx = tl.arange(0, SUMS_PAD)
+    vals = tl.zeros([SUMS_PAD], dtype=tl.float32)
     if STORE:
         d1 = r1 - r2
         d2 = rhat - r1
-        vals = tl.where(idx == 0, tl.sum(tl.ravel(d1 * d1), axis=0), vals)
-        vals = tl.where(idx == 1, tl.sum(tl.ravel(d2 * d2), axis=0), vals)
-        vals = tl.where(idx == 2, tl.sum(tl.ravel(d1 * d2), axis=0), vals)
-    vals = tl.where(idx == 4, tl.sum(tl.ravel(rhat * rhat), axis=0), vals)
-    vals = tl.where(idx == 5, tl.sum(tl.ravel(bad.to(tl.float32)), axis=0), vals)
+        vals = tl.where(idx == S_D11, tl.sum(tl.ravel(d1 * d1), axis=0), vals)
+        vals = tl.where(idx == S_D22, tl.sum(tl.ravel(d2 * d2), axis=0), vals)
+        vals = tl.where(idx == S_D12, tl.sum(tl.ravel(d1 * d2), axis=0), vals)
+    vals = tl.where(idx == S_R2, tl.sum(tl.ravel(rhat * rhat), axis=0), vals)
+    vals = tl.where(idx == S_NONFINITE, tl.sum(tl.ravel(bad.to(tl.float32)), axis=0), vals)
     return acc + vals
 
 
@@ -147,15 +179,15 @@ def _predict_ew_kernel(
     sw = load_slot(slots_ptr, NSLOT - 1, IDX64)
     x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
     r1 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    if VARIANT == 2 and not STORE:
+    if VARIANT == REUSE and not STORE:
         # Reuse needs R2 only for the TSI sums of a stored prediction.
         r2 = r1
     else:
         r2 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    if VARIANT == 2:
+    if VARIANT == REUSE:
         rhat = r1
     else:
-        if VARIANT == 0:
+        if VARIANT == PAPER:
             main = _paper_main(r1, r2, ring_ptr, s3, s4, offs, slot_stride, mask, coef_ptr, NSLOT)
         else:
             main = tl.load(coef_ptr + LAM1) * r2 + tl.load(coef_ptr + LAM2) * r1
@@ -173,13 +205,14 @@ def _predict_ew_kernel(
         h_prev_ptr,
         out_ptr,
         coef_ptr,
-        tl.zeros([8], dtype=tl.float32),
+        tl.zeros([SUMS_PAD], dtype=tl.float32),
         HAS_PREV,
         STORE,
         WRITE_OUT,
         EXACT_BF16,
     )
-    tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
+    idx = tl.arange(0, SUMS_PAD)
+    tl.store(partial_ptr + pid * NSUMS_C + idx, acc, mask=idx < NSUMS_C)
 
 
 @triton.jit
@@ -195,7 +228,7 @@ def _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2):
 @triton.jit
 def _rational_b1(st, tt, ll, dd, coef_ptr):
     """Shared row denominator b1 = -sum(S*T) / sum(T*T), pole guard, kappa bound."""
-    b1 = -st / (tt * (1.0 + tl.load(coef_ptr + MU)) + 1e-30)
+    b1 = -st / (tt + 1e-30)
     bmax = tl.load(coef_ptr + BMAX)
     # NaN must survive the guard (a non-finite residual in the fit must show in the
     # output): Triton's min/max return the non-NaN operand unless told otherwise.
@@ -279,7 +312,7 @@ def _predict_rational_kernel(
     t2 = tl.load(coef_ptr + TAU2)
     l1 = tl.load(coef_ptr + LAM1)
     l2 = tl.load(coef_ptr + LAM2)
-    acc = tl.zeros([8], dtype=tl.float32)
+    acc = tl.zeros([SUMS_PAD], dtype=tl.float32)
     if ONE_PASS:
         # The whole row fits one tile: the fit and the prediction share the loaded residuals.
         mask = rmask[:, None] & (cols < n_cols)[None, :]
@@ -319,14 +352,15 @@ def _predict_rational_kernel(
                 y1, y2, b1, l1, l2, t1, t2, h_in_ptr, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr,
                 out_ptr, coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
             )  # fmt: skip
-    tl.store(partial_ptr + pid * 8 + tl.arange(0, 8), acc)
+    idx = tl.arange(0, SUMS_PAD)
+    tl.store(partial_ptr + pid * NSUMS_C + idx, acc, mask=idx < NSUMS_C)
 
 
-# Launch shape per (kernel, bytes per element): (elements per program, warps), the best of
-# sweeps over {2048, 4096, 8192} x {4, 8} warps on an H200 at FLUX.1-dev 1024^2 size
-# (bench/results/gpu_2026-11-28). The paper variant is instruction-bound (~100 PTX
-# instructions per element) and does best at ~16 elements per thread; the plain variants
-# are memory-bound and like big blocks.
+# Launch shape per (variant, bytes per element): (elements per program, warps), the best of
+# sweeps over {2048, 4096, 8192} x {4, 8} warps at FLUX.1-dev 1024^2 size (bench/RESULTS.md).
+# The paper variant is instruction-bound (about a hundred instructions per element) and
+# does best with few elements per thread; the plain variants are memory-bound and like big
+# blocks.
 TUNED = {
     ("paper", 2): (4096, 8),
     ("paper", 4): (2048, 4),
@@ -338,9 +372,8 @@ TUNED = {
     ("linear", 4): (8192, 4),
 }
 # Widest row (channels) the rational kernel fits and predicts from one tile; wider rows
-# are walked twice in tiles of this width. Measured on an H200 at C = 3072: fp32 one-pass
-# 0.078 ms vs two-pass 0.086 ms; bf16 one-pass 0.069 ms vs two-pass (1024-wide tiles)
-# 0.051 ms.
+# are walked twice in tiles of this width. At FLUX's C = 3072 one pass wins in fp32 and two
+# passes over 1024-wide tiles win in 16-bit storage (bench/RESULTS.md).
 RATIONAL_TILE = {2: 1024, 4: 8192}
 
 
@@ -374,7 +407,7 @@ def predict(
     override the launch shape (benchmarks sweep them); ``block_c`` forces the rational
     kernel's channel tile (tests use it to run the two-pass path on small rows).
     """
-    vid = VARIANT_IDS[variant]
+    v = L.variant(variant)
     n = h_in.numel()
     size = 2 if h_in.element_size() == 2 else 4
     tuned_block, tuned_warps = TUNED[(variant, size)]
@@ -391,7 +424,7 @@ def predict(
         common["num_warps"] = num_warps or tuned_warps
     prev = h_prev if h_prev is not None else h_in
     out_arg = out if write_out else h_in
-    if vid == 1:
+    if v.row_wise:
         n_cols = h_in.shape[-1]
         n_rows = n // n_cols
         block_r, block_c = _row_blocks(n_rows, n_cols, block or tuned_block, RATIONAL_TILE[size], block_c)
@@ -427,7 +460,7 @@ def predict(
             partial,
             n,
             n,
-            VARIANT=vid,
+            VARIANT=v.code,
             BLOCK=block,
             **common,
         )

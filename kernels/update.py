@@ -2,7 +2,7 @@
 
 One memory pass: reads h_in, h_out, R1, R2 (and the probe in the write slot), writes R
 (and h_prev <- h_in when a previous-input buffer is kept). Each program reduces its block
-in fp32 and writes 8 partial sums; the launcher adds the partials with one torch.sum on
+in fp32 and writes its partial sums (tcpade.layout.SUMS); the launcher adds the partials with one torch.sum on
 the device (one small launch; fp32 over <= a few thousand partials is exact to ~1e-7
 relative), so the result is deterministic (no atomics) and independent of scheduling.
 Semantics: tcpade.reference.update.
@@ -16,7 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NSUMS, flat_block, interpreting, isfinite, load_slot, needs_int64, program_index, to_storage
+from ._common import (
+    NSUMS,
+    NSUMS_C,
+    S_D11,
+    S_D12,
+    S_D22,
+    S_ERR2,
+    S_NONFINITE,
+    S_R2,
+    flat_block,
+    interpreting,
+    isfinite,
+    load_slot,
+    needs_int64,
+    program_index,
+    to_storage,
+)
 
 
 @triton.jit
@@ -51,30 +67,26 @@ def _update_kernel(
     d1 = r1 - r2
     d2 = r - r1
     w_ptrs = ring_ptr + sw * slot_stride + offs
+    part = partial_ptr + pid * NSUMS_C
     if PROBE:
-        p = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-        e = p - r
-        tl.store(partial_ptr + pid * 8 + 3, tl.sum(e * e, axis=0))
-        tl.store(partial_ptr + pid * 8 + 6, tl.sum(p * p, axis=0))
+        e = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) - r  # read before the write below
+        tl.store(part + S_ERR2, tl.sum(e * e, axis=0))
     else:
-        tl.store(partial_ptr + pid * 8 + 3, 0.0)
-        tl.store(partial_ptr + pid * 8 + 6, 0.0)
+        tl.store(part + S_ERR2, 0.0)
     stored = to_storage(r, ring_ptr.dtype.element_ty, EXACT_BF16)
     tl.store(w_ptrs, stored, mask=mask)
     if HAS_PREV:
         tl.store(h_prev_ptr + offs, x_raw, mask=mask)
     bad = tl.where(isfinite(stored.to(tl.float32)), 0.0, 1.0)
-    tl.store(partial_ptr + pid * 8 + 0, tl.sum(d1 * d1, axis=0))
-    tl.store(partial_ptr + pid * 8 + 1, tl.sum(d2 * d2, axis=0))
-    tl.store(partial_ptr + pid * 8 + 2, tl.sum(d1 * d2, axis=0))
-    tl.store(partial_ptr + pid * 8 + 4, tl.sum(r * r, axis=0))
-    tl.store(partial_ptr + pid * 8 + 5, tl.sum(bad, axis=0))
-    tl.store(partial_ptr + pid * 8 + 7, 0.0)
+    tl.store(part + S_D11, tl.sum(d1 * d1, axis=0))
+    tl.store(part + S_D22, tl.sum(d2 * d2, axis=0))
+    tl.store(part + S_D12, tl.sum(d1 * d2, axis=0))
+    tl.store(part + S_R2, tl.sum(r * r, axis=0))
+    tl.store(part + S_NONFINITE, tl.sum(bad, axis=0))
 
 
-# Launch shape per bytes per element: (elements per program, warps), best of a sweep over
-# {2048, 4096, 8192} x {4, 8} warps on an H200 at FLUX.1-dev 1024^2 size
-# (bench/results/gpu_2026-11-28).
+# Launch shape per bytes per element: (elements per program, warps), the best of a sweep over
+# {2048, 4096, 8192} x {4, 8} warps on a GPU at FLUX.1-dev 1024^2 size (bench/RESULTS.md).
 TUNED = {2: (8192, 4), 4: (4096, 8)}
 
 
@@ -88,7 +100,7 @@ def update(
     block: Optional[int] = None,
     num_warps: Optional[int] = None,
 ) -> torch.Tensor:
-    """Launch the update kernel; inputs are validated by tcpade.ops. Returns fp32 sums (8,).
+    """Launch the update kernel; inputs are validated by tcpade.ops. Returns the fp32 sums.
 
     ``block`` / ``num_warps`` override the launch shape (benchmarks sweep them).
     """

@@ -1,16 +1,163 @@
-"""Named layouts shared by every backend (torch reference, Triton, C++).
+"""The tables every backend shares (torch reference, Triton, C++), in one place.
 
-``SUMS``: the device sums that every history write (the update pass, a stored or probed
-prediction) returns, by position. Code reads them by name through ``SUMS.index(name)``
-or a typed wrapper, never by a bare number.
+This module is plain Python (no torch): ``setup.py`` runs it to generate the C++ header of
+the extension (``c_header``), the Triton kernels read its values as compile-time
+constants, and the torch reference and ``tcpade.coef`` import it. Nothing here is copied
+by hand into another file; ``tests/test_coef.py`` checks that a built extension was built
+from this version of the tables.
 
-* ``d11``, ``d22``, ``d12``: <d1, d1>, <d2, d2>, <d1, d2> of the two newest residual
-  differences d1 = R1 - R2, d2 = R2 - R3 (the TSI's three sums);
-* ``err2``: ||R_hat - R||^2 of a probe prediction against the computed residual;
-* ``r2``: ||R||^2 of the residual written;
-* ``nonfinite``: the count of non-finite values written;
-* ``p2``, ``spare``: ||R_hat||^2 and a spare slot.
+* ``SUMS``: the device sums that every history write (the update pass, a stored or probed
+  prediction) returns, by position. Code reads them by name (``SUMS.index(name)``):
+
+  - ``d11``, ``d22``, ``d12``: <d1, d1>, <d2, d2>, <d1, d2> of the two newest residual
+    differences (the TSI's three sums);
+  - ``err2``: ||P - R||^2 of a probe prediction P against the computed residual R;
+  - ``r2``: ||R||^2 of the residual written (of the prediction, for predict);
+  - ``nonfinite``: the count of non-finite values written or predicted.
+
+* ``COEF``: the per-step scalars of one prediction (built by ``tcpade.coef.build_coef``).
+* ``PAPER``: the published method's constants.
+* ``VARIANTS``: the predictors, each with the code the kernels switch on and the
+  defaults that depend on it.
 """
 
-SUMS = ("d11", "d22", "d12", "err2", "r2", "nonfinite", "p2", "spare")
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Tuple
+
+SUMS = ("d11", "d22", "d12", "err2", "r2", "nonfinite")
 NSUMS = len(SUMS)
+
+# Scalars of one prediction, by position in the coefficient vector:
+#   w_main, c1, c2  the stage blend R_hat = w_main * main + c1 * R1 + c2 * R2;
+#   gamma           input-change correction R_eff = R_hat + gamma * (h_in - h_prev);
+#   lam1, lam2      linear extrapolation to the target: lam1 * R2 + lam2 * R1;
+#   alp0..alp2      second divided difference weights on (R3, R2, R1);
+#   tau0..tau2      normalised times of (R3, R2, R1) (the target is at tau = 0);
+#   bmax            rational pole guard: |b1| <= bmax;
+#   kappa           rational: ||R_hat - R_lin||_row <= kappa * ||R1 - R2||_row (0 = off);
+#   wavg0..wavg3    paper's last fallback: weights on (R1, R2, R3, R4), renormalised.
+COEF = (
+    "w_main", "c1", "c2", "gamma", "lam1", "lam2", "alp0", "alp1", "alp2",
+    "tau0", "tau1", "tau2", "bmax", "kappa", "wavg0", "wavg1", "wavg2", "wavg3",
+)  # fmt: skip
+NCOEF = len(COEF)
+
+STAGES = ("early", "middle", "late")
+
+
+@dataclass(frozen=True)
+class PaperConstants:
+    """The published predictor's constants (the method document, section 2), by role.
+
+    s = exp(-s_rate * |R1 - R2| / (0.5 (|R1| + |R2|) + s_eps))
+    p = s (num_r1 R1 - R2) / den,  den = 1 - den_a s (kept |den| >= den_min, sign kept)
+    avg = avg_r1 R1 + avg_r2 R2;  p = avg + clamp(p - avg, +-max(trust_d |R1 - R2|, trust_mag mag))
+    beta = beta_s s + beta_0;  R_pade = beta p + (1 - beta) avg
+    fallbacks: R1 + fb1 (R1 - R2), then sum_i wavg_i R_i (renormalised to the history)
+    stages: R_hat = w_main R_pade + c1 R1 + c2 R2 per stage (``stage_weights``), stage
+    boundaries at early_frac * T and late_frac * T; input-change correction gamma.
+
+    The published code's denominator is 1 + a1 c with a1 = -den_a s and a curvature flag c;
+    its test for c never fails (it compares the TSI, at most 1, with 1.4), so c = 1 always.
+    """
+
+    s_rate: float = 5.0
+    s_eps: float = 1e-7
+    num_r1: float = 2.0
+    den_a: float = 0.1
+    den_min: float = 1e-5
+    avg_r1: float = 0.6
+    avg_r2: float = 0.4
+    trust_d: float = 0.5
+    trust_mag: float = 0.1
+    beta_s: float = 0.7
+    beta_0: float = 0.3
+    fb1: float = 0.5
+    wavg: Tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)
+    gamma: float = 0.2
+    stage_weights: Mapping[str, Tuple[float, float, float]] = field(
+        default_factory=lambda: MappingProxyType(
+            {"early": (0.0, 0.9, 0.1), "middle": (1.0, 0.0, 0.0), "late": (1.0, 0.3, -0.3)}
+        )
+    )
+    early_frac: float = 0.3
+    late_frac: float = 0.8
+
+
+PAPER = PaperConstants()
+
+# The stage blend of every variant but the paper's: the main prediction alone.
+PURE_STAGE_WEIGHTS = MappingProxyType({s: (1.0, 0.0, 0.0) for s in STAGES})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One predictor: the int the kernels switch on and what depends on the choice."""
+
+    name: str
+    code: int
+    min_history: int  # stored residuals before it may predict (fewer -> compute)
+    gamma: float  # default input-change correction weight
+    stage_weights: Mapping[str, Tuple[float, float, float]]  # stage -> (w_main, c1, c2)
+    row_wise: bool  # one fit per token row (the rational kernel) instead of elementwise
+    doc: str
+
+
+_TABLE = (
+    Variant("paper", 0, 2, PAPER.gamma, PAPER.stage_weights, False, "the published [2/1] form"),
+    Variant("rational", 1, 2, 0.0, PURE_STAGE_WEIGHTS, True, "time-aware [1/1] Pade, one denominator per row"),
+    Variant("reuse", 2, 1, 0.0, PURE_STAGE_WEIGHTS, False, "the newest residual R1"),
+    Variant("linear", 3, 2, 0.0, PURE_STAGE_WEIGHTS, False, "linear extrapolation in schedule time"),
+)
+VARIANT_TABLE: Mapping[str, Variant] = MappingProxyType({v.name: v for v in _TABLE})
+VARIANTS = tuple(VARIANT_TABLE)
+assert [v.code for v in _TABLE] == list(range(len(_TABLE))), "variant codes are their positions"
+
+
+def variant(name: str) -> Variant:
+    """The table row of predictor ``name`` (ValueError naming the allowed ones)."""
+    try:
+        return VARIANT_TABLE[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"variant must be one of {VARIANTS}, got {name!r}") from None
+
+
+# ------------------------------------------------------------------------ the C++ header
+def _c_float(x: float) -> str:
+    """``x`` rounded to float32 as a C hex literal: exactly the value torch and Triton use
+    for the same Python float (a decimal literal would round once more, from decimal)."""
+    (f,) = struct.unpack("f", struct.pack("f", x))
+    return f"{f.hex()}f" if f != 0.0 else "0.0f"
+
+
+def c_header() -> str:
+    """The C++ header of these tables (written by setup.py into the extension's build)."""
+    lines = [
+        "// Generated from tcpade/layout.py by setup.py. Do not edit: change tcpade/layout.py.",
+        "#pragma once",
+        "namespace tcl {",
+        f"constexpr int NSUMS = {NSUMS};",
+        *(f"constexpr int SUM_{n.upper()} = {i};" for i, n in enumerate(SUMS)),
+        f"constexpr int NCOEF = {NCOEF};",
+        *(f"constexpr int CF_{n.upper()} = {i};" for i, n in enumerate(COEF)),
+        f"constexpr int NVARIANTS = {len(VARIANTS)};",
+        *(f"constexpr int VARIANT_{v.name.upper()} = {v.code};" for v in _TABLE),
+    ]
+    for field in ("s_rate", "s_eps", "num_r1", "den_a", "den_min", "avg_r1", "avg_r2", "trust_d", "trust_mag",
+                  "beta_s", "beta_0", "fb1"):  # fmt: skip
+        lines.append(f"constexpr float PAPER_{field.upper()} = {_c_float(getattr(PAPER, field))};")
+    lines += ["}  // namespace tcl", ""]
+    return "\n".join(lines)
+
+
+def compiled_layout() -> dict:
+    """What ``tcpade._C.layout()`` returns when the extension was built from these tables."""
+    d = {"NSUMS": NSUMS, "NCOEF": NCOEF, "NVARIANTS": len(VARIANTS)}
+    d.update({f"SUM_{n.upper()}": i for i, n in enumerate(SUMS)})
+    d.update({f"CF_{n.upper()}": i for i, n in enumerate(COEF)})
+    d.update({f"VARIANT_{v.name.upper()}": v.code for v in _TABLE})
+    return d

@@ -29,6 +29,7 @@ import torch
 
 from . import coef as K
 from . import reference
+from .layout import NSUMS
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,9 @@ def update(
     h_prev: Optional[torch.Tensor],
     probe: bool,
 ) -> torch.Tensor:
-    """Write R = h_out - h_in into the write slot; return the 8 fp32 sums (reference.update)."""
+    """Write R = h_out - h_in into the write slot; return the fp32 sums (``tcpade.layout.SUMS``).
+
+    Semantics: ``tcpade.reference.update``."""
     _check_update(h_in, h_out, ring, slots, h_prev)
     h_in = h_in.contiguous()
     h_out = h_out.contiguous()
@@ -224,7 +227,7 @@ def _check_update(h_in, h_out, ring, slots, h_prev):
 @update.register_fake
 def _update_fake(h_in, h_out, ring, slots, h_prev, probe):
     _check_update(h_in, h_out, ring, slots, h_prev)
-    return h_in.new_empty(reference.NSUMS, dtype=torch.float32)
+    return h_in.new_empty(NSUMS, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- predict
@@ -250,7 +253,14 @@ def predict(
     store: bool,
     write_out: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """h_out = h_in + R_eff for a skipped step; returns (h_out or an empty tensor, sums)."""
+    """h_out = h_in + R_eff for a skipped step; returns (h_out or an empty tensor, sums).
+
+    Every non-finite element of h_out is replaced on the device by h_in + R1 (R1 the newest
+    stored residual, ring slot ``slots[0]``), and the ``nonfinite`` sum counts the raw
+    predictions that were not finite: the host learns of a fallback from the sums after
+    the run, and never has to wait for them to keep h_out finite. A stored or probed
+    prediction (``store``) is written as predicted and counted the same way. All other
+    semantics: ``tcpade.reference.predict``."""
     _check_predict(h_in, ring, slots, coef, h_prev, variant)
     h_in = h_in.contiguous()
     backend = _resolve(h_in)
@@ -272,7 +282,7 @@ def predict(
             h_in.shape[-1],
             ring.shape[0],
             _DTYPE_CODE[h_in.dtype],
-            K.VARIANTS.index(variant),
+            K.check_variant(variant),
             bool(store),
         )
         return out, torch.tensor(sums, dtype=torch.float32)
@@ -284,4 +294,4 @@ def predict(
 def _predict_fake(h_in, ring, slots, coef, h_prev, variant, store, write_out):
     _check_predict(h_in, ring, slots, coef, h_prev, variant)
     out = torch.empty_like(h_in, memory_format=torch.contiguous_format) if write_out else h_in.new_empty(0)
-    return out, h_in.new_empty(reference.NSUMS, dtype=torch.float32)
+    return out, h_in.new_empty(NSUMS, dtype=torch.float32)

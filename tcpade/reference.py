@@ -13,24 +13,25 @@ Shared conventions (identical in every backend):
 * ``coef``: the per-step scalars of :mod:`tcpade.coef`.
 * ``h_prev``: optional buffer holding the previous call's h_in; read for the
   input-change correction, then overwritten with the current h_in.
-* Returned ``sums`` (float32, 8 entries), with d1 = R1 - R2 and d2 = R_new - R1
-  taken over the old R1, R2 and the newly written residual R_new:
-    0: sum d1^2   1: sum d2^2   2: sum d1*d2          (the TSI, method.md section 3)
-    3: sum (P - R_new)^2        (P: probe prediction in the write slot; 0 without)
-    4: sum R_new^2              5: number of non-finite stored/output elements
-    6: sum P^2                  7: reserved (0)
+* Returned ``sums`` (float32, ``tcpade.layout.SUMS`` in that order), with d1 = R1 - R2
+  and d2 = R_new - R1 taken over the old R1, R2 and the newly written residual R_new:
+    d11 = sum d1^2, d22 = sum d2^2, d12 = sum d1*d2      (the TSI, method.md section 3)
+    err2 = sum (P - R_new)^2    (P: probe prediction in the write slot; 0 without)
+    r2 = sum R_new^2            nonfinite = number of non-finite stored/predicted elements
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from . import coef as K
+from .layout import NSUMS, PAPER, SUMS, VARIANT_TABLE
 
-NSUMS = 8
+D11, D22, D12, ERR2, R2, NONFINITE = (SUMS.index(n) for n in ("d11", "d22", "d12", "err2", "r2", "nonfinite"))
+_PAPER, _RATIONAL, _REUSE, _LINEAR = (VARIANT_TABLE[n].code for n in ("paper", "rational", "reuse", "linear"))
 
 
 def _slot_list(slots: torch.Tensor) -> list:
@@ -47,7 +48,7 @@ def tsi_from_sums(sums) -> float:
     A vanishing difference (a trajectory that does not move) counts as perfectly
     stable, TSI = 0. Non-finite sums give NaN, which no threshold test passes.
     """
-    s11, s22, s12 = (float(sums[i]) for i in range(3))
+    s11, s22, s12 = (float(sums[i]) for i in (D11, D22, D12))
     if not all(math.isfinite(v) for v in (s11, s22, s12)):
         return float("nan")
     if s11 <= 0.0 or s22 <= 0.0:
@@ -55,6 +56,32 @@ def tsi_from_sums(sums) -> float:
     cos = s12 / math.sqrt(s11 * s22)
     cos = min(1.0, max(-1.0, cos))
     return 0.5 * math.sqrt(max(0.0, 2.0 - 2.0 * cos))
+
+
+def _sums(**named) -> torch.Tensor:
+    """The sums vector in ``SUMS`` order (float64) from named 0-d tensors; absent ones are 0."""
+    ref = next(iter(named.values()))
+    zero = ref.new_zeros((), dtype=torch.float64)
+    return torch.stack([named[n].double() if n in named else zero for n in SUMS])
+
+
+def update_math(h_in, h_out, ring, s: Sequence[int], h_prev=None, probe=False, cd=torch.float32):
+    """``update`` with the slot order as Python ints: no value is read back to the host, so
+    this traces under torch.compile as it is (the benchmarks' eager and compiled lines)."""
+    r = h_out.to(cd) - h_in.to(cd)
+    r1 = ring[s[0]].to(cd)
+    r2 = ring[s[1]].to(cd)
+    d1 = r1 - r2
+    d2 = r - r1
+    named = dict(d11=(d1 * d1).sum(), d22=(d2 * d2).sum(), d12=(d1 * d2).sum(), r2=(r * r).sum())
+    if probe:
+        named["err2"] = ((ring[s[-1]].to(cd) - r) ** 2).sum()
+    stored = r.to(ring.dtype)
+    named["nonfinite"] = _nonfinite(stored)
+    ring[s[-1]].copy_(stored)
+    if h_prev is not None:
+        h_prev.copy_(h_in)
+    return _sums(**named)
 
 
 def update(
@@ -67,45 +94,33 @@ def update(
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Write R = h_out - h_in into the write slot; return the sums."""
-    s = _slot_list(slots)
-    cd = compute_dtype
-    r = h_out.to(cd) - h_in.to(cd)
-    r1 = ring[s[0]].to(cd)
-    r2 = ring[s[1]].to(cd)
-    d1 = r1 - r2
-    d2 = r - r1
-    sums = torch.zeros(NSUMS, dtype=torch.float64, device=h_in.device)
-    sums[0] = (d1 * d1).sum().double()
-    sums[1] = (d2 * d2).sum().double()
-    sums[2] = (d1 * d2).sum().double()
-    sums[4] = (r * r).sum().double()
-    if probe:
-        p = ring[s[-1]].to(cd)
-        sums[3] = ((p - r) ** 2).sum().double()
-        sums[6] = (p * p).sum().double()
-    stored = r.to(ring.dtype)
-    sums[5] = _nonfinite(stored).double()
-    ring[s[-1]].copy_(stored)
-    if h_prev is not None:
-        h_prev.copy_(h_in)
-    return sums.to(torch.float32 if cd != torch.float64 else torch.float64)
+    sums = update_math(h_in, h_out, ring, _slot_list(slots), h_prev, probe, compute_dtype)
+    return sums.to(torch.float32 if compute_dtype != torch.float64 else torch.float64)
+
+
+def paper_pade(r1, r2, P=PAPER):
+    """The paper's [2/1] form with its trust region (method.md section 2), before the
+    fallbacks; the constants are ``tcpade.layout.PAPER``'s. The published curvature flag c
+    is always 1 (see ``tcpade.coef.paper_curvature_flag``): den = 1 - den_a * s."""
+    d = (r1 - r2).abs()
+    mag = 0.5 * (r1.abs() + r2.abs())
+    s = torch.exp(-P.s_rate * d / (mag + P.s_eps))
+    num = P.num_r1 * s * r1 - s * r2
+    den = 1.0 - P.den_a * s
+    # |den| >= den_min, sign kept (the published guard; with s in [0, 1] it never acts).
+    den = torch.where(den >= 0, den.clamp(min=P.den_min), den.clamp(max=-P.den_min))
+    p = num / den
+    avg = P.avg_r1 * r1 + P.avg_r2 * r2
+    m = torch.maximum(P.trust_d * d, P.trust_mag * mag)
+    p = avg + torch.maximum(torch.minimum(p - avg, m), -m)
+    beta = P.beta_s * s + P.beta_0
+    return beta * p + (1.0 - beta) * avg
 
 
 def _paper_main(r1, r2, r3, r4, cf, cd):
-    """The paper's [2/1] form with trust region and fallbacks (method.md section 2)."""
-    d = (r1 - r2).abs()
-    mag = 0.5 * (r1.abs() + r2.abs())
-    s = torch.exp(-5.0 * d / (mag + 1e-7))
-    num = 2.0 * s * r1 - s * r2
-    den = 1.0 - 0.1 * s * cf[K.PADE_C]
-    den = torch.where(den >= 0, den.clamp(min=1e-5), den.clamp(max=-1e-5))
-    p = num / den
-    avg = 0.6 * r1 + 0.4 * r2
-    m = torch.maximum(0.5 * d, 0.1 * mag)
-    p = avg + torch.maximum(torch.minimum(p - avg, m), -m)
-    beta = 0.7 * s + 0.3
-    pade = beta * p + (1.0 - beta) * avg
-    fb1 = r1 + 0.5 * (r1 - r2)
+    """The paper's main prediction with its two fallbacks, element by element."""
+    pade = paper_pade(r1, r2)
+    fb1 = r1 + PAPER.fb1 * (r1 - r2)
     wavg = cf[K.WAVG] * r1 + cf[K.WAVG + 1] * r2
     if r3 is not None:
         wavg = wavg + cf[K.WAVG + 2] * r3
@@ -130,9 +145,9 @@ def _rational_main(r1, r2, r3, cf, cd, rows_shape):
     lty = cf[K.LAM1] * tau1 * y1 + cf[K.LAM2] * tau2 * y2
     st = (S * T).sum(-1)
     tt = (T * T).sum(-1)
-    b1 = -st / (tt * (1.0 + cf[K.MU]) + 1e-30)
+    b1 = -st / (tt + 1e-30)
     bmax = cf[K.BMAX]
-    b1 = torch.maximum(torch.minimum(b1, bmax), -bmax)
+    b1 = torch.clamp(b1, -bmax, bmax)  # NaN stays NaN
     if float(cf[K.KAPPA]) > 0.0:
         ll = (lty * lty).sum(-1)
         dd = ((y2 - y1) ** 2).sum(-1)
@@ -142,6 +157,52 @@ def _rational_main(r1, r2, r3, cf, cd, rows_shape):
         b1 = b1 * scale
     out = lin + b1[:, None] * lty
     return out.reshape(rows_shape)
+
+
+def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper", store=False, write_out=True,
+                 cd=torch.float32):
+    """``predict`` with the slot order as Python ints and ``cf`` any sequence indexed by
+    the tcpade.coef positions (a tensor, or Python floats: then nothing is read back to the
+    host and this traces under torch.compile as it is). Returns (h_out or None, sums)."""
+    code = K.check_variant(variant)
+    nslot = ring.shape[0]
+    r1 = ring[s[0]].to(cd)
+    r2 = ring[s[1]].to(cd)
+    r3 = ring[s[2]].to(cd)
+    r4 = ring[s[3]].to(cd) if nslot >= 4 else None
+    if code == _REUSE:
+        rhat = r1
+    else:
+        if code == _PAPER:
+            main = _paper_main(r1, r2, r3, r4, cf, cd)
+        elif code == _RATIONAL:
+            main = _rational_main(r1, r2, r3, cf, cd, r1.shape)
+        else:
+            main = cf[K.LAM1] * r2 + cf[K.LAM2] * r1
+        blend = cf[K.C1] * r1 + cf[K.C2] * r2
+        rhat = blend + cf[K.W_MAIN] * main if float(cf[K.W_MAIN]) != 0.0 else blend
+    x = h_in.to(cd)
+    if h_prev is not None:
+        if float(cf[K.GAMMA]) != 0.0:
+            rhat = rhat + cf[K.GAMMA] * (x - h_prev.to(cd))
+        h_prev.copy_(h_in)
+    named = dict(r2=(rhat * rhat).sum())
+    if store:
+        d1 = r1 - r2
+        d2 = rhat - r1
+        named.update(d11=(d1 * d1).sum(), d22=(d2 * d2).sum(), d12=(d1 * d2).sum())
+    stored = rhat.to(ring.dtype)
+    bad = ~torch.isfinite(stored)
+    out = None
+    if write_out:
+        out = (x + rhat).to(h_in.dtype)
+        bad_out = ~torch.isfinite(out)
+        bad = bad | bad_out
+        out = torch.where(bad_out, (x + r1).to(h_in.dtype), out)
+    named["nonfinite"] = bad.sum()
+    if store:
+        ring[s[-1]].copy_(stored)
+    return out, _sums(**named)
 
 
 def predict(
@@ -157,54 +218,24 @@ def predict(
 ):
     """Predict this step's residual; return (h_out or an empty tensor, sums).
 
-    R_hat = W_MAIN * main + C1 * R1 + C2 * R2 (reuse: R_hat = R1), then
-    R_eff = R_hat + GAMMA * (h_in - h_prev) when h_prev is given, h_out = h_in + R_eff.
-    With ``store`` R_eff is written into the write slot (the paper's history rule, or a
-    probe prediction for the error policy) and sums 0-2 (the TSI of R_eff as the new
-    residual) are computed; without it they are 0. sums[4] = sum R_eff^2 and sums[5]
-    (non-finite R_eff or h_out elements, as stored) are always computed.
+    R_hat = w_main * main + c1 * R1 + c2 * R2 (reuse: R_hat = R1), then
+    R_eff = R_hat + gamma * (h_in - h_prev) when h_prev is given, h_out = h_in + R_eff.
+
+    Non-finite predictions: every element of h_out that is not finite (after rounding to
+    the storage dtype) is replaced by h_in + R1, R1 the newest stored residual (reuse of
+    the last residual), so a skipped step never hands NaN or Inf to the model. The
+    ``nonfinite`` sum counts the elements whose raw prediction (R_eff as stored, or
+    h_in + R_eff) was not finite, so the caller learns of the fallback from the sums,
+    without waiting for them now.
+
+    With ``store`` R_eff is written into the write slot as predicted (the paper's history
+    rule, or a probe prediction for the error policy; a non-finite value is stored as it
+    is and counted) and d11, d22, d12 (the TSI of R_eff as the new residual) are
+    computed; without it they are 0. r2 = sum R_eff^2 and nonfinite are always computed.
     """
-    vid = K.check_variant(variant)
-    s = _slot_list(slots)
     cd = compute_dtype
     cf = coef.to(dtype=cd, device="cpu")
-    nslot = ring.shape[0]
-    r1 = ring[s[0]].to(cd)
-    r2 = ring[s[1]].to(cd)
-    r3 = ring[s[2]].to(cd)
-    r4 = ring[s[3]].to(cd) if nslot >= 4 else None
-    if vid == 2:  # reuse
-        rhat = r1
-    else:
-        if vid == 0:
-            main = _paper_main(r1, r2, r3, r4, cf, cd)
-        elif vid == 1:
-            main = _rational_main(r1, r2, r3, cf, cd, r1.shape)
-        else:
-            main = cf[K.LAM1] * r2 + cf[K.LAM2] * r1
-        blend = cf[K.C1] * r1 + cf[K.C2] * r2
-        rhat = blend + cf[K.W_MAIN] * main if float(cf[K.W_MAIN]) != 0.0 else blend
-    x = h_in.to(cd)
-    if h_prev is not None:
-        if float(cf[K.GAMMA]) != 0.0:
-            rhat = rhat + cf[K.GAMMA] * (x - h_prev.to(cd))
-        h_prev.copy_(h_in)
-    sums = torch.zeros(NSUMS, dtype=torch.float64, device=h_in.device)
-    if store:
-        d1 = r1 - r2
-        d2 = rhat - r1
-        sums[0] = (d1 * d1).sum().double()
-        sums[1] = (d2 * d2).sum().double()
-        sums[2] = (d1 * d2).sum().double()
-    sums[4] = (rhat * rhat).sum().double()
-    stored = rhat.to(ring.dtype)
-    bad = ~torch.isfinite(stored)
-    if write_out:
-        out = (x + rhat).to(h_in.dtype)
-        bad = bad | ~torch.isfinite(out)
-    else:
+    out, sums = predict_math(h_in, ring, _slot_list(slots), cf, h_prev, variant, store, write_out, cd)
+    if out is None:
         out = h_in.new_empty(0)
-    sums[5] = bad.sum().double()
-    if store:
-        ring[s[-1]].copy_(stored)
     return out, sums.to(torch.float32 if cd != torch.float64 else torch.float64)

@@ -58,7 +58,7 @@ def test_bench_math_equals_reference(dtype):
                 for probe in (False, True):
                     got = B.math_update(x.h_in, x.h_out, x.ring, B.SLOTS, probe)
                     want = reference.update(y.h_in, y.h_out, y.ring, torch.tensor(B.SLOTS), None, probe)
-                    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
                     torch.testing.assert_close(x.ring, y.ring, rtol=0, atol=0)
                 continue
             cf = K.build_coef(case.variant, stage, B.TIMES, B.T_TARGET, 3, 3, gamma=case.gamma, kappa=0.5)
@@ -68,7 +68,7 @@ def test_bench_math_equals_reference(dtype):
             )
             tol = 1e-5 if dtype == torch.float32 else 2.0**-8
             torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol)
-            torch.testing.assert_close(sums, ref_sums.float(), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(sums.float(), ref_sums.float(), rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(x.ring.float(), y.ring.float(), rtol=tol, atol=tol)
 
 

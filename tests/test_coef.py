@@ -1,64 +1,63 @@
 """The coefficient vector: layout shared with the kernels, stages, bad values."""
 
 import importlib
+import struct
 
 import pytest
 
 from tcpade import coef as K
+from tcpade import layout as L
 
 
-def test_kernel_indices_match_layout():
+def test_kernel_constants_come_from_the_tables():
+    """The Triton kernels' compile-time constants are the tables' values (they are read from
+    tcpade.layout / tcpade.coef at import: this guards the reading, not a copy)."""
     pytest.importorskip("triton")
     P = importlib.import_module("tcpade.kernels.predict")
-
-    for name in [
-        "W_MAIN",
-        "C1",
-        "C2",
-        "GAMMA",
-        "LAM1",
-        "LAM2",
-        "ALP0",
-        "ALP1",
-        "ALP2",
-        "TAU0",
-        "TAU1",
-        "TAU2",
-        "BMAX",
-        "KAPPA",
-        "MU",
-        "PADE_C",
-        "WAVG",
-    ]:
+    C = importlib.import_module("tcpade.kernels._common")
+    for name in ("W_MAIN", "C1", "C2", "GAMMA", "LAM1", "LAM2", "ALP0", "ALP1", "ALP2", "TAU0", "TAU1", "TAU2",
+                 "BMAX", "KAPPA", "WAVG"):  # fmt: skip
         assert getattr(P, name).value == getattr(K, name), name
-    assert P.VARIANT_IDS == {v: i for i, v in enumerate(K.VARIANTS)}
+    for v in L.VARIANT_TABLE.values():
+        assert getattr(P, v.name.upper()).value == v.code, v.name
+    for name in ("s_rate", "s_eps", "num_r1", "den_a", "den_min", "avg_r1", "avg_r2", "trust_d", "trust_mag",
+                 "beta_s", "beta_0", "fb1"):  # fmt: skip
+        assert getattr(P, "P_" + name.upper()).value == getattr(L.PAPER, name), name
+    assert C.NSUMS == L.NSUMS and C.SUMS_PAD.value >= L.NSUMS
+    for name in L.SUMS:
+        assert getattr(C, "S_" + name.upper()).value == L.SUMS.index(name), name
 
 
-def test_native_indices_match_layout():
+def test_native_was_built_from_these_tables():
+    """The extension's compiled-in tables equal tcpade.layout's (a stale build fails here)."""
     from tcpade import ops
 
     if not ops.native_available():
         pytest.skip("C++ extension not built")
-    assert ops._native.coef_layout() == {
-        "W_MAIN": K.W_MAIN,
-        "C1": K.C1,
-        "C2": K.C2,
-        "GAMMA": K.GAMMA,
-        "LAM1": K.LAM1,
-        "LAM2": K.LAM2,
-        "ALP0": K.ALP0,
-        "ALP1": K.ALP1,
-        "ALP2": K.ALP2,
-        "TAU0": K.TAU0,
-        "TAU1": K.TAU1,
-        "TAU2": K.TAU2,
-        "BMAX": K.BMAX,
-        "KAPPA": K.KAPPA,
-        "MU": K.MU,
-        "PADE_C": K.PADE_C,
-        "WAVG": K.WAVG,
-        "NCOEF": K.NCOEF,
-    }
+    assert ops._native.layout() == L.compiled_layout()
+
+
+def test_c_header_states_every_table_entry():
+    text = L.c_header()
+    assert f"constexpr int NSUMS = {L.NSUMS};" in text and f"constexpr int NCOEF = {L.NCOEF};" in text
+    for i, n in enumerate(L.COEF):
+        assert f"constexpr int CF_{n.upper()} = {i};" in text
+    # Constants are the float32 rounding of the Python values, as hex (no second rounding).
+    assert "constexpr float PAPER_AVG_R1 = 0x1.3333340000000p-1f;" in text
+    assert struct.unpack("f", struct.pack("f", L.PAPER.avg_r1))[0] == float.fromhex("0x1.3333340000000p-1")
+
+
+def test_variant_table_is_what_callers_read():
+    assert K.VARIANTS == tuple(L.VARIANT_TABLE) == ("paper", "rational", "reuse", "linear")
+    for v in L.VARIANT_TABLE.values():
+        assert K.check_variant(v.name) == v.code
+        assert K.MIN_HISTORY[v.name] == v.min_history
+        assert K.default_gamma(v.name) == v.gamma
+        c = K.build_coef(v.name, "late", [0.5, 0.6, 0.7], 0.4, 3, 3)
+        assert (c[K.W_MAIN], c[K.C1], c[K.C2]) == v.stage_weights["late"] and c[K.GAMMA] == v.gamma
+    assert K.default_gamma("paper") == L.PAPER.gamma == 0.2
+    with pytest.raises(ValueError, match="variant must be one of"):
+        K.check_variant("pade")
 
 
 @pytest.mark.parametrize("T", [20, 50, 7])
@@ -81,11 +80,14 @@ def test_wavg_renormalised_to_history():
     assert c[K.WAVG : K.WAVG + 4] == pytest.approx([0.4, 0.3, 0.2, 0.1])
 
 
-def test_paper_curvature_flag():
-    assert K.paper_curvature_flag(None, 3) == 1.0
-    assert K.paper_curvature_flag([1.0, 1.0, 1.0], 5) == 1.0  # straight line: no curvature
-    assert K.paper_curvature_flag([1.0, 1.0, -1.0], 5) == 0.0  # reversal: ||d2 - d1|| = 2||d2||
-    assert K.paper_curvature_flag([float("nan"), 1.0, 0.0], 5) == 0.0
+def test_paper_curvature_flag_is_always_one():
+    # The published test compares the TSI (<= 1) with 1.4: it always passes, so c = 1.
+    for sums, count in [(None, 3), ([1.0, 1.0, -1.0], 5), ([float("nan"), 1.0, 0.0], 7)]:
+        assert K.paper_curvature_flag(sums, count) == 1.0
+    args = dict(variant="paper", stage="middle", times=[0.5, 0.6, 0.7], t_target=0.4, count=3, nslots=3)
+    assert K.build_coef(**args, pade_c=1.0) == K.build_coef(**args)
+    with pytest.raises(ValueError, match="pade_c must be 1"):
+        K.build_coef(**args, pade_c=0.0)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +96,7 @@ def test_paper_curvature_flag():
         (dict(variant="pade"), "variant must be one of"),
         (dict(stage="mid"), "stage must be one of"),
         (dict(delta=1.0), "delta must be in"),
-        (dict(kappa=-1.0), "kappa and mu must be >= 0"),
+        (dict(kappa=-1.0), "kappa must be >= 0"),
         (dict(nslots=2), "nslots must be >= 3"),
     ],
 )

@@ -7,7 +7,10 @@ import torch
 from helpers import DTYPE_IDS, DTYPES, SHAPES, assert_close, gen, perm_slots, randn, smooth_ring
 
 from tcpade import coef as K
+from tcpade import layout as L
 from tcpade import ops, reference
+
+NONFINITE = L.SUMS.index("nonfinite")
 
 # Non-uniform, decreasing sigmas as a shifted flow-matching schedule has (R1 newest).
 TIMES = [0.61, 0.74, 0.93]
@@ -98,44 +101,6 @@ def _manual(shape, dtype, device, r1, r2, r3, r4=None):
     return ring, slots
 
 
-def _paper_scalar(r1, r2, c):
-    """The paper's middle-stage formula for one element, written out with math (a second,
-    independent formulation that checks the vectorised reference itself)."""
-    d = abs(r1 - r2)
-    mag = 0.5 * (abs(r1) + abs(r2))
-    s = math.exp(-5.0 * d / (mag + 1e-7))
-    den = 1.0 - 0.1 * s * c
-    den = max(den, 1e-5) if den >= 0 else min(den, -1e-5)
-    p = (2 * s * r1 - s * r2) / den
-    avg = 0.6 * r1 + 0.4 * r2
-    m = max(0.5 * d, 0.1 * mag)
-    p = avg + max(min(p - avg, m), -m)
-    beta = 0.7 * s + 0.3
-    return beta * p + (1 - beta) * avg
-
-
-@pytest.mark.parametrize("c", [0.0, 1.0])
-def test_paper_reference_matches_scalar_formula(c):
-    g = gen(11)
-    r1 = torch.randn(1, 4, 9, generator=g, dtype=torch.float64)
-    r2 = r1 + 0.3 * torch.randn(1, 4, 9, generator=g, dtype=torch.float64)
-    ring, slots = _manual(r1.shape, torch.float64, "cpu", r1, r2, torch.zeros_like(r1))
-    cf = K.build_coef("paper", "middle", TIMES, T_TARGET, 3, 3, pade_c=c)
-    out, _ = reference.predict(
-        torch.zeros_like(r1),
-        ring,
-        slots,
-        torch.tensor(cf, dtype=torch.float64),
-        None,
-        "paper",
-        False,
-        True,
-        torch.float64,
-    )
-    want = [_paper_scalar(a, b, c) for a, b in zip(r1.flatten().tolist(), r2.flatten().tolist())]
-    assert max(abs(a - b) for a, b in zip(out.flatten().tolist(), want)) < 1e-12
-
-
 def test_stage_blends_are_the_papers():
     g = gen(12)
     r1 = torch.randn(1, 3, 8, generator=g, dtype=torch.float64)
@@ -148,8 +113,10 @@ def test_stage_blends_are_the_papers():
         return reference.predict(zero, ring, slots, cf, None, "paper", False, True, torch.float64)[0]
 
     mid = run("middle")
-    assert torch.allclose(run("early"), 0.9 * r1 + 0.1 * r2, atol=1e-14)
-    assert torch.allclose(run("late"), mid + 0.3 * (r1 - r2), atol=1e-14)
+    w = L.PAPER.stage_weights
+    assert w["middle"] == (1.0, 0.0, 0.0) and w["early"][0] == 0.0 and w["late"][0] == 1.0
+    assert torch.allclose(run("early"), w["early"][1] * r1 + w["early"][2] * r2, atol=1e-14)
+    assert torch.allclose(run("late"), mid + w["late"][1] * r1 + w["late"][2] * r2, atol=1e-14)
 
 
 def test_paper_input_change_correction(backend):
@@ -163,7 +130,7 @@ def test_paper_input_change_correction(backend):
     cf = K.coef_tensor(K.build_coef("paper", "middle", TIMES, T_TARGET, 3, 3), device)
     no_prev, _ = ops.predict(h_in, ring.clone(), slots, cf, None, "paper", False, True)
     with_prev, _ = ops.predict(h_in, ring.clone(), slots, cf, prev.clone(), "paper", False, True)
-    want = no_prev.double() + 0.2 * (h_in.double() - prev.double())
+    want = no_prev.double() + L.PAPER.gamma * (h_in.double() - prev.double())
     assert (with_prev.double() - want).abs().max().item() < 1e-5
 
 
@@ -290,13 +257,13 @@ def test_kappa_bounds_departure_from_linear(backend):
 def test_degenerate_time_grids_degrade_in_order():
     # Repeated third time -> linear; repeated second time -> reuse; target == newest -> reuse.
     lin = K.time_weights([0.5, 0.6, 0.6], 0.4, 3)
-    assert lin["alp"] == (0.0, 0.0, 0.0) and lin["lam"] != (0.0, 0.0, 1.0)
-    assert K.time_weights([0.5, 0.5, 0.7], 0.4, 3)["lam"] == (0.0, 0.0, 1.0)
-    assert K.time_weights([0.5, 0.6, 0.7], 0.5, 3)["lam"] == (0.0, 0.0, 1.0)
-    assert K.time_weights([0.5, float("nan"), 0.7], 0.4, 3)["lam"] == (0.0, 0.0, 1.0)
-    assert K.time_weights([0.5, 0.6, 0.7], 0.4, 1)["lam"] == (0.0, 0.0, 1.0)
-    # Uniform grid: linear extrapolation is 2 R1 - R2.
-    assert K.time_weights([0.5, 0.6, 0.7], 0.4, 3)["lam"] == pytest.approx((0.0, -1.0, 2.0))
+    assert lin["alp"] == (0.0, 0.0, 0.0) and lin["lam"] != (0.0, 1.0)
+    assert K.time_weights([0.5, 0.5, 0.7], 0.4, 3)["lam"] == (0.0, 1.0)
+    assert K.time_weights([0.5, 0.6, 0.7], 0.5, 3)["lam"] == (0.0, 1.0)
+    assert K.time_weights([0.5, float("nan"), 0.7], 0.4, 3)["lam"] == (0.0, 1.0)
+    assert K.time_weights([0.5, 0.6, 0.7], 0.4, 1)["lam"] == (0.0, 1.0)
+    # Uniform grid: linear extrapolation (lam1 R2 + lam2 R1) is 2 R1 - R2.
+    assert K.time_weights([0.5, 0.6, 0.7], 0.4, 3)["lam"] == pytest.approx((-1.0, 2.0))
 
 
 NAN_CASES = ["h_in", "r1", "r2", "prev"]
@@ -358,7 +325,8 @@ def test_paper_early_stage_ignores_nonfinite_main(backend):
     out, sums = ops.predict(
         torch.zeros(shape, device=device), ring, slots, K.coef_tensor(cf, device), None, "paper", False, True
     )
-    assert torch.isfinite(out).all()
+    # Finite without the fallback to h_in + R1: nothing non-finite was predicted.
+    assert torch.isfinite(out).all() and sums[NONFINITE].item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -427,3 +395,84 @@ def test_rational_does_not_read_r3_without_weight(backend):
     cf3 = K.coef_tensor(K.build_coef("rational", "middle", TIMES, T_TARGET, 3, 3), device)
     _, sums3 = ops.predict(h_in, ring, slots, cf3, None, "rational", False, True)
     assert sums3[5].item() > 0
+
+
+# ------------------------------------------------------------- non-finite predictions
+
+
+def _fallback_case(backend, dtype, shape, variant, poison, seed):
+    """A prediction that is non-finite at known elements: ``poison`` "prev" puts +-inf / NaN
+    into h_prev (with an input correction, every variant's R_eff is then non-finite exactly
+    there), "r2" puts inf into R2 (the paper and linear predictions fail there, rational's
+    whole row)."""
+    device, _ = backend
+    g = gen(seed)
+    h_in = randn(shape, dtype, device, g)
+    ring = smooth_ring(shape, 3, dtype, device, g)
+    slots = perm_slots(3, device, g)
+    prev = randn(shape, dtype, device, g)
+    flat = [(0, 0), (shape[-2] - 1, shape[-1] - 1), (shape[-2] // 2, 3)]
+    vals = [float("inf"), float("-inf"), float("nan")]
+    target = prev if poison == "prev" else ring[int(slots[1])]
+    for (r, c), v in zip(flat, vals if poison == "prev" else [float("inf")] * 3):
+        target[..., r, c] = v
+    cf = K.build_coef(variant, "middle", TIMES, T_TARGET, 3, 3, gamma=0.5 if poison == "prev" else 0.0)
+    return h_in, ring, slots, prev if poison == "prev" else None, cf
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", K.VARIANTS)
+@pytest.mark.parametrize("poison", ["prev", "r2"])
+@pytest.mark.parametrize("shape", [(1, 5, 33), (2, 3, 17)], ids=str)
+def test_nonfinite_prediction_falls_back_to_last_residual(backend, dtype, variant, poison, shape):
+    """Every non-finite element of h_out is h_in + R1 instead (the same rounding on every
+    backend: one fp32 add, one rounding); the nonfinite sum counts the raw non-finite
+    predictions; a stored prediction keeps the raw values. Everything else is the float64
+    reference's (which falls back the same way)."""
+    if variant == "reuse" and poison == "r2":
+        pytest.skip("reuse never reads R2")
+    h_in, ring, slots, prev, cf = _fallback_case(backend, dtype, shape, variant, poison, seed=len(shape) + 40)
+    r1 = ring[int(slots[0])]
+    fallback = (h_in.float() + r1.float()).to(dtype)
+    for store in (False, True):
+        ref_ring = ring.cpu().clone()
+        ref_prev = prev.cpu().clone() if prev is not None else None
+        out64, sums64 = reference.predict(h_in.cpu(), ref_ring, slots.cpu(), torch.tensor(cf, dtype=torch.float64),
+                                          ref_prev, variant, store, True, torch.float64)  # fmt: skip
+        got_ring = ring.clone()
+        got_prev = prev.clone() if prev is not None else None
+        out, sums = ops.predict(h_in, got_ring, slots, K.coef_tensor(cf, h_in.device), got_prev, variant, store, True)
+        bad64 = ~torch.isfinite(out64)
+        assert not bad64.any(), "the float64 reference falls back as well"
+        raw_bad = ~torch.isfinite(ref_ring[int(slots[-1])]) if store else None
+        assert torch.isfinite(out).all(), f"{variant} store={store}: a non-finite h_out reached the caller"
+        n = int(sums[NONFINITE].item())
+        assert n > 0 and n == int(sums64[NONFINITE].item()), (n, sums64.tolist())
+        # The fallback elements are exactly h_in + R1; every other element is the prediction.
+        fell = (out64.double() - (h_in.cpu().double() + r1.cpu().double())).abs() == 0
+        if poison == "prev":
+            n_poisoned = int((~torch.isfinite(prev)).sum())
+            assert n == n_poisoned and int(fell.sum()) >= n_poisoned
+        sel = fell.to(out.device)
+        assert torch.equal(out[sel], fallback[sel])
+        if (~sel).any():
+            assert_close(out[~sel], out64[~fell], dtype, what=f"{variant} store={store}, other elements")
+        if store:
+            stored = got_ring[int(slots[-1])].cpu()
+            assert torch.equal(~torch.isfinite(stored), raw_bad), "a stored prediction keeps its raw values"
+            assert int((~torch.isfinite(stored)).sum()) == n
+
+
+def test_nonfinite_fallback_in_float64_reference():
+    g = gen(47)
+    shape = (1, 3, 7)
+    ring = smooth_ring(shape, 3, torch.float64, "cpu", g)
+    h_in = torch.randn(shape, generator=g, dtype=torch.float64)
+    prev = h_in.clone()
+    prev[0, 1, 2] = float("nan")
+    slots = torch.tensor([2, 0, 1], dtype=torch.int32)
+    cf = torch.tensor(K.build_coef("rational", "middle", TIMES, T_TARGET, 3, 3, gamma=0.5), dtype=torch.float64)
+    out, sums = reference.predict(h_in, ring.clone(), slots, cf, prev, "rational", False, True, torch.float64)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    assert out[0, 1, 2].item() == (h_in + ring[2])[0, 1, 2].item()
+    assert sums[NONFINITE].item() == 1.0
