@@ -449,7 +449,7 @@ def test_nonfinite_prediction_falls_back_to_last_residual(backend, dtype, varian
         n = int(sums[NONFINITE].item())
         assert n > 0 and n == int(sums64[NONFINITE].item()), (n, sums64.tolist())
         # The fallback elements are exactly h_in + R1; every other element is the prediction.
-        fell = (out64.double() - (h_in.cpu().double() + r1.cpu().double())).abs() == 0
+        fell = out64 == (h_in.cpu().double() + r1.cpu().double()).to(dtype)
         if poison == "prev":
             n_poisoned = int((~torch.isfinite(prev)).sum())
             assert n == n_poisoned and int(fell.sum()) >= n_poisoned
