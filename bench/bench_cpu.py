@@ -1,7 +1,7 @@
 """CPU kernels: the C++ extension (tcpade._C) vs the same math as eager torch ops vs a copy.
 
 For each storage dtype and each op (update, update with probe, predict per variant with
-store=False and write_out=True; paper with h_prev given and gamma 0.2) this times
+store=False and write_out=True; paper with h_prev and its default input correction) this times
 
 * C++    : tcpade._C called directly with data_ptr()s (default OpenMP thread count);
 * torch  : tcpade.reference.update / predict with compute_dtype=float32, i.e. the same

@@ -244,37 +244,9 @@ PYBIND11_MODULE(_C, mod) {
         "layout",
         []() {
             py::dict d;
-            d["NSUMS"] = NSUMS;
-            d["NCOEF"] = NCOEF;
-            d["NVARIANTS"] = NVARIANTS;
-            d["SUM_D11"] = SUM_D11;
-            d["SUM_D22"] = SUM_D22;
-            d["SUM_D12"] = SUM_D12;
-            d["SUM_ERR2"] = SUM_ERR2;
-            d["SUM_R2"] = SUM_R2;
-            d["SUM_NONFINITE"] = SUM_NONFINITE;
-            d["CF_W_MAIN"] = CF_W_MAIN;
-            d["CF_C1"] = CF_C1;
-            d["CF_C2"] = CF_C2;
-            d["CF_GAMMA"] = CF_GAMMA;
-            d["CF_LAM1"] = CF_LAM1;
-            d["CF_LAM2"] = CF_LAM2;
-            d["CF_ALP0"] = CF_ALP0;
-            d["CF_ALP1"] = CF_ALP1;
-            d["CF_ALP2"] = CF_ALP2;
-            d["CF_TAU0"] = CF_TAU0;
-            d["CF_TAU1"] = CF_TAU1;
-            d["CF_TAU2"] = CF_TAU2;
-            d["CF_BMAX"] = CF_BMAX;
-            d["CF_KAPPA"] = CF_KAPPA;
-            d["CF_WAVG0"] = CF_WAVG0;
-            d["CF_WAVG1"] = CF_WAVG1;
-            d["CF_WAVG2"] = CF_WAVG2;
-            d["CF_WAVG3"] = CF_WAVG3;
-            d["VARIANT_PAPER"] = VARIANT_PAPER;
-            d["VARIANT_RATIONAL"] = VARIANT_RATIONAL;
-            d["VARIANT_REUSE"] = VARIANT_REUSE;
-            d["VARIANT_LINEAR"] = VARIANT_LINEAR;
+#define TC_PUT(name) d[#name] = name;
+            TCL_LAYOUT(TC_PUT)
+#undef TC_PUT
             return d;
         },
         "The tables compiled into the kernels (tcpade.layout.compiled_layout() of the build's layout.py).");
@@ -304,10 +276,11 @@ TC_INLINE int nonfinite_f(float v) { return (as_u(v) & 0x7f800000u) == 0x7f80000
 TC_INLINE float min_p(float a, float b) { return ((a < b) || (a != a)) ? a : b; }
 TC_INLINE float max_p(float a, float b) { return ((a > b) || (a != a)) ? a : b; }
 
-// exp(x) for the paper's argument x = -5 d / (mag + 1e-7), which lies in [-10.0001, 0]
-// or is -inf or NaN: d = |r1 - r2| >= 0 and d <= fl(|r1| + |r2|) = 2 mag (if that sum
-// overflows, mag = inf and x is -0 or NaN; if it is subnormal, x ~ -0), the denominator
-// is > 0, and -5 d may overflow to -inf while mag is finite. Correct for every x >= -87
+// exp(x) for the paper's argument x = -s_rate d / (mag + s_eps), which lies in
+// [-2 s_rate (1 + tiny), 0] (s_rate <= 40 is asserted below) or is -inf or NaN:
+// d = |r1 - r2| >= 0 and d <= fl(|r1| + |r2|) = 2 mag (if that sum overflows, mag = inf and
+// x is -0 or NaN; if it is subnormal, x ~ -0), the denominator is > 0, and -s_rate d may
+// overflow to -inf while mag is finite. Correct for every x >= -87
 // (2^n stays a normal float), -inf -> 0, NaN -> NaN. Branch-free and vectorisable (libm's
 // expf is a call per element without -ffast-math): Cephes' expf polynomial, within 1 ulp
 // of the exact result (as torch's own exp).

@@ -26,23 +26,8 @@ import triton.language as tl
 from tcpade import coef as K
 from tcpade import layout as L
 
-from ._common import (
-    NSUMS,
-    NSUMS_C,
-    S_D11,
-    S_D12,
-    S_D22,
-    S_NONFINITE,
-    S_R2,
-    SUMS_PAD,
-    flat_block,
-    interpreting,
-    isfinite,
-    load_slot,
-    needs_int64,
-    program_index,
-    to_storage,
-)
+from ._common import NSUMS, NSUMS_C, S_D11, S_D12, S_D22, S_NONFINITE, S_R2, SUMS_PAD
+from ._common import flat_block, interpreting, isfinite, load_slot, needs_int64, program_index, to_storage
 
 # Everything below comes from tcpade.layout / tcpade.coef: the coefficient indices, the
 # variant codes, the paper's constants. Globals read inside @triton.jit must be

@@ -16,23 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    NSUMS,
-    NSUMS_C,
-    S_D11,
-    S_D12,
-    S_D22,
-    S_ERR2,
-    S_NONFINITE,
-    S_R2,
-    flat_block,
-    interpreting,
-    isfinite,
-    load_slot,
-    needs_int64,
-    program_index,
-    to_storage,
-)
+from ._common import NSUMS, NSUMS_C, S_D11, S_D12, S_D22, S_ERR2, S_NONFINITE, S_R2
+from ._common import flat_block, interpreting, isfinite, load_slot, needs_int64, program_index, to_storage
 
 
 @triton.jit

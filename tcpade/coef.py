@@ -140,7 +140,8 @@ def build_coef(
     """The coefficient vector (Python floats, float64) for one prediction.
 
     gamma: input-change correction weight; None -> the variant's default (the variant
-    table: paper 0.2, others 0). The caller passes 0 when no previous input is stored.
+    table: the paper's ``PAPER.gamma``, 0 for the others). The caller passes 0 when no
+    previous input is stored.
     stage_weights: {stage: (w_main, c1, c2)}; None -> the variant's (paper's blend for
     "paper", the main prediction alone for the others).
     delta: pole guard margin, 0 < delta < 1 (larger = safer, closer to linear).

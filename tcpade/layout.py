@@ -150,7 +150,10 @@ def c_header() -> str:
     for field in ("s_rate", "s_eps", "num_r1", "den_a", "den_min", "avg_r1", "avg_r2", "trust_d", "trust_mag",
                   "beta_s", "beta_0", "fb1"):  # fmt: skip
         lines.append(f"constexpr float PAPER_{field.upper()} = {_c_float(getattr(PAPER, field))};")
-    lines += ["}  // namespace tcl", ""]
+    lines.append("}  // namespace tcl")
+    # X-macro over the integer entries, for the extension's layout() export.
+    lines.append("#define TCL_LAYOUT(X) " + " ".join(f"X({k})" for k in compiled_layout()))
+    lines.append("")
     return "\n".join(lines)
 
 
