@@ -131,7 +131,10 @@ class Summary:
             lines.append(f"\nbranch {name!r}: {comp}/{n} computed ({ratio}); skipped {self.skipped(name)}")
             bad = self.nonfinite(name)
             if bad:
-                lines.append(f"  non-finite values at steps {bad}: computed fully from there on")
+                kept = c.plan(n) is not None
+                then = ("the fixed schedule was kept; non-finite predicted elements fell back to h_in + R1" if kept
+                        else "computed fully from there on")  # fmt: skip
+                lines.append(f"  non-finite values at steps {bad}: {then}")
             lines.append("  step | stage  | action  | reason     | TSI    | error")
             for r in recs:
                 tsi = "  -   " if math.isnan(r.tsi) else f"{r.tsi:.4f}"

@@ -187,11 +187,13 @@ class History:
             raise RuntimeError("predict() before any record() for this shape/dtype/device")
         out, sums = ops.predict(h_in, self.ring, self.slots, coef, self.h_prev, variant, bool(store or probe),
                                 bool(write_out))  # fmt: skip
-        # -- device-side fallback: a non-finite predicted element becomes h_in + R1 (the newest
-        # stored residual); the op has counted it in the sums' ``nonfinite``. A stored
-        # prediction's non-finite elements become R1 in its slot.
+        # -- device-side fallback: a non-finite predicted element becomes h_in + R1, R1 being the
+        # newest stored residual where it is finite and 0 where it is not (so a finite h_in always
+        # gives a finite h_out); the op has counted the element in the sums' ``nonfinite``. A
+        # stored prediction's non-finite elements become that R1 in its slot.
         if write_out or (store and not probe):
             r1 = self.ring.index_select(0, self.slots[:1]).squeeze(0)
+            r1 = torch.where(torch.isfinite(r1), r1, torch.zeros_like(r1))
             if write_out:
                 out = torch.where(torch.isfinite(out), out, h_in + r1)
             if store and not probe:

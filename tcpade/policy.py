@@ -10,8 +10,9 @@ both kinds, the step record.
 
 Fixed schedules. When ``config.plan(T)`` returns the computed steps (every preset but
 ``adaptive()``), a run reads nothing from the device: the decisions are the plan. A
-non-finite predicted element is replaced on the device by h_in + R1 and counted in the
-prediction's sums; the summary reports those steps after the run (``nonfinite``).
+non-finite predicted element is replaced on the device by h_in + R1 (R1 where finite, else
+0) and counted in the prediction's sums; the summary reports those steps after the run
+(``nonfinite``), and a non-finite computed step changes no decision either.
 
 Trajectory-dependent policies (``plan`` is None). The host first tries to settle a call
 without the device (``_host_reason``: warm-up, interval and final steps, max_skips, too
@@ -134,7 +135,7 @@ class BranchState:
     newest: Optional[StepRecord] = None  # the record of the newest history write
     folded: int = 0  # records whose sums have been folded into this state
     planned: bool = False  # this run follows a fixed plan
-    total: Optional[int] = None  # the T this run was started with
+    total: Optional[int] = None  # the declared num_steps this run was started with (None: T was known)
     _records: List[StepRecord] = field(default_factory=list)
     runs: int = 0  # sampling runs started
     reset_pending: bool = False
@@ -299,7 +300,9 @@ class Runtime:
                             "run's length (tcpade.apply(..., num_steps=) or runtime.set_steps)")  # fmt: skip
             return self._pend(b, k, t, "beyond-steps", "late")
         if k == 0:
-            b.planned, b.total = self._plan(total) is not None, total
+            b.planned = self._plan(total) is not None
+            guessed = self._total is None and not (self._total_steps_fn is not None and self._total_steps_fn())
+            b.total = total if guessed else None  # only a declared num_steps can be wrong about a run
         stage = K.stage_of(k, total, c.early_frac, c.late_frac)
         if force is not None:
             reason = force
