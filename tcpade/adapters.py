@@ -7,21 +7,26 @@ block runs; the embeddings before the stack and the output norm / projection aft
 as usual, because they are outside the block stack.
 
 Design (modelled on ``diffusers/hooks/first_block_cache.py``): nothing replaces a module's
-``forward``; every hook is a ``diffusers.hooks.ModelHook`` registered in the module's
-``diffusers.hooks.HookRegistry``:
+``forward``; the hooks are ``diffusers.hooks.ModelHook``s in the modules' ``HookRegistry`` plus
+two torch hooks on the transformer:
 
-* ``tcpade_root`` on the transformer itself (a stateful hook, so ``transformer.cache_context(name)``
-  reaches its ``StateManager``): at the start of each call it records the branch (the name of the
-  active cache context, ``"default"`` when none is set) and the ``timestep`` argument, and arms
-  a per-call state that the block hooks share. It passes args and kwargs through unchanged.
-* ``tcpade_block`` on every block of the stack, in execution order. The first block that runs in
-  a call reads ``h_in`` from its inputs and calls ``controller.begin(branch, h_in, timestep)``:
-  - ``None``: compute. Every block runs its original forward; the last block's hook calls
-    ``controller.end(branch, h_in, h_out)`` with the image part of its output.
-  - a tensor: skip. No block's forward runs; each block hook returns that block's normal
-    return structure built from its inputs (text tokens pass through) with the image part set to
-    the prediction, so whatever the model does between blocks, the stack leaves with the
-    predicted ``h_out``.
+* before the transformer's forward (a torch forward pre-hook, eager even when the transformer is
+  compiled whole): the branch is read (the name of the active cache context, ``"default"`` when
+  none is set) with the ``timestep`` argument, and ``controller.decide(branch, timestep, force)``
+  settles the call: None (compute) or a prediction callable (skip). The ``tcpade_root``
+  ModelHook on the transformer is stateful, so ``transformer.cache_context(name)`` reaches its
+  ``StateManager`` and a pipeline's hook reset reaches the controller.
+* ``tcpade_block`` on every block of the stack. Traceable: it reads the decision as a plain
+  Python flag and runs only tensor and custom ops, so a compiled block region
+  (``compile_repeated_blocks(fullgraph=True)``) has no graph break and two variants:
+  - compute: every block runs its original forward; the first block's input is kept as
+    ``h_in``, each block's image output as ``h_out``;
+  - skip: the first block calls the prediction on its ``h_in``; no block's forward runs; each
+    block hook returns that block's normal return structure built from its inputs (text tokens
+    pass through) with the image part set to the prediction, so whatever the model does
+    between blocks, the stack leaves with the predicted ``h_out``.
+* after the forward (a torch forward hook, eager): ``controller.finish(branch, h_in, h_out)``
+  (None, None for a skipped call) stores the residual and keeps the books.
 
 Text tokens are never predicted: on a skipped call the text stream leaving the stack is just the
 text stream that entered it. That is harmless for every supported model, because what follows the
@@ -54,7 +59,8 @@ do not match, so a diffusers release that changes a block's signature fails loud
 
 Limits: inference only (under gradient checkpointing a backward recompute of a skipped block
 would run its real forward); ControlNet residuals that the transformer adds between blocks are
-lost on a skipped call except the one added after the last block; compile the transformer only
+lost on a skipped call except the one added after the last block (``_RootHook.forced`` is where
+a call that carries them is forced to compute); compile the transformer only
 after ``attach`` (a graph traced before it does not contain the hooks).
 """
 
@@ -63,7 +69,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -87,19 +93,21 @@ DEFAULT_BRANCH = "default"
 
 
 class Controller(Protocol):
-    def begin(self, branch: str, h_in: torch.Tensor, timestep) -> Optional[torch.Tensor]:
-        """Called once per transformer call, before the first block runs.
+    def decide(self, branch: str, timestep, force: Optional[str] = None) -> Optional[Callable]:
+        """Called once per transformer call, before its forward runs (eager, never traced).
 
-        Return None to run the blocks normally; return a tensor (same shape/dtype/device as
-        ``h_in``) to skip every block: it is the predicted image ``h_out``.
+        Return None to run the blocks normally, or a callable to skip every block: the first
+        block that runs calls it with ``h_in`` and it returns the predicted image ``h_out``
+        (same shape/dtype/device as ``h_in``), or None to compute this call after all. It runs
+        inside the compiled block region when the blocks are compiled: tensor and custom ops
+        only. ``force``: a reason this call must be computed (e.g. "controlnet"), or None.
         """
         ...
 
-    def end(self, branch: str, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
-        """Called after the last block ran (only on computed calls); ``h_out`` = image tokens out of the stack.
-
-        ``h_in`` and ``h_out`` are the model's live tensors (``h_out`` goes on into ``norm_out``): read or
-        copy them, never modify them in place.
+    def finish(self, branch: str, h_in: Optional[torch.Tensor], h_out: Optional[torch.Tensor]) -> None:
+        """Called once per transformer call, after its forward (eager). A computed call passes the
+        image tokens entering the first block and leaving the last (``h_out`` goes on into
+        ``norm_out``: read or copy them, never modify them in place); a skipped call passes None, None.
         """
         ...
 
@@ -289,31 +297,27 @@ class _NoState(BaseState):
 
 @dataclass
 class _CallState:
-    """State of the transformer call in flight, shared by the root hook and the block hooks."""
+    """The transformer call in flight, shared by the root hook and the block hooks. The block
+    hooks read it as plain Python values (dynamo guards on ``active`` / ``skip``, so a compiled
+    block region has two variants: compute and skip) and store tensors on it."""
 
     controller: Any
     active: bool = False
     branch: str = DEFAULT_BRANCH
-    timestep: Any = None
-    decided: bool = False
     skip: bool = False
-    ended: bool = False
-    h_in: Optional[torch.Tensor] = None
+    predict: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
     pred: Optional[torch.Tensor] = None
-    last_image: Optional[torch.Tensor] = None
+    h_in: Optional[torch.Tensor] = None
+    h_out: Optional[torch.Tensor] = None
 
-    def start(self, branch: str, timestep) -> None:
-        self.active, self.branch, self.timestep = True, branch, timestep
-        self.decided = self.skip = self.ended = False
-        self.h_in = self.pred = self.last_image = None
+    def start(self, branch: str, predict) -> None:
+        self.active, self.branch = True, branch
+        self.skip, self.predict = predict is not None, predict
+        self.pred = self.h_in = self.h_out = None
 
     def clear(self) -> None:
-        self.active = False
-        self.timestep = self.h_in = self.pred = self.last_image = None
-
-    def end(self, h_out: torch.Tensor) -> None:
-        self.ended = True
-        self.controller.end(self.branch, self.h_in, h_out)
+        self.active = self.skip = False
+        self.predict = self.pred = self.h_in = self.h_out = None
 
 
 @dataclass
@@ -323,18 +327,27 @@ class _Installed:
 
 
 class _RootHook(ModelHook):
-    """On the transformer: reads the branch and the timestep, arms the per-call state."""
+    """On the transformer: the branch (diffusers' cache context), the decision before the
+    forward and the controller's ``finish`` after it.
 
-    # Stateful, with a StateManager attribute: diffusers' `cache_context` sets the context on it.
+    The decision and ``finish`` run in torch forward pre-/post-hooks of the transformer,
+    marked ``torch.compiler.disable``: dynamo runs the hooks of the module it compiles
+    outside the graph, so ``torch.compile(transformer, fullgraph=True)`` traces the forward
+    and the block hooks in one graph while the decision stays eager. This diffusers hook
+    itself changes nothing in the forward; it is stateful, so that diffusers'
+    ``cache_context`` sets the branch on its ``StateManager`` and ``reset_stateful_hooks``
+    reaches the controller.
+    """
+
     _is_stateful = True
 
-    def __init__(self, state: _CallState, adapter: Adapter, timestep_reader: _ArgReader):
+    def __init__(self, state: _CallState, timestep_reader: _ArgReader):
         super().__init__()
         self.state_manager = StateManager(_NoState)
         self.call = state
-        self.adapter = adapter
         self.timestep = timestep_reader
         self.installed: List[_Installed] = []
+        self.handles: list = []
 
     def branch(self) -> str:
         try:
@@ -342,15 +355,27 @@ class _RootHook(ModelHook):
         except ValueError:  # no cache context set
             return DEFAULT_BRANCH
 
-    def new_forward(self, module, *args, **kwargs):
+    def forced(self, args: tuple, kwargs: dict) -> Optional[str]:
+        """Why this call must be computed whatever the controller's policy says (a reason
+        string), read from the call's arguments; None: the controller decides."""
+        return None
+
+    @torch.compiler.disable
+    def before(self, module, args, kwargs):
         st = self.call
-        st.start(self.branch(), self.timestep(args, kwargs))
+        st.clear()
+        branch = self.branch()
+        st.start(branch, st.controller.decide(branch, self.timestep(args, kwargs), self.forced(args, kwargs)))
+
+    @torch.compiler.disable
+    def after(self, module, args, kwargs, output):
+        st = self.call
         try:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            if st.decided and not st.skip and not st.ended and st.last_image is not None:
-                # The last block was not called (SD3 skip_layers): the newest block output is h_out.
-                st.end(st.last_image)
-            return output
+            if output is not None:  # None: the forward raised (this hook is always called)
+                if st.skip:
+                    st.controller.finish(st.branch, None, None)
+                else:
+                    st.controller.finish(st.branch, st.h_in, st.h_out)
         finally:
             st.clear()
 
@@ -363,13 +388,19 @@ class _RootHook(ModelHook):
 
 
 class _BlockHook(ModelHook):
-    """On each block: decide (first block of the call), skip (return the prediction) or run."""
+    """On each block; traced inside a compiled block region, so it only reads the call state's
+    flags, stores tensors on it and runs the controller's prediction (custom ops).
 
-    def __init__(self, state: _CallState, spec: BlockSpec, block: torch.nn.Module, is_tail: bool):
+    Compute: the first block that runs stores its ``h_in``, every block its image output
+    (the last one stored is ``h_out``, also when SD3's ``skip_layers`` leaves the last block
+    out). Skip: the first block that runs predicts ``h_out`` from its ``h_in``; every block
+    returns its normal return structure with that prediction as the image and the text
+    stream passed through, running none of its layers."""
+
+    def __init__(self, state: _CallState, spec: BlockSpec, block: torch.nn.Module):
         super().__init__()
         self.call = state
         self.spec = spec
-        self.is_tail = is_tail
         fwd = type(block).forward
         self.read_hidden = _ArgReader(fwd, spec.hidden_arg)
         self.read_encoder = _ArgReader(fwd, spec.encoder_arg) if spec.encoder_arg else None
@@ -378,29 +409,26 @@ class _BlockHook(ModelHook):
         st = self.call
         if not st.active:  # called outside a hooked transformer call: behave as the plain block
             return self.fn_ref.original_forward(*args, **kwargs)
-        if not st.decided:
-            st.decided = True
+        if st.skip and st.pred is None:
             h_in = self.read_hidden(args, kwargs)
-            pred = st.controller.begin(st.branch, h_in, st.timestep)
-            if pred is None:
-                st.h_in = h_in
+            pred = st.predict(h_in)
+            if pred is None:  # the controller cannot predict this h_in: compute the call after all
+                st.skip = False
+            elif pred.shape != h_in.shape or pred.dtype != h_in.dtype or pred.device != h_in.device:
+                raise ValueError(
+                    "a tcpade controller's prediction must be None or a tensor like h_in: got "
+                    f"{tuple(pred.shape)} {pred.dtype} {pred.device}, h_in is "
+                    f"{tuple(h_in.shape)} {h_in.dtype} {h_in.device}"
+                )
             else:
-                if pred.shape != h_in.shape or pred.dtype != h_in.dtype or pred.device != h_in.device:
-                    raise ValueError(
-                        "tcpade controller.begin() must return None or a tensor like h_in: got "
-                        f"{tuple(pred.shape)} {pred.dtype} {pred.device}, h_in is "
-                        f"{tuple(h_in.shape)} {h_in.dtype} {h_in.device}"
-                    )
-                st.skip, st.pred = True, pred
+                st.pred = pred
         if st.skip:
             encoder = self.read_encoder(args, kwargs) if self.read_encoder is not None else None
             return self.spec.assemble(module, encoder, st.pred)
+        if st.h_in is None:
+            st.h_in = self.read_hidden(args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        image = self.spec.image_of(output)
-        if self.is_tail:
-            st.end(image)
-        else:
-            st.last_image = image
+        st.h_out = self.spec.image_of(output)
         return output
 
 
@@ -472,11 +500,8 @@ def attach(transformer, controller: Controller) -> None:
                 "tcpade.apply before transformer.enable_parallelism"
             )
     state = _CallState(controller)
-    root = _RootHook(state, adapter, _ArgReader(type(module).forward, adapter.timestep_arg))
-    hooks = [
-        _BlockHook(state, spec, block, is_tail=(i == len(blocks) - 1))
-        for i, ((_, block), spec) in enumerate(zip(blocks, specs))
-    ]
+    root = _RootHook(state, _ArgReader(type(module).forward, adapter.timestep_arg))
+    hooks = [_BlockHook(state, spec, block) for (_, block), spec in zip(blocks, specs)]
     installed: List[_Installed] = []
     try:
         for (_, block), hook in zip(blocks, hooks):
@@ -487,6 +512,10 @@ def attach(transformer, controller: Controller) -> None:
             _unregister(entry, name)
         raise
     root.installed = installed
+    root.handles = [
+        module.register_forward_pre_hook(root.before, with_kwargs=True),
+        module.register_forward_hook(root.after, with_kwargs=True, always_call=True),
+    ]
     # Hooks were added below the transformer: rebuild diffusers' cached list of child registries.
     module._diffusers_hook.invalidate_child_registries_cache()
 
@@ -496,6 +525,8 @@ def detach(transformer) -> None:
     module = _unwrap(transformer)
     root = _root_hook(module)
     if root is not None:
+        for handle in root.handles:
+            handle.remove()
         entries = root.installed
         for entry in entries[:-1]:
             _unregister(entry, BLOCK_HOOK)

@@ -8,8 +8,8 @@
 
 ``apply`` takes a diffusers pipeline (its ``transformer`` is hooked, and the number of
 steps of each run is read from the pipeline's noise scheduler) or a supported
-transformer (then pass ``num_steps``, or call ``runtime(transformer).set_steps(T)``
-before each run). Integration goes through diffusers' hook registry only; ``remove``
+transformer (then pass ``num_steps``, the length of its runs; a run of another length
+is warned about once, and a longer one is computed in full from step ``num_steps`` on). Integration goes through diffusers' hook registry only; ``remove``
 takes every hook off again, after which the model computes exactly what it did before.
 """
 
@@ -23,9 +23,7 @@ import torch
 
 from . import distributed
 from .config import TCPadeConfig
-from .policy import Runtime, StepRecord
-
-_ATTR = "_tcpade_runtime"
+from .policy import RUNTIME_ATTR, Runtime, StepRecord, attached_runtime
 
 
 def _adapters():
@@ -64,6 +62,8 @@ def _scheduler_steps(pipe):
 def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[int] = None) -> Runtime:
     """Make ``target`` (pipeline or transformer) skip block-stack passes by TC-Pade.
 
+    num_steps: the number of steps of each run, for a bare transformer (a pipeline's own
+    scheduler says it, and wins over ``num_steps`` with a warning when they differ).
     Refuses a target that already has tcpade applied (remove it first, or apply a new
     config through ``remove`` + ``apply``). Returns the Runtime (its ``branches`` hold
     the per-branch state and step records).
@@ -75,14 +75,13 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
             "tcpade is already applied to this transformer; call tcpade.remove(...) before applying it again"
         )
     adapters.find_adapter(transformer)  # a clear TypeError for an unsupported model
-    runtime = Runtime(config or TCPadeConfig(), total_steps=_scheduler_steps(pipe) if pipe is not None else None)
-    if num_steps is not None:
-        runtime.set_steps(num_steps)
+    runtime = Runtime(config or TCPadeConfig(), total_steps=_scheduler_steps(pipe) if pipe is not None else None,
+                      num_steps=num_steps)  # fmt: skip
     # Under diffusers' context parallelism (enabled before or after this call) the TSI sums
     # are summed over the ranks, so every rank takes the same decision (tcpade.distributed).
     distributed.follow_context_parallel(runtime, transformer)
     adapters.attach(transformer, runtime)
-    setattr(transformer, _ATTR, runtime)
+    setattr(transformer, RUNTIME_ATTR, runtime)
     return runtime
 
 
@@ -93,16 +92,14 @@ def remove(target) -> None:
     if not adapters.is_attached(transformer):
         raise RuntimeError("tcpade is not applied to this transformer")
     adapters.detach(transformer)
-    if hasattr(transformer, _ATTR):
-        delattr(transformer, _ATTR)
+    if hasattr(transformer, RUNTIME_ATTR):
+        delattr(transformer, RUNTIME_ATTR)
 
 
 def runtime(target) -> Runtime:
-    _, transformer = _split(target)
-    rt = getattr(transformer, _ATTR, None)
-    if rt is None:
-        raise RuntimeError("tcpade is not applied to this transformer")
-    return rt
+    """The Runtime tcpade applied to ``target`` (pipeline or transformer)."""
+    _split(target)  # a clear TypeError for anything else
+    return attached_runtime(target)
 
 
 @dataclass
@@ -134,7 +131,10 @@ class Summary:
             lines.append(f"\nbranch {name!r}: {comp}/{n} computed ({ratio}); skipped {self.skipped(name)}")
             bad = self.nonfinite(name)
             if bad:
-                lines.append(f"  non-finite values at steps {bad}: computed fully from there on")
+                kept = c.plan(n) is not None
+                then = ("the fixed schedule was kept; non-finite predicted elements fell back to h_in + R1" if kept
+                        else "computed fully from there on")  # fmt: skip
+                lines.append(f"  non-finite values at steps {bad}: {then}")
             lines.append("  step | stage  | action  | reason     | TSI    | error")
             for r in recs:
                 tsi = "  -   " if math.isnan(r.tsi) else f"{r.tsi:.4f}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from . import coef as K
 
@@ -174,3 +174,27 @@ class TCPadeConfig:
         if self.policy == "tsi" and self.interval > 0 and k % self.interval == 0:
             return "interval"
         return None
+
+    def plan(self, total: int) -> Optional[Tuple[int, ...]]:
+        """The steps a run of ``total`` steps computes, when they are known before it runs;
+        None when the decisions depend on the trajectory (the error policy, a TSI threshold
+        < 1, which can block a skip).
+
+        Computed: the warm-up, every interval-th step, the final steps, a step after
+        max_skips skips in a row, and every step while fewer residuals are stored than the
+        predictor needs (stored predictions count, with store_predictions)."""
+        if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+            raise ValueError(f"total steps must be an int > 0, got {total!r}")
+        if self.policy != "tsi" or self.tsi_threshold < 1.0:
+            return None
+        need = K.MIN_HISTORY[self.predictor]
+        computed, stored, run = [], 0, 0
+        for k in range(total):
+            if self.always_computed(k, total) or self.max_skips == 0 or run >= self.max_skips or stored < need:
+                computed.append(k)
+                run, stored = 0, min(stored + 1, self.history_slots)
+            else:
+                run += 1
+                if self.store_predictions:
+                    stored = min(stored + 1, self.history_slots)
+        return tuple(computed)

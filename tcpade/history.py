@@ -1,4 +1,4 @@
-"""The residual history of one cache branch: a preallocated ring, updated in place.
+"""The residual history of one cache branch (a preallocated ring), and the sums of its writes.
 
 Like a KV cache: the buffers are allocated once per (shape, dtype, device) and reused
 step after step; a change of shape, dtype or device reallocates (and forgets the
@@ -14,36 +14,81 @@ history); ``reset()`` forgets without freeing. Per branch it holds
 
 Memory: (S + keep_prev_input) hidden-state-sized tensors, reported by ``nbytes``.
 
-Nothing here waits for the device: the per-step scalars (``coef``) go up through pinned
-memory with a non-blocking copy (``torch.tensor(values, device="cuda")`` would copy from
-pageable memory and synchronise the stream), and the sums come back as device tensors
-for the Runtime to read when, and only when, a decision needs them.
+Device work and host bookkeeping are separate calls: ``record`` / ``predict`` run the
+fused ops on tensors only (``predict`` is traced inside compiled block regions), and
+``advance`` moves the host mirror (and rolls ``slots``) after a write; nothing here waits
+for the device. Each write's sums come back as a device tensor; ``Sums`` carries them to
+the host, read by name (``tcpade.layout.SUMS``), only when something asks for them.
 """
 
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from . import coef as K
 from . import ops
+from .layout import SUMS
+
+SumValues = namedtuple("SumValues", SUMS)
+"""The host values of one write's sums, by name (``v.d11``, ``v.nonfinite``, ...)."""
 
 
-def upload(values, device) -> torch.Tensor:
-    """A float32 device tensor of ``values`` without synchronising the stream.
+class Sums:
+    """The device sums of one history write, on their way to the host.
 
-    On CUDA the host copy is pinned and copied with ``non_blocking=True``; PyTorch's
-    caching host allocator keeps the pinned block until that copy has run, so it is
-    never overwritten early. Elsewhere it is a plain tensor.
+    Made right after the write: on CUDA a non-blocking copy into pinned memory and an
+    event are queued behind it, so ``get`` later waits for that event only, not for the
+    work queued after it. ``reduce`` (the one hook for the ranks of a sharded sequence,
+    see ``tcpade.distributed``) turns the local sums into the sums of the whole sequence
+    first, on the device.
     """
-    host = torch.tensor(list(values), dtype=torch.float32)
+
+    __slots__ = ("_host", "_event", "_values")
+
+    def __init__(self, sums: torch.Tensor, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        if reduce is not None:
+            sums = reduce(sums)
+        self._values: Optional[SumValues] = None
+        self._event = None
+        if sums.device.type == "cuda":
+            self._host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            self._host.copy_(sums, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = sums
+
+    def ready(self) -> bool:
+        """Can ``get`` return without waiting for the device?"""
+        return self._values is not None or self._event is None or self._event.query()
+
+    @property
+    def read(self) -> bool:
+        """Has ``get`` already brought the values to the host?"""
+        return self._values is not None
+
+    def get(self) -> SumValues:
+        """The host values (waits for the copy the first time)."""
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._values = SumValues(*(float(v) for v in self._host.tolist()))
+        return self._values
+
+
+def _to_device(values, device) -> torch.Tensor:
+    """A float32 device tensor of ``values`` without synchronising the stream (pinned host
+    memory and a non-blocking copy on CUDA; PyTorch's caching host allocator keeps the
+    pinned block until the copy has run)."""
     device = torch.device(device)
     if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+        return K.coef_tensor(values, device)
+    return K.coef_tensor(values, "cpu").pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -57,7 +102,6 @@ class History:
     times: List[float] = field(default_factory=list)
     count: int = 0
     has_prev: bool = False
-    last_sums: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.nslots, int) or self.nslots < 3:
@@ -84,13 +128,9 @@ class History:
         self.times = [math.nan] * self.nslots
         self.count = 0
         self.has_prev = False
-        self.last_sums = None
         if self.slots is not None:
-            self._push_order()
-
-    def release(self) -> None:
-        self.ring = self.slots = self.h_prev = None
-        self.order, self.times, self.count, self.has_prev = [], [], 0, False
+            # Only at allocation and reset: the identity order, made on the device.
+            self.slots.copy_(torch.arange(self.nslots, dtype=self.slots.dtype, device=self.slots.device))
 
     @property
     def nbytes(self) -> int:
@@ -101,65 +141,64 @@ class History:
         return total
 
     # --------------------------------------------------------------- bookkeeping
-    def _push_order(self) -> None:
-        # Only at allocation and reset: the identity order, made on the device.
-        self.slots.copy_(torch.arange(self.nslots, dtype=self.slots.dtype, device=self.slots.device))
-
-    def _rotate(self, t: float) -> None:
+    def advance(self, t: float, wrote: bool) -> None:
+        """Host bookkeeping after a call that ran ``record`` or ``predict``: with ``wrote``
+        (a residual was stored at time t) the write slot becomes R1 and everything else ages
+        by one, with the same roll of ``slots`` on the device."""
+        self.has_prev = self.h_prev is not None
+        if not wrote:
+            return
         w = self.order[-1]
         self.order = [w] + self.order[:-1]
         self.times = [float(t)] + self.times[:-1]
         self.count = min(self.count + 1, self.nslots)
-        # The write slot becomes R1, everything else ages by one: the same roll on the device.
         self.slots.copy_(self.slots.roll(1))
 
     def recent_times(self) -> List[float]:
         """Times of R1, R2, R3 (newest first); NaN where nothing is stored."""
         return self.times[:3]
 
-    # --------------------------------------------------------------------- steps
-    def record(self, h_in: torch.Tensor, h_out: torch.Tensor, t: float, probe: bool = False) -> torch.Tensor:
-        """A computed step: store R = h_out - h_in at time t; return the sums (device)."""
-        self.ensure(h_in)
-        sums = ops.update(h_in, h_out, self.ring, self.slots, self.h_prev, bool(probe))
-        self._rotate(t)
-        self.has_prev = self.h_prev is not None
-        self.last_sums = sums
-        return sums
-
-    def coef(self, variant: str, stage: str, t_target: float, **kw) -> list:
+    def coef(self, variant: str, stage: str, t_target: float, **kw) -> torch.Tensor:
+        """The coefficient tensor (on the ring's device) of a prediction at ``t_target``."""
         if not self.has_prev:
             kw["gamma"] = 0.0  # no previous input stored: no input-change correction
-        return K.build_coef(variant, stage, self.recent_times(), t_target, self.count, self.nslots, **kw)
+        values = K.build_coef(variant, stage, self.recent_times(), t_target, self.count, self.nslots, **kw)
+        return _to_device(values, self.ring.device)
 
-    def predict(
-        self,
-        h_in: torch.Tensor,
-        coef_values: list,
-        variant: str,
-        t_target: float,
-        store: bool = False,
-        write_out: bool = True,
-        probe: bool = False,
-    ):
+    # --------------------------------------------------------------------- steps
+    def record(self, h_in: torch.Tensor, h_out: torch.Tensor, probe: bool = False) -> torch.Tensor:
+        """A computed step: write R = h_out - h_in into the write slot; return the sums (device).
+        ``advance(t, wrote=True)`` makes it R1."""
+        self.ensure(h_in)
+        return ops.update(h_in, h_out, self.ring, self.slots, self.h_prev, bool(probe))
+
+    def predict(self, h_in: torch.Tensor, coef: torch.Tensor, variant: str, store: bool = False,
+                write_out: bool = True, probe: bool = False):  # fmt: skip
         """A skipped step (or, with ``probe``, a prediction of a step about to be computed).
 
-        store: append R_eff to the history (the paper's rule). probe: write R_eff into the
-        write slot without advancing, for the update pass to measure against.
-        Returns (h_out or empty, sums on the device).
+        coef: the tensor from ``coef``. store: write R_eff into the write slot (the paper's
+        rule; ``advance(t, wrote=True)`` makes it R1). probe: write R_eff into the write
+        slot for the update pass to measure against, without advancing.
+        Returns (h_out or empty, sums on the device). Device work only, traceable: the
+        caller checks ``count >= coef.MIN_HISTORY[variant]`` (the host count is not read here,
+        so a compiled region does not specialise on it).
         """
         if not self.matches(h_in):
             raise RuntimeError("predict() before any record() for this shape/dtype/device")
-        if self.count < K.MIN_HISTORY[variant]:
-            raise RuntimeError(
-                f"variant {variant!r} needs {K.MIN_HISTORY[variant]} stored residuals, have {self.count}"
-            )
-        coef = upload(coef_values, h_in.device)
-        out, sums = ops.predict(
-            h_in, self.ring, self.slots, coef, self.h_prev, variant, bool(store or probe), bool(write_out)
-        )
-        self.has_prev = self.h_prev is not None
-        if store and not probe:
-            self._rotate(t_target)
-            self.last_sums = sums
+        out, sums = ops.predict(h_in, self.ring, self.slots, coef, self.h_prev, variant, bool(store or probe),
+                                bool(write_out))  # fmt: skip
+        # -- device-side fallback: a non-finite predicted element becomes h_in + R1, R1 being the
+        # newest stored residual where it is finite and 0 where it is not (so a finite h_in always
+        # gives a finite h_out); the op has counted the element in the sums' ``nonfinite``. A
+        # stored prediction's non-finite elements become that R1 in its slot.
+        if write_out or (store and not probe):
+            r1 = self.ring.index_select(0, self.slots[:1]).squeeze(0)
+            r1 = torch.where(torch.isfinite(r1), r1, torch.zeros_like(r1))
+            if write_out:
+                out = torch.where(torch.isfinite(out), out, h_in + r1)
+            if store and not probe:
+                w = self.slots[-1:].long()
+                stored = self.ring.index_select(0, w).squeeze(0)
+                self.ring.index_copy_(0, w, torch.where(torch.isfinite(stored), stored, r1).unsqueeze(0))
+        # -- end of the fallback
         return out, sums

@@ -1,60 +1,85 @@
 """The per-call decision: compute the block stack, or skip it and predict its residual.
 
-``Runtime`` implements the adapter's Controller protocol (``begin`` before the first
-block, ``end`` after the last): it keeps one residual history per CFG branch, decides
-per call from the step index k, the total T, the schedule time and the history, and
-runs the fused ops. ``begin`` and ``end`` are marked ``torch.compiler.disable``: a
-compiled transformer runs them eagerly between its compiled regions (two graph breaks per
-call, no recompiles across steps; see the README's torch.compile section).
+``Runtime`` implements the adapter's Controller protocol. ``decide`` runs before the
+transformer's forward (eager, outside any compiled region) and settles the call from k,
+T, the config and the sums of earlier history writes, never from this call's tensors.
+A skip hands the first block hook a ``_Call``: the prediction from ``h_in``, tensor ops
+only, so it traces inside a compiled block region. ``finish`` runs after the forward
+(eager again): the probe and update passes of a computed call, the host bookkeeping of
+both kinds, the step record.
 
-Host synchronisation (issue 5). Each history write (a computed step's update pass, or a
-stored prediction) leaves 8 sums on the device; on CUDA their copy to pinned host memory
-is queued right behind the write, with an event, at the end of step k. The host reads
-them only when a decision depends on them: at a call whose compute-or-skip decision the
-host cannot already make from k, T and the config (warm-up, interval and final steps,
-max_skips, too little history, a known non-finite trajectory are all decided on the
-host), and then it waits for that event only, not for the work queued after it. A skip
-reads its prediction's non-finite count before handing the prediction to the model (the
-published guarantee: never a non-finite prediction). All device sums reach the host through
-``_start_read`` / ``_finish_reads`` (one place; a cross-rank reduction goes there).
-Records read by ``summary`` bring outstanding sums to the host first. The decisions are
-exactly those of reading every write at the next call: an outstanding write can only
-change the decision of a call that reads it, and a non-finite value found late is
-marked on the records it would have marked. ``Runtime.host_reads`` counts the waits.
+Fixed schedules. When ``config.plan(T)`` returns the computed steps (every preset but
+``adaptive()``), a run reads nothing from the device: the decisions are the plan. A
+non-finite predicted element is replaced on the device by h_in + R1 (R1 where finite, else
+0) and counted in the prediction's sums; the summary reports those steps after the run
+(``nonfinite``), and a non-finite computed step changes no decision either.
+
+Trajectory-dependent policies (``plan`` is None). The host first tries to settle a call
+without the device (``_host_reason``: warm-up, interval and final steps, max_skips, too
+little history, a non-finite trajectory already known); only when that leaves the call
+open does it bring the sums of the earlier writes to the host (one wait for all of them,
+``_fold``) and ask the one device-side question (``_device_reason``: the TSI of the
+newest write, or whether the error policy's run of skips is used up). The decisions are
+exactly those of reading every write at the next call: an unread write can only change
+the decision of a call that reads it, and a non-finite value found late relabels the
+calls it would have forced ("nonfinite"). ``Runtime.host_reads`` counts the waits.
 
 Policies (TCPadeConfig.policy):
 
 * "tsi" (the paper): steps 0..warmup, every interval-th step and the final step(s) are
-  computed; any other step is skipped while three residuals are stored, the TSI of the
+  computed; any other step is skipped while enough residuals are stored, the TSI of the
   newest one passes (TSI <= tsi_threshold) and fewer than max_skips steps in a row were
   skipped.
-* "error" (method.md section 7): at every computed step with enough history the
-  predictor first predicts that step (a probe into the ring's free slot), the update pass
-  then measures e = ||R_hat - R|| / ||R||, and the next run of skipped steps is sized
-  from e against the tolerance like an ODE solver's step: e <= tol/2 -> one step longer,
-  e <= tol -> the same (at least one), e <= 2 tol -> one shorter, else none; capped by
-  max_skips.
+* "error": at every computed step with enough history the predictor first predicts that
+  step (a probe into the ring's free slot), the update pass then measures
+  e = ||R_hat - R|| / ||R||, and the next run of skipped steps is sized from e against
+  the tolerance like an ODE solver's step: e <= tol/2 -> one step longer, e <= tol -> the
+  same (at least one), e <= 2 tol -> one shorter, else none; capped by max_skips.
 
-A non-finite value anywhere in the trajectory (a computed h_out, or a prediction) forces
-full computation for the rest of that branch's run and is recorded in the summary.
+With a trajectory-dependent policy a non-finite value (a computed h_out, or a
+prediction's fallback) forces full computation for the rest of that branch's run.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import coef as K
 from .config import TCPadeConfig
-from .history import History
+from .history import History, Sums
 from .reference import tsi_from_sums
 
 log = logging.getLogger(__name__)
+
+RUNTIME_ATTR = "_tcpade_runtime"  # the attribute of a transformer that holds its Runtime
+
+
+def attached_runtime(target) -> "Runtime":
+    """The Runtime that ``tcpade.apply`` attached to a pipeline's or a bare transformer."""
+    transformer = target if isinstance(target, torch.nn.Module) else getattr(target, "transformer", None)
+    rt = getattr(transformer, RUNTIME_ATTR, None)
+    if rt is None:
+        raise RuntimeError("tcpade is not applied to this transformer")
+    return rt
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first frame outside torch,
+    diffusers and tcpade (the user's line that called the pipeline or the transformer)."""
+    dirs = tuple(os.path.dirname(os.path.abspath(sys.modules[n].__file__)) + os.sep
+                 for n in ("torch", "diffusers", __package__) if n in sys.modules)  # fmt: skip
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass
@@ -68,28 +93,34 @@ class StepRecord:
     stage: str
     tsi: float = math.nan  # TSI of the residual written at this call (NaN: not enough history)
     error: float = math.nan  # probe error of this call's prediction (error policy)
-    nonfinite: bool = False
+    nonfinite: bool = False  # non-finite values at this call (a skip: its prediction fell back to h_in + R1)
+    # This call's device sums (its history write, or its prediction), filled in above once read.
+    sums: Optional[Sums] = field(default=None, repr=False, compare=False)
+    stored: int = field(default=0, repr=False, compare=False)  # residuals stored after this call's write (0: none)
+    probed: bool = field(default=False, repr=False, compare=False)  # the update measured a probe prediction
 
 
 @dataclass
-class _Pending:
+class _Call:
+    """One call between ``decide`` and ``finish``; a skip's ``_Call`` is the prediction the
+    first block hook runs (traced: tensors and custom ops only, no host state changes)."""
+
     k: int
     t: float
-    reason: str
+    reason: Optional[str]  # why it is computed; None: skipped
     stage: str
-    probed: bool
-    nonfinite: bool = False
+    history: History
+    variant: str
+    coef: Optional[torch.Tensor] = None  # a skip's or a probe's coefficients (device)
+    store: bool = False  # a skip stores its prediction in the history
+    probe: bool = False  # a computed call measures a probe prediction
+    sums: Optional[torch.Tensor] = None  # the skip's prediction sums (device)
 
-
-@dataclass
-class _Write:
-    """One history write whose sums are on their way to the host."""
-
-    record: StepRecord  # the call that wrote
-    count: int  # residuals stored right after the write
-    probed: bool  # the write slot held a probe prediction (error policy)
-    sums: torch.Tensor  # the sums (CPU), or their pinned host copy (CUDA, valid once ``event`` is done)
-    event: Optional[object] = None  # torch.cuda.Event recorded after the copy was queued
+    def __call__(self, h_in: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.history.matches(h_in):
+            return None  # another shape, dtype or device than the history's: compute this call
+        out, self.sums = self.history.predict(h_in, self.coef, self.variant, store=self.store)
+        return out
 
 
 @dataclass
@@ -100,29 +131,29 @@ class BranchState:
     run_left: int = 0
     consecutive: int = 0
     poisoned: bool = False
-    pending: Optional[_Pending] = None  # the call being computed (between begin and end)
-    unread: List[_Write] = field(default_factory=list)  # history writes whose sums the host has not read
-    last_values: Optional[list] = None  # the sums of the newest write the host has read
+    pending: Optional[_Call] = None  # the call between decide and finish
+    newest: Optional[StepRecord] = None  # the record of the newest history write
+    folded: int = 0  # records whose sums have been folded into this state
+    planned: bool = False  # this run follows a fixed plan
+    total: Optional[int] = None  # the declared num_steps this run was started with (None: T was known)
     _records: List[StepRecord] = field(default_factory=list)
     runs: int = 0  # sampling runs started
     reset_pending: bool = False
-    reader: Optional[Callable[["BranchState"], None]] = field(default=None, repr=False)
+    fold: Optional[Callable[["BranchState"], None]] = field(default=None, repr=False)
 
     @property
     def records(self) -> List[StepRecord]:
-        """The calls of the current run; reading them first brings outstanding sums to the host."""
-        if self.unread and self.reader is not None:
-            self.reader(self)
+        """The calls of the current run, their sums brought to the host first."""
+        if self.fold is not None:
+            self.fold(self)
         return self._records
 
     def new_run(self) -> None:
         self.reset_pending = False
         self.history.reset()
-        self.k = self.run = self.run_left = self.consecutive = 0
-        self.poisoned = False
-        self.unread = []  # the previous run's records are dropped unread with them
-        self.pending = None
-        self.last_values = None
+        self.k = self.run = self.run_left = self.consecutive = self.folded = 0
+        self.poisoned = self.planned = False
+        self.pending = self.newest = self.total = None
         self._records = []
         self.runs += 1
 
@@ -135,8 +166,8 @@ class BranchState:
         if t == t0:
             return True
         if t_last == t0:
-            # One record (or a constant schedule) gives no direction yet. Assuming diffusers'
-            # decreasing one here made every increasing schedule restart at step 1, forever.
+            # One record (or a constant schedule) gives no direction yet: assuming diffusers'
+            # decreasing one here would make every increasing schedule restart at step 1.
             return False
         return (t - t_last) * (t_last - t0) < 0
 
@@ -152,34 +183,38 @@ def _scalar_time(timestep) -> float:
 class Runtime:
     """TC-Pade for one transformer: per-branch histories, the policy, the fused ops.
 
-    total_steps: a callable returning T for the current sampling run (e.g. the length
-    of the pipeline scheduler's timesteps), or None, then ``set_steps`` must be called.
-    Without a known T every call is computed (with one warning): stages and the final
-    steps cannot be placed, and full computation is always safe.
+    total_steps: a callable returning T for the current sampling run when it can be known
+    (the length of the pipeline scheduler's timesteps), or None. num_steps: T as declared
+    by the user (``tcpade.apply(..., num_steps=)``), used when ``total_steps`` gives none;
+    ``set_steps`` overrides both (``tcpade.sample`` sets the length of its own run). Without
+    any T every call is computed (with one warning): stages and the final steps cannot be
+    placed, and full computation is always safe.
     """
 
-    def __init__(self, config: Optional[TCPadeConfig] = None, total_steps: Optional[Callable[[], int]] = None):
+    def __init__(self, config: Optional[TCPadeConfig] = None, total_steps: Optional[Callable[[], int]] = None,
+                 num_steps: Optional[int] = None):  # fmt: skip
         self.config = config or TCPadeConfig()
         if not isinstance(self.config, TCPadeConfig):
             raise TypeError(f"config must be a TCPadeConfig, got {type(self.config).__name__}")
         self._total_steps_fn = total_steps
         self._total: Optional[int] = None
-        self._warned_no_steps = False
+        self._declared = _check_steps("num_steps", num_steps)
+        self._warned: set = set()
         self.branches: Dict[str, BranchState] = {}
-        # Builds each branch's History; tcpade.distributed swaps in one whose sums are
-        # reduced over the ranks that hold the other image tokens (sequence parallelism).
-        self.history_factory: Callable[..., History] = History
+        # Applied to the sums of every history write and prediction before they are read;
+        # tcpade.distributed sets it to a reduction over the ranks that hold the other image
+        # tokens (sequence parallelism), so that all ranks decide alike.
+        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.host_reads = 0  # times the host waited for device values (each a stream stall on CUDA)
+        self._plans: Dict[int, Optional[Tuple[int, ...]]] = {}
         c = self.config
         gamma = c.input_correction if c.input_correction is not None else K.default_gamma(c.predictor)
-        self._gamma = float(gamma)
+        self._keep_prev = float(gamma) != 0.0
 
     # ------------------------------------------------------------------ plumbing
     def set_steps(self, total: Optional[int]) -> None:
-        """Fix T for the coming runs; None goes back to the ``total_steps`` callable."""
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total <= 0):
-            raise ValueError(f"total steps must be an int > 0 or None, got {total!r}")
-        self._total = total
+        """Fix T for the coming runs; None goes back to the scheduler / the declared num_steps."""
+        self._total = _check_steps("total steps", total)
 
     @property
     def steps_override(self) -> Optional[int]:
@@ -189,10 +224,24 @@ class Runtime:
     def total_steps(self) -> Optional[int]:
         if self._total is not None:
             return self._total
-        if self._total_steps_fn is not None:
-            total = self._total_steps_fn()
-            return int(total) if total else None
-        return None
+        real = self._total_steps_fn() if self._total_steps_fn is not None else None
+        real = int(real) if real else None
+        if real is not None:
+            if self._declared is not None and real != self._declared:
+                self._warn_once("declared", f"tcpade: num_steps={self._declared} was given, but the pipeline's "
+                                f"scheduler runs {real} steps: using {real}")  # fmt: skip
+            return real
+        return self._declared
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=_caller_stacklevel())
+
+    def _plan(self, total: int) -> Optional[Tuple[int, ...]]:
+        if total not in self._plans:
+            self._plans[total] = self.config.plan(total)
+        return self._plans[total]
 
     def reset(self) -> None:
         """End the current sampling run: the next call of every branch starts a new one.
@@ -200,13 +249,22 @@ class Runtime:
         (diffusers pipelines reset stateful hooks at the end of each call; the records of
         the run just finished stay readable through ``tcpade.summary`` until then.)"""
         for b in self.branches.values():
+            self._end_run(b)
             b.reset_pending = True
+
+    def _end_run(self, b: BranchState) -> None:
+        """A run of ``b`` ended: say so if it was shorter than the T it was planned for."""
+        total = b.total
+        if total is not None and 0 < b.k < total and b.pending is None and not b.reset_pending:
+            self._warn_once("short", f"tcpade: a sampling run had {b.k} steps but was planned for {total} "
+                            f"(num_steps={total}): its last steps were not placed as final steps; pass the "
+                            "run's length (tcpade.apply(..., num_steps=) or runtime.set_steps)")  # fmt: skip
 
     def _branch(self, name: str) -> BranchState:
         b = self.branches.get(name)
         if b is None:
-            b = BranchState(self.history_factory(nslots=self.config.history_slots, keep_prev_input=self._gamma != 0.0))
-            b.reader = self._read_writes
+            b = BranchState(History(nslots=self.config.history_slots, keep_prev_input=self._keep_prev))
+            b.fold = self._fold
             self.branches[name] = b
         return b
 
@@ -215,90 +273,99 @@ class Runtime:
         return sum(b.history.nbytes for b in self.branches.values())
 
     # ------------------------------------------------------------------- protocol
-    @torch.compiler.disable
-    def begin(self, branch: str, h_in: torch.Tensor, timestep) -> Optional[torch.Tensor]:
-        """Before the block stack: None to compute it, or the predicted h_out to skip it."""
+    def decide(self, branch: str, timestep, force: Optional[str] = None) -> Optional[_Call]:
+        """Before the transformer's forward: None to compute the block stack, or the
+        prediction (a ``_Call``) that the first block hook runs on h_in to skip it.
+        ``force``: a reason this call must be computed (e.g. "controlnet"), or None."""
         b = self._branch(branch)
         t = _scalar_time(timestep)
         total = self.total_steps()
         if b.pending is not None:
-            # The previous call never reached end() (an exception inside the block stack):
-            # its probe may have overwritten a slot, so start over.
+            # The previous call never finished (an exception inside the forward): its probe
+            # may have overwritten a slot, so start over.
             log.warning("tcpade: branch %r: the previous call did not finish; history reset", branch)
             b.new_run()
-        elif b.reset_pending or (total is not None and b.k >= total) or b.restarted(t):
+        elif b.reset_pending or b.restarted(t):
+            self._end_run(b)
             b.new_run()
-        if b.history.ensure(h_in) and b.k > 0:
-            log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
-            b.new_run()
-        k = b.k
+        k, c = b.k, self.config
         if total is None:
-            if not self._warned_no_steps:
-                warnings.warn(
-                    "tcpade: the number of denoising steps is unknown (use tcpade.apply on the pipeline, or "
-                    "Runtime.set_steps(T)): computing every step",
-                    stacklevel=2,
-                )
-                self._warned_no_steps = True
-            return self._compute(b, h_in, k, t, "steps-unknown", "middle", probe=False)
-        c = self.config
+            self._warn_once("unknown", "tcpade: the number of denoising steps is unknown (use tcpade.apply on the "
+                            "pipeline, or tcpade.apply(transformer, num_steps=T)): computing every step")  # fmt: skip
+            return self._pend(b, k, t, "steps-unknown", "middle")
+        if k >= total:
+            # A run longer than planned: continue it (no silent restart), computing every extra step.
+            self._warn_once("long", f"tcpade: the sampling run is longer than the {total} steps it was planned for "
+                            f"(step {k + 1} of num_steps={total}): computing every step from here; pass the "
+                            "run's length (tcpade.apply(..., num_steps=) or runtime.set_steps)")  # fmt: skip
+            return self._pend(b, k, t, "beyond-steps", "late")
+        if k == 0:
+            b.planned = self._plan(total) is not None
+            guessed = self._total is None and not (self._total_steps_fn is not None and self._total_steps_fn())
+            b.total = total if guessed else None  # only a declared num_steps can be wrong about a run
         stage = K.stage_of(k, total, c.early_frac, c.late_frac)
-        guess = None
-        if b.unread and self._needs_sums(b, k, total):
-            # The decision waits for the device anyway: queue the prediction first, when it
-            # cannot disturb a compute, so one wait brings both the sums the decision needs
-            # and the prediction's non-finite count (a skip's second wait saved; a compute
-            # wastes one prediction pass, a few hidden-state reads).
-            if self._may_guess(b):
-                out, sums = b.history.predict(h_in, self._coef(b, stage, t, b.last_values), c.predictor, t)
-                guess = (out, sums, self._read_writes(b, also=self._start_read(sums)))
-            else:
-                self._read_writes(b)
-        reason = self._reason_to_compute(b, k, total)
+        if force is not None:
+            reason = force
+        elif b.planned:
+            if k in self._plan(total):
+                reason = self._host_reason(b, k, total) or "schedule"
+            else:  # (a plan never skips a step the history cannot predict; this guards an explicit one)
+                reason = "history" if b.history.count < K.MIN_HISTORY[c.predictor] else None
+        else:
+            reason = "nonfinite" if b.poisoned else self._host_reason(b, k, total)
+            if reason is None:
+                self._fold(b)  # the one wait: this decision needs the sums of earlier writes
+                reason = "nonfinite" if b.poisoned else self._device_reason(b)
         if reason is not None:
             probe = c.policy == "error" and not b.poisoned and b.history.count >= K.MIN_HISTORY[c.predictor]
-            return self._compute(b, h_in, k, t, reason, stage, probe)
-        return self._skip(b, h_in, k, t, stage, guess)
+            return self._pend(b, k, t, reason, stage, probe)
+        b.pending = _Call(k, t, None, stage, b.history, c.predictor, self._coef(b, stage, t), c.store_predictions)
+        return b.pending
 
-    @torch.compiler.disable
-    def end(self, branch: str, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
-        """After the block stack ran: store R = h_out - h_in."""
-        b = self._branch(branch)
-        p = b.pending
+    def finish(self, branch: str, h_in: Optional[torch.Tensor], h_out: Optional[torch.Tensor]) -> None:
+        """After the forward: ``h_in`` and ``h_out`` of a computed call (store R = h_out - h_in),
+        both None for a skipped one."""
+        b = self.branches.get(branch)
+        p = b.pending if b is not None else None
         if p is None:
-            raise RuntimeError(f"tcpade: end() for branch {branch!r} without a matching begin()")
+            raise RuntimeError(f"tcpade: finish() for branch {branch!r} without a matching decide()")
         b.pending = None
-        sums = b.history.record(h_in, h_out, p.t, probe=p.probed)
-        rec = StepRecord(p.k, p.t, True, p.reason, p.stage, nonfinite=p.nonfinite)
+        c = self.config
+        if h_in is None:
+            if p.reason is not None or p.sums is None:
+                raise RuntimeError(f"tcpade: branch {branch!r}: a computed call finished without h_in / h_out")
+            rec = StepRecord(p.k, p.t, False, "skip", p.stage, sums=Sums(p.sums, self.reduce))
+            b.history.advance(p.t, wrote=p.store)
+            if p.store:
+                rec.stored, b.newest = b.history.count, rec
+            b._records.append(rec)
+            b.k += 1
+            b.consecutive += 1
+            b.run_left = max(0, b.run_left - 1)
+            return
+        if not b.history.matches(h_in) and (b.k > 0 or p.reason is None):
+            log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
+            b.new_run()
+            total = self.total_steps()
+            p = _Call(0, p.t, c.always_computed(0, total) if total else "steps-unknown",
+                      K.stage_of(0, total, c.early_frac, c.late_frac) if total else "middle", b.history,
+                      c.predictor)  # fmt: skip
+        if p.probe:
+            b.history.predict(h_in, p.coef, c.predictor, write_out=False, probe=True)
+        sums = b.history.record(h_in, h_out, probe=p.probe)
+        b.history.advance(p.t, wrote=True)
+        rec = StepRecord(p.k, p.t, True, p.reason, p.stage, sums=Sums(sums, self.reduce), stored=b.history.count,
+                         probed=p.probe)  # fmt: skip
         b._records.append(rec)
-        b.unread.append(_Write(rec, b.history.count, p.probed, *self._start_read(sums)))
+        b.newest = rec
         b.k += 1
+        b.consecutive = 0
 
     # ------------------------------------------------------------------- internals
-    # Every device sums tensor reaches the host through _start_read (queued at the write)
-    # and _finish_reads (the wait): a cross-rank reduction, so that all ranks decide alike,
-    # belongs at the top of _start_read.
-    def _start_read(self, sums: torch.Tensor):
-        """Queue the copy of a write's sums to the host: (host tensor, event or None).
-
-        CUDA: a non-blocking copy into pinned memory and an event recorded behind it on the
-        current stream; reading waits for that event only. Elsewhere the sums are already
-        host memory."""
-        if sums.device.type != "cuda":
-            return sums, None
-        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
-        host.copy_(sums, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-
-    def _finish_reads(self, pending) -> List[list]:
-        """Host values of queued reads [(host tensor, event or None)], after one wait."""
-        self.host_reads += 1
-        for _, event in pending:
-            if event is not None:
-                event.synchronize()
-        return [[float(v) for v in host.tolist()] for host, _ in pending]
+    def _pend(self, b: BranchState, k: int, t: float, reason: str, stage: str, probe: bool = False) -> None:
+        coef = self._coef(b, stage, t) if probe else None
+        b.pending = _Call(k, t, reason, stage, b.history, self.config.predictor, coef, probe=probe)
+        return None
 
     @property
     def _min_history(self) -> int:
@@ -310,69 +377,64 @@ class Runtime:
             return max(3, K.MIN_HISTORY[c.predictor])
         return K.MIN_HISTORY[c.predictor]
 
-    def _needs_sums(self, b: BranchState, k: int, total: int) -> bool:
-        """Can sums still on the device change this call's decision (or its coefficients)?
-
-        No when the host alone already decides to compute: a known non-finite trajectory,
-        a step the config always computes, max_skips reached, too little history. (The
-        paper predictor's probe reads its curvature flag from the last sums: the error
-        policy with it and five or more slots reads at every probe.)"""
+    def _host_reason(self, b: BranchState, k: int, total: int) -> Optional[str]:
+        """Why this call is computed, decided on the host alone (None: the host cannot tell)."""
         c = self.config
-        if b.poisoned:
-            return False
-        forced = c.always_computed(k, total) or c.max_skips == 0 or b.consecutive >= c.max_skips
-        need = self._min_history
-        if forced or b.history.count < need:
-            return c.policy == "error" and c.predictor == "paper" and b.history.count >= 5
-        return True
+        forced = c.always_computed(k, total)
+        if forced:
+            return forced
+        if c.max_skips == 0 or b.consecutive >= c.max_skips:
+            return "max-skips"
+        if b.history.count < self._min_history:
+            return "history"
+        return None
 
-    def _may_guess(self, b: BranchState) -> bool:
-        """May this call's prediction be made before the decision? Only when making it and
-        then computing leaves the state exactly as computing alone: no stored prediction,
-        no previous input to overwrite (the input-change correction), no coefficient read
-        from the sums being waited for (the paper predictor's curvature flag)."""
-        c = self.config
-        h = b.history
-        return (
-            not c.store_predictions
-            and h.h_prev is None
-            and c.predictor != "paper"
-            and h.count >= K.MIN_HISTORY[c.predictor]
-        )
+    def _device_reason(self, b: BranchState) -> Optional[str]:
+        """Why this call is computed, from the (folded) sums of earlier writes; None: skip."""
+        if self.config.policy == "tsi":
+            tsi = b.newest.tsi if b.newest is not None else math.nan
+            return None if tsi <= self.config.tsi_threshold else "tsi"  # NaN never passes
+        return None if b.run_left > 0 else "error"
 
-    def _read_writes(self, b: BranchState, also=None) -> Optional[list]:
-        """Bring the sums of every unread history write of ``b`` to the host (one wait) and
-        fold them, oldest first, into the branch state: TSI and probe error on each write's
-        record, poisoning on a non-finite value, the error policy's run length. ``also``: one
-        more queued read (``_start_read``) to wait for at the same time; its values are returned."""
-        writes, b.unread = b.unread, []
-        pending = [(w.sums, w.event) for w in writes] + ([also] if also is not None else [])
-        if not pending:
-            return None
-        values = self._finish_reads(pending)
-        for v, w in zip(values, writes):
-            self._fold(b, w, v)
-        return values[-1] if also is not None else None
+    def _fold(self, b: BranchState) -> None:
+        """Bring the sums of every unread record of ``b`` to the host (one wait) and fold them,
+        oldest first, into the branch state: TSI and probe error on each record, poisoning on
+        a non-finite value, the error policy's run length."""
+        todo = b._records[b.folded:]
+        if not todo:
+            return
+        if any(r.sums is not None and not r.sums.read for r in todo):
+            self.host_reads += 1
+        for rec in todo:
+            self._fold_one(b, rec)
+        b.folded = len(b._records)
 
-    def _fold(self, b: BranchState, w: _Write, values: list) -> None:
-        rec = w.record
+    def _fold_one(self, b: BranchState, rec: StepRecord) -> None:
+        v = rec.sums.get()
+        if not rec.computed and not rec.stored:  # a prediction that wrote nothing: only its fallback counts
+            if v.nonfinite != 0.0:
+                self._poison(b, rec)
+            return
         poisoned_before = b.poisoned
-        b.last_values = values
-        if w.count >= 3:
-            rec.tsi = tsi_from_sums(values)
+        if rec.stored >= 3:
+            rec.tsi = tsi_from_sums(v)
         # Non-finite values written at this call (a stale NaN further back in the history
         # only turns the TSI into NaN, which blocks skipping by itself).
-        if values[5] != 0.0 or not (math.isfinite(values[4]) and math.isfinite(values[5])):
-            if not b.poisoned:
-                log.warning("tcpade: non-finite values in the trajectory at step %d: computing from now on", rec.k)
-            rec.nonfinite = True
-            b.poisoned = True
+        if v.nonfinite != 0.0 or not (math.isfinite(v.r2) and math.isfinite(v.nonfinite)):
+            self._poison(b, rec)
         if poisoned_before:
-            # Read late: read at once, this call would have been computed as "nonfinite", without a probe.
-            rec.reason = "nonfinite"
-        elif w.probed:
-            rec.error = math.sqrt(values[3] / values[4]) if values[4] > 0 else math.nan
+            if rec.computed and not b.planned:
+                rec.reason = "nonfinite"  # read at once, this call would have been computed as "nonfinite"
+        elif rec.probed:
+            rec.error = math.sqrt(v.err2 / v.r2) if v.r2 > 0 else math.nan
             self._size_run(b, rec.error)
+
+    def _poison(self, b: BranchState, rec: StepRecord) -> None:
+        rec.nonfinite = True
+        if not b.poisoned:
+            what = "computing from now on" if not b.planned else "predictions fall back to h_in + R1"
+            log.warning("tcpade: non-finite values in the trajectory at step %d: %s", rec.k, what)
+        b.poisoned = True
 
     def _size_run(self, b: BranchState, e: float) -> None:
         tol = self.config.tolerance
@@ -387,59 +449,21 @@ class Runtime:
         b.run = min(b.run, self.config.max_skips)
         b.run_left = b.run
 
-    def _reason_to_compute(self, b: BranchState, k: int, total: int) -> Optional[str]:
-        c = self.config
-        if b.poisoned:
-            return "nonfinite"
-        forced = c.always_computed(k, total)
-        if forced:
-            return forced
-        if c.max_skips == 0 or b.consecutive >= c.max_skips:
-            return "max-skips"
-        need = self._min_history
-        if b.history.count < need:
-            return "history"
-        if c.policy == "tsi":
-            last = b.last_values
-            tsi = tsi_from_sums(last) if last is not None else math.nan
-            return None if tsi <= c.tsi_threshold else "tsi"  # NaN never passes
-        return None if b.run_left > 0 else "error"
-
-    def _compute(self, b, h_in, k, t, reason, stage, probe, nonfinite=False):
-        if probe:  # (b.last_values is current here whenever the paper predictor's flag needs it)
-            cf = self._coef(b, stage, t, b.last_values)
-            b.history.predict(h_in, cf, self.config.predictor, t, write_out=False, probe=True)
-        b.pending = _Pending(k, t, reason, stage, probe, nonfinite)
-        b.consecutive = 0
-        return None
-
-    def _skip(self, b, h_in, k, t, stage, guess=None):
-        c = self.config
-        if guess is not None:  # predicted and read before the decision
-            out, sums, values = guess
-        else:
-            cf = self._coef(b, stage, t, b.last_values)
-            out, sums = b.history.predict(h_in, cf, c.predictor, t, store=c.store_predictions)
-            # The one wait a skip cannot avoid: never hand a non-finite prediction to the model.
-            (values,) = self._finish_reads([self._start_read(sums)])
-        if values[5] != 0.0:
-            log.warning("tcpade: non-finite prediction at step %d: computing it instead", k)
-            b.poisoned = True  # (a stored prediction's sums are garbage: they are not folded)
-            return self._compute(b, h_in, k, t, "nonfinite", stage, probe=False, nonfinite=True)
-        rec = StepRecord(k, t, False, "skip", stage)
-        b._records.append(rec)
-        if c.store_predictions:  # a history write, already read
-            self._fold(b, _Write(rec, b.history.count, False, sums), values)
-        b.k += 1
-        b.consecutive += 1
-        b.run_left = max(0, b.run_left - 1)
-        return out
-
-    def _coef(self, b: BranchState, stage: str, t: float, last) -> list:
+    def _coef(self, b: BranchState, stage: str, t: float) -> torch.Tensor:
         c = self.config
         kw = dict(delta=c.pole_delta, kappa=c.kappa)
         if c.input_correction is not None:
             kw["gamma"] = c.input_correction
         if c.predictor == "paper":
+            last = None
+            if b.history.count >= 5 and b.newest is not None:  # only then does the flag read the sums
+                self._fold(b)
+                last = b.newest.sums.get()
             kw["pade_c"] = K.paper_curvature_flag(last, b.history.count)
         return b.history.coef(c.predictor, stage, t, **kw)
+
+
+def _check_steps(name: str, total) -> Optional[int]:
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total <= 0):
+        raise ValueError(f"{name} must be an int > 0 or None, got {total!r}")
+    return total

@@ -1,6 +1,7 @@
-"""Shared tolerances and input builders for the kernel tests.
+"""Shared test helpers: tolerances and input builders for the kernel tests, a synthetic
+block stack for the policy tests, a counter of block bodies run in hooked models.
 
-Tolerance rule (architecture.md): every backend is compared with the float64 reference.
+Tolerance rule: every backend is compared with the float64 reference.
 * float32 storage: |got - ref| <= 1e-5 * (1 + max|ref|). The kernels do O(10) fp32
   operations per element (each rounding <= 6e-8 relative) on operands of at most a few
   times the output's scale, and the rational fit's row reductions over C <= 257
@@ -69,3 +70,101 @@ def flow_sigmas(steps: int, shift: float = 3.0) -> list:
         s = 1.0 - k / steps
         out.append(shift * s / (1.0 + (shift - 1.0) * s))
     return out
+
+
+# ------------------------------------------------------------------ a synthetic block stack
+# The "model" of the policy tests: exact and cheap, the block stack's residual is a smooth
+# rational function of the schedule's sigma, so predictions can be compared with the truth
+# and the block-stack passes counted directly.
+SYNTH_SHAPE = (1, 16, 24)
+
+
+def truth(seed, shape=SYNTH_SHAPE):
+    """step(sigma) -> (h_in, residual) of one synthetic trajectory."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    a, b, d = (torch.randn(shape, generator=g) for _ in range(3))
+    c = 0.5 * torch.rand(*shape[:-1], 1, generator=g)
+    data, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+    def step(s):
+        h_in = data * (1 - s) + noise * s
+        # Rational in sigma plus a wiggle no [1/1] rational captures exactly.
+        return h_in, (a + b * s) / (1 + c * s) + 0.05 * d * math.sin(6.0 * s)
+
+    return step
+
+
+def synthetic_run(cfg, T, branches=("default",), nan_at=None, stop_at=None, rt=None, shape_seed=0, nan_input_at=None,
+                  shape=SYNTH_SHAPE):  # fmt: skip
+    """T steps of the synthetic stack through a Runtime's decide / finish, as the hooks call
+    them. Returns (runtime, passes per branch, relative errors of the skipped steps, outputs)."""
+    from tcpade.policy import Runtime
+
+    rt = rt or Runtime(cfg)
+    rt.set_steps(T)
+    truths = {br: truth(shape_seed + i, shape) for i, br in enumerate(branches)}
+    passes = {br: 0 for br in branches}
+    errors = {br: [] for br in branches}
+    outs = {br: [] for br in branches}
+    for k, s in enumerate(flow_sigmas(T)):
+        if stop_at is not None and k == stop_at:
+            break
+        for br in branches:
+            h_in, r = truths[br](s)
+            if nan_input_at is not None and k == nan_input_at:
+                h_in = h_in.clone()
+                h_in[0, 1, 1] = float("nan")
+            predict = rt.decide(br, torch.tensor([s]))
+            pred = predict(h_in) if predict is not None else None
+            if pred is None:
+                passes[br] += 1
+                h_out = h_in + r
+                if nan_at is not None and k == nan_at:
+                    h_out = h_out.clone()
+                    h_out[0, 3, 4] = float("nan")
+                rt.finish(br, h_in, h_out)
+                outs[br].append(h_out)
+            else:
+                rt.finish(br, None, None)
+                errors[br].append(((pred - h_in - r).norm() / r.norm()).item())
+                outs[br].append(pred)
+    return rt, passes, errors, outs
+
+
+# ---------------------------------------------------------------------- hooked diffusers models
+def blocks_of(model):
+    from tcpade import adapters
+
+    return adapters.find_adapter(model).stack(model)
+
+
+class BlockBodyCounter:
+    """Counts, per block, calls to the attention modules INSIDE the block: they run only when the
+    block's own forward runs. (A torch hook on the block itself would fire on skipped calls too,
+    because the module's __call__ still happens; DiT calls transformer_blocks[0].norm1.emb after
+    the stack, so norm submodules are not a clean signal either.)"""
+
+    def __init__(self, model):
+        self.counts = {}
+        self.handles = []
+        for name, block in blocks_of(model):
+            self.counts[name] = 0
+            attn = [m for m in block.modules() if "Attention" in type(m).__name__]
+            assert attn, name
+            for m in attn:
+                self.handles.append(m.register_forward_pre_hook(self._bump(name)))
+
+    def _bump(self, name):
+        def hook(module, args):
+            self.counts[name] += 1
+
+        return hook
+
+    def snapshot(self):
+        return dict(self.counts)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()

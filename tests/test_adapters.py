@@ -187,21 +187,32 @@ def run(model, kw):
 
 
 class Recorder:
-    """Always computes; records what it is given. Optionally replays a script of predictions."""
+    """Always computes; records what it is given. Optionally replays a script of predictions.
+
+    ``begins``: (branch, h_in, timestep) per call; ``ends``: (branch, h_in, h_out) per computed call."""
 
     def __init__(self, predictions=None):
         self.predictions = predictions or {}
         self.calls = 0
         self.begins, self.ends = [], []
 
-    def begin(self, branch, h_in, timestep):
-        self.begins.append((branch, h_in.clone(), timestep))
+    def decide(self, branch, timestep, force=None):
+        self.begins.append([branch, None, timestep])
         pred = self.predictions.get(self.calls)
         self.calls += 1
-        return pred
+        return None if pred is None else self._skip(pred)
 
-    def end(self, branch, h_in, h_out):
-        self.ends.append((branch, h_in.clone(), h_out.clone()))
+    def _skip(self, pred):
+        def predict(h_in):
+            self.begins[-1][1] = h_in.clone()
+            return pred
+
+        return predict
+
+    def finish(self, branch, h_in, h_out):
+        if h_in is not None:
+            self.begins[-1][1] = h_in.clone()
+            self.ends.append((branch, h_in.clone(), h_out.clone()))
 
 
 def blocks_of(model):
@@ -469,11 +480,11 @@ class _Counting(Recorder):
         self.skip_after = skip_after
         self.resets = 0
 
-    def begin(self, branch, h_in, timestep):
-        super().begin(branch, h_in, timestep)
+    def decide(self, branch, timestep, force=None):
+        super().decide(branch, timestep, force)
         n = sum(1 for b in self.begins if b[0] == branch)
         if self.skip_after is not None and n > self.skip_after:
-            return [e for e in self.ends if e[0] == branch][-1][2]
+            return self._skip([e for e in self.ends if e[0] == branch][-1][2])
         return None
 
     def reset(self):

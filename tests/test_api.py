@@ -12,48 +12,15 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_adapters import FAMILIES, BlockBodyCounter, _flux_pipeline, _wan_pipeline, tiny_vae  # noqa: E402
+from helpers import BlockBodyCounter  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
-
-
-def _dit_pipeline():
-    from diffusers import DDIMScheduler, DiTPipeline
-
-    transformer, _, _ = FAMILIES["dit"]()
-    vae = tiny_vae(8)
-    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
-
-    def generate(steps=4):  # CFG batched into one call per step: one branch
-        out = pipe(class_labels=[1, 7], guidance_scale=4.0, num_inference_steps=steps, output_type="np",
-                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
-        return torch.from_numpy(out)
-
-    return pipe, generate
-
-
-def _sd3_pipeline():
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    transformer, _, _ = FAMILIES["sd3"]()
-    vae = tiny_vae(8)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    )  # fmt: skip
-    g = torch.Generator().manual_seed(1)
-    emb = [torch.randn(1, 5, 32, generator=g), torch.randn(1, 16, generator=g)]
-    neg = [torch.randn(1, 5, 32, generator=g), torch.randn(1, 16, generator=g)]
-
-    def generate(steps=4):  # CFG batched into one call per step: one branch
-        g = torch.Generator().manual_seed(0)
-        return pipe(prompt_embeds=emb[0], pooled_prompt_embeds=emb[1], negative_prompt_embeds=neg[0],
-                    negative_pooled_prompt_embeds=neg[1], height=8, width=8, num_inference_steps=steps,
-                    guidance_scale=3.0, output_type="latent", generator=g).images  # fmt: skip
-
-    return pipe, generate
-
+from tcpade.tiny import FAMILIES  # noqa: E402
+from tcpade.tiny import dit_pipeline as _dit_pipeline  # noqa: E402
+from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tiny import sd3_pipeline as _sd3_pipeline  # noqa: E402
+from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 PIPELINES = {"wan": (_wan_pipeline, ("cond", "uncond")), "flux": (_flux_pipeline, ("cond", "uncond")),
              "dit": (_dit_pipeline, ("default",)), "sd3": (_sd3_pipeline, ("default",))}  # fmt: skip

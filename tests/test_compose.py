@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_adapters import _flux_pipeline  # noqa: E402
+from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402

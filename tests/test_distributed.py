@@ -29,7 +29,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_adapters import TXT, _wan_pipeline  # noqa: E402
+from tcpade.tiny import TXT  # noqa: E402
+from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
@@ -88,7 +89,7 @@ def _run(cp: bool, seed=1):
 def _own_sharding(rank=None):
     """Our own sharded call: the policy's synthetic trajectory (tests/test_policy.py), each
     rank holding half of the 16 token rows, through ``tcpade.distributed.shard``."""
-    from test_policy import _truth
+    from helpers import truth as _truth
 
     from tcpade import distributed as tdist
     from tcpade.policy import Runtime

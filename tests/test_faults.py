@@ -17,7 +17,10 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_adapters import BlockBodyCounter, _flux_pipeline, _wan_pipeline  # noqa: E402
+from helpers import BlockBodyCounter  # noqa: E402
+
+from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
@@ -108,8 +111,13 @@ def test_exception_mid_run_leaves_no_stale_state():
         tcpade.remove(pipe)
 
 
+@pytest.mark.parametrize("cfg", [TCPadeConfig.slow(), TCPadeConfig.slow(tsi_threshold=0.999)],
+                         ids=["fixed", "tsi-blocking"])  # fmt: skip
 @torch.no_grad()
-def test_nan_at_step_k_computes_from_k_and_does_not_leak():
+def test_nan_at_step_k_is_reported_and_does_not_leak(cfg):
+    """A NaN in h_out at step 4: a fixed schedule keeps its decisions (it reads nothing from the
+    device to decide) and the summary reports the step; a trajectory-dependent policy computes
+    every step from 4 on. Neither leaks into the next call."""
     pipe, generate = _flux()
     counter = BlockBodyCounter(pipe.transformer)
 
@@ -120,7 +128,7 @@ def test_nan_at_step_k_computes_from_k_and_does_not_leak():
 
     # On the last block's output (h_out), armed below; inner to tcpade's hook (see _InnerFault).
     fault = _InnerFault(pipe.transformer.single_transformer_blocks[-1], None, nan)
-    tcpade.apply(pipe, TCPadeConfig.slow())
+    tcpade.apply(pipe, cfg)
     try:
         clean = generate(STEPS)
         clean_dec = _summary(pipe)
@@ -130,12 +138,19 @@ def test_nan_at_step_k_computes_from_k_and_does_not_leak():
         s = tcpade.summary(pipe)
         cond = s.branches["cond"]
         assert cond[4].nonfinite and cond[4].computed, str(s)
-        assert all(r.computed for r in cond[4:]), str(s)
-        assert all(r.reason == "nonfinite" for r in cond[5:]), str(s)
         assert "non-finite values at steps [4" in str(s)
-        # Every block ran at every step from 4 on in both branches (the NaN reaches the
-        # uncond branch through the latents at step 5): all 12 steps x 2 branches.
-        assert set(counter.snapshot().values()) == {2 * STEPS}
+        if cfg.plan(STEPS) is not None:
+            assert [(r.k, r.computed, r.reason) for r in cond] == [d[:3] for d in clean_dec["cond"]], str(s)
+            assert "fixed schedule was kept" in str(s)
+        else:
+            assert all(r.computed for r in cond[4:]), str(s)
+            assert all(r.reason == "nonfinite" for r in cond[5:]), str(s)
+            # The NaN reaches the uncond branch through the latents at step 5: its prediction
+            # there falls back (non-finite where h_in is), and it computes from step 6 on.
+            uncond = s.branches["uncond"]
+            assert not uncond[5].computed and uncond[5].nonfinite, str(s)
+            assert all(r.computed for r in uncond[6:]), str(s)
+            assert set(counter.snapshot().values()) == {2 * STEPS - 1}
         # The next call does not inherit the poisoning.
         assert torch.equal(generate(STEPS), clean)
         assert _summary(pipe) == clean_dec
@@ -147,8 +162,9 @@ def test_nan_at_step_k_computes_from_k_and_does_not_leak():
 
 @torch.no_grad()
 def test_fp16_overflow_in_a_residual():
-    """h_in and h_out finite in fp16, their difference is not: the step is flagged and
-    everything after it is computed."""
+    """h_in and h_out finite in fp16, their difference is not: the step is flagged; the fixed
+    schedule goes on, its predictions falling back to h_in + R1 with the overflowed elements
+    of R1 as 0, so what the model gets stays finite."""
     pipe, generate = _flux_pipeline(torch.float16)
     pipe.set_progress_bar_config(disable=True)
 
@@ -163,17 +179,23 @@ def test_fp16_overflow_in_a_residual():
     # Step 3's cond call is call 6: h_in (x_embedder's output) -40000, h_out +40000.
     faults = [_Fault(pipe.transformer.x_embedder, 6, big(-1)),
               _InnerFault(pipe.transformer.single_transformer_blocks[-1], 6, big(+1))]  # fmt: skip
-    tcpade.apply(pipe, TCPadeConfig.slow())
+    rt = tcpade.apply(pipe, TCPadeConfig.slow())
+    outs = []
+    hook = pipe.transformer.norm_out.register_forward_pre_hook(lambda m, args: outs.append(args[0].clone()))
     try:
         generate(STEPS)
         for f in faults:
             f.remove()
         s = tcpade.summary(pipe)
         cond = s.branches["cond"]
-        assert cond[3].nonfinite and all(r.computed for r in cond[3:]), str(s)
+        assert cond[3].nonfinite, str(s)
+        assert [r.k for r in cond if r.computed] == SLOW12
+        assert rt.host_reads <= 2  # the summary's, after the run
+        assert all(torch.isfinite(o).all() for k, o in enumerate(outs) if k // 2 > 3), "a non-finite prediction"
         hist = tcpade.runtime(pipe).branches["cond"].history
         assert hist.ring.dtype == torch.float16
     finally:
+        hook.remove()
         tcpade.remove(pipe)
 
 
@@ -201,7 +223,7 @@ def test_two_pipelines_in_one_process():
 
 def _generate_in_model_dtype(pipe, steps):
     """_flux_pipeline's call, with the prompt embeddings on the transformer's device and dtype."""
-    from test_adapters import TXT
+    from tcpade.tiny import TXT
 
     dtype, device = pipe.transformer.dtype, pipe.transformer.device
     g = torch.Generator().manual_seed(1)
@@ -263,20 +285,37 @@ def test_unsupported_model_error_names_models_and_recipe():
     assert "adapter recipe" in msg and "tcpade/adapters.py" in msg
 
 
+class _Answers:
+    """A controller that skips its first call with a fixed (wrong) prediction, then computes."""
+
+    def __init__(self, pred):
+        self.pred, self.calls = pred, 0
+
+    def decide(self, branch, timestep, force=None):
+        self.calls += 1
+        return (lambda h_in: self.pred) if self.calls == 1 else None
+
+    def finish(self, branch, h_in, h_out):
+        pass
+
+
 @torch.no_grad()
 def test_prediction_on_another_device_or_shape_is_refused():
     """The Runtime's tensors must follow h_in; a controller answering with a tensor on
     another device (or shape) is refused with both named, and the next call is clean."""
-    from test_adapters import FAMILIES, Recorder, run
-
     from tcpade import adapters
+    from tcpade.tiny import FAMILIES
 
     model, inputs, _ = FAMILIES["wan"]()
-    ref = run(model, inputs(0))
-    adapters.attach(model, Recorder(predictions={0: torch.zeros(2, 8, 24, device="meta")}))
+
+    def run(kw):
+        return model(**kw, return_dict=False)[0]
+
+    ref = run(inputs(0))
+    adapters.attach(model, _Answers(torch.zeros(2, 8, 24, device="meta")))
     try:
         with pytest.raises(ValueError, match="meta"):
-            run(model, inputs(0))
-        assert torch.equal(run(model, inputs(0)), ref)
+            run(inputs(0))
+        assert torch.equal(run(inputs(0)), ref)
     finally:
         adapters.detach(model)

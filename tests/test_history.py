@@ -1,4 +1,5 @@
-"""The per-branch residual history: ring rotation, reallocation, reset, bytes."""
+"""The per-branch residual history: ring rotation, reallocation, reset, bytes, the
+device-side fallback of a non-finite prediction, the sums by name."""
 
 import math
 
@@ -8,6 +9,7 @@ from helpers import gen, randn
 
 from tcpade import History, reference
 from tcpade import coef as K
+from tcpade.history import Sums, SumValues
 
 
 def test_ring_rotation_and_times(backend):
@@ -19,7 +21,8 @@ def test_ring_rotation_and_times(backend):
     for k, t in enumerate([1.0, 0.9, 0.75, 0.6, 0.5]):
         h_in = randn(shape, torch.float32, device, g)
         r = randn(shape, torch.float32, device, g)
-        sums = hist.record(h_in, h_in + r, t)
+        sums = hist.record(h_in, h_in + r)
+        hist.advance(t, wrote=True)
         residuals.append((h_in + r) - h_in)
         assert hist.count == min(k + 1, 3)
         assert hist.times[: hist.count] == [1.0, 0.9, 0.75, 0.6, 0.5][k::-1][: hist.count]
@@ -42,7 +45,8 @@ def test_reallocates_on_shape_dtype_change_and_reports_bytes():
     hist = History(nslots=3, keep_prev_input=True)
     h = torch.zeros(2, 5, 8)
     assert hist.ensure(h) and hist.nbytes == (3 + 1) * h.numel() * 4 + 3 * 4
-    hist.record(h, h + 1, 0.9)
+    hist.record(h, h + 1)
+    hist.advance(0.9, wrote=True)
     ring = hist.ring
     assert not hist.ensure(torch.ones(2, 5, 8))  # same key: nothing reallocated
     assert hist.ring is ring and hist.count == 1
@@ -50,15 +54,14 @@ def test_reallocates_on_shape_dtype_change_and_reports_bytes():
     assert hist.count == 0 and hist.ring.shape == (3, 1, 7, 8)
     assert hist.ensure(torch.zeros(1, 7, 8, dtype=torch.bfloat16))
     assert hist.nbytes == 4 * 7 * 8 * 2 + 3 * 4
-    hist.release()
-    assert hist.nbytes == 0
 
 
 def test_reset_keeps_buffers():
     hist = History(nslots=4)
     h = torch.zeros(1, 3, 8)
     for t in (1.0, 0.8):
-        hist.record(h, h + t, t)
+        hist.record(h, h + t)
+        hist.advance(t, wrote=True)
     ring = hist.ring
     hist.reset()
     assert hist.ring is ring and hist.count == 0 and all(math.isnan(t) for t in hist.times)
@@ -74,10 +77,42 @@ def test_predict_needs_history():
     hist = History()
     h = torch.zeros(1, 3, 8)
     with pytest.raises(RuntimeError, match="before any record"):
-        hist.predict(h, [0.0] * K.NCOEF, "paper", 0.5)
-    hist.record(h, h + 1, 1.0)
-    with pytest.raises(RuntimeError, match="needs 2 stored residuals"):
-        hist.predict(h, hist.coef("paper", "middle", 0.5), "paper", 0.5)
+        hist.predict(h, torch.zeros(K.NCOEF), "paper")
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_nonfinite_prediction_falls_back_to_h_in_plus_r1(backend, store):
+    """fp16 residuals of +-60000: the linear extrapolation 2 R1 - R2 overflows where they are
+    large. Those elements become h_in + R1 (and R1 where the prediction is stored), the op counts
+    them in ``nonfinite``; everything else is the op's own prediction."""
+    device, _ = backend
+    g = gen(11)
+    shape = (1, 5, 33)
+    hist = History(nslots=3)
+    h_in = randn(shape, torch.float16, device, g)
+    r2 = randn(shape, torch.float16, device, g)
+    r1 = randn(shape, torch.float16, device, g)
+    big = torch.zeros(shape, dtype=torch.bool, device=device)
+    big[0, 1, 3] = big[0, 4, 32] = True
+    r2[big], r1[big] = -30000.0, 30000.0
+    for t, r in ((1.0, r2), (0.9, r1)):
+        hist.record(h_in, h_in + r)
+        hist.advance(t, wrote=True)
+    r1 = hist.ring[hist.order[0]].clone()  # as stored (fp16 rounding of h_out - h_in)
+    cf = hist.coef("linear", "middle", 0.8)
+    ring_before = hist.ring.clone()
+    out, sums = hist.predict(h_in, cf, "linear", store=store)
+    ref, _ = reference.predict(h_in.double().cpu(), ring_before.double().cpu(), hist.slots.cpu(), cf.cpu(), None,
+                               "linear", store, True, torch.float64)  # fmt: skip
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[big], (h_in + r1)[big])
+    assert (out[~big].double().cpu() - ref[~big]).abs().max() < 2e-2  # fp16 storage
+    v = SumValues(*sums.tolist())
+    assert v.nonfinite == 2 and Sums(sums).get() == v
+    if store:
+        stored = hist.ring[hist.order[-1]]
+        assert torch.equal(stored[big], r1[big]) and torch.isfinite(stored).all()
+
 
 
 @pytest.mark.parametrize("variant", K.VARIANTS)
@@ -104,7 +139,8 @@ def test_sequence_matches_reference_loop(backend, variant):
         slots = torch.tensor(order, dtype=torch.int32)
         if what == "compute":
             h_out = (h_in64 + torch.sin(h_in64 * (k + 1))).float().to(device)
-            hist.record(h_in, h_out, t)
+            hist.record(h_in, h_out)
+            hist.advance(t, wrote=True)
             reference.update(h_in64, h_out.cpu().double(), ref_ring, slots, ref_prev, False, torch.float64)
             order = [order[-1]] + order[:-1]
             ref_times = [t] + ref_times[:-1]
@@ -112,9 +148,10 @@ def test_sequence_matches_reference_loop(backend, variant):
             continue
         cfv = hist.coef(variant, stage, t)
         cf_ref = K.build_coef(variant, stage, ref_times, t, count, 3, gamma=None)
-        assert cfv == cf_ref
+        assert cfv.tolist() == torch.tensor(cf_ref, dtype=torch.float32).tolist()
         probe = what == "probe"
-        out, _ = hist.predict(h_in, cfv, variant, t, store=not probe, probe=probe)
+        out, _ = hist.predict(h_in, cfv, variant, store=not probe, probe=probe)
+        hist.advance(t, wrote=not probe)
         ref_out, _ = reference.predict(
             h_in64,
             ref_ring,

@@ -10,56 +10,24 @@ import warnings
 
 import pytest
 import torch
-from helpers import flow_sigmas
+from helpers import SYNTH_SHAPE, flow_sigmas
+from helpers import synthetic_run as run
+from helpers import truth as _truth
 
 from tcpade.config import TCPadeConfig
 from tcpade.policy import Runtime
 
-SHAPE = (1, 16, 24)
+SHAPE = SYNTH_SHAPE
 
 
-def _truth(seed):
-    g = torch.Generator().manual_seed(seed)
-    a, b, d = (torch.randn(SHAPE, generator=g) for _ in range(3))
-    c = 0.5 * torch.rand(*SHAPE[:-1], 1, generator=g)
-    data, noise = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+class EveryRead(Runtime):
+    """The oracle of the deferred reads: every earlier write's sums read at every call."""
 
-    def step(s):
-        h_in = data * (1 - s) + noise * s
-        # Rational in sigma plus a wiggle no [1/1] rational captures exactly.
-        return h_in, (a + b * s) / (1 + c * s) + 0.05 * d * math.sin(6.0 * s)
-
-    return step
-
-
-def run(cfg, T, branches=("default",), nan_at=None, stop_at=None, rt=None, shape_seed=0, nan_input_at=None):
-    rt = rt or Runtime(cfg)
-    rt.set_steps(T)
-    truths = {br: _truth(shape_seed + i) for i, br in enumerate(branches)}
-    passes = {br: 0 for br in branches}
-    errors = {br: [] for br in branches}
-    outs = {br: [] for br in branches}
-    for k, s in enumerate(flow_sigmas(T)):
-        if stop_at is not None and k == stop_at:
-            break
-        for br in branches:
-            h_in, r = truths[br](s)
-            if nan_input_at is not None and k == nan_input_at:
-                h_in = h_in.clone()
-                h_in[0, 1, 1] = float("nan")
-            pred = rt.begin(br, h_in, torch.tensor([s]))
-            if pred is None:
-                passes[br] += 1
-                h_out = h_in + r
-                if nan_at is not None and k == nan_at:
-                    h_out = h_out.clone()
-                    h_out[0, 3, 4] = float("nan")
-                rt.end(br, h_in, h_out)
-                outs[br].append(h_out)
-            else:
-                errors[br].append(((pred - h_in - r).norm() / r.norm()).item())
-                outs[br].append(pred)
-    return rt, passes, errors, outs
+    def decide(self, branch, timestep, force=None):
+        b = self._branch(branch)
+        if not b.reset_pending and b.pending is None:
+            self._fold(b)
+        return super().decide(branch, timestep, force)
 
 
 @pytest.mark.parametrize(
@@ -110,24 +78,42 @@ def test_max_skips_caps_runs():
 
 
 @pytest.mark.parametrize("preset", ["paper", "slow"])
-def test_nan_forces_full_computation_from_then_on(preset):
+def test_nan_in_a_fixed_schedule_is_reported_and_changes_no_decision(preset):
+    """A fixed schedule reads nothing from the device to decide: a NaN in a computed h_out
+    changes no decision; the summary reports it (and the skips that predicted from it)."""
     cfg = getattr(TCPadeConfig, preset)()
-    rt, passes, _, outs = run(cfg, 20, nan_at=8)
+    rt, passes, _, _ = run(cfg, 20, nan_at=8)
+    assert rt.host_reads == 0
+    rec = rt.branches["default"].records
+    assert [r.k for r in rec if r.computed] == list(cfg.plan(20))
+    assert rec[8].computed and rec[8].nonfinite
+    assert not any(r.nonfinite for r in rec[:8])
+
+
+@pytest.mark.parametrize("cfg", [TCPadeConfig(tolerance=0.3), TCPadeConfig.slow(tsi_threshold=0.9)],
+                         ids=["error", "tsi-blocking"])  # fmt: skip
+def test_nan_forces_full_computation_from_then_on(cfg):
+    """A trajectory-dependent policy reads the sums anyway: after a NaN it computes every step."""
+    rt, passes, _, _ = run(cfg, 20, nan_at=8)
     rec = rt.branches["default"].records
     assert rec[8].computed and rec[8].nonfinite
     assert all(r.computed for r in rec[8:]), "every step after the NaN must be computed"
-    assert all(r.reason == "nonfinite" for r in rec[9:-1])
-    assert passes["default"] == 6 + 11  # steps 0-4 and 8 computed, then all of 9..19
+    assert all(r.reason in ("nonfinite", "final") for r in rec[9:])
+    assert sum(r.reason == "nonfinite" for r in rec) >= 10
 
 
-def test_nonfinite_prediction_is_never_returned():
-    """A NaN in the embedded input of a step that would be skipped: the prediction is
-    non-finite, so the step is computed instead (the model, not tcpade, owns the NaN)."""
-    rt, passes, _, outs = run(TCPadeConfig.slow(), 20, nan_input_at=6)
+def test_nonfinite_prediction_falls_back_and_is_reported():
+    """A NaN in the embedded input of a skipped step: the prediction's non-finite elements are
+    h_in + R1 (here NaN only where h_in is NaN: the model, not tcpade, owns that NaN), the
+    step stays skipped, and its record says non-finite."""
+    cfg = TCPadeConfig.slow()
+    rt, passes, _, outs = run(cfg, 20, nan_input_at=6)
     rec = rt.branches["default"].records
-    assert rec[5].computed is False and rec[6].computed and rec[6].nonfinite and rec[6].reason == "nonfinite"
-    assert all(r.computed for r in rec[6:])
-    assert all(torch.isfinite(o).all() for k, o in enumerate(outs["default"]) if not rec[k].computed)
+    assert rt.host_reads == 1  # the records above: one wait, after the run
+    assert not rec[6].computed and rec[6].nonfinite
+    assert [r.k for r in rec if r.computed] == list(cfg.plan(20))
+    bad = ~torch.isfinite(outs["default"][6])
+    assert bad.sum() == 1 and bad[0, 1, 1]
 
 
 def test_branches_never_share_state():
@@ -160,10 +146,8 @@ def test_exception_inside_block_stack_resets_branch():
     cfg = TCPadeConfig.slow()
     rt = Runtime(cfg)
     rt.set_steps(20)
-    step = _truth(0)
-    h_in, _ = step(1.0)
-    assert rt.begin("default", h_in, 1.0) is None
-    # end() never comes (the blocks raised). The next run starts clean.
+    assert rt.decide("default", 1.0) is None
+    # finish() never comes (the blocks raised). The next run starts clean.
     _, p, _, _ = run(cfg, 20, rt=rt)
     assert p["default"] == 9
 
@@ -173,13 +157,28 @@ def test_step_count_and_shape_changes_between_runs():
     rt = Runtime(cfg)
     assert run(cfg, 20, rt=rt)[1]["default"] == 7
     assert run(cfg, 50, rt=rt)[1]["default"] == 15
-    global SHAPE
-    old = SHAPE
-    try:
-        SHAPE = (2, 9, 40)
-        assert run(cfg, 20, rt=rt)[1]["default"] == 7
-    finally:
-        SHAPE = old
+    assert run(cfg, 20, rt=rt, shape=(2, 9, 40))[1]["default"] == 7
+
+
+def test_shape_change_mid_run_starts_a_new_run_at_that_call():
+    """A call whose h_in no longer fits the history (another batch, say) mid-run: a planned skip
+    is computed instead, and the run starts over at that call."""
+    cfg = TCPadeConfig.slow()
+    rt = Runtime(cfg)
+    rt.set_steps(20)
+    small, big = _truth(0), _truth(1, (2, 9, 40))
+    sig = flow_sigmas(20)
+    for k in range(6):  # steps 0-4 computed, 5 skipped
+        h, r = small(sig[k])
+        p = rt.decide("default", sig[k])
+        rt.finish("default", *((h, h + r) if p is None or p(h) is None else (None, None)))
+    h, r = big(sig[6])
+    p = rt.decide("default", sig[6])
+    assert p is not None and p(h) is None  # planned as a skip; the history cannot predict this h_in
+    rt.finish("default", h, h + r)
+    rec = rt.branches["default"].records
+    assert [(r.k, r.computed, r.reason) for r in rec] == [(0, True, "warmup")]
+    assert rt.branches["default"].history.ring.shape[1:] == (2, 9, 40)
 
 
 def test_unknown_step_count_computes_everything_with_a_warning():
@@ -189,15 +188,55 @@ def test_unknown_step_count_computes_everything_with_a_warning():
         warnings.simplefilter("always")
         for s in flow_sigmas(10):
             h_in, r = step(s)
-            assert rt.begin("default", h_in, s) is None
-            rt.end("default", h_in, h_in + r)
-    assert sum("number of denoising steps is unknown" in str(w.message) for w in caught) == 1
+            assert rt.decide("default", s) is None
+            rt.finish("default", h_in, h_in + r)
+    msgs = [w for w in caught if "number of denoising steps is unknown" in str(w.message)]
+    assert len(msgs) == 1 and msgs[0].filename == __file__  # attributed to the caller's line
 
 
-def test_end_without_begin():
+def test_finish_without_decide():
     rt = Runtime()
-    with pytest.raises(RuntimeError, match="without a matching begin"):
-        rt.end("default", torch.zeros(SHAPE), torch.zeros(SHAPE))
+    with pytest.raises(RuntimeError, match="without a matching decide"):
+        rt.finish("default", torch.zeros(SHAPE), torch.zeros(SHAPE))
+
+
+def _bare_run(rt, T, seed=0):
+    step = _truth(seed)
+    for s in flow_sigmas(T):
+        h_in, r = step(s)
+        p = rt.decide("default", torch.tensor([s]))
+        if p is None or p(h_in) is None:
+            rt.finish("default", h_in, h_in + r)
+        else:
+            rt.finish("default", None, None)
+
+
+def test_shorter_run_than_num_steps_is_warned_once_with_both_numbers():
+    rt = Runtime(TCPadeConfig.slow(), num_steps=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _bare_run(rt, 8)
+        rt.reset()  # the run ends (a pipeline resets its hooks at the end of a call)
+        _bare_run(rt, 8)
+        rt.reset()
+    msgs = [str(w.message) for w in caught if "tcpade" in str(w.message)]
+    assert len(msgs) == 1 and "8 steps" in msgs[0] and "20" in msgs[0], msgs
+    assert caught[0].filename == __file__
+
+
+def test_longer_run_than_num_steps_continues_computing_and_warns_once():
+    """A 30-step run with num_steps=20: no silent restart at step 20; steps 20-29 are computed."""
+    cfg = TCPadeConfig.slow()
+    rt = Runtime(cfg, num_steps=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _bare_run(rt, 30)
+    msgs = [str(w.message) for w in caught if "tcpade" in str(w.message)]
+    assert len(msgs) == 1 and "longer than the 20 steps" in msgs[0] and "step 21" in msgs[0], msgs
+    rec = rt.branches["default"].records
+    assert [r.k for r in rec] == list(range(30))
+    assert [r.k for r in rec if r.computed] == list(cfg.plan(20)) + list(range(20, 30))
+    assert all(r.reason == "beyond-steps" for r in rec[20:])
 
 
 @pytest.mark.parametrize(
@@ -239,9 +278,106 @@ def test_increasing_time_schedule_skips_and_restarts():
     for run_index in range(2):
         for k in range(20):
             h_in = a * (1 + 0.01 * k)
-            out = rt.begin("default", h_in, float(k))
-            if out is None:
-                rt.end("default", h_in, h_in + b * (1 + 0.05 * k))
+            p = rt.decide("default", float(k))
+            if p is None or p(h_in) is None:
+                rt.finish("default", h_in, h_in + b * (1 + 0.05 * k))
+            else:
+                rt.finish("default", None, None)
         recs = rt.branches["default"].records
         assert [r.k for r in recs] == list(range(20)), run_index
         assert sum(r.computed for r in recs) == 9, run_index
+
+
+PLAN_CONFIGS = [
+    TCPadeConfig.slow(), TCPadeConfig.fast(), TCPadeConfig.paper(), TCPadeConfig.fast(interval=6, max_skips=5, final_steps=1),
+    TCPadeConfig.slow(warmup=0, interval=0, max_skips=7), TCPadeConfig.slow(max_skips=0),
+    TCPadeConfig.slow(predictor="reuse", warmup=0, final_steps=3), TCPadeConfig.paper(warmup=0, interval=0, max_skips=4),
+    TCPadeConfig.slow(history_slots=5, interval=5, final_steps=2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg", PLAN_CONFIGS, ids=range(len(PLAN_CONFIGS)))
+@pytest.mark.parametrize("T", [1, 7, 20, 33])
+def test_plan_is_what_the_runtime_computes(cfg, T):
+    """config.plan(T) lists exactly the steps a run computes, and such a run never waits."""
+    rt, passes, _, _ = run(cfg, T, branches=("cond", "uncond"))
+    assert rt.host_reads == 0
+    for br in ("cond", "uncond"):
+        assert tuple(r.k for r in rt.branches[br].records if r.computed) == cfg.plan(T)
+
+
+def test_plan_is_none_when_the_trajectory_decides():
+    assert TCPadeConfig().plan(20) is None
+    assert TCPadeConfig.adaptive().plan(20) is None
+    assert TCPadeConfig.slow(tsi_threshold=0.5).plan(20) is None
+    assert TCPadeConfig.slow().plan(20) == (0, 1, 2, 3, 4, 8, 12, 16, 19)
+    with pytest.raises(ValueError, match="total steps"):
+        TCPadeConfig.slow().plan(0)
+
+
+def test_forced_call_is_computed_with_its_reason():
+    cfg = TCPadeConfig.slow()
+    rt = Runtime(cfg)
+    rt.set_steps(20)
+    step = _truth(0)
+    for k, s in enumerate(flow_sigmas(20)):
+        h_in, r = step(s)
+        p = rt.decide("default", s, force="controlnet" if k == 6 else None)
+        if p is None:
+            rt.finish("default", h_in, h_in + r)
+        else:
+            p(h_in)
+            rt.finish("default", None, None)
+    rec = rt.branches["default"].records
+    assert rec[6].computed and rec[6].reason == "controlnet"
+    assert [r.k for r in rec if not r.computed] == [5, 7, 9, 10, 11, 13, 14, 15, 17, 18]
+
+
+CONFIGS = {
+    "slow": TCPadeConfig.slow(),
+    "fast": TCPadeConfig.fast(),
+    "paper": TCPadeConfig.paper(),
+    "error": TCPadeConfig(),
+    "error-loose": TCPadeConfig(tolerance=0.3),
+    "error-paper": TCPadeConfig(predictor="paper", tolerance=0.3, history_slots=5),
+    "tsi-blocks": TCPadeConfig.slow(tsi_threshold=0.05, store_predictions=True),
+}
+FIELDS = ("k", "computed", "reason", "stage", "nonfinite")
+
+
+@pytest.mark.parametrize("nan", [None, "output"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_deferred_reads_decide_exactly_as_eager_reads(name, nan):
+    """Reading the device sums only when a decision needs them changes no decision, no record
+    and no output bit; fixed schedules read nothing until the summary."""
+    cfg = CONFIGS[name]
+    kw = {"output": dict(nan_at=2)}.get(nan, {})  # 2: then warm-up computes
+    runs = {}
+    for kind, rt in [("eager", EveryRead(cfg)), ("deferred", Runtime(cfg))]:
+        rt, passes, _, outs = run(cfg, 20, branches=("cond", "uncond"), rt=rt, **kw)
+        runs[kind] = (rt, passes, outs, rt.host_reads)  # waits before the records are read
+    (eager, p_e, o_e, r_e), (lazy, p_l, o_l, r_l) = runs["eager"], runs["deferred"]
+    assert p_e == p_l
+    for br in ("cond", "uncond"):
+        a, b = eager.branches[br].records, lazy.branches[br].records
+        assert [[getattr(r, f) for f in FIELDS] for r in a] == [[getattr(r, f) for f in FIELDS] for r in b]
+        for ra, rb in zip(a, b):
+            for f in ("tsi", "error"):
+                x, y = getattr(ra, f), getattr(rb, f)
+                assert x == y or (math.isnan(x) and math.isnan(y)), (br, ra.k, f, x, y)
+        for x, y in zip(o_e[br], o_l[br]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    assert r_l < r_e, (r_l, r_e)
+    if cfg.plan(20) is not None:
+        assert r_l == 0
+
+
+def test_waits_per_run():
+    """Host waits of one 20-step run with two branches, before the summary reads the records:
+    none for a fixed schedule; the error policy waits only where a decision needs the sums."""
+    waits = {}
+    for name in ("slow", "fast", "paper", "error-loose"):
+        rt = run(CONFIGS[name], 20, branches=("cond", "uncond"))[0]
+        waits[name] = rt.host_reads
+    assert waits["slow"] == waits["fast"] == waits["paper"] == 0
+    assert 0 < waits["error-loose"] <= 2 * 20

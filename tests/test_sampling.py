@@ -23,8 +23,11 @@ pytest.importorskip("diffusers")
 
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from test_adapters import FAMILIES, TXT, BlockBodyCounter, _flux_pipeline, _wan_pipeline  # noqa: E402
-from test_api import _dit_pipeline  # noqa: E402
+from helpers import BlockBodyCounter  # noqa: E402
+from tcpade.tiny import FAMILIES, TXT  # noqa: E402
+from tcpade.tiny import dit_pipeline as _dit_pipeline  # noqa: E402
+from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig, adapters  # noqa: E402

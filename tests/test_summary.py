@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_policy import run  # the synthetic block stack
+from helpers import synthetic_run as run  # the synthetic block stack
 
 import tcpade
 from tcpade.config import TCPadeConfig
@@ -21,10 +21,17 @@ def test_summary_table_lists_decisions_per_branch():
 
 
 def test_summary_reports_nonfinite_steps():
-    rt, _, _, _ = run(TCPadeConfig.slow(), 20, nan_at=8)
+    """A NaN in h_out at step 8 of a fixed schedule: the step, and every skip that predicted from
+    that residual while it was in the history (its prediction fell back, finite), are reported
+    after the run; the computed steps after it store clean residuals."""
+    rt, _, _, outs = run(TCPadeConfig.slow(), 20, nan_at=8)
     s = tcpade.summary(rt)
-    assert s.nonfinite("default") == [8]
-    assert "non-finite values at steps [8]" in str(s)
+    bad = s.nonfinite("default")
+    assert bad[:4] == [8, 9, 10, 11] and set(bad[1:]) <= set(s.skipped("default")), bad
+    assert all(torch.isfinite(outs["default"][k]).all() for k in bad[1:])
+    assert "non-finite values at steps [8, 9, 10, 11" in str(s) and "the fixed schedule was kept" in str(s)
+    rt, _, _, _ = run(TCPadeConfig(tolerance=0.3), 20, nan_at=8)
+    assert "computed fully from there on" in str(tcpade.summary(rt))
 
 
 def test_summary_plot_writes_png(tmp_path):
