@@ -203,3 +203,31 @@ def test_ops_inductor_dynamic_two_shapes():
             torch.testing.assert_close(got[1], want[1])
             torch.testing.assert_close(ring, ring_e)
     assert cc.graphs == 1 and cc.recompiles == [], (cc.graphs, cc.recompiles[:1])
+
+
+@torch.no_grad()
+def test_pipeline_with_cfg_branches_under_regional_fullgraph():
+    """A FLUX pipeline with true CFG (cond / uncond calls, one history each) under
+    compile_repeated_blocks(fullgraph=True): the second run compiles nothing, and gives the
+    eager run's latents and decisions."""
+    from tcpade.tiny import flux_pipeline
+
+    pipe, generate = flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        ref = generate(STEPS)
+        torch._dynamo.reset()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        with CompileCount() as warm:
+            first = generate(STEPS)
+        assert warm.graphs > 0 and warm.graph_breaks == 0
+        with torch._dynamo.config.patch(error_on_recompile=True), CompileCount() as steady:
+            second = generate(STEPS)
+        assert steady.graphs == 0 and steady.recompiles == [], steady.recompiles[:1]
+        s = tcpade.summary(pipe)
+        assert s.computed("cond") == s.computed("uncond") == SLOW_COMPUTED
+        torch.testing.assert_close(first, ref, **EXACT)
+        torch.testing.assert_close(second, ref, **EXACT)
+    finally:
+        tcpade.remove(pipe)
