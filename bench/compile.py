@@ -1,20 +1,20 @@
-"""torch.compile with tcpade (issue 5): eager and compiled, with and without tcpade.
+"""torch.compile with tcpade: eager and compiled (``fullgraph=True``), with and without tcpade.
 
 For each model family (FLUX, Wan, DiT) and each way of running the transformer
 
 * eager;
-* full: ``torch.compile(transformer)`` (inductor);
-* regional: ``transformer.compile_repeated_blocks()`` (each repeated block compiled on
-  its own; DiT in diffusers 0.42.1 has no ``_repeated_blocks``, so its blocks are
-  compiled one by one, which is what that method does);
-* cudagraphs (``--device cuda`` only): ``torch.compile(transformer, mode="reduce-overhead")``
+* full: ``torch.compile(transformer, fullgraph=True)`` (inductor);
+* regional: ``transformer.compile_repeated_blocks(fullgraph=True)`` (each repeated block
+  compiled on its own; DiT in diffusers 0.42.1 has no ``_repeated_blocks``, so its blocks
+  are compiled one by one, which is what that method does);
+* cudagraphs (``--device cuda`` only): ``torch.compile(transformer, mode="reduce-overhead",
+  fullgraph=True)``: the compute and the skip variant are each one CUDA graph
 
 and each tcpade setting
 
 * off: the plain transformer;
-* on: ``tcpade.apply(transformer, TCPadeConfig.slow(), num_steps=20)`` (9 of 20 computed);
-* on/every-read: the same, but the Runtime reads every write's sums at the next call and
-  predicts after deciding (the behaviour before issue 5), to measure what deferring saves,
+* on: ``tcpade.apply(transformer, TCPadeConfig.slow(), num_steps=20)`` (9 of 20 computed,
+  a fixed schedule: no host wait in the loop),
 
 it runs one 20-step Euler loop as warm-up (compiling), then ``--reps`` loops under
 ``torch._dynamo.config.error_on_recompile=True``, and reports: the warm-up loop's time
@@ -25,7 +25,7 @@ and recompiles logged in warm-up and in the steady loops, graph breaks, computed
 block-stack passes, the Runtime's host waits per loop, and on CUDA the synchronising
 calls per loop that ``torch.cuda.set_sync_debug_mode`` reports.
 
-Sizes: ``tiny`` (CPU: a few blocks, 32-64 channels; compile time dominates, the
+Sizes: ``tiny`` (CPU: ``tcpade.tiny``'s models, 2-3 blocks; compile time dominates, the
 per-step numbers are Python/launch overhead) or ``full`` (the published configs:
 FLUX.1-dev at 1024x1024 bf16, Wan2.1-1.3B at 480x832x33 frames bf16, DiT-XL/2 at 256x256
 with CFG batch 2; random weights).
@@ -56,22 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import DIT_XL_2, FLUX_DEV, WAN_1_3B, cpu_name  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402
-from tcpade.policy import Runtime  # noqa: E402
+from tcpade import TCPadeConfig, tiny  # noqa: E402
 
 STEPS = 20
-
-
-class EveryRead(Runtime):
-    """Runtime as before issue 5: every write's sums read at the next call (a wait at every
-    call after a computed step) and a skip's prediction made after the decision. Also the
-    oracle of tests/test_compile.py: the deferred reads must decide exactly as this does."""
-
-    def _needs_sums(self, b, k, total):
-        return True
-
-    def _may_guess(self, b):
-        return False
 
 
 # ----------------------------------------------------------------------------------- models
@@ -89,10 +76,7 @@ def build(family: str, size: str, device: str, dtype):
 
     if family == "flux":
         if size == "tiny":
-            cfg = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                       num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                       axes_dims_rope=(4, 4, 8))  # fmt: skip
-            side, txt = 8, 8
+            cfg, side, txt = tiny.CONFIGS["flux"], 8, 8
         else:
             cfg, side, txt = FLUX_DEV, 64, 512  # 1024x1024: 8x VAE, 2x2 packing -> 64x64 tokens
         with torch.device(device):  # full size: initialise on the GPU (FLUX.1-dev is 12B parameters)
@@ -112,10 +96,7 @@ def build(family: str, size: str, device: str, dtype):
         return model, kw, lambda s: torch.full((1,), s, device=device, dtype=dtype)
     if family == "wan":
         if size == "tiny":
-            cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
-                       out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-                       qk_norm="rms_norm_across_heads", rope_max_seq_len=32)  # fmt: skip
-            latent, txt = (2, 8, 8), 8
+            cfg, latent, txt = tiny.CONFIGS["wan"], (2, 8, 8), 8
         else:
             cfg, latent, txt = WAN_1_3B, (9, 60, 104), 512  # 480x832, 33 frames
         with torch.device(device):
@@ -124,8 +105,7 @@ def build(family: str, size: str, device: str, dtype):
         return model, kw, lambda s: torch.full((1,), 1000.0 * s, device=device, dtype=dtype)
     if family == "dit":
         if size == "tiny":
-            cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-                       sample_size=8, patch_size=2, num_embeds_ada_norm=1000)  # fmt: skip
+            cfg = tiny.CONFIGS["dit"]
         else:
             cfg = DIT_XL_2
         with torch.device(device):
@@ -147,8 +127,7 @@ def blocks(family, model):
 
 class CompileCount:
     """Inside a block: frames dynamo compiled (its ``frames`` counter, which fullgraph
-    compiles leave at 0), graphs it built, recompiles it logged, graph breaks. tests/
-    test_compile.py counts with this too."""
+    compiles leave at 0), graphs it built, recompiles it logged, graph breaks."""
 
     def __enter__(self):
         counters.clear()
@@ -196,19 +175,17 @@ def run_one(args, family, mode, setting):
     rt = None
     if setting != "off":
         rt = tcpade.apply(model, TCPadeConfig.slow(), num_steps=STEPS)
-        if setting == "on/every-read":
-            rt.__class__ = EveryRead  # same state, the pre-issue-5 read schedule
     call = model
     if mode == "full":
-        call = torch.compile(model)
+        call = torch.compile(model, fullgraph=True)
     elif mode == "cudagraphs":
-        call = torch.compile(model, mode="reduce-overhead")
+        call = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     elif mode == "regional":
         if getattr(model, "_repeated_blocks", None):
-            model.compile_repeated_blocks()
+            model.compile_repeated_blocks(fullgraph=True)
         else:
             for b in blocks(family, model):
-                b.compile()
+                b.compile(fullgraph=True)
     mark = mode == "cudagraphs"
     sync(device)
     with CompileCount() as warm:
@@ -282,7 +259,7 @@ def main(argv=None):
     p.add_argument("--size", default=None, choices=["tiny", "full"], help="default: tiny on cpu, full on cuda")
     p.add_argument("--families", default="flux,wan,dit")
     p.add_argument("--modes", default=None, help="eager,full,regional (+cudagraphs on cuda)")
-    p.add_argument("--settings", default="off,on,on/every-read")
+    p.add_argument("--settings", default="off,on")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads; 1: least noise)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -296,8 +273,6 @@ def main(argv=None):
     for family in args.families.split(","):
         for mode in modes:
             for setting in args.settings.split(","):
-                if mode == "regional" and setting == "on/every-read":
-                    continue  # the read schedule is not a compile question: measured eager and full
                 row = run_one(args, family, mode, setting)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -250,8 +250,8 @@ _DIT_BLOCK = BlockSpec("hidden_states")
 # `hidden_states`. Blocks return (encoder_hidden_states, hidden_states); the last block is built
 # with context_pre_only=True and returns (None, hidden_states). After the loop norm_out/proj_out use
 # the image tokens only. `skip_layers` (skip-layer guidance) makes the model not call some blocks:
-# the decision is taken in whichever hooked block runs first, and end() is still called (from the
-# root hook) if the last block was one of the skipped layers. SD3Transformer2DModel has no CacheMixin
+# h_in is read by whichever hooked block runs first, h_out is the output of the last one that ran
+# (also when the last block is one of the skipped layers). SD3Transformer2DModel has no CacheMixin
 # in diffusers 0.42.1, so StableDiffusion3Pipeline calls run as "default" (it batches cond+uncond).
 _SD3_BLOCK = _SD3BlockSpec("hidden_states", "encoder_hidden_states", image_index=1, encoder_index=0)
 

@@ -9,8 +9,9 @@
 ``apply`` takes a diffusers pipeline (its ``transformer`` is hooked, and the number of
 steps of each run is read from the pipeline's noise scheduler) or a supported
 transformer (then pass ``num_steps``, the length of its runs; a run of another length
-is warned about once, and a longer one is computed in full from step ``num_steps`` on). Integration goes through diffusers' hook registry only; ``remove``
-takes every hook off again, after which the model computes exactly what it did before.
+is warned about once, and a longer one is computed in full from step ``num_steps`` on).
+Integration goes through diffusers' hook registry only; ``remove`` takes every hook off
+again, after which the model computes exactly what it did before.
 """
 
 from __future__ import annotations

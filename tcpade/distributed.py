@@ -9,8 +9,8 @@ of each history write and prediction (``tcpade.history.Sums``: sums over element
 count) are summed over the ranks through the Runtime's one hook for it,
 ``Runtime.reduce``, so every rank reads the sums of the whole sequence and takes the same
 decision at every step. (A fixed schedule reads no sums to decide; the reduction then keeps
-the summary's TSI and fallback counts those of the whole sequence.) The predictions need nothing: every predictor works per token
-row (the rational one fits one denominator per row over the channels, which a token
+the summary's TSI and fallback counts those of the whole sequence.) The predictions need
+nothing: every predictor works per token row (the rational one fits one denominator per row over the channels, which a token
 shard keeps whole), so a rank's prediction of its slice is that slice of the
 single-process prediction.
 

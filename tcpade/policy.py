@@ -264,7 +264,7 @@ class Runtime:
         b = self.branches.get(name)
         if b is None:
             b = BranchState(History(nslots=self.config.history_slots, keep_prev_input=self._keep_prev))
-            b.fold = self._fold
+            b.fold = lambda branch: self._fold(branch, everything=True)
             self.branches[name] = b
         return b
 
@@ -396,14 +396,16 @@ class Runtime:
             return None if tsi <= self.config.tsi_threshold else "tsi"  # NaN never passes
         return None if b.run_left > 0 else "error"
 
-    def _fold(self, b: BranchState) -> None:
-        """Bring the sums of every unread record of ``b`` to the host (one wait) and fold them,
+    def _fold(self, b: BranchState, everything: bool = False) -> None:
+        """Bring the sums of the unread records of ``b`` to the host (one wait) and fold them,
         oldest first, into the branch state: TSI and probe error on each record, poisoning on
-        a non-finite value, the error policy's run length."""
+        a non-finite value, the error policy's run length. Only a history write can change a
+        decision, so without ``everything`` (the summary's read) nothing is read while the
+        unread records are predictions that stored nothing."""
         todo = b._records[b.folded:]
-        if not todo:
+        if not todo or not (everything or any(r.stored and not r.sums.read for r in todo)):
             return
-        if any(r.sums is not None and not r.sums.read for r in todo):
+        if any(not r.sums.read for r in todo):
             self.host_reads += 1
         for rec in todo:
             self._fold_one(b, rec)

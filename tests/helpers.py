@@ -144,26 +144,37 @@ class BlockBodyCounter:
     """Counts, per block, calls to the attention modules INSIDE the block: they run only when the
     block's own forward runs. (A torch hook on the block itself would fire on skipped calls too,
     because the module's __call__ still happens; DiT calls transformer_blocks[0].norm1.emb after
-    the stack, so norm submodules are not a clean signal either.)"""
+    the stack, so norm submodules are not a clean signal either.) The counts are tensors bumped
+    in place, so the hooks trace into a compiled block region without a guard on a Python int."""
 
     def __init__(self, model):
-        self.counts = {}
+        self._counts = {}
         self.handles = []
         for name, block in blocks_of(model):
-            self.counts[name] = 0
+            self._counts[name] = torch.zeros((), dtype=torch.int64)
             attn = [m for m in block.modules() if "Attention" in type(m).__name__]
             assert attn, name
             for m in attn:
-                self.handles.append(m.register_forward_pre_hook(self._bump(name)))
+                self.handles.append(m.register_forward_pre_hook(self._bump(self._counts[name])))
 
-    def _bump(self, name):
+    @staticmethod
+    def _bump(count):
         def hook(module, args):
-            self.counts[name] += 1
+            count.add_(1)
 
         return hook
 
+    @property
+    def counts(self):
+        return {name: int(c) for name, c in self._counts.items()}
+
+    @counts.setter
+    def counts(self, values):
+        for name, v in values.items():
+            self._counts[name].fill_(v)
+
     def snapshot(self):
-        return dict(self.counts)
+        return self.counts
 
     def remove(self):
         for h in self.handles:

@@ -15,162 +15,14 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers import (  # noqa: E402
-    DiTTransformer2DModel,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    UNet2DModel,
-    WanTransformer3DModel,
-)
+from diffusers import UNet2DModel  # noqa: E402
+from helpers import BlockBodyCounter, blocks_of  # noqa: E402
 
 from tcpade import adapters  # noqa: E402
+from tcpade.tiny import FAMILIES, TXT  # noqa: E402, F401  (TXT: the text tokens of the tiny models)
+from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
-B, TXT = 2, 5
-
-
-def _flux():
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 4, 8),
-    )
-    h = w = 4
-    n = h * w
-    img_ids = torch.stack(
-        torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1
-    )
-
-    def inputs(k):
-        g = torch.Generator().manual_seed(100 + k)
-        return dict(
-            hidden_states=torch.randn(B, n, 16, generator=g),
-            encoder_hidden_states=torch.randn(B, TXT, 32, generator=g),
-            pooled_projections=torch.randn(B, 32, generator=g),
-            timestep=torch.full((B,), 1.0 - 0.2 * k),
-            img_ids=img_ids.reshape(n, 3).float(),
-            txt_ids=torch.zeros(TXT, 3),
-        )
-
-    return model, inputs, (B, n, 32)
-
-
-def _wan_transformer(num_layers):
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=32,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-
-
-def tiny_vae(sample_size):
-    """A one-level AutoencoderKL with 4 latent channels (scale factor 1): pipelines need one."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(4,),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=1,
-        sample_size=sample_size,
-    )
-
-
-def _wan():
-    torch.manual_seed(0)
-    model = _wan_transformer(num_layers=3)
-
-    def inputs(k):
-        g = torch.Generator().manual_seed(200 + k)
-        return dict(
-            hidden_states=torch.randn(B, 16, 2, 4, 4, generator=g),
-            timestep=torch.full((B,), 900 - 200 * k),
-            encoder_hidden_states=torch.randn(B, TXT, 32, generator=g),
-        )
-
-    return model, inputs, (B, 2 * 2 * 2, 24)
-
-
-def _dit():
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=3,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-    )
-
-    def inputs(k):
-        g = torch.Generator().manual_seed(300 + k)
-        return dict(
-            hidden_states=torch.randn(B, 4, 8, 8, generator=g),
-            timestep=torch.full((B,), 900 - 200 * k, dtype=torch.long),
-            class_labels=torch.tensor([1, 7]),
-        )
-
-    return model, inputs, (B, 16, 16)
-
-
-def _sd3():
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=3,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        caption_projection_dim=16,
-        pooled_projection_dim=16,
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
-
-    def inputs(k):
-        g = torch.Generator().manual_seed(400 + k)
-        return dict(
-            hidden_states=torch.randn(B, 4, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(B, TXT, 32, generator=g),
-            pooled_projections=torch.randn(B, 16, generator=g),
-            timestep=torch.full((B,), 900.0 - 200 * k),
-        )
-
-    return model, inputs, (B, 16, 16)
-
-
-def _eval(make):
-    # eval(): a freshly built model is in training mode, where DiT's class-label embedding drops labels at random.
-    def build():
-        model, inputs, image_shape = make()
-        return model.eval(), inputs, image_shape
-
-    return build
-
-
-FAMILIES = {name: _eval(make) for name, make in {"flux": _flux, "wan": _wan, "dit": _dit, "sd3": _sd3}.items()}
 NCALLS = 3
 
 
@@ -213,40 +65,6 @@ class Recorder:
         if h_in is not None:
             self.begins[-1][1] = h_in.clone()
             self.ends.append((branch, h_in.clone(), h_out.clone()))
-
-
-def blocks_of(model):
-    return adapters.find_adapter(model).stack(model)
-
-
-class BlockBodyCounter:
-    """Counts, per block, calls to the attention modules INSIDE the block: they run only when the
-    block's own forward runs. (A torch hook on the block itself would fire on skipped calls too,
-    because the module's __call__ still happens; DiT calls transformer_blocks[0].norm1.emb after
-    the stack, so norm submodules are not a clean signal either.)"""
-
-    def __init__(self, model):
-        self.counts = {}
-        self.handles = []
-        for name, block in blocks_of(model):
-            self.counts[name] = 0
-            attn = [m for m in block.modules() if "Attention" in type(m).__name__]
-            assert attn, name
-            for m in attn:
-                self.handles.append(m.register_forward_pre_hook(self._bump(name)))
-
-    def _bump(self, name):
-        def hook(module, args):
-            self.counts[name] += 1
-
-        return hook
-
-    def snapshot(self):
-        return dict(self.counts)
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -398,78 +216,6 @@ def test_bad_prediction_shape_raises():
         run(model, inputs(0))  # state was cleaned up after the error
     finally:
         adapters.detach(model)
-
-
-def _wan_pipeline():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    torch.manual_seed(0)
-    transformer = _wan_transformer(num_layers=2)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        transformer=transformer,
-    )
-    g = torch.Generator().manual_seed(1)
-    pe, ne = torch.randn(1, TXT, 32, generator=g), torch.randn(1, TXT, 32, generator=g)
-
-    def generate(steps=4):  # guidance_scale > 1: classifier-free guidance with separate cond / uncond calls
-        return pipe(
-            prompt_embeds=pe,
-            negative_prompt_embeds=ne,
-            height=32,
-            width=32,
-            num_frames=5,
-            num_inference_steps=steps,
-            guidance_scale=5.0,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-        ).frames
-
-    return pipe, generate
-
-
-def _flux_pipeline(dtype=torch.float32):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    transformer, _, _ = FAMILIES["flux"]()
-    vae = tiny_vae(32)
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-    if dtype != torch.float32:
-        pipe.to(dtype)
-    g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
-    ne, npp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
-
-    def generate(steps=4, size=16, images=1):  # true_cfg_scale > 1 with negative embeddings: cond / uncond calls
-        return pipe(
-            num_images_per_prompt=images,
-            prompt_embeds=pe,
-            pooled_prompt_embeds=pp,
-            negative_prompt_embeds=ne,
-            negative_pooled_prompt_embeds=npp,
-            true_cfg_scale=2.0,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-        ).images
-
-    return pipe, generate
 
 
 class _Counting(Recorder):

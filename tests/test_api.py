@@ -151,7 +151,9 @@ def test_unsupported_targets():
 
 
 @torch.no_grad()
-def test_nan_in_trajectory_forces_full_computation_and_shows_in_summary():
+def test_nan_in_trajectory_shows_in_summary():
+    """A NaN in the embedded tokens of step 6 (a skip of the fixed schedule): the schedule is
+    kept (it reads nothing from the device), the summary reports the step."""
     pipe, generate = _flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
     calls = {"n": 0}
@@ -169,8 +171,65 @@ def test_nan_in_trajectory_forces_full_computation_and_shows_in_summary():
         generate(20)
         s = tcpade.summary(pipe)
         cond = s.branches["cond"]
-        assert cond[6].nonfinite and all(r.computed for r in cond[6:])
-        assert "non-finite values at steps [6" in str(s)
+        assert cond[6].nonfinite and not cond[6].computed
+        assert s.computed("cond") == [0, 1, 2, 3, 4, 8, 12, 16, 19]
+        assert "non-finite values at steps [6" in str(s) and "fixed schedule was kept" in str(s)
     finally:
         handle.remove()
         tcpade.remove(pipe)
+
+
+@torch.no_grad()
+def test_step_count_mismatch_is_warned_once_and_the_scheduler_wins():
+    """num_steps=20 given for a pipeline that runs 8 steps: one warning naming both, and the run's
+    real length (the scheduler's) places the final step."""
+    import warnings
+
+    pipe, generate = _wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    tcpade.apply(pipe, TCPadeConfig.slow(), num_steps=20)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generate(8)
+            generate(8)
+        msgs = [w for w in caught if "tcpade" in str(w.message)]
+        assert len(msgs) == 1 and "num_steps=20" in str(msgs[0].message) and "8 steps" in str(msgs[0].message)
+        assert msgs[0].filename == __file__
+        assert tcpade.summary(pipe).computed("cond") == [0, 1, 2, 3, 4, 7]
+    finally:
+        tcpade.remove(pipe)
+
+
+@torch.no_grad()
+def test_bare_transformer_step_count_warnings_point_at_the_caller():
+    """A bare transformer: without num_steps every call is computed, with one warning at the
+    caller's line; num_steps=20 and an 8-step run: one warning with both numbers at the end of
+    the run (the pipeline resets the hooks)."""
+    import warnings
+
+    model, inputs, _ = FAMILIES["dit"]()
+    tcpade.apply(model, TCPadeConfig.slow())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k in range(3):
+                model(**inputs(k), return_dict=False)
+        msgs = [w for w in caught if "tcpade" in str(w.message)]
+        assert len(msgs) == 1 and "number of denoising steps is unknown" in str(msgs[0].message)
+        assert msgs[0].filename == __file__
+    finally:
+        tcpade.remove(model)
+    pipe, generate = _wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    tcpade.apply(pipe.transformer, TCPadeConfig.slow(), num_steps=20)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generate(8)
+        msgs = [w for w in caught if "tcpade" in str(w.message)]
+        assert len(msgs) == 1, [str(m.message) for m in msgs]
+        assert "8 steps" in str(msgs[0].message) and "num_steps=20" in str(msgs[0].message)
+        assert msgs[0].filename == __file__
+    finally:
+        tcpade.remove(pipe.transformer)

@@ -1,64 +1,76 @@
-"""torch.compile of transformers with tcpade applied (issue 5).
+"""torch.compile of transformers with tcpade applied, with ``fullgraph=True``.
 
-For tiny random-weight FLUX, Wan and DiT transformers, with the ``slow`` preset (9 of 20
-steps computed), compiled two ways after ``tcpade.apply``:
+For the tiny random-weight FLUX, Wan, DiT and SD3 transformers (``tcpade.tiny``), with the
+``slow`` preset (9 of 20 steps computed), compiled two ways after ``tcpade.apply``:
 
-* ``full``: ``torch.compile(transformer)`` (inductor);
-* ``regional``: ``transformer.compile_repeated_blocks()`` (diffusers' regional compile:
-  each repeated block compiled on its own; DiT has no ``_repeated_blocks`` in diffusers
-  0.42.1, so its blocks are compiled one by one, which is what that method does).
+* ``regional``: ``transformer.compile_repeated_blocks(fullgraph=True)`` (diffusers' regional
+  compile, each repeated block compiled on its own; DiT and SD3 have no ``_repeated_blocks``
+  in diffusers 0.42.1, so their blocks are compiled one by one with ``fullgraph=True``,
+  which is what that method does);
+* ``full``: ``torch.compile(transformer, fullgraph=True)``.
 
-FLUX compiles with inductor (C++ codegen on CPU, as users run it); Wan and DiT with
-``aot_eager`` (dynamo and AOT autograd, where graph breaks, guards and recompiles live,
-without inductor's code generation, which cost 30-190 s per model here on 2 shared cores
-and is exercised by FLUX and by ``bench/compile.py``, which compiles all three with
-inductor). The tcpade ops inside inductor graphs: the last test here and tests/test_ops.py.
+``fullgraph=True`` makes any graph break an error; the decision runs before the forward in
+an eager hook, the block hooks trace into the graph. Each case runs two full 20-step
+denoising loops: the first compiles (every block region gets two variants, compute and
+skip; the first block of the stack one more pair, as it reads h_in); the second runs under
+``torch._dynamo.config.error_on_recompile=True`` and must compile no frame at all (dynamo's
+``frames`` counter stays 0, no recompile logged). Both loops must skip the same steps as the
+eager tcpade run (counted on the attention modules inside the blocks, which run only when a
+block's own forward runs) and give its outputs.
 
-Each runs two full 20-step denoising loops. The first is the warm-up (it compiles every
-variant: the calls before and after the first skip differ in what the hooks see); the
-second runs under ``torch._dynamo.config.error_on_recompile=True`` and must compile no
-frame at all (dynamo's ``frames`` counter stays 0, and no recompile is logged). Both loops
-must skip the same steps as the eager tcpade run (counted on the attention modules inside
-the blocks, which run only when a block's own forward runs) and give its outputs within
-tolerance.
-
-Tolerance: inductor fuses and reorders fp32 arithmetic (other summation orders in norms
-and matmul epilogues), so outputs differ from eager by a few fp32 ulps of the activations;
-skipped steps extrapolate from residuals that carry those differences, and the Euler loop
-carries them on. Measured on these models: FLUX (inductor) max |compiled - eager| 9.5e-7
-on computed steps and 1.5e-6 on skipped ones, outputs up to 1.9; Wan and DiT (aot_eager)
-bit-identical. 1e-4 absolute + 1e-4 relative is ~70x that.
+Backends: ``aot_eager`` (dynamo and AOT autograd: graph breaks, guards and recompiles all
+live there) for every case, bit-identical to eager; inductor for FLUX (C++ code generation
+on CPU, as users run it), whose fused fp32 arithmetic differs from eager by a few ulps of
+the activations (other summation orders in norms and matmul epilogues); the skipped steps
+extrapolate from residuals that carry those differences and the Euler loop carries them on.
+1e-4 absolute + 1e-4 relative is far above that and far below any skip-pattern change.
 """
 
-import math
-import sys
-from pathlib import Path
+import logging
 
 import pytest
 import torch
+from helpers import BlockBodyCounter, blocks_of
 
 pytest.importorskip("diffusers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from compile import CompileCount, EveryRead  # noqa: E402  (bench/compile.py)
-from test_adapters import FAMILIES, BlockBodyCounter, blocks_of  # noqa: E402
-from test_policy import run  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
-from tcpade.policy import Runtime  # noqa: E402
+from tcpade.tiny import FAMILIES  # noqa: E402
 
 STEPS = 20
 SLOW_COMPUTED = [0, 1, 2, 3, 4, 8, 12, 16, 19]
-TOL = dict(atol=1e-4, rtol=1e-4)
-BACKEND = {"flux": "inductor", "wan": "aot_eager", "dit": "aot_eager"}
+EXACT = dict(atol=0.0, rtol=0.0)
+INDUCTOR_TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+class CompileCount:
+    """Inside a block: frames dynamo compiled, graphs it built, recompiles it logged, graph breaks."""
+
+    def __enter__(self):
+        counters.clear()
+        self.recompiles = []
+        torch._logging.set_logs(recompiles=True)
+        self._log = logging.getLogger("torch._dynamo.guards.__recompiles")
+        self._handler = logging.Handler()
+        self._handler.emit = lambda rec: self.recompiles.append(rec.getMessage())
+        self._log.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        self._log.removeHandler(self._handler)
+        torch._logging.set_logs()
+        self.frames = counters["frames"]["total"]
+        self.graphs = counters["stats"]["unique_graphs"]
+        self.graph_breaks = sum(counters["graph_break"].values())
 
 
 def _timestep(family, s, like):
     if family == "dit":
         return torch.full_like(like, int(999 * s))  # DiT: integer timesteps in [0, 1000)
-    return torch.full_like(like, s if family == "flux" else 1000.0 * s)  # FLUX: sigma; Wan: 1000 sigma
+    return torch.full_like(like, s if family == "flux" else 1000.0 * s)  # FLUX: sigma; others: 1000 sigma
 
 
 @torch.no_grad()
@@ -78,115 +90,68 @@ def trajectory(family, call, inputs):
 
 def _regional(model, backend):
     if getattr(model, "_repeated_blocks", None):
-        model.compile_repeated_blocks(backend=backend)
-    else:  # DiT in diffusers 0.42.1: no _repeated_blocks; compile the repeated blocks directly
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
+    else:  # DiT, SD3 in diffusers 0.42.1: no _repeated_blocks; compile the repeated blocks directly
         for _, block in blocks_of(model):
-            block.compile(backend=backend)
+            block.compile(fullgraph=True, backend=backend)
     return model
 
 
-@pytest.fixture(scope="module", params=["flux", "wan", "dit"])
-def eager_reference(request):
-    """The eager tcpade run each compiled run must reproduce."""
-    family = request.param
-    model, inputs, _ = FAMILIES[family]()
-    tcpade.apply(model, TCPadeConfig.slow(), num_steps=STEPS)
-    counter = BlockBodyCounter(model)
-    outs = trajectory(family, model, inputs)
-    body = counter.snapshot()
-    counter.remove()
-    assert tcpade.summary(model).computed("default") == SLOW_COMPUTED
-    for name, block in blocks_of(model):  # each block body ran on the 9 computed steps only
-        n_attn = sum("Attention" in type(m).__name__ for m in block.modules())
-        assert body[name] == len(SLOW_COMPUTED) * n_attn, (name, body[name], n_attn)
-    return family, model, inputs, outs, body
+_EAGER = {}
 
 
-@pytest.mark.parametrize("mode", ["full", "regional"])
-def test_compiled_transformer_keeps_skipping_without_recompiles(eager_reference, mode):
-    family, eager_model, inputs, ref, ref_body = eager_reference
-    torch._dynamo.reset()
-    if mode == "full":
-        model = eager_model
-        tcpade.runtime(model).reset()
-        call = torch.compile(model, backend=BACKEND[family])
-    else:
-        model = FAMILIES[family]()[0]  # same seed: the same weights as the eager model
+def eager_reference(family):
+    """The eager tcpade run each compiled run must reproduce (computed once per family)."""
+    if family not in _EAGER:
+        model, inputs, _ = FAMILIES[family]()
         tcpade.apply(model, TCPadeConfig.slow(), num_steps=STEPS)
-        call = _regional(model, BACKEND[family])
+        counter = BlockBodyCounter(model)
+        outs = trajectory(family, model, inputs)
+        body = counter.snapshot()
+        counter.remove()
+        tcpade.remove(model)
+        for name, block in blocks_of(model):  # each block body ran on the 9 computed steps only
+            n_attn = sum("Attention" in type(m).__name__ for m in block.modules())
+            assert body[name] == len(SLOW_COMPUTED) * n_attn, (name, body[name], n_attn)
+        _EAGER[family] = (outs, body)
+    return _EAGER[family]
+
+
+CASES = [(f, m, "aot_eager") for f in ("flux", "wan", "dit", "sd3") for m in ("regional", "full")]
+CASES += [("flux", "regional", "inductor")]
+
+
+@pytest.mark.parametrize("family, mode, backend", CASES, ids=["-".join(c) for c in CASES])
+def test_fullgraph_compile_keeps_skipping_without_recompiles(family, mode, backend):
+    ref, ref_body = eager_reference(family)
+    torch._dynamo.reset()
+    model, inputs, _ = FAMILIES[family]()  # same seed: the same weights as the eager model
+    rt = tcpade.apply(model, TCPadeConfig.slow(), num_steps=STEPS)
+    call = torch.compile(model, fullgraph=True, backend=backend) if mode == "full" else _regional(model, backend)
     counter = BlockBodyCounter(model)
+    tol = EXACT if backend == "aot_eager" else INDUCTOR_TOL
     try:
         with CompileCount() as warm:
             first = trajectory(family, call, inputs)
-        assert warm.frames > 0, "nothing was compiled"
+        assert warm.graphs > 0, "nothing was compiled"
+        assert warm.graph_breaks == 0
         assert tcpade.summary(model).computed("default") == SLOW_COMPUTED
         counter.counts = dict.fromkeys(counter.counts, 0)
+        waits = rt.host_reads
         with torch._dynamo.config.patch(error_on_recompile=True), CompileCount() as steady:
             second = trajectory(family, call, inputs)
         assert steady.frames == steady.graphs == 0 and steady.recompiles == [], (steady.frames, steady.recompiles[:1])
+        assert steady.graph_breaks == 0
+        assert rt.host_reads == waits  # a fixed schedule: no wait in the loop
         assert tcpade.summary(model).computed("default") == SLOW_COMPUTED
         # Skipping happened inside the compiled model: each block body ran on the 9 computed steps only.
         assert counter.snapshot() == ref_body
         for k in range(STEPS):
-            torch.testing.assert_close(first[k], ref[k], **TOL, msg=f"{family} {mode} warm-up step {k}")
-            torch.testing.assert_close(second[k], ref[k], **TOL, msg=f"{family} {mode} step {k}")
+            torch.testing.assert_close(first[k], ref[k], **tol, msg=f"{family} {mode} warm-up step {k}")
+            torch.testing.assert_close(second[k], ref[k], **tol, msg=f"{family} {mode} step {k}")
     finally:
         counter.remove()
-        if mode == "regional":
-            tcpade.remove(model)
-
-
-# ------------------------------------------------------------ decisions without a stall
-
-
-CONFIGS = {
-    "slow": TCPadeConfig.slow(),
-    "fast": TCPadeConfig.fast(),
-    "paper": TCPadeConfig.paper(),
-    "error": TCPadeConfig(),
-    "error-loose": TCPadeConfig(tolerance=0.3),
-    "error-paper": TCPadeConfig(predictor="paper", tolerance=0.3, history_slots=5),
-    "tsi-blocks": TCPadeConfig.slow(tsi_threshold=0.05, store_predictions=True),
-}
-FIELDS = ("k", "computed", "reason", "stage", "nonfinite")
-
-
-@pytest.mark.parametrize("nan", [None, "output", "input"])
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_deferred_reads_decide_exactly_as_eager_reads(name, nan):
-    """Reading the device sums only when a decision needs them (and predicting before the
-    decision when that is harmless) changes no decision, no record and no output bit."""
-    cfg = CONFIGS[name]
-    kw = {"output": dict(nan_at=2), "input": dict(nan_input_at=9)}.get(nan, {})  # 2: then warm-up computes
-    runs = {}
-    for kind, rt in [("eager", EveryRead(cfg)), ("deferred", Runtime(cfg))]:
-        rt, passes, _, outs = run(cfg, 20, branches=("cond", "uncond"), rt=rt, **kw)
-        reads = rt.host_reads  # before the records are read (that read is the summary's, after sampling)
-        runs[kind] = (rt, passes, outs, reads)
-    (eager, p_e, o_e, r_e), (lazy, p_l, o_l, r_l) = runs["eager"], runs["deferred"]
-    assert p_e == p_l
-    for br in ("cond", "uncond"):
-        a, b = eager.branches[br].records, lazy.branches[br].records
-        assert [[getattr(r, f) for f in FIELDS] for r in a] == [[getattr(r, f) for f in FIELDS] for r in b]
-        for ra, rb in zip(a, b):
-            for f in ("tsi", "error"):
-                x, y = getattr(ra, f), getattr(rb, f)
-                assert x == y or (math.isnan(x) and math.isnan(y)), (br, ra.k, f, x, y)
-        for x, y in zip(o_e[br], o_l[br]):
-            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
-    assert r_l < r_e, (r_l, r_e)
-
-
-def test_waits_per_run_slow_preset():
-    """slow, T = 20, one branch (9 computed, 11 skipped in 4 runs of skips): before, a wait
-    at each of the 8 calls after a computed step and one per skip (19); now one per skip
-    (11), the first skip of each run reading the computed step's sums in the same wait."""
-    cfg = TCPadeConfig.slow()
-    counts = []
-    for rt in (EveryRead(cfg), Runtime(cfg)):
-        rt = run(cfg, 20, rt=rt)[0]
-        counts.append(rt.host_reads)
-    assert counts == [19, 11]
+        tcpade.remove(model)
 
 
 def test_bench_compile_runs(tmp_path):
@@ -204,9 +169,9 @@ def test_bench_compile_runs(tmp_path):
     proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["tcpade"] for r in rows] == ["off", "on", "on/every-read"]
-    assert [r["computed"] for r in rows] == [20, 9, 9]
-    assert [r["host_waits"] for r in rows[1:]] == [11, 19]
+    assert [r["tcpade"] for r in rows] == ["off", "on"]
+    assert [r["computed"] for r in rows] == [20, 9]
+    assert rows[1]["host_waits"] == 0
     assert "| dit | eager | on |" in proc.stdout
 
 
@@ -238,3 +203,31 @@ def test_ops_inductor_dynamic_two_shapes():
             torch.testing.assert_close(got[1], want[1])
             torch.testing.assert_close(ring, ring_e)
     assert cc.graphs == 1 and cc.recompiles == [], (cc.graphs, cc.recompiles[:1])
+
+
+@torch.no_grad()
+def test_pipeline_with_cfg_branches_under_regional_fullgraph():
+    """A FLUX pipeline with true CFG (cond / uncond calls, one history each) under
+    compile_repeated_blocks(fullgraph=True): the second run compiles nothing, and gives the
+    eager run's latents and decisions."""
+    from tcpade.tiny import flux_pipeline
+
+    pipe, generate = flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    tcpade.apply(pipe, TCPadeConfig.slow())
+    try:
+        ref = generate(STEPS)
+        torch._dynamo.reset()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        with CompileCount() as warm:
+            first = generate(STEPS)
+        assert warm.graphs > 0 and warm.graph_breaks == 0
+        with torch._dynamo.config.patch(error_on_recompile=True), CompileCount() as steady:
+            second = generate(STEPS)
+        assert steady.graphs == 0 and steady.recompiles == [], steady.recompiles[:1]
+        s = tcpade.summary(pipe)
+        assert s.computed("cond") == s.computed("uncond") == SLOW_COMPUTED
+        torch.testing.assert_close(first, ref, **EXACT)
+        torch.testing.assert_close(second, ref, **EXACT)
+    finally:
+        tcpade.remove(pipe)

@@ -104,9 +104,9 @@ def _own_sharding(rank=None):
         h_in, r = step(s)
         if rank is not None:
             h_in, r = (x[:, 8 * rank : 8 * (rank + 1)] for x in (h_in, r))
-        pred = rt.begin("default", h_in, s)
-        if pred is None:
-            rt.end("default", h_in, h_in + r)
+        predict = rt.decide("default", s)
+        pred = predict(h_in) if predict is not None else None
+        rt.finish("default", *((h_in, h_in + r) if pred is None else (None, None)))
         outs.append((h_in + r if pred is None else pred).numpy().copy())
     recs = rt.branches["default"].records
     return [(r.k, r.computed, r.reason) for r in recs], np.stack(outs)

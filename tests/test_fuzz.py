@@ -415,16 +415,19 @@ def test_runtime_never_returns_nonfinite(run):
         fault = bad_at == k
         if fault and bad_kind == "nan_in":
             h_in[0, 0, 0] = math.nan
-        pred = rt.begin("default", h_in, s)
+        predict = rt.decide("default", s)
+        pred = predict(h_in) if predict is not None else None
         if pred is None:
             h_out = (h_in.float() + b * (1 + s)).to(dtype)
             if fault and bad_kind in ("nan_out", "inf_out"):
                 h_out[0, 1, 2] = math.nan if bad_kind == "nan_out" else math.inf
             if fault and bad_kind == "fp16_overflow":  # both finite, the residual is not
                 h_in[0, 2, 3], h_out[0, 2, 3] = -40000.0, 40000.0
-            rt.end("default", h_in, h_out)
+            rt.finish("default", h_in, h_out)
         else:
-            assert torch.isfinite(pred).all(), (k, cfg)
+            rt.finish("default", None, None)
+            # Finite wherever h_in is (a NaN input element is the model's, not tcpade's).
+            assert torch.isfinite(pred[torch.isfinite(h_in)]).all(), (k, cfg)
             assert pred.shape == h_in.shape and pred.dtype == dtype
     recs = rt.branches["default"].records
     if reversed_time:
@@ -434,9 +437,9 @@ def test_runtime_never_returns_nonfinite(run):
         return
     assert [r.k for r in recs] == list(range(T))
     first = next((r.k for r in recs if r.nonfinite), None)
-    if first is not None:
+    if first is not None and cfg.plan(T) is None:  # (a fixed schedule keeps its plan and reports)
         assert all(r.computed for r in recs[first:]), [(r.k, r.computed, r.reason) for r in recs]
     if bad_at is not None and bad_at < T and (recs[bad_at].computed or bad_kind == "nan_in"):
         # The fault is seen at its own step: in the computed residual, or (a NaN input on a
-        # skipped step) in the prediction, which is then computed instead.
+        # skipped step) in the prediction's fallback count.
         assert first == bad_at, [(r.k, r.computed, r.nonfinite) for r in recs]

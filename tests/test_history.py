@@ -108,7 +108,11 @@ def test_nonfinite_prediction_falls_back_to_h_in_plus_r1(backend, store):
     assert torch.equal(out[big], (h_in + r1)[big])
     assert (out[~big].double().cpu() - ref[~big]).abs().max() < 2e-2  # fp16 storage
     v = SumValues(*sums.tolist())
-    assert v.nonfinite == 2 and Sums(sums).get() == v
+    read = Sums(sums)
+    assert read.ready() and not read.read  # CPU sums are host memory: ready, not yet read
+    assert v.nonfinite == 2 and read.get() == v and read.read
+    # The reduction hook runs on the device sums before they are read.
+    assert Sums(sums, reduce=lambda x: 2 * x).get().nonfinite == 4
     if store:
         stored = hist.ring[hist.order[-1]]
         assert torch.equal(stored[big], r1[big]) and torch.isfinite(stored).all()

@@ -289,9 +289,11 @@ def test_increasing_time_schedule_skips_and_restarts():
 
 
 PLAN_CONFIGS = [
-    TCPadeConfig.slow(), TCPadeConfig.fast(), TCPadeConfig.paper(), TCPadeConfig.fast(interval=6, max_skips=5, final_steps=1),
+    TCPadeConfig.slow(), TCPadeConfig.fast(), TCPadeConfig.paper(),
+    TCPadeConfig.fast(interval=6, max_skips=5, final_steps=1),
     TCPadeConfig.slow(warmup=0, interval=0, max_skips=7), TCPadeConfig.slow(max_skips=0),
-    TCPadeConfig.slow(predictor="reuse", warmup=0, final_steps=3), TCPadeConfig.paper(warmup=0, interval=0, max_skips=4),
+    TCPadeConfig.slow(predictor="reuse", warmup=0, final_steps=3),
+    TCPadeConfig.paper(warmup=0, interval=0, max_skips=4),
     TCPadeConfig.slow(history_slots=5, interval=5, final_steps=2),
 ]  # fmt: skip
 
