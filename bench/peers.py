@@ -238,7 +238,13 @@ def _diffusers_disable(transformer) -> None:
 
 
 def _off_diffusers(method, model) -> None:
-    _diffusers_disable(model.transformer)
+    t = model.transformer
+    _diffusers_disable(t)
+    # A hook on the transformer itself (SeaCache's root hook) is removed by putting the original bound
+    # forward back as an instance attribute: drop it, so the class forward runs as before.
+    f = t.__dict__.get("forward")
+    if f is not None and getattr(f, "__self__", None) is t and getattr(f, "__func__", None) is type(t).forward:
+        del t.__dict__["forward"]
 
 
 def _fbc(threshold: float) -> Method:
