@@ -17,6 +17,9 @@ TaylorSeer (lite)               yes                         no (3)              
 MagCache                        yes                         yes (1)               yes
 cache-dit DBCache               yes (Pattern_1 x 2)         yes (Pattern_3, 4)    yes (Pattern_2)
 cache-dit DBCache+TaylorSeer    yes                         yes (4)               yes
+cache-dit DBCache+DMD / +FoCa   yes                         yes (4)               yes
+cache-dit mask (4 calibrators)  yes (5)                     yes (4)(5)            yes (5)
+SeaCache                        no (6)                      no (6)                yes
 ==============================  ==========================  ====================  ====================
 
 (1) ``DiTTransformer2DModel`` has no ``CacheMixin`` in diffusers 0.42.1 (no ``enable_cache``): the
@@ -31,6 +34,17 @@ cache-dit DBCache+TaylorSeer    yes                         yes (4)             
 (4) cache-dit's own DiT adapter: ``Pattern_3`` plus its ``DiTPatchFunctor`` that replaces the
     transformer's forward; ``disable`` puts the class forward back (cache-dit's release alone would
     leave the patched forward in place).
+
+(5) cache-dit's ``steps_computation_mask`` with the "static" policy: a fixed schedule (no threshold), fed an
+    evenly spaced mask (:func:`evenly_spaced_mask`) or any other (:func:`cachedit_mask`,
+    :func:`mask_from_steps`). cache-dit requires ``Fn_compute_blocks >= 1``, so on a masked step the first
+    block of each block list still runs (:func:`first_block_share` of the MACs: large on the zoo's 4-6
+    block models, small on real ones); the grid therefore holds both the pass counts the benchmark
+    compares at and the most passes that still reach each level on this model. Calibrators: none (the
+    cached residual reused), TaylorSeer order 1, DMD (window 6), FoCa.
+(6) SeaCache (diffusers 0.42.1) has built-in adapters for ``WanTransformer3DModel`` (text-to-video,
+    ``in_channels == out_channels``) and Cosmos 3 only; other transformers need a ``raw_vision_callback``
+    and a flow-matching sigma in [0, 1] from the loop's cache context (DiT's DDIM loop has none). Run on Wan.
 
 CFG (DiT, Wan: two transformer calls per step, inside ``cache_context("cond")`` / ``("uncond")``): the
 diffusers hooks keep one state per context, so each branch caches on its own; cache-dit counts calls
@@ -64,6 +78,12 @@ __all__ = [
     "GROUPS",
     "Method",
     "block_lists",
+    "cachedit_mask",
+    "evenly_spaced_mask",
+    "first_block_share",
+    "level_passes",
+    "levels",
+    "mask_from_steps",
     "calibrate_mag_ratios",
     "clear_calibrations",
     "count_macs",
@@ -78,6 +98,13 @@ GROUPS = (
     "MagCache",
     "cache-dit DBCache",
     "cache-dit DBCache+TaylorSeer",
+    "cache-dit DBCache+DMD",
+    "cache-dit DBCache+FoCa",
+    "cache-dit mask",
+    "cache-dit mask+TaylorSeer",
+    "cache-dit mask+DMD",
+    "cache-dit mask+FoCa",
+    "SeaCache",
 )
 
 _BLOCK_LISTS = {"flux": ("transformer_blocks", "single_transformer_blocks"), "dit": ("transformer_blocks",),
@@ -107,14 +134,15 @@ class MacCount:
 
 
 @contextlib.contextmanager
-def count_macs(transformer: nn.Module):
+def count_macs(transformer: nn.Module, first_only: bool = False):
     """Counts the multiply-accumulates of every ``nn.Linear`` inside the block lists that really ran.
 
     Plain torch forward hooks on the Linear modules: they fire inside ``Module.__call__`` whatever
     diffusers' HookRegistry or cache-dit did to ``forward`` of the modules above them, and a skipped
     block never calls its Linears, so skipped work is not counted. A Linear counts only while a block
     is running (pre/post hooks on the blocks), so a block's submodule reused outside the stack does not.
-    The result is ``.macs`` (and ``.calls``, the Linear forwards counted)."""
+    The result is ``.macs`` (and ``.calls``, the Linear forwards counted). ``first_only``: count only the
+    first block of each block list."""
     count = MacCount()
     depth = [0]  # > 0 while a block of the stack is running
 
@@ -133,7 +161,7 @@ def count_macs(transformer: nn.Module):
 
     handles = []
     for blocks in block_lists(transformer):
-        for block in blocks:
+        for block in blocks[:1] if first_only else blocks:
             handles.append(block.register_forward_pre_hook(enter))
             handles.append(block.register_forward_hook(leave, always_call=True))
             handles += [m.register_forward_hook(hook) for m in block.modules() if isinstance(m, nn.Linear)]
@@ -210,7 +238,13 @@ def _diffusers_disable(transformer) -> None:
 
 
 def _off_diffusers(method, model) -> None:
-    _diffusers_disable(model.transformer)
+    t = model.transformer
+    _diffusers_disable(t)
+    # A hook on the transformer itself (SeaCache's root hook) is removed by putting the original bound
+    # forward back as an instance attribute: drop it, so the class forward runs as before.
+    f = t.__dict__.get("forward")
+    if f is not None and getattr(f, "__self__", None) is t and getattr(f, "__func__", None) is type(t).forward:
+        del t.__dict__["forward"]
 
 
 def _fbc(threshold: float) -> Method:
@@ -369,25 +403,79 @@ def _RefreshHook(cfg, cal):  # noqa: N802  (the class needs diffusers, imported 
     return _refresh_hook_cls()(cfg, cal)
 
 
-def _dbcache(threshold: float, fn: int, bn: int, warmup: int, max_cont: int, order: Optional[int]) -> Method:
+def _calibrator_config(calibrator):
+    """cache-dit's calibrator config for ``calibrator``: None, ("taylorseer", order), ("dmd", history)
+    or ("foca",). Every one forecasts the cached Bn residual (and the encoder stream's)."""
+    if calibrator is None:
+        return None
+    from cache_dit import TaylorSeerCalibratorConfig
+    from cache_dit.caching.cache_contexts.calibrators import DMDCalibratorConfig, FoCaCalibratorConfig
+
+    kind = calibrator[0]
+    if kind == "taylorseer":
+        return TaylorSeerCalibratorConfig(taylorseer_order=calibrator[1])
+    if kind == "dmd":
+        return DMDCalibratorConfig(dmd_history=calibrator[1])
+    if kind == "foca":
+        return FoCaCalibratorConfig()
+    raise ValueError(f"calibrator: expected None, ('taylorseer', order), ('dmd', history) or ('foca',), got {calibrator!r}")
+
+
+def _check_calibrator(calibrator):
+    ok = calibrator is None or (
+        isinstance(calibrator, tuple) and calibrator and (
+            (calibrator[0] in ("taylorseer", "dmd") and len(calibrator) == 2 and isinstance(calibrator[1], int)
+             and calibrator[1] >= 1) or calibrator == ("foca",)))  # fmt: skip
+    if not ok:
+        raise ValueError(f"calibrator: expected None, ('taylorseer', order >= 1), ('dmd', history >= 1) or "
+                         f"('foca',), got {calibrator!r}")  # fmt: skip
+    return calibrator
+
+
+def _cal_tag(calibrator) -> str:
+    if calibrator is None:
+        return ""
+    if calibrator[0] == "taylorseer":
+        return f" TS{calibrator[1]}"
+    if calibrator[0] == "dmd":
+        return f" DMD{calibrator[1]}"
+    return " FoCa"
+
+
+def _dbcache(threshold: float, fn: int, bn: int, warmup: int, max_cont: int, calibrator=None, mask=None,
+             group: Optional[str] = None, label: Optional[str] = None) -> Method:  # fmt: skip
+    """cache-dit's DBCache at one knob setting. ``mask``: a 0/1 list, one entry per step (1: compute),
+    given to cache-dit as ``steps_computation_mask`` with the "static" policy (the 0 steps are always
+    cached, the 1 steps always computed: a fixed schedule, no threshold)."""
+    _check_calibrator(calibrator)
     knobs = {"residual_diff_threshold": threshold, "Fn_compute_blocks": fn, "Bn_compute_blocks": bn,
              "max_warmup_steps": warmup, "max_continuous_cached_steps": max_cont}  # fmt: skip
-    if order:
-        knobs["taylorseer_order"] = order
+    if calibrator is not None:
+        knobs["calibrator"] = "/".join(str(c) for c in calibrator)
+    if mask is not None:
+        mask = [int(x) for x in mask]
+        knobs = {"mask": "".join(map(str, mask)), "warmup": warmup}
+        if calibrator is not None:
+            knobs["calibrator"] = "/".join(str(c) for c in calibrator)
 
     def on(m, model, steps, seeds, labels):
         import cache_dit
-        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+        from cache_dit import DBCacheConfig
 
+        if mask is not None and len(mask) != steps:
+            raise ValueError(f"cache-dit step mask: {len(mask)} entries for a {steps}-step run (need one per step)")
         t = model.transformer
         m.info["added_attrs"] = [a for a in _PATCHED_ATTRS if a not in t.__dict__ and a not in t._modules]
         m.info["module_order"] = list(t._modules)
+        kw = {}
+        if mask is not None:
+            kw = dict(steps_computation_mask=list(mask), steps_computation_policy="static")
         cfg = DBCacheConfig(
             Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=threshold,
             max_warmup_steps=warmup, max_continuous_cached_steps=max_cont, num_inference_steps=steps,
-            enable_separate_cfg=model.spec.guidance_scale != 1,
+            enable_separate_cfg=model.spec.guidance_scale != 1, **kw,
         )  # fmt: skip
-        cal = TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+        cal = _calibrator_config(calibrator)
         with _quiet_cachedit():
             cache_dit.enable_cache(_cachedit_adapter(t), cache_config=cfg, calibrator_config=cal)
         # cache-dit's transformer-only context does not fully reset between generations (with skipping,
@@ -404,6 +492,8 @@ def _dbcache(threshold: float, fn: int, bn: int, warmup: int, max_cont: int, ord
         registry = getattr(t, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(_REFRESH_HOOK) is not None:
             registry.remove_hook(_REFRESH_HOOK)
+        if "added_attrs" not in m.info:  # enable failed before cache-dit was applied
+            return
         with _quiet_cachedit():
             cache_dit.disable_cache(t)
         # The DiT patch functor's forward (and its helper attributes) outlive cache-dit's release.
@@ -420,9 +510,103 @@ def _dbcache(threshold: float, fn: int, bn: int, warmup: int, max_cont: int, ord
                 [(k, mods[k]) for k in order if k in mods] + [(k, v) for k, v in mods.items() if k not in order]
             )
 
-    group = "cache-dit DBCache+TaylorSeer" if order else "cache-dit DBCache"
-    label = f"DB F{fn}B{bn} th={threshold:g} w={warmup} mc={max_cont}" + (f" TS{order}" if order else "")
+    if group is None:
+        group = "cache-dit DBCache" + {None: "", "taylorseer": "+TaylorSeer", "dmd": "+DMD", "foca": "+FoCa"}[
+            None if calibrator is None else calibrator[0]]  # fmt: skip
+    if label is None:
+        label = f"DB F{fn}B{bn} th={threshold:g} w={warmup} mc={max_cont}" + _cal_tag(calibrator)
     return Method(group, label, knobs, on, off)
+
+
+def evenly_spaced_mask(steps: int, passes: int, warmup: int = 2) -> list:
+    """A 0/1 compute mask of ``steps`` entries with exactly ``passes`` ones: the first ``warmup`` steps,
+    then the other ``passes - warmup`` spread evenly (rounded) over the remaining steps, starting right
+    after the warm-up."""
+    if not 1 <= passes <= steps:
+        raise ValueError(f"passes: expected 1 <= passes <= steps ({steps}), got {passes}")
+    warmup = max(0, min(warmup, passes))
+    ones = set(range(warmup))
+    rest = passes - warmup
+    span = steps - warmup
+    ones |= {warmup + (k * span) // rest for k in range(rest)}
+    return [1 if i in ones else 0 for i in range(steps)]
+
+
+def mask_from_steps(computed, steps: int) -> list:
+    """The 0/1 mask of ``steps`` entries that computes exactly the step indices in ``computed``."""
+    computed = sorted({int(i) for i in computed})
+    if computed and not (0 <= computed[0] and computed[-1] < steps):
+        raise ValueError(f"computed steps must lie in [0, {steps}), got {computed}")
+    return [1 if i in computed else 0 for i in range(steps)]
+
+
+def cachedit_mask(mask, calibrator=None, label: Optional[str] = None, group: Optional[str] = None) -> Method:
+    """cache-dit's fixed step mask: the steps marked 1 in ``mask`` (one entry per step) run the whole
+    block stack; on the steps marked 0 (static policy: always cached) cache-dit still runs the first block
+    of each block list (it requires ``Fn_compute_blocks >= 1``) and adds the cached residual of the rest,
+    forecast by ``calibrator`` (None: reused as is; ("taylorseer", order), ("dmd", history), ("foca",)).
+    Any schedule can be fed in, e.g. a calibrated one through :func:`mask_from_steps`. The leading run of
+    ones is cache-dit's warm-up."""
+    _check_calibrator(calibrator)
+    mask = [int(x) for x in mask]
+    if not mask or any(x not in (0, 1) for x in mask) or mask[0] != 1:
+        raise ValueError(f"mask: expected a non-empty 0/1 list that computes step 0, got {mask}")
+    lead = next((i for i, x in enumerate(mask) if x == 0), len(mask))
+    passes = sum(mask)
+    if group is None:
+        group = "cache-dit mask" + {None: "", "taylorseer": "+TaylorSeer", "dmd": "+DMD", "foca": "+FoCa"}[
+            None if calibrator is None else calibrator[0]]  # fmt: skip
+    if label is None:
+        label = f"mask {passes}/{len(mask)} w={lead}" + _cal_tag(calibrator)
+    return _dbcache(0.0, 1, 0, lead, -1, calibrator, mask=mask, group=group, label=label)
+
+
+_FIRST_BLOCK_SHARE = {}
+
+
+def first_block_share(model_name: str) -> float:
+    """The share of one run's block MACs spent in the first block of each block list (what cache-dit
+    still runs on a cached step), measured on a one-step run of the (randomly initialised) zoo
+    architecture: the MAC counter once on the whole stack, once on the first blocks only."""
+    if model_name not in _FIRST_BLOCK_SHARE:
+        from tcpade import zoo
+
+        m = zoo.build(model_name).eval()
+        with count_macs(m.transformer) as whole:
+            m.sample([0], [0], 1)
+        with count_macs(m.transformer, first_only=True) as first:
+            m.sample([0], [0], 1)
+        _FIRST_BLOCK_SHARE[model_name] = first.macs / whole.macs
+    return _FIRST_BLOCK_SHARE[model_name]
+
+
+def mask_pass_counts(model_name: str, steps: int) -> list:
+    """Pass counts of the evenly spaced cache-dit masks: the benchmark's levels' counts (steps / level, as
+    tcpade computes them), and, since cache-dit's cached steps still run a first block, the most passes
+    that still reach each level and 1.5x and 4x on this model (at least 3)."""
+    f = first_block_share(model_name)
+    targets = [1.5] + [lv for lv, _ in levels(steps)] + [4.0]
+    out = {math.floor(steps / lv + 1e-9) for lv, _ in levels(steps)}
+    out |= {math.floor((steps / lv - steps * f) / (1 - f) + 1e-9) for lv in targets}
+    return sorted({p for p in out if 3 <= p < steps}, reverse=True)
+
+
+# diffusers SeaCache ---------------------------------------------------------------------------------
+
+
+def _seacache(threshold: float, order: int, max_cached: int, retention: int) -> Method:
+    """diffusers' SeaCache (its built-in Wan text-to-video adapter: the spectral indicator is computed from
+    the raw latent the transformer is called with, the sigma from the loop's cache context)."""
+    knobs = {"threshold": threshold, "residual_order": order, "max_consecutive_cached": max_cached,
+             "retention_steps": retention}  # fmt: skip
+
+    def on(m, model, steps, seeds, labels):
+        from diffusers import SeaCacheConfig
+
+        model.transformer.enable_cache(SeaCacheConfig(cache_end_steps=1, **knobs))
+
+    label = f"Sea th={threshold:g} o={order} K={max_cached} r={retention}"
+    return Method("SeaCache", label, knobs, on, _off_diffusers)
 
 
 @contextlib.contextmanager
@@ -443,7 +627,11 @@ def _quiet_cachedit():
 
 
 def _unsupported(family: str) -> set:
-    return {"TaylorSeer (lite)"} if family == "dit" else set()
+    """Groups that cannot run on a family (see the module table)."""
+    out = {"TaylorSeer (lite)"} if family == "dit" else set()
+    if family != "wan":
+        out.add("SeaCache")
+    return out
 
 
 def peer_methods(model_name: str, steps: int, quick: bool = False) -> list:
@@ -487,5 +675,44 @@ def peer_methods(model_name: str, steps: int, quick: bool = False) -> list:
     # calibrator forms a derivative only from the third computed step on (current_step > 1), so with
     # fewer warm-up steps and nothing computed after them it degenerates to plain reuse: warm-up >= 3.
     db_ts = [(th, max(wu, 3), mc, 1) for th, wu, mc in db] + [(th, max(wu, 3), mc, 2) for th, wu, mc in (db[3], db[4])]
-    methods += [_dbcache(th, 1, 0, wu, mc, o) for th, wu, mc, o in pick(db_ts)]
+    methods += [_dbcache(th, 1, 0, wu, mc, ("taylorseer", o)) for th, wu, mc, o in pick(db_ts)]
+    # + DMD (exponential / Prony forecast of the cached residual; it engages once 4 evenly spaced computed
+    # steps are in its window, before that it is a first-order Taylor forecast): cache-dit's default window
+    # of 6 over the whole grid, the shortest window it fits with (4) at two aggressive points.
+    db_dmd = [(th, max(wu, 3), mc, 6) for th, wu, mc in db] + [(th, max(wu, 3), mc, 4) for th, wu, mc in (db[3], db[4])]
+    methods += [_dbcache(th, 1, 0, wu, mc, ("dmd", h)) for th, wu, mc, h in pick(db_dmd)]
+    # + FoCa (BDF2 predictor, Heun corrector; it has no knobs of its own).
+    methods += [_dbcache(th, 1, 0, max(wu, 2), mc, ("foca",)) for th, wu, mc in pick(db)]
+
+    # cache-dit's fixed step mask: evenly spaced masks at the pass counts the benchmark compares at (and a
+    # lighter and a heavier one), the whole stack skipped on the masked steps, with each calibrator.
+    counts = mask_pass_counts(model_name, steps)
+    counts = sorted({counts[len(counts) // 3], counts[-1]}, reverse=True) if quick else counts
+    for cal in MASK_CALIBRATORS:
+        methods += [cachedit_mask(evenly_spaced_mask(steps, p, min(2, p - 1)), cal) for p in counts]
+
+    if "SeaCache" not in _unsupported(family):
+        # (threshold, residual order, max consecutive cached, retention steps); order 1 is SeaCache's default.
+        sea = [(0.05, 1, 2, 1), (0.1, 1, 2, 1), (0.2, 1, 2, 1), (0.3, 1, 3, 1), (0.5, 1, 3, 1), (0.8, 1, 4, 1),
+               (0.3, 0, 3, 1), (0.5, 0, 4, 2)]  # fmt: skip
+        methods += [_seacache(*g) for g in ([sea[2], sea[5]] if quick else sea)]
     return methods
+
+
+MASK_CALIBRATORS = (None, ("taylorseer", 1), ("dmd", 6), ("foca",))
+
+
+def level_passes(steps: int) -> list:
+    """The block-stack passes per branch at each speedup level of :data:`LEVELS` (rounded down)."""
+    return [math.floor(steps / lv + 1e-9) for lv, _ in levels(steps)]
+
+
+def levels(steps: int) -> list:
+    """The speedup levels (MACs) the benchmark compares at: 2x, 2.5x and 2.9x (7 of 20 passes); at 50 steps
+    and more also 3x and 4x."""
+    out = [(2.0, "2x"), (2.5, "2.5x"), (20 / 7, "2.9x")]
+    if steps >= 50:
+        out += [(3.0, "3x"), (4.0, "4x")]
+    return out
+
+

@@ -1,15 +1,19 @@
 """Quality against compute, side by side: tcpade and its peers on the zoo's trained models.
 
-    python bench/quality.py                 # all models, 20 and 50 steps, full sweeps (~30 min on 2 cores)
+    python bench/quality.py                 # every zoo model, 10, 20, 28 and 50 steps, full sweeps (hours)
     python bench/quality.py --quick         # one model, 20 steps, a few methods per group (CI)
-    python bench/quality.py --models flux-digits --steps 20
+    python bench/quality.py --models flux-digits --steps 20 --samples 10
+    python bench/quality.py --steps 50 --merge   # add 50-step rows to the CSVs, keep the other step counts
+    python bench/quality.py --report-only   # re-render the report and plots from the CSVs
 
 For each zoo model (tcpade/zoo) and step count, over a fixed set of seeds and class labels:
-full computation; tcpade's presets and every predictor x policy combination over a sweep of
-their knobs; diffusers' FirstBlockCache, TaylorSeerCache (per-module, whole-block, lite) and
-MagCache (calibrated on this model); cache-dit's DBCache with and without its TaylorSeer
-calibrator (bench/peers.py). Every method runs through the same denoising loop
-(tcpade.sample, which is diffusers' loop) and is scored the same way:
+full computation; tcpade's presets (the PRESETS table) and every predictor x policy
+combination over a sweep of their knobs; diffusers' FirstBlockCache, TaylorSeerCache
+(per-module, whole-block, lite), MagCache (calibrated on this model) and SeaCache (Wan);
+cache-dit's DBCache alone and with its TaylorSeer, DMD and FoCa calibrators, and its fixed
+step mask (evenly spaced, alone and with each calibrator) (bench/peers.py). Every method runs
+through the same denoising loop (tcpade.sample, which is diffusers' loop) and is scored the
+same way:
 
 * compute: multiply-accumulates of the Linear layers inside the transformer blocks that
   really ran, as a share of the full run's (bench/peers.py count_macs); "speedup (MACs)" is
@@ -23,8 +27,11 @@ calibrator (bench/peers.py). Every method runs through the same denoising loop
   components) of the samples and of the training data (like FID, with a classifier trained
   on our data instead of Inception).
 
-Writes bench/results/quality.md (all tables, the Pareto-front comparison at 2x, 2.5x and
-2.9x, and which predictor x policy wins where), quality_<model>.csv and pareto_<model>.png.
+Writes bench/results/quality.md: first the presets' margins (for every model and step count,
+the best preset against the best peer at 2x, 2.5x and 2.9x, at 50 steps also 3x and 4x; goal
+>= 2 dB, every miss listed), then per model the best sweep point against the best peer, the
+presets' place on the front, which predictor x policy wins where and every run; and
+quality_<model>.csv and pareto_<model>.png.
 """
 
 from __future__ import annotations
@@ -50,20 +57,37 @@ import tcpade  # noqa: E402
 from tcpade import metrics, zoo  # noqa: E402
 from tcpade.config import TCPadeConfig  # noqa: E402
 
+from peers import levels  # noqa: E402
+
 OUT = os.path.join(ROOT, "bench", "results")
-# The issue's operating points at 20 steps: 10, 8 and 7 of 20 block-stack passes.
-LEVELS = ((2.0, "2x"), (2.5, "2.5x"), (20 / 7, "2.9x"))
 TCPADE = "tcpade"
+PRESET_GROUP = f"{TCPADE} presets"
+STEPS_DEFAULT = (10, 20, 28, 50)
+# The presets as a user takes them (label, factory): the rows the margins table judges. One table, so
+# presets added to TCPadeConfig (e.g. a compute budget) are one line here, e.g.
+#     ("budget 2.5x", lambda: TCPadeConfig.budget(speedup=2.5)),
+PRESETS = [
+    ("slow", TCPadeConfig.slow),
+    ("fast", TCPadeConfig.fast),
+    ("paper", TCPadeConfig.paper),
+    ("adaptive", TCPadeConfig.adaptive),
+]
+# Samples per class for the models whose class counts make the defaults below too many or too few
+# (every other zoo model: about 20 samples, at least one per class).
+SAMPLES_PER_CLASS = {"flux-digits": 3, "dit-faces": 10, "wan-digits": 1}
 
 
 # --------------------------------------------------------------------------------------------- data
-def eval_set(name: str, quick: bool):
-    """Fixed seeds and labels per model: every class, several seeds."""
+def eval_set(name: str, quick: bool, samples=None):
+    """Fixed seeds and labels per model: every class, several seeds, the classes taken in turn (so the
+    first ``samples`` of them, when given, stay balanced)."""
     spec = zoo.SPECS[name]
-    per = {"flux-digits": 3, "dit-faces": 10, "wan-digits": 1}[name]
+    per = SAMPLES_PER_CLASS.get(name, max(1, -(-20 // spec.num_classes)))
     if quick:
         per = max(1, per // 3) if spec.num_classes > 2 else 3
-    labels = [c for c in range(spec.num_classes) for _ in range(per)]
+    labels = [c for _ in range(per) for c in range(spec.num_classes)]
+    if samples is not None:
+        labels = labels[: max(1, samples)]
     seeds = [1000 + i for i in range(len(labels))]
     return seeds, labels
 
@@ -137,12 +161,7 @@ class TcpadeMethod:
 def tcpade_methods(quick: bool):
     """Presets, then predictor x policy sweeps. tsi: the schedule (warmup, interval, max_skips)
     and the threshold; error: the tolerance and the cap on a run of skips."""
-    out = [
-        TcpadeMethod(f"{TCPADE} presets", "slow", {}, TCPadeConfig.slow()),
-        TcpadeMethod(f"{TCPADE} presets", "fast", {}, TCPadeConfig.fast()),
-        TcpadeMethod(f"{TCPADE} presets", "paper", {}, TCPadeConfig.paper()),
-        TcpadeMethod(f"{TCPADE} presets", "adaptive", {}, TCPadeConfig.adaptive()),
-    ]
+    out = [TcpadeMethod(PRESET_GROUP, label, {}, make()) for label, make in PRESETS]
     # tsi schedules (warmup, interval, max_skips, final_steps): the paper's slow and fast, and evenly
     # spaced ones (runs of at most interval - 1 skips) at 7-10 of 20 passes
     schedules = (
@@ -193,16 +212,17 @@ def score(row, images, ref, judge, labels):
     row["fd"] = judge.fd(images)
 
 
-def bench_model(name, steps_list, quick, log):
+def bench_model(name, steps_list, quick, log, samples=None, sweep=True):
     from peers import peer_methods
 
     torch.manual_seed(0)
     model = zoo.load(name)
-    seeds, labels = eval_set(name, quick)
+    seeds, labels = eval_set(name, quick, samples)
     judge = Judge(name)
     log(f"\n## {name}: {len(seeds)} samples; judge train accuracy {judge.train_acc:.3f}")
     rows = []
     for steps in steps_list:
+        t_start = time.perf_counter()
         run_one(model, steps, seeds[:2], labels[:2])  # warm-up (allocator, first-call costs)
         ref, macs_full, wall_a, _ = run_one(model, steps, seeds, labels)
         _, _, wall_b, _ = run_one(model, steps, seeds, labels)
@@ -212,7 +232,10 @@ def bench_model(name, steps_list, quick, log):
         score(full, ref, ref, judge, labels)
         rows.append(full)
         log(f"{name} T={steps}: full {wall_full:.2f}s psnr=inf acc={full['acc']:.3f} fd={full['fd']:.2f}")
-        methods = tcpade_methods(quick) + peer_methods(name, steps, quick=quick)
+        ours = tcpade_methods(quick)
+        if not sweep:
+            ours = [m for m in ours if m.group == PRESET_GROUP]
+        methods = ours + peer_methods(name, steps, quick=quick)
         for m in methods:
             row = dict(model=name, steps=steps, group=m.group, label=m.label,
                        knobs=" ".join(f"{k}={v}" for k, v in m.knobs.items()))  # fmt: skip
@@ -238,6 +261,9 @@ def bench_model(name, steps_list, quick, log):
             rows.append(row)
             log(f"  {m.label:42s} share={row['share']:.3f} x{row['speedup']:.2f} wall x{row['wall_speedup']:.2f} "
                 f"psnr={row['psnr']:.2f} ssim={row['ssim']:.4f} acc={row['acc']:.3f} fd={row['fd']:.2f}")  # fmt: skip
+        log(f"{name} T={steps}: {len(methods)} methods in {time.perf_counter() - t_start:.0f} s")
+        for line in preset_margins(rows, name, steps)[1]:
+            log("  " + line)
     return rows, judge
 
 
@@ -260,7 +286,7 @@ def front_table(rows, steps):
         "|---|---|---|---|---|",
     ]
     verdicts = []
-    for level, tag in LEVELS:
+    for level, tag in levels(steps):
         ours = best_at(rows, lambda g: g.startswith(TCPADE), level)
         peers = [best_at(rows, lambda g, p=p: g == p, level) for p in peer_groups(rows)]
         peers = [p for p in peers if p is not None]
@@ -281,6 +307,45 @@ def front_table(rows, steps):
             f"{margin:+.2f} dB | {'met' if ok else 'not met'} |"
         )
     return lines, verdicts
+
+
+GOAL_DB = 2.0
+
+
+def preset_margins(rows, name, steps):
+    """The best preset (PRESETS, as a user takes them) against the best peer at each level of this step
+    count: table rows ``| model | steps | level | preset | peer | margin | verdict |`` and one line per miss.
+    A level no preset reaches, or where the margin is under GOAL_DB, is a miss."""
+    rows = [r for r in rows if r["steps"] == steps]
+    lines, misses = [], []
+    for level, tag in levels(steps):
+        ours = best_at(rows, lambda g: g == PRESET_GROUP, level)
+        peers = [r for r in (best_at(rows, lambda g, p=p: g == p, level) for p in peer_groups(rows)) if r is not None]
+        peer = max(peers, key=lambda r: r["psnr"], default=None)
+        peer_cell = "no peer reaches it" if peer is None else f"{peer['psnr']:.2f} ({peer['label']}, x{peer['speedup']:.2f})"
+        if ours is None:
+            lines.append(f"| {name} | {steps} | {tag} | no preset reaches it | {peer_cell} | - | **miss** |")
+            misses.append(f"MISS {name} {steps} steps {tag}: no preset reaches {tag}")
+            continue
+        ours_cell = f"{ours['psnr']:.2f} ({ours['label']}, x{ours['speedup']:.2f})"
+        if peer is None:
+            lines.append(f"| {name} | {steps} | {tag} | {ours_cell} | {peer_cell} | - | met (no peer) |")
+            continue
+        margin = ours["psnr"] - peer["psnr"]
+        ok = margin >= GOAL_DB
+        lines.append(f"| {name} | {steps} | {tag} | {ours_cell} | {peer_cell} | {margin:+.2f} dB | "
+                     f"{'met' if ok else '**miss**'} |")  # fmt: skip
+        if not ok:
+            misses.append(f"MISS {name} {steps} steps {tag}: {ours['label']} {ours['psnr']:.2f} dB vs "
+                          f"{peer['label']} {peer['psnr']:.2f} dB ({margin:+.2f} dB)")  # fmt: skip
+    return lines, misses
+
+
+PRESET_HEADER = [
+    "| model | steps | level | best preset (PSNR, preset, speedup) | best peer (PSNR, method, speedup) | margin | "
+    f"goal >= {GOAL_DB:g} dB |",
+    "|---|---|---|---|---|---|---|",
+]
 
 
 def presets_on_front(rows, steps):
@@ -307,10 +372,11 @@ def combo_table(rows, steps):
     """Best PSNR of each predictor x policy at each level (which combination wins where)."""
     rows = [r for r in rows if r["steps"] == steps]
     groups = sorted({r["group"] for r in rows if r["group"].startswith(TCPADE) and "/" in r["group"]})
-    lines = ["| predictor/policy | " + " | ".join(tag for _, tag in LEVELS) + " |", "|---" * (len(LEVELS) + 1) + "|"]
+    lv = levels(steps)
+    lines = ["| predictor/policy | " + " | ".join(tag for _, tag in lv) + " |", "|---" * (len(lv) + 1) + "|"]
     for g in groups:
         cells = []
-        for level, _ in LEVELS:
+        for level, _ in lv:
             b = best_at(rows, lambda x, g=g: x == g, level)
             cells.append("-" if b is None else f"{b['psnr']:.2f}")
         lines.append(f"| {g.removeprefix(TCPADE + ' ')} | " + " | ".join(cells) + " |")
@@ -356,7 +422,7 @@ def pareto_plot(rows, name, path):
             if front:
                 ax.plot([r["speedup"] for r in front], [r["psnr"] for r in front], style, color="black", lw=1.2,
                         label=tag)  # fmt: skip
-        for level, _ in LEVELS:
+        for level, _ in levels(steps):
             ax.axvline(level, color="grey", lw=0.6, ls=":")
         ax.set_ylim(top=min(75.0, max(r["psnr"] for r in rs) + 2))
         ax.set_xlabel("speedup in block MACs (full / method)")
@@ -405,23 +471,37 @@ def write_report(out_dir, suffix, meta, results):
         "# Quality against compute: tcpade and its peers on the zoo's trained models",
         "",
         f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); torch {meta['torch']}, "
-        f"tcpade {meta['tcpade']}; {meta['date']}. Command: `{meta['command']}`.",
+        f"tcpade {meta['tcpade']}; {meta['date']}. Command: `{' ; '.join(meta.get('commands', [meta.get('command', '?')]))}`."
+        + (f" {meta['note']}" if meta.get("note") else ""),
         "",
         "Compute = block-Linear MACs that ran / full run's; speedup = its reciprocal. PSNR/SSIM against the full run "
         "of the same seed. acc = judge-classifier accuracy on the requested class; FD = Frechet distance of its "
         "features to the training data (lower is better). Wall = full / method wall time in this run (a shared "
         "2-core VM: noisy).",
     ]
+    table, misses = list(PRESET_HEADER), []
+    for name, rows in results.items():
+        for steps in sorted({r["steps"] for r in rows}):
+            lines, miss = preset_margins(rows, name, steps)
+            table += lines
+            misses += miss
+    report += ["", f"## The presets against the best peer (goal: >= {GOAL_DB:g} dB at every level)", "",
+               "The best of the presets (" + ", ".join(f"`{label}`" for label, _ in PRESETS) + ", as a user takes "
+               "them: no sweep point) that reaches the level, against the best peer method (any knob setting of any "
+               "peer) that reaches it; levels are speedups in block MACs (2.9x: 7 of 20 passes).", ""] + table
+    report += ["", f"Misses: {len(misses)} of {len(table) - 2}."] + [f"- {m}" for m in misses]
     all_ok = {}
     for name, rows in results.items():
         acc = meta.get("judges", {}).get(name)
         report += ["", f"## {name}", "", (f"Judge classifier: train accuracy {acc:.3f}; " if acc is not None else "")
-                   + f"{meta.get('samples', {}).get(name, '?')} samples per method. Plot: `pareto_{name}{suffix}.png`;"
+                   + f"{_samples_text(meta, name)} samples per method. Plot: `pareto_{name}{suffix}.png`;"
                    f" every run: `quality_{name}{suffix}.csv`."]  # fmt: skip
         for steps in sorted({r["steps"] for r in rows}):
             lines, verdicts = front_table(rows, steps)
             all_ok[(name, steps)] = all(verdicts)
-            report += ["", f"### {steps} steps: the Pareto front at 2x, 2.5x, 2.9x fewer block passes", ""] + lines
+            tags = ", ".join(tag for _, tag in levels(steps))
+            report += ["", f"### {steps} steps: the Pareto front (tcpade's best sweep point) against the best peer "
+                       f"at {tags}", ""] + lines
             report += ["", "Presets:"] + presets_on_front(rows, steps)
             report += ["", "Best PSNR per predictor/policy at each level:", ""] + combo_table(rows, steps)
             if steps == 20:
@@ -433,7 +513,7 @@ def write_report(out_dir, suffix, meta, results):
                 report.append(f"| {r['label']} | {r.get('passes', '')} | {r['speedup']:.2f} | "
                               f"{r['wall_speedup']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['acc']:.3f} | "
                               f"{r['fd']:.2f} |")  # fmt: skip
-    report += ["", "## Goal: >= 2 dB over every peer at 2x, 2.5x, 2.9x", ""]
+    report += ["", "## Best sweep point: >= 2 dB over every peer at every level", ""]
     for (name, steps), ok in all_ok.items():
         report.append(f"- {name}, {steps} steps: {'met' if ok else 'NOT met'}")
     path = os.path.join(out_dir, f"quality{suffix}.md")
@@ -442,39 +522,79 @@ def write_report(out_dir, suffix, meta, results):
     return path, all_ok
 
 
+def _samples_text(meta, name):
+    n = meta.get("samples", {}).get(name, "?")
+    if isinstance(n, dict):
+        return ", ".join(f"{v} at {k} steps" for k, v in sorted(n.items(), key=lambda kv: int(kv[0])))
+    return str(n)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=None, help="comma-separated zoo names (default: all; --quick: flux-digits)")
-    p.add_argument("--steps", default=None, help="comma-separated step counts (default 20,50; --quick: 20)")
+    p.add_argument("--models", default=None, help="comma-separated zoo names (default: every zoo model; --quick: "
+                   "flux-digits; --report-only: every model with a CSV in --out)")  # fmt: skip
+    p.add_argument("--steps", default=None, help="comma-separated step counts (default 10,20,28,50; --quick: 20)")
+    p.add_argument("--samples", type=int, default=None, help="at most this many samples per model (default: all)")
+    p.add_argument("--presets-only", action="store_true", help="tcpade's presets without its knob sweeps")
+    p.add_argument("--merge", action="store_true", help="keep the rows of other step counts already in the CSVs")
     p.add_argument("--quick", action="store_true", help="few samples, few knob values: the CI smoke run")
     p.add_argument("--out", default=OUT)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     p.add_argument("--report-only", action="store_true", help="re-render the report and plots from the CSVs in --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = args.models.split(",") if args.models else (["flux-digits"] if args.quick else zoo.names())
-    steps_list = [int(s) for s in args.steps.split(",")] if args.steps else ([20] if args.quick else [20, 50])
-    os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
+    csv_path = lambda name: os.path.join(args.out, f"quality_{name}{suffix}.csv")  # noqa: E731
+    if args.models:
+        names = args.models.split(",")
+    elif args.quick:
+        names = ["flux-digits"]
+    elif args.report_only:
+        names = [n for n in zoo.names() if os.path.exists(csv_path(n))]
+    else:
+        names = zoo.names()
+    unknown = [n for n in names if n not in zoo.SPECS]
+    if unknown:
+        raise SystemExit(f"--models: unknown zoo model(s) {unknown}; known: {zoo.names()}")
+    steps_list = [int(s) for s in args.steps.split(",")] if args.steps else ([20] if args.quick else list(STEPS_DEFAULT))
+    os.makedirs(args.out, exist_ok=True)
     meta_path = os.path.join(args.out, f"quality_meta{suffix}.json")
     results = {}
-    if args.report_only:
+    old_meta = {}
+    if os.path.exists(meta_path):
         with open(meta_path) as f:
-            meta = json.load(f)
+            old_meta = json.load(f)
+    if args.report_only:
+        meta = old_meta
         for name in names:
-            results[name] = read_csv(os.path.join(args.out, f"quality_{name}{suffix}.csv"))
+            results[name] = read_csv(csv_path(name))
     else:
+        command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, tcpade=tcpade.__version__,
-                    date=time.strftime("%Y-%m-%d"), command="python bench/quality.py " + " ".join(argv or sys.argv[1:]),
-                    judges={}, samples={})  # fmt: skip
+                    date=time.strftime("%Y-%m-%d"), commands=[command], judges={}, samples={})  # fmt: skip
+        if args.merge and old_meta:
+            meta["commands"] = old_meta.get("commands", [old_meta.get("command", "?")]) + [command]
+            meta["judges"] = old_meta.get("judges", {})
+            meta["samples"] = {k: v for k, v in old_meta.get("samples", {}).items() if isinstance(v, dict)}
+            if old_meta.get("note"):
+                meta["note"] = old_meta["note"]
         for name in names:
-            rows, judge = bench_model(name, steps_list, args.quick, lambda msg: print(msg, flush=True))
+            rows, judge = bench_model(name, steps_list, args.quick, lambda msg: print(msg, flush=True),
+                                      samples=args.samples, sweep=not args.presets_only)  # fmt: skip
             meta["judges"][name] = judge.train_acc
-            meta["samples"][name] = len(eval_set(name, args.quick)[0])
-            write_csv(rows, os.path.join(args.out, f"quality_{name}{suffix}.csv"))
+            n = len(eval_set(name, args.quick, args.samples)[0])
+            meta["samples"].setdefault(name, {}).update({str(t): n for t in steps_list})
+            if args.merge and os.path.exists(csv_path(name)):
+                rows = [r for r in read_csv(csv_path(name)) if r["steps"] not in steps_list] + rows
+                rows.sort(key=lambda r: r["steps"])
+            write_csv(rows, csv_path(name))
             results[name] = rows
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=1)
+            with open(meta_path, "w") as f:
+                json.dump(meta, f, indent=1)
+        if args.merge:  # models of earlier runs not run now stay in the report
+            for name in zoo.names():
+                if name not in results and os.path.exists(csv_path(name)):
+                    results[name] = read_csv(csv_path(name))
     for name, rows in results.items():
         pareto_plot(rows, name, os.path.join(args.out, f"pareto_{name}{suffix}.png"))
     path, all_ok = write_report(args.out, suffix, meta, results)

@@ -130,3 +130,61 @@ def test_gpu_check_dry_run(tmp_path):
         assert set(m["slow"]["computed"].values()) == {9} and set(m["fast"]["computed"].values()) == {7}
         assert m["fast"]["h_in_shape_ok"] and not m["fast"]["nonfinite"]
     assert "| target | measured | wanted |" in out
+
+
+def _row(group, label, steps, speedup, psnr):
+    return dict(model="m", steps=steps, group=group, label=label, knobs="", passes="", share=1 / speedup,
+                speedup=speedup, wall_speedup=speedup, psnr=psnr, ssim=1.0, acc=1.0, fd=0.0)  # fmt: skip
+
+
+def test_quality_preset_margins():
+    """The margins table judges presets only (a better tcpade sweep point does not count), takes the best
+    peer of any group at each level, and lists every miss: a level no preset reaches, a margin under 2 dB."""
+    import quality
+
+    rows = [
+        _row("full", "full", 20, 1.0, 100.0),
+        _row(quality.PRESET_GROUP, "slow", 20, 2.22, 45.0),
+        _row(quality.PRESET_GROUP, "fast", 20, 20 / 7, 40.0),
+        _row("tcpade rational/tsi", "sweep", 20, 20 / 7, 60.0),
+        _row("TaylorSeer (lite)", "ts", 20, 2.5, 41.0),
+        _row("cache-dit mask", "mask", 20, 2.0, 43.5),
+        _row("MagCache", "mag", 20, 1.5, 70.0),  # reaches no level
+    ]
+    lines, misses = quality.preset_margins(rows, "m", 20)
+    assert len(lines) == 3
+    # 2x: slow 45.0 vs mask 43.5 (the ts point at 2.5x is lower) -> +1.50 dB, a miss
+    assert "| 2x | 45.00 (slow, x2.22) | 43.50 (mask, x2.00) | +1.50 dB | **miss** |" in lines[0]
+    # 2.5x: only fast reaches it among the presets: 40.0 vs ts 41.0
+    assert "40.00 (fast" in lines[1] and "41.00 (ts" in lines[1] and "-1.00 dB" in lines[1]
+    # 2.9x (20/7, read back rounded): fast against no peer
+    assert "met (no peer)" in lines[2]
+    assert len(misses) == 2 and all(m.startswith("MISS m 20 steps") for m in misses)
+    rows.append(_row("TaylorSeer (lite)", "ts3", 20, 3.0, 30.0))
+    lines, misses = quality.preset_margins(rows, "m", 20)
+    assert "+10.00 dB | met |" in lines[2] and len(misses) == 2
+    # 50 steps: five levels; no preset at 4x is a miss
+    rows50 = [_row(quality.PRESET_GROUP, "fast", 50, 3.3, 50.0), _row("FirstBlockCache", "f", 50, 4.2, 20.0)]
+    lines, misses = quality.preset_margins(rows50, "m", 50)
+    assert [ln.split(" | ")[2] for ln in lines] == ["2x", "2.5x", "2.9x", "3x", "4x"]
+    assert "no preset reaches it" in lines[4] and misses[-1] == "MISS m 50 steps 4x: no preset reaches 4x"
+
+
+def test_quality_report_and_eval_set(tmp_path):
+    import quality
+
+    rows = {"flux-digits": [_row("full", "full", 20, 1.0, 100.0), _row(quality.PRESET_GROUP, "fast", 20, 2.9, 40.0),
+                            _row("cache-dit mask+DMD", "mask 7/20 w=3 DMD6", 20, 2.9, 39.0)]}  # fmt: skip
+    for r in rows["flux-digits"]:
+        r["model"] = "flux-digits"
+    meta = dict(machine="cpu", threads=1, torch="t", tcpade="v", date="d", commands=["python bench/quality.py x"],
+                samples={"flux-digits": {"20": 10}}, judges={"flux-digits": 1.0}, note="Reduced run.")  # fmt: skip
+    path, _ = quality.write_report(str(tmp_path), "", meta, rows)
+    text = open(path).read()
+    assert "Reduced run." in text and "10 at 20 steps samples per method" in text
+    assert "## The presets against the best peer" in text and "Misses: 3 of 3." in text
+    assert "| flux-digits | 20 | 2x | 40.00 (fast, x2.90) | 39.00 (mask 7/20 w=3 DMD6, x2.90) | +1.00 dB | **miss** |" in text
+    seeds, labels = quality.eval_set("flux-digits", False, samples=7)
+    assert labels == list(range(7)) and len(seeds) == 7  # classes in turn
+    assert quality.eval_set("dit-faces", False)[1][:4] == [0, 1, 0, 1]
+    assert [label for label, _ in quality.PRESETS] == ["slow", "fast", "paper", "adaptive"]

@@ -61,6 +61,8 @@ def test_every_group_runs_skips_and_restores(name):
     methods = _aggressive(name)
     groups = {meth.group for meth in methods}
     expected = set(peers.GROUPS) - ({"TaylorSeer (lite)"} if name == "dit-faces" else set())
+    if name != "wan-digits":  # SeaCache's built-in adapters: Wan (and Cosmos 3) only
+        expected.discard("SeaCache")
     assert groups == expected
     for meth in methods:
         meth.enable(m, STEPS, SEEDS, LABELS)
@@ -73,20 +75,25 @@ def test_every_group_runs_skips_and_restores(name):
         assert 0 < c.macs < full, (meth.label, c.macs / full)
         after = m.sample(SEEDS, LABELS, STEPS)
         assert torch.equal(after, base), meth.label
-        # Nothing left behind: no instance forward or extra submodule (cache-dit's DiT patch adds both).
+        # Nothing left behind: no instance forward or extra submodule (cache-dit's DiT patch adds both), no
+        # diffusers hook on the transformer or any of its modules, no cache config.
         assert "forward" not in m.transformer.__dict__, meth.label
         assert list(m.transformer.state_dict()) == keys, meth.label
+        assert getattr(m.transformer, "_cache_config", None) is None, meth.label
+        for mod_name, mod in m.transformer.named_modules():
+            reg = getattr(mod, "_diffusers_hook", None)
+            assert reg is None or not reg.hooks, (meth.label, mod_name, list(reg.hooks))
 
 
 def test_quick_sweeps_are_small_and_labels_unique():
     for name in zoo.names():
-        for steps in (20, 50):
+        for steps in (10, 20, 28, 50):
             full, quick = peers.peer_methods(name, steps), peers.peer_methods(name, steps, quick=True)
             assert len(quick) < len(full)
             assert len({x.label for x in full}) == len(full)
             for g in {x.group for x in full}:
                 assert 1 <= sum(x.group == g for x in quick) <= 2
-                assert 4 <= sum(x.group == g for x in full) <= 10
+                assert 3 <= sum(x.group == g for x in full) <= 10
 
 
 def test_cachedit_runs_repeat_exactly():
@@ -177,3 +184,85 @@ def test_mag_calibration_per_branch():
         want = [1.0] + [(norm[i] / (norm[i - 1] + 1e-8)).mean().item() for i in range(1, STEPS)]
         assert runs[b] == pytest.approx(want, rel=1e-6, abs=1e-6)
     assert runs[0] != runs[1]
+
+
+@pytest.mark.parametrize("steps", [10, 20, 28, 50])
+def test_evenly_spaced_masks_hit_their_pass_counts(steps):
+    for name in zoo.names():
+        counts = peers.mask_pass_counts(name, steps)
+        assert counts == sorted(set(counts), reverse=True) and all(3 <= p < steps for p in counts)
+        # the pass counts the benchmark compares at are in the grid (those of 3 passes or more)
+        assert {p for p in peers.level_passes(steps) if p >= 3} <= set(counts)
+    for passes in range(1, steps + 1):
+        for warmup in (0, 1, 2, 3):
+            mask = peers.evenly_spaced_mask(steps, passes, warmup)
+            assert len(mask) == steps and sum(mask) == passes and set(mask) <= {0, 1}
+            assert mask[: min(warmup, passes)] == [1] * min(warmup, passes)
+            ones = [i for i, x in enumerate(mask) if x]
+            gaps = [b - a for a, b in zip(ones[min(warmup, passes) :], ones[min(warmup, passes) + 1 :])]
+            assert not gaps or max(gaps) - min(gaps) <= 1, (passes, warmup, mask)  # evenly spaced
+    with pytest.raises(ValueError, match="passes"):
+        peers.evenly_spaced_mask(steps, 0)
+    with pytest.raises(ValueError, match="passes"):
+        peers.evenly_spaced_mask(steps, steps + 1)
+
+
+def test_level_passes():
+    assert peers.level_passes(20) == [10, 8, 7]
+    assert peers.level_passes(50) == [25, 20, 17, 16, 12]
+    assert [t for _, t in peers.levels(50)] == ["2x", "2.5x", "2.9x", "3x", "4x"]
+    assert peers.level_passes(10) == [5, 4, 3] and peers.level_passes(28) == [14, 11, 9]
+
+
+def test_cachedit_mask_computes_exactly_the_masked_steps():
+    """An arbitrary mask (a schedule given as step indices): the masked-in steps run every block, the others
+    only the first block of each list, counted exactly; the output differs from the full run's and the
+    model is restored afterwards."""
+    m, base, full = _model("wan-digits")
+    with peers.count_macs(m.transformer, first_only=True) as c:
+        m.sample(SEEDS, LABELS, STEPS)
+    first_per_step, per_step = c.macs // STEPS, full // STEPS
+    assert 0 < first_per_step < per_step and c.macs == STEPS * first_per_step
+    computed = [0, 1, 3]  # not evenly spaced
+    mask = peers.mask_from_steps(computed, STEPS)
+    assert mask == [1, 1, 0, 1, 0, 0]
+    for cal in peers.MASK_CALIBRATORS:
+        meth = peers.cachedit_mask(mask, cal)
+        assert meth.label.startswith("mask 3/6 w=2")
+        meth.enable(m, STEPS, SEEDS, LABELS)
+        try:
+            with peers.count_macs(m.transformer) as run:
+                out = m.sample(SEEDS, LABELS, STEPS)
+        finally:
+            meth.disable(m)
+        assert run.macs == len(computed) * per_step + (STEPS - len(computed)) * first_per_step, meth.label
+        assert torch.isfinite(out).all() and not torch.equal(out, base), meth.label
+        assert torch.equal(m.sample(SEEDS, LABELS, STEPS), base), meth.label
+    share = peers.first_block_share("wan-digits")
+    assert share == pytest.approx(first_per_step / per_step, rel=1e-12)
+
+
+def test_cachedit_mask_bad_input():
+    with pytest.raises(ValueError, match="mask"):
+        peers.cachedit_mask([0, 1, 1])  # step 0 must be computed
+    with pytest.raises(ValueError, match="mask"):
+        peers.cachedit_mask([1, 2, 0])
+    with pytest.raises(ValueError, match="mask"):
+        peers.cachedit_mask([])
+    with pytest.raises(ValueError, match="computed steps"):
+        peers.mask_from_steps([0, 6], 6)
+    for bad in (("nope",), ("dmd",), ("taylorseer", 0), "foca"):
+        with pytest.raises(ValueError, match="calibrator"):
+            peers.cachedit_mask([1, 0], bad)
+    m = _model("wan-digits")[0]
+    meth = peers.cachedit_mask([1, 1, 0, 1])
+    with pytest.raises(ValueError, match="4 entries for a 6-step run"):
+        meth.enable(m, STEPS, SEEDS, LABELS)
+    meth.disable(m)  # nothing was applied: a no-op
+    assert torch.equal(m.sample(SEEDS, LABELS, STEPS), _model("wan-digits")[1])
+
+
+def test_seacache_only_where_it_runs():
+    for name in zoo.names():
+        groups = {x.group for x in peers.peer_methods(name, 20)}
+        assert ("SeaCache" in groups) == (zoo.SPECS[name].family == "wan"), name
