@@ -1,4 +1,4 @@
-"""torch.compile with tcpade (issue 5): eager and compiled, with and without tcpade.
+"""torch.compile with tcpade: eager and compiled, with and without tcpade.
 
 For each model family (FLUX, Wan, DiT) and each way of running the transformer
 
@@ -14,7 +14,7 @@ and each tcpade setting
 * off: the plain transformer;
 * on: ``tcpade.apply(transformer, TCPadeConfig.slow(), num_steps=20)`` (9 of 20 computed);
 * on/every-read: the same, but the Runtime reads every write's sums at the next call and
-  predicts after deciding (the behaviour before issue 5), to measure what deferring saves,
+  predicts after deciding (the behaviour of earlier tcpade versions), to measure what deferring saves,
 
 it runs one 20-step Euler loop as warm-up (compiling), then ``--reps`` loops under
 ``torch._dynamo.config.error_on_recompile=True``, and reports: the warm-up loop's time
@@ -63,7 +63,7 @@ STEPS = 20
 
 
 class EveryRead(Runtime):
-    """Runtime as before issue 5: every write's sums read at the next call (a wait at every
+    """Runtime as earlier tcpade versions read: every write's sums read at the next call (a wait at every
     call after a computed step) and a skip's prediction made after the decision. Also the
     oracle of tests/test_compile.py: the deferred reads must decide exactly as this does."""
 
@@ -197,7 +197,7 @@ def run_one(args, family, mode, setting):
     if setting != "off":
         rt = tcpade.apply(model, TCPadeConfig.slow(), num_steps=STEPS)
         if setting == "on/every-read":
-            rt.__class__ = EveryRead  # same state, the pre-issue-5 read schedule
+            rt.__class__ = EveryRead  # same state, the earlier read schedule
     call = model
     if mode == "full":
         call = torch.compile(model)

@@ -1,4 +1,4 @@
-"""The one prepared GPU check (../shared/gpu.md): correctness, microbenchmarks, end-to-end timings.
+"""The one prepared GPU check: correctness, microbenchmarks, end-to-end timings.
 
     python bench/gpu_check.py --out DIR          # on a CUDA machine (bench/gpu_check.sh wraps it)
     python bench/gpu_check.py --dry --out DIR    # the same code paths on CPU, tiny shapes and models
@@ -23,7 +23,7 @@ In one process, in this order (a short summary is printed LAST; full logs and JS
    CUDA-event times give a full step (computed calls) and a skipped step (skipped calls); the
    speedup is the ratio of loop times in this run; peak memory (max_memory_allocated) with and
    without tcpade.
-4. The targets of issue 6, each printed as met / not met.
+4. The kernel and end-to-end targets (README, bench/RESULTS.md), each printed as met / not met.
 
 Budget: about 6 minutes on an H100 (--budget-s; a section that would not fit is reported as
 not run, never silently dropped).

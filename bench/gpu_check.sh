@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared call for a lent GPU (../shared/gpu.md), about 6 minutes on an H100:
+# The one prepared check on a GPU machine, about 6 minutes on an H100:
 #   bash bench/gpu_check.sh                    # on the GPU machine, from the repository root
 # It installs what the machine lacks (diffusers and its one missing need, carried as wheels in
 # the git-ignored .whl/, see below), installs tcpade without the C++ extension (the GPU path is

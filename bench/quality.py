@@ -51,7 +51,7 @@ from tcpade import metrics, zoo  # noqa: E402
 from tcpade.config import TCPadeConfig  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results")
-# The operating points at 20 steps: 10, 8 and 7 of 20 block-stack passes.
+# The compared operating points at 20 steps: 10, 8 and 7 of 20 block-stack passes.
 LEVELS = ((2.0, "2x"), (2.5, "2.5x"), (20 / 7, "2.9x"))
 TCPADE = "tcpade"
 

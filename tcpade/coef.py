@@ -41,7 +41,7 @@ PADE_C = 16  # paper: c in den = 1 - 0.1*s*c (1 = curvature test passed)
 WAVG = 17  # paper fallback: 4 weights on (R1, R2, R3, R4), renormalised to the history
 NCOEF = 24
 
-# The paper's stage blend: R_hat = W_MAIN*main + C1*R1 + C2*R2 (method.md section 2).
+# The paper's stage blend: R_hat = W_MAIN*main + C1*R1 + C2*R2 (docs/method.md section 4).
 PAPER_STAGE_WEIGHTS = {
     "early": (0.0, 0.9, 0.1),
     "middle": (1.0, 0.0, 0.0),
@@ -128,7 +128,7 @@ def time_weights(times: Sequence[float], t_target: float, count: int) -> dict:
 
 
 def paper_curvature_flag(last_sums: Optional[Sequence[float]], count: int) -> float:
-    """The paper's c in den = 1 + a1*c (method.md section 2).
+    """The paper's c in den = 1 + a1*c (docs/method.md section 2).
 
     The published notes name a "curvature test" without stating it. Our choice: c = 1
     while fewer than 5 residuals are stored (as the notes say), else when the second

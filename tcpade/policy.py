@@ -7,7 +7,7 @@ runs the fused ops. ``begin`` and ``end`` are marked ``torch.compiler.disable``:
 compiled transformer runs them eagerly between its compiled regions (two graph breaks per
 call, no recompiles across steps; see the README's torch.compile section).
 
-Host synchronisation (issue 5). Each history write (a computed step's update pass, or a
+Host synchronisation. Each history write (a computed step's update pass, or a
 stored prediction) leaves 8 sums on the device; on CUDA their copy to pinned host memory
 is queued right behind the write, with an event, at the end of step k. The host reads
 them only when a decision depends on them: at a call whose compute-or-skip decision the
@@ -28,7 +28,7 @@ Policies (TCPadeConfig.policy):
   computed; any other step is skipped while three residuals are stored, the TSI of the
   newest one passes (TSI <= tsi_threshold) and fewer than max_skips steps in a row were
   skipped.
-* "error" (method.md section 7): at every computed step with enough history the
+* "error" (docs/method.md section 7): at every computed step with enough history the
   predictor first predicts that step (a probe into the ring's free slot), the update pass
   then measures e = ||R_hat - R|| / ||R||, and the next run of skipped steps is sized
   from e against the tolerance like an ODE solver's step: e <= tol/2 -> one step longer,

@@ -1,4 +1,4 @@
-"""Plain-torch reference of every tcpade op (method.md sections 2, 3, 5, 7).
+"""Plain-torch reference of every tcpade op (docs/method.md sections 2-5 and 7).
 
 This is the specification the Triton and C++ kernels are tested against, the "torch"
 line in the benchmarks, and the fallback backend when the native extension is absent.
@@ -15,7 +15,7 @@ Shared conventions (identical in every backend):
   input-change correction, then overwritten with the current h_in.
 * Returned ``sums`` (float32, 8 entries), with d1 = R1 - R2 and d2 = R_new - R1
   taken over the old R1, R2 and the newly written residual R_new:
-    0: sum d1^2   1: sum d2^2   2: sum d1*d2          (the TSI, method.md section 3)
+    0: sum d1^2   1: sum d2^2   2: sum d1*d2          (the TSI, docs/method.md section 3)
     3: sum (P - R_new)^2        (P: probe prediction in the write slot; 0 without)
     4: sum R_new^2              5: number of non-finite stored/output elements
     6: sum P^2                  7: reserved (0)
@@ -92,7 +92,7 @@ def update(
 
 
 def _paper_main(r1, r2, r3, r4, cf, cd):
-    """The paper's [2/1] form with trust region and fallbacks (method.md section 2)."""
+    """The paper's [2/1] form with trust region and fallbacks (docs/method.md section 2)."""
     d = (r1 - r2).abs()
     mag = 0.5 * (r1.abs() + r2.abs())
     s = torch.exp(-5.0 * d / (mag + 1e-7))
@@ -116,7 +116,7 @@ def _paper_main(r1, r2, r3, r4, cf, cd):
 
 
 def _rational_main(r1, r2, r3, cf, cd, rows_shape):
-    """Time-aware [1/1] Pade with one denominator per token row (method.md section 5)."""
+    """Time-aware [1/1] Pade with one denominator per token row (docs/method.md section 5)."""
     c = r1.shape[-1]
     if float(cf[K.ALP0]) == 0.0:
         # No R3 term (fewer than three residuals, or a degenerate grid): R3 is not read,

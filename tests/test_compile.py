@@ -1,4 +1,4 @@
-"""torch.compile of transformers with tcpade applied (issue 5).
+"""torch.compile of transformers with tcpade applied.
 
 For tiny random-weight FLUX, Wan and DiT transformers, with the ``slow`` preset (9 of 20
 steps computed), compiled two ways after ``tcpade.apply``:

@@ -23,7 +23,7 @@ def _run(args, tmp_path, timeout):
 
 def test_demo_runs_in_under_a_minute(tmp_path):
     out, cpu = _run(["-m", "tcpade", "demo", "--out", "demo", "--repeats", "1"], tmp_path, timeout=600)
-    # The bar for a newcomer's first command. The demo runs on one thread, so its CPU
+    # The bar for a newcomer's first command. The demo runs on one thread, so its CPU
     # time is its wall time on an idle machine (~8 s here, imports included); CPU time, unlike
     # wall time, does not grow when other jobs share the machine.
     assert cpu < 60, f"demo used {cpu:.1f} CPU seconds"
