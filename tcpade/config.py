@@ -67,12 +67,12 @@ _CHECKS = {
 class TCPadeConfig:
     predictor: str = "rational"
     """How a skipped step's residual is predicted: "paper" (the published [2/1] form),
-    "rational" (time-aware [1/1] Pade, method.md section 5), "reuse" (last residual) or
+    "rational" (time-aware [1/1] Pade, docs/method.md section 5), "reuse" (last residual) or
     "linear" (in schedule time). Not a speed knob: every predictor is one memory pass."""
 
     policy: str = "error"
     """Which steps are skipped: "tsi" (the paper: fixed always-computed steps, others
-    skipped while the TSI test passes) or "error" (method.md section 7: the measured
+    skipped while the TSI test passes) or "error" (docs/method.md section 7: the measured
     error of the predictor sizes the next run of skipped steps)."""
 
     warmup: int = 4
@@ -142,7 +142,7 @@ class TCPadeConfig:
     # ------------------------------------------------------------------- presets
     @classmethod
     def paper(cls, **overrides) -> "TCPadeConfig":
-        """The published method as closely as method.md sections 2-3 allow: paper
+        """The published method as closely as docs/method.md sections 2-4 allow: paper
         predictor, TSI policy, warm-up 4, every 4th step and the last step computed,
         predictions stored in the history, input-change correction 0.2. At 20 steps
         this computes 9 of 20 calls (2.22x) when the TSI never blocks a skip."""
@@ -172,7 +172,7 @@ class TCPadeConfig:
 
     @classmethod
     def adaptive(cls, **overrides) -> "TCPadeConfig":
-        """Error-controlled skipping (method.md section 7) with the rational predictor at
+        """Error-controlled skipping (docs/method.md section 7) with the rational predictor at
         tolerance 0.2: the compute adapts to the trajectory (on our trained models 10-11 of 20
         passes, 1.8-2.0x; 16 of 50, 3.1x) and it sits on the quality/compute Pareto front of
         the DiT and Wan zoo models at 20 steps (bench/results/quality.md)."""
