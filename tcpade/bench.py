@@ -116,6 +116,15 @@ class PipelineTarget:
         import torch
         from diffusers import DiffusionPipeline
 
+        from diffusers.utils import logging as diffusers_logging
+
+        try:  # loading bars would go to stderr; the table is the output
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+        except ImportError:
+            pass
+        diffusers_logging.disable_progress_bar()
         self.torch = torch
         self.pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -319,6 +328,7 @@ def add_cli(subparsers):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="video pipelines")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -349,7 +359,8 @@ def run_cli(args) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    call_kwargs = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    call_kwargs = dict(height=args.height, width=args.width, num_frames=args.num_frames,
+                       guidance_scale=args.guidance_scale)  # fmt: skip
     try:
         run(args.target, prompts=args.prompt, labels=args.labels, seeds=seeds, steps=args.steps, configs=configs,
             out=args.out, repeats=args.repeats, device=device, dtype=args.dtype, call_kwargs=call_kwargs,

@@ -188,6 +188,46 @@ def test_bench_on_a_saved_pipeline(tmp_path):
     assert h > 4 * 8 and w > 4 * 8  # four rows (methods), four columns (samples)
 
 
+def tiny_prompt_pipeline():
+    """A tiny random-weight WanPipeline that takes prompts: a word-level tokenizer and a one-layer
+    UMT5 text encoder built from configs (nothing downloaded); cond / uncond as two calls."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from test_adapters import _wan_transformer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    words = "a red fox in the snow lighthouse at dusk".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2))  # fmt: skip
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])  # fmt: skip
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=_wan_transformer(2),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))  # fmt: skip
+
+
+def test_bench_on_a_saved_prompt_pipeline(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "tiny-wan"
+    tiny_prompt_pipeline().save_pretrained(folder)
+    proc = _tcpade(["bench", str(folder), "--prompt", "a red fox in the snow", "--steps", "6", "--height", "32",
+                    "--width", "32", "--num-frames", "5", "--presets", "fast", "--threads", "1", "--out", "out"],
+                   tmp_path)  # fmt: skip
+    print(proc.stdout)
+    assert "WanPipeline, WanTransformer3DModel" in proc.stdout and "1 sample(s), 6 steps" in proc.stdout
+    rows = _table(proc.stdout)
+    # fast at 6 steps: warm-up 0-2 and step 4 computed, in each CFG branch: 4 of 6.
+    assert rows["full"][0] == "6/6" and rows["fast"][0] == "4/6", proc.stdout
+    assert float(rows["fast"][3]) > 0, proc.stdout
+    assert (tmp_path / "out" / "grid.png").stat().st_size > 500
+
+
 def test_bench_on_a_zoo_model(tmp_path):
     pytest.importorskip("matplotlib")
     proc = _tcpade(["bench", "dit-faces", "--labels", "0,1", "--steps", "10", "--presets", "fast", "--threads", "1",
