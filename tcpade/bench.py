@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .cli import Progress
+from .cli import Progress, require
 
 PRESETS = ("adaptive", "slow", "fast", "paper")
 
@@ -339,6 +339,7 @@ def add_cli(subparsers):
 
 def run_cli(args) -> int:
     p = args._parser
+    require("diffusers", "PIL", "matplotlib")
     if args.steps < 2:
         p.error("--steps must be >= 2")
     if args.repeats < 1:

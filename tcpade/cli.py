@@ -59,6 +59,12 @@ def _parser(chosen):
     return parser, modules
 
 
+def require(*modules: str) -> None:
+    """Import ``modules`` now, so that a missing extra stops a subcommand before any work."""
+    for name in modules:
+        importlib.import_module(name)
+
+
 def missing_extra(exc: ImportError, command: str):
     """The one-line message for a subcommand whose optional dependency is absent, or None."""
     name = (getattr(exc, "name", None) or "").split(".")[0]

@@ -14,7 +14,7 @@ import argparse
 import os
 import time
 
-from .cli import Progress
+from .cli import Progress, require
 
 # Imported by the ``tcpade`` command to build its parser: torch, diffusers and the zoo load
 # only when the demo runs.
@@ -116,6 +116,7 @@ def add_cli(subparsers):
 
 def run_cli(args) -> int:
     p = args._parser
+    require("diffusers", "safetensors", "PIL", "matplotlib")
     if args.steps < 2:
         p.error("--steps must be >= 2")
     if args.repeats < 1 or args.threads < 1:

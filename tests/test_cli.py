@@ -80,19 +80,21 @@ def test_subcommand_table_is_the_one_extension_point():
         assert callable(mod.add_cli) and callable(mod.run_cli) and help_line
 
 
-@pytest.mark.parametrize("missing, extra", [("diffusers", "demo"), ("PIL", "demo"), ("safetensors", "demo")])
-def test_missing_extra_is_one_line_naming_the_extra(tmp_path, missing, extra):
+@pytest.mark.parametrize("command, missing, extra", [("demo", "diffusers", "demo"), ("demo", "PIL", "demo"),
+                                                     ("demo", "safetensors", "demo"), ("bench", "matplotlib", "demo")])
+def test_missing_extra_is_one_line_naming_the_extra(tmp_path, command, missing, extra):
     # The module is made unimportable (None in sys.modules), as on an install without the extra.
+    args = ["demo", "--repeats", "1", "--steps", "2"] if command == "demo" else ["bench", "flux-digits"]
     code = (
         f"import sys; sys.modules[{missing!r}] = None\n"
         "from tcpade.cli import main\n"
-        "sys.exit(main(['demo', '--repeats', '1', '--steps', '2']))"
+        f"sys.exit(main({args!r}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    expected = f"tcpade demo: needs {missing}, which is not installed; install the extra: pip install 'tcpade[{extra}]'"
+    expected = f"tcpade {command}: needs {missing}, which is not installed; install the extra: pip install 'tcpade[{extra}]'"
     assert lines[-1] == expected and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
