@@ -126,7 +126,11 @@ class PipelineTarget:
             pass
         diffusers_logging.disable_progress_bar()
         self.torch = torch
-        self.pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True).to(device)
+        from diffusers.pipelines import pipeline_utils
+
+        # diffusers renamed torch_dtype to dtype (the old name warns); older versions know only torch_dtype.
+        key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+        self.pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype}, local_files_only=True).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
         self.title = f"pipeline {path} ({type(self.pipe).__name__}, {type(self.pipe.transformer).__name__})"
