@@ -210,7 +210,7 @@ def math_predict(h_in, ring, slots: tuple, cf: tuple, h_prev, variant: str, stor
 
 
 # ---------------------------------------------------- the published implementation's way
-# method.md sections 2-3 and 6: a Python list of residuals, fp32 temporaries, the TSI from
+# docs/method.md sections 2-4 and 9: a Python list of residuals, fp32 temporaries, the TSI from
 # whole-tensor norms read back to the host, and the predictor's fallbacks decided by host-side
 # checks of the whole tensor (torch.isfinite(...).all() -> a sync each). This is deliberately
 # a second copy of the paper predictor: the published code's SEQUENCE of separate tensor ops

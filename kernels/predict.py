@@ -1,4 +1,4 @@
-"""Fused predict pass: h_out = h_in + R_hat for a skipped step (method.md sections 2, 5).
+"""Fused predict pass: h_out = h_in + R_hat for a skipped step (docs/method.md sections 2, 4, 5).
 
 One memory pass: reads h_in (and h_prev), the residuals the variant needs, writes h_out
 and optionally R_eff into the history ring with its TSI sums (the paper's history rule,
@@ -202,7 +202,7 @@ def _predict_ew_kernel(
 
 @triton.jit
 def _rational_stats(y0, y1, y2, a0, a1, a2, t0, t1, t2, l1, l2):
-    """Per-row sums of one tile: S*T, T*T, Lty^2 and (R1 - R2)^2 (method.md section 5)."""
+    """Per-row sums of one tile: S*T, T*T, Lty^2 and (R1 - R2)^2 (docs/method.md section 5)."""
     S = a0 * y0 + a1 * y1 + a2 * y2
     T = a0 * t0 * y0 + a1 * t1 * y1 + a2 * t2 * y2
     lty = l1 * t1 * y1 + l2 * t2 * y2

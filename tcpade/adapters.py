@@ -1,6 +1,6 @@
 """Attach a TC-Padé controller to an unchanged diffusers transformer, through diffusers' own hooks.
 
-What is cached (method.md §1): per transformer call, ``h_in`` = the image-token hidden states
+What is cached (docs/method.md section 1): per transformer call, ``h_in`` = the image-token hidden states
 entering the FIRST transformer block, and ``h_out`` = the image-token hidden states leaving the
 LAST transformer block (before ``norm_out`` / ``proj_out``). On a skipped call no transformer
 block runs; the embeddings before the stack and the output norm / projection after it run

@@ -120,11 +120,18 @@ class Summary:
     def nonfinite(self, branch: str) -> List[int]:
         return [r.k for r in self.branches[branch] if r.nonfinite]
 
+    @property
+    def empty(self) -> bool:
+        """True when no transformer call has been recorded yet (nothing to summarise)."""
+        return not any(self.branches.values())
+
     def __str__(self) -> str:
         c = self.config
         lines = [
             f"tcpade: predictor={c.predictor} policy={c.policy}; history {self.history_bytes / 2**20:.2f} MiB",
         ]
+        if self.empty:
+            lines.append("nothing has run yet: no transformer call since tcpade.apply (run the pipeline first)")
         for name, recs in self.branches.items():
             n = len(recs)
             comp = sum(r.computed for r in recs)
@@ -152,7 +159,9 @@ class Summary:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError as exc:
-            raise ImportError("Summary.plot needs matplotlib (pip install matplotlib)") from exc
+            raise ImportError("Summary.plot needs matplotlib: pip install 'tcpade[plot]'") from exc
+        if self.empty:
+            raise RuntimeError("Summary.plot: nothing to plot, no transformer call has run yet (run the pipeline first)")
         fig, axes = plt.subplots(len(self.branches) or 1, 1, figsize=(8, 2.6 * max(1, len(self.branches))),
                                  squeeze=False)  # fmt: skip
         for ax, (name, recs) in zip(axes[:, 0], self.branches.items()):

@@ -17,6 +17,7 @@ models. The field defaults are the conservative end of ``adaptive()`` (tolerance
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -25,16 +26,53 @@ from . import coef as K
 POLICIES = ("tsi", "error")
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A TCPadeConfig field got a value of the wrong type (the message names the field)."""
+
+
+def _int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _finite(v):
+    return math.isfinite(v)
+
+
+# field -> (type wanted, its check, range allowed, its check); __post_init__ walks this table.
+_CHECKS = {
+    "predictor": ("a str", lambda v: isinstance(v, str), f"one of {K.VARIANTS}", lambda v: v in K.VARIANTS),
+    "policy": ("a str", lambda v: isinstance(v, str), f"one of {POLICIES}", lambda v: v in POLICIES),
+    "warmup": ("an int", _int, ">= 0", lambda v: v >= 0),
+    "interval": ("an int", _int, ">= 0", lambda v: v >= 0),
+    "final_steps": ("an int", _int, ">= 0", lambda v: v >= 0),
+    "tsi_threshold": ("a number", _real, "a number >= 0", lambda v: v >= 0.0),
+    "tolerance": ("a number", _real, "a finite number > 0", lambda v: _finite(v) and v > 0.0),
+    "max_skips": ("an int", _int, ">= 0", lambda v: v >= 0),
+    "store_predictions": ("a bool", lambda v: isinstance(v, bool), "True or False", lambda v: True),
+    "input_correction": ("None or a number", lambda v: v is None or _real(v), "None or a finite number",
+                         lambda v: v is None or _finite(v)),
+    "early_frac": ("a number", _real, "in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "late_frac": ("a number", _real, "in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "pole_delta": ("a number", _real, "in (0, 1)", lambda v: 0.0 < v < 1.0),
+    "kappa": ("a number", _real, "a finite number >= 0", lambda v: _finite(v) and v >= 0.0),
+    "history_slots": ("an int", _int, "an int >= 3", lambda v: v >= 3),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TCPadeConfig:
     predictor: str = "rational"
     """How a skipped step's residual is predicted: "paper" (the published [2/1] form),
-    "rational" (time-aware [1/1] Pade, method.md section 5), "reuse" (last residual) or
+    "rational" (time-aware [1/1] Pade, docs/method.md section 5), "reuse" (last residual) or
     "linear" (in schedule time). Not a speed knob: every predictor is one memory pass."""
 
     policy: str = "error"
     """Which steps are skipped: "tsi" (the paper: fixed always-computed steps, others
-    skipped while the TSI test passes) or "error" (method.md section 7: the measured
+    skipped while the TSI test passes) or "error" (docs/method.md section 7: the measured
     error of the predictor sizes the next run of skipped steps)."""
 
     warmup: int = 4
@@ -86,38 +124,25 @@ class TCPadeConfig:
     correction) hidden-state-sized tensors per CFG branch."""
 
     def __post_init__(self):
-        def bad(name, allowed, value):
-            raise ValueError(f"TCPadeConfig.{name} must be {allowed}, got {value!r}")
-
-        if self.predictor not in K.VARIANTS:
-            bad("predictor", f"one of {K.VARIANTS}", self.predictor)
-        if self.policy not in POLICIES:
-            bad("policy", f"one of {POLICIES}", self.policy)
-        for name in ("warmup", "interval", "final_steps", "max_skips"):
+        # One row per field: what type it takes, then what range. A wrong type raises
+        # ConfigTypeError (a TypeError, and a ValueError too, so ``except ValueError`` catches
+        # every bad config), a value out of range ValueError; both name the field.
+        for name, (kind, is_kind, allowed, ok) in _CHECKS.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                bad(name, "an int >= 0", v)
-        if not isinstance(self.history_slots, int) or self.history_slots < 3:
-            bad("history_slots", "an int >= 3", self.history_slots)
-        if not (isinstance(self.tsi_threshold, (int, float)) and self.tsi_threshold >= 0.0):
-            bad("tsi_threshold", "a number >= 0", self.tsi_threshold)
-        if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance > 0.0):
-            bad("tolerance", "a finite number > 0", self.tolerance)
-        if not (0.0 <= self.early_frac <= self.late_frac <= 1.0):
-            bad("early_frac/late_frac", "0 <= early_frac <= late_frac <= 1", (self.early_frac, self.late_frac))
-        if not (0.0 < self.pole_delta < 1.0):
-            bad("pole_delta", "in (0, 1)", self.pole_delta)
-        if not (math.isfinite(self.kappa) and self.kappa >= 0.0):
-            bad("kappa", "a finite number >= 0", self.kappa)
-        if self.input_correction is not None and not math.isfinite(self.input_correction):
-            bad("input_correction", "None or a finite number", self.input_correction)
-        if not isinstance(self.store_predictions, bool):
-            bad("store_predictions", "a bool", self.store_predictions)
+            if not is_kind(v):
+                raise ConfigTypeError(f"TCPadeConfig.{name} must be {kind}, got {type(v).__name__} {v!r}")
+            if not ok(v):
+                raise ValueError(f"TCPadeConfig.{name} must be {allowed}, got {v!r}")
+        if self.early_frac > self.late_frac:
+            raise ValueError(
+                f"TCPadeConfig.early_frac/late_frac must satisfy 0 <= early_frac <= late_frac <= 1, "
+                f"got early_frac={self.early_frac!r}, late_frac={self.late_frac!r}"
+            )
 
     # ------------------------------------------------------------------- presets
     @classmethod
     def paper(cls, **overrides) -> "TCPadeConfig":
-        """The published method as closely as method.md sections 2-3 allow: paper
+        """The published method as closely as docs/method.md sections 2-4 allow: paper
         predictor, TSI policy, warm-up 4, every 4th step and the last step computed,
         predictions stored in the history, input-change correction 0.2. At 20 steps
         this computes 9 of 20 calls (2.22x) when the TSI never blocks a skip."""
@@ -147,7 +172,7 @@ class TCPadeConfig:
 
     @classmethod
     def adaptive(cls, **overrides) -> "TCPadeConfig":
-        """Error-controlled skipping (method.md section 7) with the rational predictor at
+        """Error-controlled skipping (docs/method.md section 7) with the rational predictor at
         tolerance 0.2: the compute adapts to the trajectory (on our trained models 10-11 of 20
         passes, 1.8-2.0x; 16 of 50, 3.1x) and it sits on the quality/compute Pareto front of
         the DiT and Wan zoo models at 20 steps (bench/results/quality.md)."""

@@ -1,11 +1,11 @@
-"""``python -m tcpade demo``: TC-Pade on a really trained model, no download.
+"""``tcpade demo`` (or ``python -m tcpade demo``): TC-Pade on a really trained model, no download.
 
 Runs the zoo's default model (``flux-digits``: a FLUX-architecture transformer trained on
 scikit-learn's digits, shipped with tcpade) once with full computation and then with
 tcpade's presets, on the same seeds, and prints per run: block-stack passes, the wall-clock
 speedup measured in this run, and PSNR / SSIM against the full run. Writes a side-by-side
 image grid (rows: full, then each preset) and the TSI / skip-decision plot of the fast
-preset into ``--out``.
+preset into ``--out``. Needs the ``demo`` extra (``pip install 'tcpade[demo]'``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import argparse
 import os
 import time
 
-import torch
+from .cli import Progress, require
 
-from . import metrics, zoo
-from .config import TCPadeConfig
+# Imported by the ``tcpade`` command to build its parser: torch, diffusers and the zoo load
+# only when the demo runs.
 
 
 def _grid(rows, path, names):
@@ -38,11 +38,18 @@ def _grid(rows, path, names):
     canvas.save(path)
 
 
-def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0, threads=1):
+def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0, threads=1, progress=None):
+    import torch
+
+    from . import metrics, zoo
+    from .config import TCPadeConfig
+
     # One thread: the model is small (a 20-step run of 20 samples is ~0.3 s), and on a shared
     # machine OpenMP threads that spin-wait for a busy core cost more than they bring.
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    if model_name not in zoo.names():
+        raise ValueError(f"unknown zoo model {model_name!r}; available: {zoo.names()}")
     model = zoo.load(model_name)
     spec = model.spec
     if len(spec.sample_shape) != 3:
@@ -52,7 +59,9 @@ def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0
     methods = [("full", None), ("adaptive", TCPadeConfig.adaptive()), ("slow", TCPadeConfig.slow()),
                ("fast", TCPadeConfig.fast())]  # fmt: skip
 
+    bar = Progress(1 + repeats * len(methods), f"tcpade demo: {model_name}", enabled=progress)
     model.sample(seeds[:2], labels[:2], steps=steps)  # warm-up: first-call costs out of the timings
+    bar.step("warm-up")
     results = {}
     for _ in range(repeats):  # interleaved repeats, best of each: the ratios are measured side by side
         for name, cfg in methods:
@@ -64,6 +73,8 @@ def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0
             dt = time.perf_counter() - t0
             prev = results.get(name)
             results[name] = (images, summ, min(dt, prev[2]) if prev else dt)
+            bar.step(name)
+    bar.close()
     ref, _, t_full = results["full"]
     print(f"tcpade demo: {model_name} ({type(model.transformer).__name__}, "
           f"{sum(p.numel() for p in model.transformer.parameters()):,} parameters), {len(seeds)} samples, "
@@ -89,18 +100,39 @@ def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0
     return results
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tcpade demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--model", default="flux-digits", choices=[n for n in zoo.names() if n != "wan-digits"])
+def add_cli(subparsers):
+    p = subparsers.add_parser("demo", help="full computation vs tcpade's presets on a trained model shipped with tcpade",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="flux-digits", help="a zoo image model (flux-digits, dit-faces)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="tcpade-demo", help="folder for samples.png and tsi_fast.png")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = p.parse_args(argv)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stdout (default: when stdout is a terminal)")  # fmt: skip
+    p.set_defaults(_parser=p)
+    return p
+
+
+def run_cli(args) -> int:
+    p = args._parser
+    require("diffusers", "safetensors", "PIL", "matplotlib")
     if args.steps < 2:
         p.error("--steps must be >= 2")
     if args.repeats < 1 or args.threads < 1:
         p.error("--repeats and --threads must be >= 1")
-    run(args.model, args.steps, args.out, args.repeats, threads=args.threads)
+    from . import zoo
+
+    if args.model not in zoo.names():
+        p.error(f"--model: unknown zoo model {args.model!r}; available: {', '.join(zoo.names())}")
+    if len(zoo.SPECS[args.model].sample_shape) != 3:
+        p.error(f"--model: the demo draws images; {args.model!r} makes clips (use tcpade bench {args.model})")
+    run(args.model, args.steps, args.out, args.repeats, threads=args.threads, progress=args.progress)
     return 0
+
+
+def main(argv=None) -> int:
+    """``tcpade demo ARGS``."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(argv or [])])

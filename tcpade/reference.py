@@ -1,4 +1,4 @@
-"""Plain-torch reference of every tcpade op (method.md sections 2, 3, 5, 7).
+"""Plain-torch reference of every tcpade op (docs/method.md sections 2-5 and 7).
 
 This is the specification the Triton and C++ kernels are tested against, the "torch"
 line in the benchmarks, and the fallback backend when the native extension is absent.
@@ -15,7 +15,7 @@ Shared conventions (identical in every backend):
   input-change correction, then overwritten with the current h_in.
 * Returned ``sums`` (float32, ``tcpade.layout.SUMS`` in that order), with d1 = R1 - R2
   and d2 = R_new - R1 taken over the old R1, R2 and the newly written residual R_new:
-    d11 = sum d1^2, d22 = sum d2^2, d12 = sum d1*d2      (the TSI, method.md section 3)
+    d11 = sum d1^2, d22 = sum d2^2, d12 = sum d1*d2      (the TSI, docs/method.md section 3)
     err2 = sum (P - R_new)^2    (P: probe prediction in the write slot; 0 without)
     r2 = sum R_new^2            nonfinite = number of non-finite stored/predicted elements
 """
@@ -99,7 +99,7 @@ def update(
 
 
 def paper_pade(r1, r2, P=PAPER):
-    """The paper's [2/1] form with its trust region (method.md section 2), before the
+    """The paper's [2/1] form with its trust region (docs/method.md section 2), before the
     fallbacks; the constants are ``tcpade.layout.PAPER``'s. The published curvature flag c
     is always 1 (see ``tcpade.coef.paper_curvature_flag``): den = 1 - den_a * s."""
     d = (r1 - r2).abs()
@@ -131,7 +131,7 @@ def _paper_main(r1, r2, r3, r4, cf, cd):
 
 
 def _rational_main(r1, r2, r3, cf, cd, rows_shape):
-    """Time-aware [1/1] Pade with one denominator per token row (method.md section 5)."""
+    """Time-aware [1/1] Pade with one denominator per token row (docs/method.md section 5)."""
     c = r1.shape[-1]
     if float(cf[K.ALP0]) == 0.0:
         # No R3 term (fewer than three residuals, or a degenerate grid): R3 is not read,

@@ -3,7 +3,7 @@
 Random weights make trajectories meaningless for quality, so these tests check the
 mechanics: the share of calls skipped, that a skipped call runs no block, state per CFG
 branch, resets between pipeline calls, bit-identical output after remove(), and the
-handling of NaN. (Quality against the full run is the benchmark issue's job, on trained
+handling of NaN. (Quality against the full run is bench/quality.py's job, on trained
 models.)
 """
 

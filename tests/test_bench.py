@@ -3,7 +3,7 @@
 * the "same math" contenders (eager and torch.compile) of bench/_bench_common.py equal
   tcpade.reference, and the published code's unfused sequence computes the paper predictor
   and TSI that the reference does (on finite data), so the timings compare like with like;
-* the hidden-state shapes come out of the real configs as the issue states them;
+* the hidden-state shapes come out of the real configs as the README states them;
 * bench_predict.py's CPU mode, bench_cpu.py --quick and gpu_check.py --dry (every section:
   correctness, microbenchmarks, end to end through tcpade.apply on tiny FLUX/Wan/DiT) run.
 """

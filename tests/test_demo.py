@@ -22,8 +22,10 @@ def _run(args, tmp_path, timeout):
 
 
 def test_demo_runs_in_under_a_minute(tmp_path):
-    out, cpu = _run(["-m", "tcpade", "demo", "--out", "demo", "--repeats", "1"], tmp_path, timeout=600)
-    # The bar for a newcomer's first command. The demo runs on one thread, so its CPU
+    out, cpu = _run(["-m", "tcpade", "demo", "--out", "demo", "--repeats", "1", "--progress"], tmp_path, timeout=600)
+    # the progress bar (its carriage returns read as newlines here): warm-up + 4 methods
+    assert "tcpade demo: flux-digits [####" in out and "] 5/5 " in out
+    # The bar for a newcomer's first command. The demo runs on one thread, so its CPU
     # time is its wall time on an idle machine (~8 s here, imports included); CPU time, unlike
     # wall time, does not grow when other jobs share the machine.
     assert cpu < 60, f"demo used {cpu:.1f} CPU seconds"
@@ -45,6 +47,9 @@ def test_demo_cli_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tcpade", "demo", "--steps", "1"], cwd=tmp_path, capture_output=True,
                           text=True)  # fmt: skip
     assert proc.returncode == 2 and "--steps must be >= 2" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tcpade", "demo", "--model", "wan-digits"], cwd=tmp_path,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "the demo draws images; 'wan-digits' makes clips" in proc.stderr
 
 
 def test_quality_quick(tmp_path):

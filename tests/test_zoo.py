@@ -22,7 +22,7 @@ def test_weights_and_cards_ship_with_the_package():
         record = zoo.card(name)
         for key in ("steps", "seconds", "final_loss", "command", "machine", "params", "batch", "log"):
             assert key in record, (name, key)
-        assert record["seconds"] <= 25 * 60, "the issue's budget: about 20 minutes of CPU training per model"
+        assert record["seconds"] <= 25 * 60, "the budget: about 20 minutes of CPU training per model"
         assert os.path.exists(path.replace(".safetensors", ".md"))
         assert record["log"][-1][2] < record["log"][0][2] / 2, "the loss went down"
     assert total <= 10 * 2**20, f"zoo weights are {total / 2**20:.1f} MiB, the budget is 10 MB"

@@ -1,0 +1,375 @@
+"""``tcpade bench``: full computation against tcpade's presets, or your configs, on your own model.
+
+    tcpade bench ./my-flux --prompt "a red fox in the snow" --steps 20 --seeds 0,1
+    tcpade bench ./my-dit --labels 207,360 --steps 25
+    tcpade bench flux-digits --labels 3,7 --config warmup=1,interval=3,max_skips=2,final_steps=0
+
+TARGET is a local diffusers pipeline folder (``DiffusionPipeline.from_pretrained(TARGET)``
+with local files only: nothing is downloaded; e.g. a folder written by ``save_pretrained``)
+or the name of a zoo model shipped with tcpade. Every method runs every (prompt or class
+label, seed) pair from the same seeds: full computation first, then each preset or
+``--config``. Printed per method: block-stack passes per call, the fewer-passes ratio, the
+wall-clock speedup measured in this run (best of ``--repeats``, interleaved), and PSNR / SSIM
+against full computation. Written into ``--out``: ``grid.png`` (a row per method, a column
+per sample), ``quality_speed.png`` (PSNR against speedup) and ``results.csv``.
+
+A config is ``key=value,...`` (TCPadeConfig fields), optionally after a preset:
+``fast:interval=3`` or just ``paper``. Needs the ``demo`` extra (``pip install 'tcpade[demo]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .cli import Progress, require
+
+PRESETS = ("adaptive", "slow", "fast", "paper")
+
+
+class UsageError(ValueError):
+    """A bad target, prompt or label for ``tcpade bench`` (shown as a usage error, no traceback)."""
+
+
+def _value(text: str):
+    low = text.strip().lower()
+    if low == "none":
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_config(spec: str):
+    """``"[preset:]key=value,..."`` or ``"preset"`` -> TCPadeConfig (its own errors name the field)."""
+    from .config import TCPadeConfig
+
+    spec = spec.strip()
+    preset, _, rest = spec.rpartition(":") if ":" in spec else ("", "", spec)
+    if "=" not in rest and not preset:
+        preset, rest = rest, ""
+    kw = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = part.partition("=")
+        if not eq:
+            raise ValueError(f"config {spec!r}: {part!r} is not key=value")
+        kw[key.strip()] = _value(val)
+    fields = set(TCPadeConfig.__dataclass_fields__)
+    unknown = sorted(set(kw) - fields)
+    if unknown:
+        raise ValueError(f"config {spec!r}: unknown TCPadeConfig field(s) {unknown}; fields: {sorted(fields)}")
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"config {spec!r}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        return getattr(TCPadeConfig, preset)(**kw)
+    return TCPadeConfig(**kw)
+
+
+@dataclass
+class Result:
+    name: str
+    images: object  # (N, C, H, W) or (N, C, F, H, W) in [-1, 1]
+    passes: List[int] = field(default_factory=list)  # block-stack passes per call
+    steps: List[int] = field(default_factory=list)  # transformer calls per branch, per call
+    seconds: float = float("inf")
+
+
+class ZooTarget:
+    """A zoo model: one batched call of ``ZooModel.sample`` per method."""
+
+    def __init__(self, name, labels, seeds):
+        from . import zoo
+
+        self.model = zoo.load(name)
+        self.title = f"zoo model {name} ({type(self.model.transformer).__name__})"
+        nc = self.model.spec.num_classes
+        labels = [int(x) for x in labels] if labels else list(range(nc))
+        bad = [x for x in labels if not 0 <= x < nc]
+        if bad:
+            raise ValueError(f"--labels: {name} has classes 0..{nc - 1}, got {bad}")
+        self.items = [(lab, s) for lab in labels for s in seeds]
+        self.captions = [f"{lab}/s{s}" for lab, s in self.items]
+
+    def run(self, cfg, steps):
+        seeds, labels = [s for _, s in self.items], [lab for lab, _ in self.items]
+        if cfg is None:
+            return self.model.sample(seeds, labels, steps=steps), [], []
+        images, summ = self.model.sample(seeds, labels, steps=steps, config=cfg, return_summary=True)
+        return images, [max(len(summ.computed(b)) for b in summ.branches)], [max(len(r) for r in summ.branches.values())]
+
+
+class PipelineTarget:
+    """A local diffusers pipeline: one call per (prompt or label, seed)."""
+
+    def __init__(self, path, prompts, labels, seeds, device, dtype, call_kwargs):
+        import inspect
+
+        import torch
+        from diffusers import DiffusionPipeline
+
+        from diffusers.utils import logging as diffusers_logging
+
+        try:  # loading bars would go to stderr; the table is the output
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+        except ImportError:
+            pass
+        diffusers_logging.disable_progress_bar()
+        self.torch = torch
+        from diffusers.pipelines import pipeline_utils
+
+        # diffusers renamed torch_dtype to dtype (the old name warns); older versions know only torch_dtype.
+        key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+        self.pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype}, local_files_only=True).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.device = device
+        self.title = f"pipeline {path} ({type(self.pipe).__name__}, {type(self.pipe.transformer).__name__})"
+        params = inspect.signature(self.pipe.__call__).parameters
+        if "class_labels" in params and "prompt" not in params:
+            if prompts:
+                raise ValueError(f"{type(self.pipe).__name__} takes class labels, not prompts: use --labels")
+            labels = labels or ["0"]
+            ids = [int(x) if x.lstrip("-").isdigit() else x for x in labels]
+            if any(isinstance(x, str) for x in ids):
+                ids = self.pipe.get_label_ids(labels)  # names through the pipeline's id2label
+            conds = [{"class_labels": [i]} for i in ids]
+            names = [str(x) for x in labels]
+        elif "prompt" in params:
+            if labels:
+                raise ValueError(f"{type(self.pipe).__name__} takes prompts, not class labels: use --prompt")
+            prompts = prompts or ["a photograph of a red fox in the snow"]
+            conds = [{"prompt": p} for p in prompts]
+            names = [p[:12] for p in prompts]
+        else:
+            raise ValueError(f"{type(self.pipe).__name__}.__call__ takes neither prompt nor class_labels")
+        self.call_kwargs = {k: v for k, v in call_kwargs.items() if v is not None and k in params}
+        self.items = [(c, s) for c in conds for s in seeds]
+        self.captions = [f"{n}/s{s}" for n in names for s in seeds]
+
+    def _call(self, cond, seed, steps):
+        gen = self.torch.Generator(device="cpu").manual_seed(seed)
+        out = self.pipe(**cond, num_inference_steps=steps, generator=gen, output_type="np", **self.call_kwargs)
+        x = getattr(out, "images", None)
+        if x is None:
+            x = out.frames
+        x = self.torch.as_tensor(x if not isinstance(x, list) else x[0]).float()
+        if x.ndim == 3:
+            x = x[None]
+        x = x.movedim(-1, 1) if x.ndim == 4 else x.permute(0, 4, 1, 2, 3)  # NHWC -> NCHW, NFHWC -> NCFHW
+        return x * 2 - 1
+
+    def run(self, cfg, steps):
+        import tcpade
+
+        if cfg is not None:
+            tcpade.apply(self.pipe, cfg)
+        images, passes, calls = [], [], []
+        try:
+            for cond, seed in self.items:
+                images.append(self._call(cond, seed, steps))
+                if cfg is not None:
+                    s = tcpade.summary(self.pipe)
+                    passes.append(max(len(s.computed(b)) for b in s.branches))
+                    calls.append(max(len(r) for r in s.branches.values()))
+        finally:
+            if cfg is not None:
+                tcpade.remove(self.pipe)
+        return self.torch.cat(images), passes, calls
+
+
+def _grid(rows, captions, names, path):
+    """rows: per method a batch (N, C, H, W) or clips (N, C, F, H, W; middle frame) in [-1, 1]."""
+    from PIL import Image, ImageDraw
+
+    first = rows[0]
+    h, w = first.shape[-2:]
+    scale = max(1, 96 // max(h, w))
+    pad, label_w, top = 2, 90, 14
+    n = first.shape[0]
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = Image.new("RGB", (label_w + n * cell_w, top + len(rows) * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, cap in enumerate(captions):
+        draw.text((label_w + i * cell_w, 1), cap[: max(4, cell_w // 6)], fill=(0, 0, 0))
+    for r, (batch, name) in enumerate(zip(rows, names)):
+        if batch.ndim == 5:
+            batch = batch[:, :, batch.shape[2] // 2]
+        y0 = top + r * cell_h
+        draw.text((4, y0 + cell_h // 2 - 5), name[:14], fill=(0, 0, 0))
+        x = ((batch.clamp(-1, 1) + 1) * 127.5).round().byte()
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
+        arr = x.permute(0, 2, 3, 1).cpu().numpy()
+        for i in range(n):
+            tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (label_w + i * cell_w, y0))
+    canvas.save(path)
+
+
+def _plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, label in ((axes[0], "wall", "wall-clock speedup (x)"), (axes[1], "fewer", "fewer block-stack passes (x)")):
+        for row in rows[1:]:
+            ax.scatter([row[key]], [row["psnr"]], s=40)
+            ax.annotate(row["method"], (row[key], row["psnr"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axvline(1.0, color="0.7", lw=1)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PSNR against full computation (dB)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(target, *, prompts=(), labels=(), seeds=(0,), steps=20, configs=None, out="tcpade-bench", repeats=1,
+        device="cpu", dtype="float32", call_kwargs=None, threads=None, progress=None):  # fmt: skip
+    """Run the benchmark; returns the table rows (dicts) it printed."""
+    import torch
+
+    from . import metrics, zoo
+
+    if threads:
+        torch.set_num_threads(threads)
+    if configs is None:
+        configs = [(p, parse_config(p)) for p in PRESETS[:3]]
+    try:
+        if os.path.isdir(target):
+            tgt = PipelineTarget(target, list(prompts), list(labels), list(seeds), device, getattr(torch, dtype),
+                                 call_kwargs or {})  # fmt: skip
+        elif target in zoo.names():
+            if prompts:
+                raise ValueError(f"zoo model {target} takes class labels, not prompts: use --labels")
+            tgt = ZooTarget(target, list(labels), list(seeds))
+        else:
+            raise ValueError(f"{target!r} is neither a pipeline folder nor a zoo model ({', '.join(zoo.names())})")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    methods = [("full", None), *configs]
+    bar = Progress(1 + repeats * len(methods), "tcpade bench", enabled=progress)
+    tgt.run(None, steps)  # warm-up: first-call costs stay out of the timings
+    bar.step("warm-up")
+    results = {}
+    for _ in range(repeats):  # interleaved: every method sees the same machine load
+        for name, cfg in methods:
+            t0 = time.perf_counter()
+            images, passes, calls = tgt.run(cfg, steps)
+            dt = time.perf_counter() - t0
+            res = results.setdefault(name, Result(name, images, passes, calls))
+            res.seconds = min(res.seconds, dt)
+            bar.step(name)
+    bar.close()
+
+    ref = results["full"]
+    rows = []
+    ncalls = len(tgt.items) if isinstance(tgt, PipelineTarget) else 1
+    print(f"tcpade bench: {tgt.title}; {len(tgt.items)} sample(s), {steps} steps, best of {repeats}, "
+          f"{device} {dtype}, {torch.get_num_threads()} thread(s)")  # fmt: skip
+    print(f"{'method':22s} {'passes':>8s} {'fewer passes':>13s} {'wall speedup':>13s} {'PSNR dB':>8s} {'SSIM':>7s}")
+    for name, _ in methods:
+        r = results[name]
+        total = max(r.steps) if r.steps else steps
+        passes = sum(r.passes) / len(r.passes) if r.passes else total
+        if r is ref:
+            psnr, ssim = float("inf"), 1.0
+        else:
+            psnr = float(metrics.psnr(r.images, ref.images).mean())
+            try:
+                ssim = float(metrics.ssim(r.images, ref.images).mean())
+            except ValueError:  # images smaller than SSIM's 7x7 window
+                ssim = float("nan")
+        row = dict(method=name, passes=passes, steps=total, fewer=total / passes, wall=ref.seconds / r.seconds,
+                   psnr=psnr, ssim=ssim, seconds=r.seconds / ncalls)  # fmt: skip
+        rows.append(row)
+        p_txt = f"{passes:g}/{total}"
+        print(f"{name[:22]:22s} {p_txt:>8s} {row['fewer']:>12.2f}x {row['wall']:>12.2f}x "
+              f"{psnr:>8.2f} {ssim:>7.4f}")  # fmt: skip
+    os.makedirs(out, exist_ok=True)
+    grid, plot, table = (os.path.join(out, f) for f in ("grid.png", "quality_speed.png", "results.csv"))
+    _grid([results[n].images for n, _ in methods], tgt.captions, [n for n, _ in methods], grid)
+    _plot(rows, plot, f"tcpade bench: {tgt.title}, {steps} steps")
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nwrote {grid} (rows: {', '.join(n for n, _ in methods)}), {plot} and {table}")
+    return rows
+
+
+def _list(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_cli(subparsers):
+    p = subparsers.add_parser("bench", help="full computation vs presets/configs on your diffusers pipeline or a zoo model",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("target", help="a local diffusers pipeline folder, or a zoo model name (flux-digits, ...)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--labels", type=_list, default=[], help="class labels, comma-separated (class pipelines, zoo)")
+    p.add_argument("--seeds", type=_list, default=["0"], help="seeds, comma-separated (default 0)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--presets", type=_list, default=None,
+                   help=f"presets to run, comma-separated (default adaptive,slow,fast; all: {','.join(PRESETS)})")
+    p.add_argument("--config", action="append", default=[], metavar="[PRESET:]KEY=VALUE,...",
+                   help="a TCPadeConfig to run (repeat for several); given alone, it replaces the presets")
+    p.add_argument("--out", default="tcpade-bench", help="folder for grid.png, quality_speed.png, results.csv")
+    p.add_argument("--repeats", type=int, default=1, help="timing repeats (best of)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="video pipelines")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stdout (default: when stdout is a terminal)")  # fmt: skip
+    p.set_defaults(_parser=p)
+    return p
+
+
+def run_cli(args) -> int:
+    p = args._parser
+    require("diffusers", "PIL", "matplotlib")
+    if args.steps < 2:
+        p.error("--steps must be >= 2")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    try:
+        seeds = [int(s) for s in args.seeds]
+    except ValueError:
+        p.error(f"--seeds must be integers, got {','.join(args.seeds)}")
+    try:
+        presets = args.presets if args.presets is not None else ([] if args.config else list(PRESETS[:3]))
+        configs = [(s, parse_config(s)) for s in [*presets, *args.config]]
+    except (TypeError, ValueError) as exc:
+        p.error(str(exc))
+    if not configs:
+        p.error("nothing to compare: give --presets or --config")
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    call_kwargs = dict(height=args.height, width=args.width, num_frames=args.num_frames,
+                       guidance_scale=args.guidance_scale)  # fmt: skip
+    try:
+        run(args.target, prompts=args.prompt, labels=args.labels, seeds=seeds, steps=args.steps, configs=configs,
+            out=args.out, repeats=args.repeats, device=device, dtype=args.dtype, call_kwargs=call_kwargs,
+            threads=args.threads, progress=args.progress)  # fmt: skip
+    except UsageError as exc:
+        p.error(str(exc))
+    return 0

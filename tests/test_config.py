@@ -1,0 +1,98 @@
+"""Clear messages for a bad TCPadeConfig and for a summary with nothing in it."""
+
+import dataclasses
+
+import pytest
+
+import tcpade
+from tcpade.config import _CHECKS, ConfigTypeError, TCPadeConfig
+from tcpade.policy import Runtime
+
+# A value of the wrong type for every field (a str where a number goes, a number where a str
+# or a bool goes, a float where an int goes, a bool where an int goes).
+WRONG_TYPE = {
+    "predictor": 3,
+    "policy": None,
+    "warmup": 2.0,
+    "interval": "4",
+    "final_steps": True,
+    "tsi_threshold": "0.5",
+    "tolerance": "0.1",
+    "max_skips": 1.5,
+    "store_predictions": 1,
+    "input_correction": "0.2",
+    "early_frac": "0.3",
+    "late_frac": [0.8],
+    "pole_delta": "0.3",
+    "kappa": None,
+    "history_slots": 3.0,
+}
+
+
+def test_every_field_has_a_check():
+    """A field added to TCPadeConfig without a row in its validation table fails here."""
+    fields = [f.name for f in dataclasses.fields(TCPadeConfig)]
+    assert sorted(_CHECKS) == sorted(fields)
+    assert sorted(WRONG_TYPE) == sorted(fields)
+
+
+@pytest.mark.parametrize("field", sorted(WRONG_TYPE))
+def test_wrong_type_names_the_field_and_the_type(field):
+    value = WRONG_TYPE[field]
+    with pytest.raises(TypeError) as info:
+        TCPadeConfig(**{field: value})
+    msg = str(info.value)
+    assert msg.startswith(f"TCPadeConfig.{field} must be "), msg
+    assert type(value).__name__ in msg and repr(value) in msg, msg
+    # Also a ValueError: `except ValueError` catches every bad config.
+    assert isinstance(info.value, ValueError) and isinstance(info.value, ConfigTypeError)
+
+
+def test_pole_delta_as_string():
+    with pytest.raises(TypeError, match=r"^TCPadeConfig\.pole_delta must be a number, got str '0\.3'$"):
+        TCPadeConfig(pole_delta="0.3")
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(pole_delta=1.5), r"TCPadeConfig\.pole_delta must be in \(0, 1\), got 1\.5"),
+        (dict(tolerance=float("nan")), r"TCPadeConfig\.tolerance must be a finite number > 0, got nan"),
+        (dict(tsi_threshold=float("nan")), r"TCPadeConfig\.tsi_threshold must be a number >= 0, got nan"),
+        (dict(history_slots=2), r"TCPadeConfig\.history_slots must be an int >= 3, got 2"),
+        (dict(predictor="pade"), r"TCPadeConfig\.predictor must be one of \('paper', 'rational'"),
+        (dict(early_frac=0.5, late_frac=0.4), r"early_frac <= late_frac .* early_frac=0\.5, late_frac=0\.4"),
+        (dict(late_frac=1.2), r"TCPadeConfig\.late_frac must be in \[0, 1\], got 1\.2"),
+    ],
+)
+def test_out_of_range_names_field_and_range(kw, message):
+    with pytest.raises(ValueError, match=message) as info:
+        TCPadeConfig(**kw)
+    assert not isinstance(info.value, TypeError)
+
+
+def test_numpy_scalars_and_ints_for_floats_are_accepted():
+    np = pytest.importorskip("numpy")
+    cfg = TCPadeConfig(warmup=np.int64(2), tolerance=np.float32(0.1), pole_delta=0.25, kappa=1, early_frac=0)
+    assert cfg.warmup == 2 and cfg.kappa == 1
+    # The presets pass their own check.
+    for preset in (TCPadeConfig.paper, TCPadeConfig.slow, TCPadeConfig.fast, TCPadeConfig.adaptive):
+        assert isinstance(preset(), TCPadeConfig)
+
+
+def test_summary_before_any_run_says_so(tmp_path):
+    s = tcpade.summary(Runtime(TCPadeConfig.slow()))
+    assert s.empty
+    assert "nothing has run yet" in str(s)
+    pytest.importorskip("matplotlib")
+    with pytest.raises(RuntimeError, match="nothing to plot, no transformer call has run yet"):
+        s.plot(tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_summary_after_a_run_is_not_empty():
+    from test_policy import run  # the synthetic block stack
+
+    rt, _, _, _ = run(TCPadeConfig.slow(), 8)
+    s = tcpade.summary(rt)
+    assert not s.empty and "nothing has run yet" not in str(s)
