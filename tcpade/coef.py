@@ -111,18 +111,6 @@ def time_weights(times: Sequence[float], t_target: float, count: int) -> dict:
     return out
 
 
-def paper_curvature_flag(last_sums=None, count: int = 0) -> float:
-    """The published code's curvature flag c in den = 1 + a1 c: always 1.
-
-    The published code sets c = 1 while fewer than five residuals are stored, and after
-    that when the TSI is below 1.4; the TSI is at most 1, so the test always passes and
-    c = 1 at every step. The paper predictor therefore has no flag: its denominator is
-    1 - den_a s (tcpade.layout.PAPER). Kept for callers that still pass
-    ``pade_c=paper_curvature_flag(...)`` to ``build_coef``.
-    """
-    return 1.0
-
-
 def build_coef(
     variant: str,
     stage: str,
@@ -135,7 +123,6 @@ def build_coef(
     stage_weights: Optional[dict] = None,
     delta: float = 0.3,
     kappa: float = 0.0,
-    pade_c: float = 1.0,
 ) -> list:
     """The coefficient vector (Python floats, float64) for one prediction.
 
@@ -146,7 +133,6 @@ def build_coef(
     "paper", the main prediction alone for the others).
     delta: pole guard margin, 0 < delta < 1 (larger = safer, closer to linear).
     kappa: rational's bound on its deviation from linear (>= 0, 0 = off).
-    pade_c: must be 1 (see ``paper_curvature_flag``); accepted for existing callers.
     """
     v = L.variant(variant)
     if stage not in STAGES:
@@ -155,8 +141,6 @@ def build_coef(
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not kappa >= 0.0:
         raise ValueError(f"kappa must be >= 0, got {kappa}")
-    if pade_c != 1.0:
-        raise ValueError(f"pade_c must be 1 (the published curvature test always passes), got {pade_c}")
     if nslots < 3:
         raise ValueError(f"nslots must be >= 3, got {nslots}")
     c = [0.0] * NCOEF

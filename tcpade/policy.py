@@ -456,12 +456,6 @@ class Runtime:
         kw = dict(delta=c.pole_delta, kappa=c.kappa)
         if c.input_correction is not None:
             kw["gamma"] = c.input_correction
-        if c.predictor == "paper":
-            last = None
-            if b.history.count >= 5 and b.newest is not None:  # only then does the flag read the sums
-                self._fold(b)
-                last = b.newest.sums.get()
-            kw["pade_c"] = K.paper_curvature_flag(last, b.history.count)
         return b.history.coef(c.predictor, stage, t, **kw)
 
 

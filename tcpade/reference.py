@@ -101,7 +101,7 @@ def update(
 def paper_pade(r1, r2, P=PAPER):
     """The paper's [2/1] form with its trust region (docs/method.md section 2), before the
     fallbacks; the constants are ``tcpade.layout.PAPER``'s. The published curvature flag c
-    is always 1 (see ``tcpade.coef.paper_curvature_flag``): den = 1 - den_a * s."""
+    is always 1 (its test compares the TSI, at most 1, with 1.4): den = 1 - den_a * s."""
     d = (r1 - r2).abs()
     mag = 0.5 * (r1.abs() + r2.abs())
     s = torch.exp(-P.s_rate * d / (mag + P.s_eps))

@@ -80,26 +80,14 @@ def test_wavg_renormalised_to_history():
     assert c[K.WAVG : K.WAVG + 4] == pytest.approx([0.4, 0.3, 0.2, 0.1])
 
 
-def test_paper_curvature_flag_is_always_one():
-    # The published test compares the TSI (<= 1) with 1.4: it always passes, so c = 1.
-    for sums, count in [(None, 3), ([1.0, 1.0, -1.0], 5), ([float("nan"), 1.0, 0.0], 7)]:
-        assert K.paper_curvature_flag(sums, count) == 1.0
+def test_paper_has_no_curvature_flag():
+    # The published test compares the TSI (<= 1) with 1.4: it always passes, so c = 1 and
+    # the coefficients carry no flag.
     args = dict(variant="paper", stage="middle", times=[0.5, 0.6, 0.7], t_target=0.4, count=3, nslots=3)
-    assert K.build_coef(**args, pade_c=1.0) == K.build_coef(**args)
-    with pytest.raises(ValueError, match="pade_c must be 1"):
-        K.build_coef(**args, pade_c=0.0)
+    with pytest.raises(TypeError):
+        K.build_coef(**args, pade_c=1.0)
+    assert not hasattr(K, "paper_curvature_flag")
 
-
-@pytest.mark.parametrize(
-    "kw, match",
-    [
-        (dict(variant="pade"), "variant must be one of"),
-        (dict(stage="mid"), "stage must be one of"),
-        (dict(delta=1.0), "delta must be in"),
-        (dict(kappa=-1.0), "kappa must be >= 0"),
-        (dict(nslots=2), "nslots must be >= 3"),
-    ],
-)
 def test_bad_values_raise(kw, match):
     args = dict(variant="paper", stage="middle", times=[0.5, 0.6, 0.7], t_target=0.4, count=3, nslots=3)
     args.update(kw)
