@@ -88,6 +88,17 @@ def test_paper_has_no_curvature_flag():
         K.build_coef(**args, pade_c=1.0)
     assert not hasattr(K, "paper_curvature_flag")
 
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(variant="pade"), "variant must be one of"),
+        (dict(stage="mid"), "stage must be one of"),
+        (dict(delta=1.0), "delta must be in"),
+        (dict(kappa=-1.0), "kappa must be >= 0"),
+        (dict(nslots=2), "nslots must be >= 3"),
+    ],
+)
 def test_bad_values_raise(kw, match):
     args = dict(variant="paper", stage="middle", times=[0.5, 0.6, 0.7], t_target=0.4, count=3, nslots=3)
     args.update(kw)
