@@ -37,7 +37,8 @@ Policies (TCPadeConfig.policy):
   same (at least one), e <= 2 tol -> one shorter, else none; capped by max_skips.
 
 With a trajectory-dependent policy a non-finite value (a computed h_out, or a
-prediction's fallback) forces full computation for the rest of that branch's run.
+prediction's fallback, read together with the next history write) forces full computation
+for the rest of that branch's run.
 """
 
 from __future__ import annotations
