@@ -62,12 +62,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+
+from . import families
+from .families import BlockSpec
 
 __all__ = [
     "Adapter",
@@ -140,65 +143,40 @@ class _ArgReader:
 
 
 @dataclass(frozen=True)
-class BlockSpec:
-    """Where the image tokens are in one block class's inputs and outputs.
-
-    hidden_arg: parameter of the block's ``forward`` holding the image-token states.
-    encoder_arg: parameter holding the text stream that passes through on a skip (None: none).
-    image_index: None if the block returns a tensor (the image states); else the index of the
-        image states in the returned tuple.
-    encoder_index: index of the text stream in the returned tuple.
-    tuple_len: length of the returned tuple.
-    """
-
-    hidden_arg: str = "hidden_states"
-    encoder_arg: Optional[str] = None
-    image_index: Optional[int] = None
-    encoder_index: Optional[int] = None
-    tuple_len: int = 2
-
-    def image_of(self, output) -> torch.Tensor:
-        return output if self.image_index is None else output[self.image_index]
-
-    def assemble(self, block: torch.nn.Module, encoder: Optional[torch.Tensor], image: torch.Tensor):
-        """The block's normal return structure, with ``image`` as the image states and the input text
-        stream ``encoder`` passed through."""
-        if self.image_index is None:
-            return image
-        out: List[Any] = [None] * self.tuple_len
-        out[self.image_index] = image
-        if self.encoder_index is not None:
-            out[self.encoder_index] = encoder
-        return tuple(out)
-
-
-@dataclass(frozen=True)
-class _SD3BlockSpec(BlockSpec):
-    def assemble(self, block, encoder, image):
-        # JointTransformerBlock returns (encoder_hidden_states, hidden_states); a block built with
-        # context_pre_only=True (SD3's last block) returns (None, hidden_states).
-        return (None if getattr(block, "context_pre_only", False) else encoder, image)
-
-
-@dataclass(frozen=True)
 class Adapter:
-    """How tcpade finds h_in and h_out in one transformer family. See the module docstring."""
+    """How tcpade finds h_in and h_out in one transformer family. See the module docstring.
+
+    blocks: specs for block classes (by class name) that override ``families.block_spec``.
+    control_args: the transformer ``forward``'s arguments that carry block-level control
+        residuals; a call that gets any of them is computed (reason "control").
+    """
 
     name: str
     stacks: Tuple[str, ...]
-    blocks: Dict[str, BlockSpec]  # block class name -> spec
+    blocks: Dict[str, BlockSpec] = field(default_factory=dict)
     timestep_arg: str = "timestep"
+    control_args: Tuple[str, ...] = ()
     notes: str = ""
 
     def spec_for(self, block: torch.nn.Module) -> BlockSpec:
         for cls in type(block).__mro__:
             if cls.__name__ in self.blocks:
                 return self.blocks[cls.__name__]
-        raise TypeError(
-            f"tcpade adapter {self.name!r}: block class {type(block).__name__} is not one of "
-            f"{sorted(self.blocks)}; the installed diffusers does not match this adapter "
-            "(see the recipe in tcpade/adapters.py's docstring)."
-        )
+        spec = families.block_spec(block)
+        if spec is None:
+            raise TypeError(
+                f"tcpade adapter {self.name!r}: block class {type(block).__name__} is neither in diffusers' "
+                "TransformerBlockRegistry nor in tcpade.families.OWN_BLOCKS; the installed diffusers does not "
+                "match this adapter (see the recipe in tcpade/adapters.py's docstring)."
+            )
+        names = _param_names(type(block).forward)
+        for arg in (spec.hidden_arg, spec.encoder_arg):
+            if arg is not None and arg not in names:
+                raise TypeError(
+                    f"tcpade adapter {self.name!r}: {type(block).__name__}.forward has no parameter {arg!r} "
+                    f"(its parameters: {names}); the installed diffusers does not match this adapter"
+                )
+        return spec
 
     def stack(self, transformer: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
         out = []
@@ -214,48 +192,12 @@ class Adapter:
         return out
 
 
-# FLUX (transformer_flux.py, diffusers 0.42.1). h_in = x_embedder(hidden_states), the first
-# FluxTransformerBlock's `hidden_states`. Both block kinds take (hidden_states, encoder_hidden_states,
-# temb, image_rotary_emb, joint_attention_kwargs) and BOTH return (encoder_hidden_states, hidden_states):
-# the single-stream block concatenates text+image inside and splits them again before returning
-# (older diffusers passed the concatenation between single blocks; attach() would reject those).
-# After the loop: norm_out(hidden_states, temb) and proj_out use the image tokens only; the text
-# stream is dropped. On a skipped call the ControlNet residuals added between blocks are lost
-# except the one added after the last single block.
-_FLUX_BLOCK = BlockSpec("hidden_states", "encoder_hidden_states", image_index=1, encoder_index=0)
-
-# Wan (transformer_wan.py). h_in = patch_embedding(x).flatten(2).transpose(1, 2), the first
-# WanTransformerBlock's `hidden_states` (blocks are called positionally: hidden_states,
-# encoder_hidden_states, temb, rotary_emb). Blocks return the image tensor; the text is a
-# cross-attention input that no block changes. After the loop: norm_out/proj_out on image tokens.
-_WAN_BLOCK = BlockSpec("hidden_states")
-
-# DiT (dit_transformer_2d.py). h_in = pos_embed(x), the first BasicTransformerBlock's
-# `hidden_states`; blocks return a tensor. There are no text tokens (class labels enter through
-# adaLN). After the loop the model calls transformer_blocks[0].norm1.emb(...) (a SUBMODULE of the
-# first block, not its forward, so it runs on a skipped call), then norm_out, proj_out_1/2 on the
-# image tokens. DiTTransformer2DModel has no CacheMixin: the branch is "default" unless tcpade's
-# `cache_context` helper below is used.
-_DIT_BLOCK = BlockSpec("hidden_states")
-
-# SD3 (transformer_sd3.py). h_in = pos_embed(x).contiguous(), the first JointTransformerBlock's
-# `hidden_states`. Blocks return (encoder_hidden_states, hidden_states); the last block is built
-# with context_pre_only=True and returns (None, hidden_states). After the loop norm_out/proj_out use
-# the image tokens only. `skip_layers` (skip-layer guidance) makes the model not call some blocks:
-# the decision is taken in whichever hooked block runs first, and end() is still called (from the
-# root hook) if the last block was one of the skipped layers. SD3Transformer2DModel has no CacheMixin
-# in diffusers 0.42.1, so StableDiffusion3Pipeline calls run as "default" (it batches cond+uncond).
-_SD3_BLOCK = _SD3BlockSpec("hidden_states", "encoder_hidden_states", image_index=1, encoder_index=0)
-
+# One adapter per transformer class of tcpade.families.FAMILIES (the stack lists, the timestep and
+# control arguments, what runs after the stack); the block specs come from diffusers'
+# TransformerBlockRegistry and tcpade.families.OWN_BLOCKS.
 SUPPORTED: Dict[str, Adapter] = {
-    "FluxTransformer2DModel": Adapter(
-        "flux",
-        ("transformer_blocks", "single_transformer_blocks"),
-        {"FluxTransformerBlock": _FLUX_BLOCK, "FluxSingleTransformerBlock": _FLUX_BLOCK},
-    ),
-    "WanTransformer3DModel": Adapter("wan", ("blocks",), {"WanTransformerBlock": _WAN_BLOCK}),
-    "DiTTransformer2DModel": Adapter("dit", ("transformer_blocks",), {"BasicTransformerBlock": _DIT_BLOCK}),
-    "SD3Transformer2DModel": Adapter("sd3", ("transformer_blocks",), {"JointTransformerBlock": _SD3_BLOCK}),
+    cls: Adapter(f.name, f.stacks, timestep_arg=f.timestep_arg, control_args=f.control_args, notes=f.after_stack)
+    for cls, f in families.FAMILIES.items()
 }
 
 
@@ -295,6 +237,7 @@ class _CallState:
     active: bool = False
     branch: str = DEFAULT_BRANCH
     timestep: Any = None
+    force: Optional[str] = None
     decided: bool = False
     skip: bool = False
     ended: bool = False
@@ -302,8 +245,8 @@ class _CallState:
     pred: Optional[torch.Tensor] = None
     last_image: Optional[torch.Tensor] = None
 
-    def start(self, branch: str, timestep) -> None:
-        self.active, self.branch, self.timestep = True, branch, timestep
+    def start(self, branch: str, timestep, force: Optional[str] = None) -> None:
+        self.active, self.branch, self.timestep, self.force = True, branch, timestep, force
         self.decided = self.skip = self.ended = False
         self.h_in = self.pred = self.last_image = None
 
@@ -328,12 +271,13 @@ class _RootHook(ModelHook):
     # Stateful, with a StateManager attribute: diffusers' `cache_context` sets the context on it.
     _is_stateful = True
 
-    def __init__(self, state: _CallState, adapter: Adapter, timestep_reader: _ArgReader):
+    def __init__(self, state: _CallState, adapter: Adapter, timestep_reader: _ArgReader, controls=()):
         super().__init__()
         self.state_manager = StateManager(_NoState)
         self.call = state
         self.adapter = adapter
         self.timestep = timestep_reader
+        self.controls: List[_ArgReader] = list(controls)  # block-level control residuals: compute
         self.installed: List[_Installed] = []
 
     def branch(self) -> str:
@@ -344,7 +288,8 @@ class _RootHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         st = self.call
-        st.start(self.branch(), self.timestep(args, kwargs))
+        force = "control" if any(c(args, kwargs) is not None for c in self.controls) else None
+        st.start(self.branch(), self.timestep(args, kwargs), force)
         try:
             output = self.fn_ref.original_forward(*args, **kwargs)
             if st.decided and not st.skip and not st.ended and st.last_image is not None:
@@ -378,10 +323,16 @@ class _BlockHook(ModelHook):
         st = self.call
         if not st.active:  # called outside a hooked transformer call: behave as the plain block
             return self.fn_ref.original_forward(*args, **kwargs)
-        if not st.decided:
+        deciding = not st.decided
+        if deciding:
             st.decided = True
             h_in = self.read_hidden(args, kwargs)
-            pred = st.controller.begin(st.branch, h_in, st.timestep)
+            if st.force is None:
+                pred = st.controller.begin(st.branch, h_in, st.timestep)
+            else:
+                pred = st.controller.begin(st.branch, h_in, st.timestep, force=st.force)
+                if pred is not None:
+                    raise RuntimeError(f"tcpade controller.begin(force={st.force!r}) returned a prediction")
             if pred is None:
                 st.h_in = h_in
             else:
@@ -393,10 +344,13 @@ class _BlockHook(ModelHook):
                     )
                 st.skip, st.pred = True, pred
         if st.skip:
+            # The first block returns the prediction; every later one passes its own input stream
+            # on, which already holds it (and whatever the model concatenated to it in between).
             encoder = self.read_encoder(args, kwargs) if self.read_encoder is not None else None
-            return self.spec.assemble(module, encoder, st.pred)
+            stream = st.pred if deciding else self.read_hidden(args, kwargs)
+            return self.spec.assemble(module, encoder, stream)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        image = self.spec.image_of(output)
+        image = self.spec.image_of(module, output, st.h_in)
         if self.is_tail:
             st.end(image)
         else:
@@ -472,7 +426,10 @@ def attach(transformer, controller: Controller) -> None:
                 "tcpade.apply before transformer.enable_parallelism"
             )
     state = _CallState(controller)
-    root = _RootHook(state, adapter, _ArgReader(type(module).forward, adapter.timestep_arg))
+    fwd = type(module).forward
+    root = _RootHook(
+        state, adapter, _ArgReader(fwd, adapter.timestep_arg), [_ArgReader(fwd, n) for n in adapter.control_args]
+    )
     hooks = [
         _BlockHook(state, spec, block, is_tail=(i == len(blocks) - 1))
         for i, ((_, block), spec) in enumerate(zip(blocks, specs))

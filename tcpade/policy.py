@@ -107,6 +107,8 @@ class BranchState:
     runs: int = 0  # sampling runs started
     reset_pending: bool = False
     reader: Optional[Callable[["BranchState"], None]] = field(default=None, repr=False)
+    expert: str = ""  # the expert whose history ``history`` is (multi-expert pipelines)
+    experts: Dict[str, History] = field(default_factory=dict)  # the other experts' histories
 
     @property
     def records(self) -> List[StepRecord]:
@@ -212,13 +214,38 @@ class Runtime:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.history.nbytes for b in self.branches.values())
+        return sum(b.history.nbytes + sum(h.nbytes for h in b.experts.values()) for b in self.branches.values())
+
+    def _switch_expert(self, b: "BranchState", expert: str, h_in: torch.Tensor) -> None:
+        """Make ``expert``'s history the branch's history. Its residuals are not comparable with
+        the other expert's, so it starts empty; the sums of the writes made so far are read
+        first (they belong to the records of the calls that wrote them)."""
+        if b.unread:
+            self._read_writes(b)
+        b.experts[b.expert] = b.history
+        history = b.experts.pop(expert, None)
+        if history is None:
+            history = self.history_factory(nslots=self.config.history_slots, keep_prev_input=self._gamma != 0.0)
+        history.ensure(h_in)
+        history.reset()
+        b.history, b.expert = history, expert
+        b.last_values = None
+        b.run = b.run_left = 0
 
     # ------------------------------------------------------------------- protocol
     @torch.compiler.disable
-    def begin(self, branch: str, h_in: torch.Tensor, timestep) -> Optional[torch.Tensor]:
-        """Before the block stack: None to compute it, or the predicted h_out to skip it."""
+    def begin(
+        self, branch: str, h_in: torch.Tensor, timestep, force: Optional[str] = None, expert: str = ""
+    ) -> Optional[torch.Tensor]:
+        """Before the block stack: None to compute it, or the predicted h_out to skip it.
+
+        force: a reason to compute this call whatever the policy says (the adapter passes
+        "control" for a call carrying ControlNet residuals). expert: which transformer of a
+        multi-expert pipeline (Wan2.2) makes this call; each expert has its own history per
+        branch, while the step index, T and the stages run over the whole sampling run."""
         b = self._branch(branch)
+        if expert != b.expert:
+            self._switch_expert(b, expert, h_in)
         t = _scalar_time(timestep)
         total = self.total_steps()
         if b.pending is not None:
@@ -243,6 +270,8 @@ class Runtime:
             return self._compute(b, h_in, k, t, "steps-unknown", "middle", probe=False)
         c = self.config
         stage = K.stage_of(k, total, c.early_frac, c.late_frac)
+        if force is not None:
+            return self._compute(b, h_in, k, t, force, stage, probe=False)
         guess = None
         if b.unread and self._needs_sums(b, k, total):
             # The decision waits for the device anyway: queue the prediction first, when it

@@ -1,0 +1,483 @@
+"""Tiny random-weight transformers of every family tcpade supports (a helper module, not tests).
+
+``TINY[name]()`` builds one family: a transformer from a config (1-2 layers, 16-32 wide, a few
+hundred tokens at most, seeded), ``inputs(k)``: the keyword arguments of a distinct call k
+(its own noise and timestep, CFG-free), and ``out(result)``: the tensor to compare from what
+the transformer returns. ``PIPELINES[name]()`` builds the family's real diffusers pipeline
+around a tiny transformer (text encoders None, precomputed prompt embeddings) and returns
+``(pipe, generate)``; ``generate(steps=..., **kw)`` runs it to latents with a fixed generator.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+
+TXT = 5  # text tokens
+
+
+@dataclass
+class Tiny:
+    model: torch.nn.Module
+    inputs: Callable[[int], dict]
+    out: Callable = lambda r: r[0]  # noqa: E731
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rn(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def _ts(k, scale=1000.0, b=1):
+    return torch.full((b,), scale * (0.9 - 0.2 * k))
+
+
+def _ids2d(h, w, n_axes=3):
+    grid = torch.stack(torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
+    ids = torch.zeros(h * w, n_axes)
+    ids[:, n_axes - 2 :] = grid.reshape(-1, 2)
+    return ids
+
+
+def _eval(model):
+    # eval(): a freshly built model is in training mode (dropout, label dropping in DiT).
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------ transformers
+
+
+def flux_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return _eval(FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    ))  # fmt: skip
+
+
+def flux():
+    model = flux_transformer()
+    n = 16
+
+    def inputs(k):
+        g = _g(100 + k)
+        return dict(
+            hidden_states=_rn(g, 1, n, 16), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            pooled_projections=_rn(g, 1, 16), timestep=_ts(k, 1.0), img_ids=_ids2d(4, 4), txt_ids=torch.zeros(TXT, 3),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def flux2_transformer():
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return _eval(Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+    ))  # fmt: skip
+
+
+def flux2():
+    model = flux2_transformer()
+
+    def inputs(k):
+        g = _g(110 + k)
+        img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
+        txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(TXT))
+        return dict(
+            hidden_states=_rn(g, 1, 16, 16), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            img_ids=img_ids[None], txt_ids=txt_ids[None], timestep=_ts(k, 1.0), guidance=torch.ones(1),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def qwenimage_transformer():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return _eval(QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+    ))  # fmt: skip
+
+
+def qwenimage():
+    model = qwenimage_transformer()
+
+    def inputs(k):
+        g = _g(120 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 16, 16), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            encoder_hidden_states_mask=torch.ones(1, TXT, dtype=torch.long), timestep=_ts(k, 1.0),
+            img_shapes=[(1, 4, 4)],
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def wan_transformer(num_layers=2):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return _eval(WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ))  # fmt: skip
+
+
+def wan():
+    model = wan_transformer()
+
+    def inputs(k):
+        g = _g(130 + k)
+        return dict(hidden_states=_rn(g, 1, 16, 2, 8, 8), timestep=_ts(k), encoder_hidden_states=_rn(g, 1, TXT, 16))
+
+    return Tiny(model, inputs)
+
+
+def hunyuanvideo():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = _eval(HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(140 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 4, 2, 4, 4), timestep=_ts(k), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            encoder_attention_mask=torch.ones(1, TXT), pooled_projections=_rn(g, 1, 8),
+            guidance=torch.full((1,), 6000.0),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def hunyuanvideo15():
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(0)
+    model = _eval(HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(150 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 9, 2, 4, 4), timestep=_ts(k), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            encoder_attention_mask=torch.ones(1, TXT), encoder_hidden_states_2=_rn(g, 1, 3, 8),
+            encoder_attention_mask_2=torch.ones(1, 3), image_embeds=torch.zeros(1, 4, 12),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def hunyuanimage():
+    from diffusers import HunyuanImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = _eval(HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(4, 4),
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(160 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 4, 4, 4), timestep=_ts(k), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            encoder_attention_mask=torch.ones(1, TXT),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def ltx_transformer():
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return _eval(LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16,
+    ))  # fmt: skip
+
+
+def ltx():
+    model = ltx_transformer()
+
+    def inputs(k):
+        g = _g(170 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 2 * 4 * 4, 8), encoder_hidden_states=_rn(g, 1, TXT, 16), timestep=_ts(k),
+            encoder_attention_mask=torch.ones(1, TXT), num_frames=2, height=4, width=4,
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def zimage_transformer():
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return _eval(ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=16, n_layers=2, n_refiner_layers=1,
+        n_heads=1, n_kv_heads=1, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 16, 16],
+    ))  # fmt: skip
+
+
+def zimage():
+    model = zimage_transformer()
+
+    def inputs(k):
+        g = _g(180 + k)
+        return dict(x=[_rn(g, 16, 1, 8, 8)], cap_feats=[_rn(g, 7, 16)], t=torch.full((1,), 0.9 - 0.2 * k))
+
+    return Tiny(model, inputs, out=lambda r: torch.stack(r[0]))
+
+
+def cogview4_transformer():
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(0)
+    return _eval(CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=4, pos_embed_max_size=16, sample_size=8,
+        rope_axes_dim=(4, 4),
+    ))  # fmt: skip
+
+
+def cogview4():
+    model = cogview4_transformer()
+
+    def inputs(k):
+        g = _g(190 + k)
+        size = torch.tensor([[64.0, 64.0]])
+        return dict(
+            hidden_states=_rn(g, 1, 4, 8, 8), encoder_hidden_states=_rn(g, 1, 8, 16), timestep=_ts(k),
+            original_size=size, target_size=size, crop_coords=torch.zeros(1, 2),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    model = _eval(CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=TXT,
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(200 + k)
+        return dict(hidden_states=_rn(g, 1, 2, 4, 8, 8), encoder_hidden_states=_rn(g, 1, TXT, 16), timestep=_ts(k))
+
+    return Tiny(model, inputs)
+
+
+def mochi():
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    model = _eval(MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=16,
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(210 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 4, 2, 8, 8), encoder_hidden_states=_rn(g, 1, TXT, 16), timestep=_ts(k),
+            encoder_attention_mask=torch.ones(1, TXT, dtype=torch.bool),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return _eval(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16,
+    ))  # fmt: skip
+
+
+def sd3():
+    model = sd3_transformer()
+
+    def inputs(k):
+        g = _g(220 + k)
+        return dict(
+            hidden_states=_rn(g, 2, 4, 8, 8), encoder_hidden_states=_rn(g, 2, TXT, 16),
+            pooled_projections=_rn(g, 2, 16), timestep=_ts(k, b=2),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = _eval(PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=16, use_additional_conditions=False,
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(230 + k)
+        return dict(
+            hidden_states=_rn(g, 2, 4, 8, 8), encoder_hidden_states=_rn(g, 2, TXT, 16), timestep=_ts(k, b=2),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def sana_transformer():
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    return _eval(SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8, patch_size=1,
+    ))  # fmt: skip
+
+
+def sana():
+    model = sana_transformer()
+
+    def inputs(k):
+        g = _g(240 + k)
+        return dict(hidden_states=_rn(g, 2, 4, 8, 8), encoder_hidden_states=_rn(g, 2, TXT, 16), timestep=_ts(k, b=2))
+
+    return Tiny(model, inputs)
+
+
+def chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(0)
+    model = _eval(ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+        approximator_hidden_dim=16, approximator_layers=1,
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(250 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 16, 16), encoder_hidden_states=_rn(g, 1, TXT, 16), timestep=_ts(k, 1.0),
+            img_ids=_ids2d(4, 4), txt_ids=torch.zeros(TXT, 3),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = _eval(Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 4, 4), axes_lens=(64, 16, 16),
+        cap_feat_dim=16,
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(260 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 4, 8, 8), timestep=_ts(k, 1.0), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            encoder_attention_mask=torch.ones(1, TXT, dtype=torch.bool),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def hidream():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = _eval(HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[16, 8], text_emb_dim=16, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=(0, 1),
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(270 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 4, 8, 8), timesteps=_ts(k), encoder_hidden_states_t5=_rn(g, 1, TXT, 16),
+            encoder_hidden_states_llama3=_rn(g, 2, 1, TXT, 8), pooled_embeds=_rn(g, 1, 16),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def cosmos():
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(0)
+    model = _eval(CosmosTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0),
+        concat_padding_mask=False, extra_pos_embed_type="learnable",
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(280 + k)
+        return dict(
+            hidden_states=_rn(g, 1, 4, 2, 8, 8), timestep=_ts(k), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            fps=30,
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+def dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = _eval(DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000,
+    ))  # fmt: skip
+
+    def inputs(k):
+        g = _g(290 + k)
+        return dict(
+            hidden_states=_rn(g, 2, 4, 8, 8), timestep=torch.full((2,), 900 - 200 * k, dtype=torch.long),
+            class_labels=torch.tensor([1, 7]),
+        )  # fmt: skip
+
+    return Tiny(model, inputs)
+
+
+TINY: Dict[str, Callable[[], Tiny]] = {
+    "flux": flux, "flux2": flux2, "qwenimage": qwenimage, "wan": wan, "hunyuanvideo": hunyuanvideo,
+    "hunyuanvideo15": hunyuanvideo15, "hunyuanimage": hunyuanimage, "ltx": ltx, "zimage": zimage,
+    "cogview4": cogview4, "cogvideox": cogvideox, "mochi": mochi, "sd3": sd3, "pixart": pixart, "sana": sana,
+    "chroma": chroma, "lumina2": lumina2, "hidream": hidream, "cosmos": cosmos, "dit": dit,
+}  # fmt: skip
