@@ -265,6 +265,12 @@ class _Installed:
     created_registry: bool
 
 
+def _time_of(timestep) -> Optional[float]:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    return None if timestep is None else float(timestep)
+
+
 class _RootHook(ModelHook):
     """On the transformer: reads the branch and the timestep, arms the per-call state."""
 
@@ -279,17 +285,27 @@ class _RootHook(ModelHook):
         self.timestep = timestep_reader
         self.controls: List[_ArgReader] = list(controls)  # block-level control residuals: compute
         self.installed: List[_Installed] = []
+        self._last_time: Optional[float] = None  # timestep of the previous call outside a cache context
+        self._repeat = 0  # calls in a row outside a cache context at that timestep
 
-    def branch(self) -> str:
+    def branch(self, timestep) -> str:
         try:
             return self.state_manager.context.name
         except ValueError:  # no cache context set
-            return DEFAULT_BRANCH
+            pass
+        # Pipelines that run CFG as two calls per step without cache contexts (FluxImg2Img,
+        # FluxKontext, SD3's skip-layer guidance call): the n-th call at one timestep is branch
+        # "default.n", so that each trajectory keeps its own history.
+        t = _time_of(timestep)
+        self._repeat = self._repeat + 1 if t is not None and t == self._last_time else 0
+        self._last_time = t
+        return DEFAULT_BRANCH if self._repeat == 0 else f"{DEFAULT_BRANCH}.{self._repeat + 1}"
 
     def new_forward(self, module, *args, **kwargs):
         st = self.call
         force = "control" if any(c(args, kwargs) is not None for c in self.controls) else None
-        st.start(self.branch(), self.timestep(args, kwargs), force)
+        timestep = self.timestep(args, kwargs)
+        st.start(self.branch(timestep), timestep, force)
         try:
             output = self.fn_ref.original_forward(*args, **kwargs)
             if st.decided and not st.skip and not st.ended and st.last_image is not None:
@@ -301,6 +317,7 @@ class _RootHook(ModelHook):
 
     def reset_state(self, module):
         self.state_manager.reset()
+        self._last_time, self._repeat = None, 0
         reset = getattr(self.call.controller, "reset", None)
         if callable(reset):
             reset()

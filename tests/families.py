@@ -24,6 +24,7 @@ class Tiny:
     model: torch.nn.Module
     inputs: Callable[[int], dict]
     out: Callable = lambda r: r[0]  # noqa: E731
+    timestep_scale: float = 1.0  # tcpade.sample's: 1e-3 where the model takes t / 1000
 
 
 def _g(seed):
@@ -74,7 +75,7 @@ def flux():
             pooled_projections=_rn(g, 1, 16), timestep=_ts(k, 1.0), img_ids=_ids2d(4, 4), txt_ids=torch.zeros(TXT, 3),
         )  # fmt: skip
 
-    return Tiny(model, inputs)
+    return Tiny(model, inputs, timestep_scale=1e-3)
 
 
 def flux2_transformer():
@@ -99,7 +100,7 @@ def flux2():
             img_ids=img_ids[None], txt_ids=txt_ids[None], timestep=_ts(k, 1.0), guidance=torch.ones(1),
         )  # fmt: skip
 
-    return Tiny(model, inputs)
+    return Tiny(model, inputs, timestep_scale=1e-3)
 
 
 def qwenimage_transformer():
@@ -123,7 +124,7 @@ def qwenimage():
             img_shapes=[(1, 4, 4)],
         )  # fmt: skip
 
-    return Tiny(model, inputs)
+    return Tiny(model, inputs, timestep_scale=1e-3)
 
 
 def wan_transformer(num_layers=2):
@@ -173,7 +174,7 @@ def hunyuanvideo15():
 
     torch.manual_seed(0)
     model = _eval(HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
         image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
     ))  # fmt: skip
@@ -181,7 +182,7 @@ def hunyuanvideo15():
     def inputs(k):
         g = _g(150 + k)
         return dict(
-            hidden_states=_rn(g, 1, 9, 2, 4, 4), timestep=_ts(k), encoder_hidden_states=_rn(g, 1, TXT, 16),
+            hidden_states=_rn(g, 1, 4, 2, 4, 4), timestep=_ts(k), encoder_hidden_states=_rn(g, 1, TXT, 16),
             encoder_attention_mask=torch.ones(1, TXT), encoder_hidden_states_2=_rn(g, 1, 3, 8),
             encoder_attention_mask_2=torch.ones(1, 3), image_embeds=torch.zeros(1, 4, 12),
         )  # fmt: skip
@@ -393,7 +394,7 @@ def chroma():
             img_ids=_ids2d(4, 4), txt_ids=torch.zeros(TXT, 3),
         )  # fmt: skip
 
-    return Tiny(model, inputs)
+    return Tiny(model, inputs, timestep_scale=1e-3)
 
 
 def lumina2():
@@ -413,7 +414,7 @@ def lumina2():
             encoder_attention_mask=torch.ones(1, TXT, dtype=torch.bool),
         )  # fmt: skip
 
-    return Tiny(model, inputs)
+    return Tiny(model, inputs, timestep_scale=1e-3)
 
 
 def hidream():
@@ -480,4 +481,210 @@ TINY: Dict[str, Callable[[], Tiny]] = {
     "hunyuanvideo15": hunyuanvideo15, "hunyuanimage": hunyuanimage, "ltx": ltx, "zimage": zimage,
     "cogview4": cogview4, "cogvideox": cogvideox, "mochi": mochi, "sd3": sd3, "pixart": pixart, "sana": sana,
     "chroma": chroma, "lumina2": lumina2, "hidream": hidream, "cosmos": cosmos, "dit": dit,
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------- pipelines
+
+
+def tiny_vae(latent_channels=4):
+    """A one-level AutoencoderKL (scale factor 1): the pipelines need one to encode and for sizes."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4,), in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=1,
+        sample_size=8, shift_factor=0.0, scaling_factor=1.0,
+    )  # fmt: skip
+
+
+def tiny_wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+
+
+def _embeds(seed, *shapes):
+    g = _g(seed)
+    return [_rn(g, *s) for s in shapes]
+
+
+def _image(size, seed=7):
+    return torch.rand(1, 3, size, size, generator=_g(seed))
+
+
+def _latent_gen():
+    return torch.Generator().manual_seed(0)
+
+
+def flux_pipeline(cls_name="FluxPipeline"):
+    """FLUX.1 with true CFG (negative embeddings, true_cfg_scale 2): cond / uncond calls. The
+    variants take the same components; img2img / inpainting take an image (and a mask)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = getattr(diffusers, cls_name)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pe, pp, ne, npp = _embeds(1, (1, TXT, 16), (1, 16), (1, TXT, 16), (1, 16))
+
+    def generate(steps=20, size=8, true_cfg_scale=2.0, **kw):
+        return pipe(
+            prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npp,
+            true_cfg_scale=true_cfg_scale, height=size, width=size, num_inference_steps=steps, output_type="latent",
+            generator=_latent_gen(), **kw,
+        ).images  # fmt: skip
+
+    return pipe, generate
+
+
+def flux_img2img_pipeline():
+    pipe, generate = flux_pipeline("FluxImg2ImgPipeline")
+    return pipe, lambda steps=20, strength=0.6, **kw: generate(steps, image=_image(8), strength=strength, **kw)
+
+
+def flux_inpaint_pipeline():
+    pipe, generate = flux_pipeline("FluxInpaintPipeline")
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0
+    return pipe, lambda steps=20, strength=0.6, **kw: generate(
+        steps, image=_image(8), mask_image=mask, strength=strength, **kw
+    )
+
+
+def flux_kontext_pipeline():
+    """FLUX.1 Kontext: the reference image's latent tokens ride along with the noisy ones (the
+    reference image given as latents: a (1, 4, 8, 8) tensor is not encoded again)."""
+    pipe, generate = flux_pipeline("FluxKontextPipeline")
+    ref = _rn(_g(8), 1, 4, 8, 8)
+    return pipe, lambda steps=20, **kw: generate(steps, image=ref, _auto_resize=False, max_area=64, **kw)
+
+
+def sd3_pipeline(cls_name="StableDiffusion3Pipeline"):
+    """SD3: CFG batched into one call (guidance_scale 3)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = getattr(diffusers, cls_name)(
+        transformer=sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pe, pp, ne, npp = _embeds(2, (1, TXT, 16), (1, 16), (1, TXT, 16), (1, 16))
+
+    def generate(steps=20, size=8, **kw):
+        return pipe(
+            prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npp,
+            guidance_scale=3.0, height=size, width=size, num_inference_steps=steps, output_type="latent",
+            generator=_latent_gen(), **kw,
+        ).images  # fmt: skip
+
+    return pipe, generate
+
+
+def sd3_img2img_pipeline():
+    pipe, generate = sd3_pipeline("StableDiffusion3Img2ImgPipeline")
+    return pipe, lambda steps=20, strength=0.6, **kw: generate(steps, image=_image(8), strength=strength, **kw)
+
+
+def wan_pipeline(two_experts=False):
+    """Wan2.1 (one transformer) or Wan2.2 (``transformer`` for the high-noise steps,
+    ``transformer_2`` for the rest, boundary_ratio 0.5), CFG as cond / uncond calls."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    transformer_2 = None
+    if two_experts:
+        transformer_2 = wan_transformer()
+        with torch.no_grad():  # a different expert: not the same weights
+            for p in transformer_2.parameters():
+                p.mul_(0.9)
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0 if two_experts else 5.0),
+        transformer=wan_transformer(), transformer_2=transformer_2, boundary_ratio=0.5 if two_experts else None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne = _embeds(3, (1, TXT, 16), (1, TXT, 16))
+
+    def generate(steps=20, size=16, **kw):
+        return pipe(
+            prompt_embeds=pe, negative_prompt_embeds=ne, height=size, width=size, num_frames=5,
+            num_inference_steps=steps, guidance_scale=5.0, output_type="latent", generator=_latent_gen(), **kw,
+        ).frames  # fmt: skip
+
+    return pipe, generate
+
+
+def tiny_qwen_vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    return AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # fmt: skip
+
+
+def qwenimage_pipeline(cls_name="QwenImagePipeline"):
+    """Qwen-Image with true CFG (true_cfg_scale 4 with negative embeddings): cond / uncond calls."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = getattr(diffusers, cls_name)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_qwen_vae(), text_encoder=None, tokenizer=None,
+        transformer=qwenimage_transformer(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne = _embeds(4, (1, TXT, 16), (1, TXT, 16))
+    mask = torch.ones(1, TXT, dtype=torch.long)
+
+    def generate(steps=20, size=16, **kw):
+        return pipe(
+            prompt_embeds=pe, prompt_embeds_mask=mask, negative_prompt_embeds=ne, negative_prompt_embeds_mask=mask,
+            true_cfg_scale=4.0, height=size, width=size, num_inference_steps=steps, output_type="latent",
+            generator=_latent_gen(), **kw,
+        ).images  # fmt: skip
+
+    return pipe, generate
+
+
+def qwenimage_edit_pipeline():
+    """Qwen-Image-Edit: the reference image's latent tokens ride along with the noisy ones (given
+    as latents, a (1, 4, 1, 4, 4) tensor, it is not encoded again)."""
+    pipe, generate = qwenimage_pipeline("QwenImageEditPipeline")
+    ref = _rn(_g(9), 1, 4, 1, 4, 4)
+    return pipe, lambda steps=20, **kw: generate(steps, image=ref, **kw)
+
+
+def zimage_pipeline():
+    """Z-Image: CFG batched into one call (guidance_scale 4), the prompt embeddings as lists."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(latent_channels=16), text_encoder=None,
+        tokenizer=None, transformer=zimage_transformer(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne = _embeds(5, (7, 16), (6, 16))
+
+    def generate(steps=20, size=8, **kw):
+        return pipe(
+            prompt_embeds=[pe], negative_prompt_embeds=[ne], guidance_scale=4.0, height=size, width=size,
+            num_inference_steps=steps, output_type="latent", generator=_latent_gen(), **kw,
+        ).images  # fmt: skip
+
+    return pipe, generate
+
+
+PIPELINES: Dict[str, Callable] = {
+    "flux": flux_pipeline, "flux-img2img": flux_img2img_pipeline, "flux-inpaint": flux_inpaint_pipeline,
+    "flux-kontext": flux_kontext_pipeline, "sd3": sd3_pipeline, "sd3-img2img": sd3_img2img_pipeline,
+    "wan": wan_pipeline, "wan22": lambda: wan_pipeline(two_experts=True), "qwenimage": qwenimage_pipeline,
+    "qwenimage-edit": qwenimage_edit_pipeline, "zimage": zimage_pipeline,
 }  # fmt: skip
