@@ -19,42 +19,61 @@ Design (modelled on ``diffusers/hooks/first_block_cache.py``): nothing replaces 
   - ``None``: compute. Every block runs its original forward; the last block's hook calls
     ``controller.end(branch, h_in, h_out)`` with the image part of its output.
   - a tensor: skip. No block's forward runs; each block hook returns that block's normal
-    return structure built from its inputs (text tokens pass through) with the image part set to
-    the prediction, so whatever the model does between blocks, the stack leaves with the
-    predicted ``h_out``.
+    return structure built from its inputs (see below), so the stack leaves with the predicted
+    ``h_out``.
 
-Text tokens are never predicted: on a skipped call the text stream leaving the stack is just the
-text stream that entered it. That is harmless for every supported model, because what follows the
-stack uses image tokens only (checked per model in the adapter comments below).
+* branches: the name of the active cache context (``"default"`` when none is set). A pipeline
+  that runs classifier-free guidance as two calls per step without cache contexts (FluxImg2Img,
+  FluxKontext) gets ``"default"`` and ``"default.2"``: outside a cache context, the n-th call
+  in a row at one timestep is branch ``"default.n"`` (up to ``"default.4"``).
+* ControlNet: a call that gets any of the adapter's ``control_args`` (block-level control
+  residuals added between blocks) is computed: ``controller.begin(..., force="control")``.
+
+On a skipped call the first block returns the prediction; every later block returns its own
+input stream (its text input passed through), which already holds the prediction and whatever
+the transformer concatenated to it between the lists (FLUX.2, Chroma, HiDream). Text tokens are
+never predicted separately: where the blocks carry text next to the image stream, the stack
+leaves with the text stream that entered it, which is harmless for every supported family
+because what follows the stack uses the image tokens only (checked per family by the
+self-check in tests/test_families.py; ``tcpade.families.FAMILIES`` says what runs after the
+stack). Where the stream is a joint image+text sequence (Z-Image, Lumina2) it is predicted whole.
 
 Recipe: adding a model family
 -----------------------------
-Write an ``Adapter`` and put it in ``SUPPORTED`` under the transformer's class name:
+The tables live in ``tcpade/families.py``; ``SUPPORTED`` below is built from them.
 
-1. ``stacks``: the names of the ``nn.ModuleList`` attributes that form the block stack, in the
-   order the transformer's ``forward`` runs them (FLUX: ``("transformer_blocks",
-   "single_transformer_blocks")``). Everything between the first block's input and the last
-   block's output is skipped.
-2. ``blocks``: for each block class found in those lists, a ``BlockSpec`` saying where the image
-   tokens are in the block's inputs (``hidden_arg``, a parameter name of the block's ``forward``;
-   it must be the image-token states that the previous block produced, which for the first
-   block is ``h_in``), which input is the text stream that passes through on a skip
-   (``encoder_arg``), and what the block returns: a tensor (``image_index=None``) or a tuple
-   with the image at ``image_index`` and the text stream at ``encoder_index``. Subclass
-   ``BlockSpec`` and override ``assemble`` if a block returns something else (see
-   ``_SD3BlockSpec``: a ``context_pre_only`` block returns ``(None, hidden_states)``).
-3. ``timestep_arg``: the name of the transformer ``forward``'s timestep parameter.
-4. Read the transformer's ``forward`` after the loop: check that ``norm_out``/``proj_out`` use the
-   image tokens only (else text tokens would have to be predicted too) and that nothing after
-   the loop calls a block's ``forward`` (calling a block's submodule, like DiT's
+1. ``families.FAMILIES[transformer class name]``: a ``Family`` with ``stacks``, the names of the
+   ``nn.ModuleList`` attributes that form the block stack, in the order the transformer's
+   ``forward`` runs them (FLUX: ``("transformer_blocks", "single_transformer_blocks")``; not
+   refiner lists that run on the text or the image alone before the stack, like Z-Image's
+   ``noise_refiner``); ``timestep_arg``, the name of the ``forward``'s timestep parameter;
+   ``control_args``, the ``forward`` parameters that carry block-level ControlNet residuals;
+   ``pipelines``, ``cfg`` (``"separate"`` / ``"batched"`` / ``"none"``) and ``after_stack`` as
+   documentation.
+2. The block classes: if diffusers' ``TransformerBlockRegistry`` registers them (which argument
+   is the stream, which return index is the image / text stream) nothing is needed. Otherwise,
+   or where the registry is wrong for tcpade's use, add a ``BlockSpec`` to
+   ``families.OWN_BLOCKS``: ``hidden_arg`` (the stream's parameter), ``encoder_arg`` (the text
+   stream that passes through), ``image_index`` / ``encoder_index`` in the returned tuple
+   (``image_index=None``: the block returns a tensor), ``tokens="last"`` / ``"first"`` if the
+   block's stream is a concatenation whose image part is the last / first n tokens (n = h_in's
+   token count), ``context_pre_only`` if a block built so returns None as its text stream.
+   Subclass ``BlockSpec`` for anything else (``families._HiDreamBlockSpec``).
+3. Read the transformer's ``forward`` after the loop: ``norm_out``/``proj_out`` must use the
+   image tokens only (else text tokens would have to be predicted too) and nothing after the
+   loop may call a block's ``forward`` (calling a block's submodule, like DiT's
    ``transformer_blocks[0].norm1.emb``, is fine: hooks sit on the block, not on its children).
+4. Add a tiny builder to ``tests/families.py``: ``test_self_check`` then proves the adapter (a
+   call skipped with the exact residual of the same call must give the computed output bit for
+   bit), and ``test_fast_run`` runs it for 20 steps.
 
-``attach`` checks the block classes against the adapter and raises ``TypeError`` when they
-do not match, so a diffusers release that changes a block's signature fails loudly.
+``attach`` checks the block classes and their ``forward`` parameters against the specs and
+raises ``TypeError`` when they do not match, so a diffusers release that changes a block's
+signature fails loudly.
 
 Limits: inference only (under gradient checkpointing a backward recompute of a skipped block
-would run its real forward); ControlNet residuals that the transformer adds between blocks are
-lost on a skipped call except the one added after the last block; compile the transformer only
+would run its real forward); ControlNet residuals are honoured by computing the calls that
+carry them, so a ControlNet run gets no speed-up from tcpade; compile the transformer only
 after ``attach`` (a graph traced before it does not contain the hooks).
 """
 
@@ -265,6 +284,9 @@ class _Installed:
     created_registry: bool
 
 
+_MAX_REPEAT = 3  # calls per step outside cache contexts told apart: cond, uncond, skip-layer guidance, one more
+
+
 def _time_of(timestep) -> Optional[float]:
     if isinstance(timestep, torch.Tensor):
         return float(timestep.reshape(-1)[0]) if timestep.numel() else None
@@ -299,7 +321,8 @@ class _RootHook(ModelHook):
         t = _time_of(timestep)
         self._repeat = self._repeat + 1 if t is not None and t == self._last_time else 0
         self._last_time = t
-        return DEFAULT_BRANCH if self._repeat == 0 else f"{DEFAULT_BRANCH}.{self._repeat + 1}"
+        n = min(self._repeat, _MAX_REPEAT)  # bounded: a constant-timestep loop does not add branches
+        return DEFAULT_BRANCH if n == 0 else f"{DEFAULT_BRANCH}.{n + 1}"
 
     def new_forward(self, module, *args, **kwargs):
         st = self.call

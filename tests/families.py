@@ -435,15 +435,19 @@ def lumina2():
     return Tiny(model, inputs, timestep_scale=1e-3)
 
 
-def hidream():
+def hidream_transformer():
     from diffusers import HiDreamImageTransformer2DModel
 
     torch.manual_seed(0)
-    model = _eval(HiDreamImageTransformer2DModel(
+    return _eval(HiDreamImageTransformer2DModel(
         patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=2, caption_channels=[16, 8], text_emb_dim=16, num_routed_experts=2,
         num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=(0, 1),
     ))  # fmt: skip
+
+
+def hidream():
+    model = hidream_transformer()
 
     def inputs(k):
         g = _g(270 + k)
@@ -692,9 +696,35 @@ def zimage_pipeline():
     return pipe, generate
 
 
+def hidream_pipeline():
+    """HiDream-I1: CFG batched into one call (guidance_scale 5), precomputed T5 / Llama / pooled
+    embeddings. The pipeline scales every request to default_sample_size**2 pixels: 8x8 here."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, text_encoder_4=None,
+        tokenizer_4=None, transformer=hidream_transformer(),
+    )  # fmt: skip
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    t5, llama, pooled, nt5, nllama, npooled = _embeds(6, (1, TXT, 16), (2, 1, TXT, 8), (1, 16), (1, TXT, 16),
+                                                      (2, 1, TXT, 8), (1, 16))  # fmt: skip
+
+    def generate(steps=20, **kw):
+        return pipe(
+            prompt_embeds_t5=t5, prompt_embeds_llama3=llama, pooled_prompt_embeds=pooled,
+            negative_prompt_embeds_t5=nt5, negative_prompt_embeds_llama3=nllama,
+            negative_pooled_prompt_embeds=npooled, guidance_scale=5.0, height=8, width=8, num_inference_steps=steps,
+            output_type="latent", generator=_latent_gen(), **kw,
+        ).images  # fmt: skip
+
+    return pipe, generate
+
+
 PIPELINES: Dict[str, Callable] = {
     "flux": flux_pipeline, "flux-img2img": flux_img2img_pipeline, "flux-inpaint": flux_inpaint_pipeline,
     "flux-kontext": flux_kontext_pipeline, "sd3": sd3_pipeline, "sd3-img2img": sd3_img2img_pipeline,
     "wan": wan_pipeline, "wan22": lambda: wan_pipeline(two_experts=True), "qwenimage": qwenimage_pipeline,
-    "zimage": zimage_pipeline,
+    "zimage": zimage_pipeline, "hidream": hidream_pipeline,
 }  # fmt: skip

@@ -121,6 +121,7 @@ def _sample_run(tiny, extra=None):
         return tcpade.sample(
             tiny.model, FlowMatchEulerDiscreteScheduler(), latents, kw0, uncond=kw1, guidance_scale=2.0,
             steps=steps, timestep_scale=tiny.timestep_scale, config=config, return_summary=config is not None,
+            progress=False,
         )  # fmt: skip
 
     return tiny.model, generate
@@ -133,6 +134,7 @@ RUNS = sorted(set(TINY) | {"flux-kontext", "wan22"})
 BRANCHES = {
     "sd3": {"default"},  # CFG batched into one call
     "zimage": {"default"},  # CFG batched into one call
+    "hidream": {"default"},  # CFG batched into one call
     "flux-kontext": {"default", "default.2"},  # two CFG calls per step without cache contexts
 }
 
@@ -218,8 +220,7 @@ def test_controlnet_residuals_are_never_dropped(name):
     latents, s = with_control(config=tcpade.TCPadeConfig.fast())
     assert torch.equal(latents, ref)
     for branch, recs in s.branches.items():
-        assert len(recs) == 20 and all(r.computed and r.reason in ("control", "warmup") for r in recs), branch
-        assert sum(r.reason == "control" for r in recs) == 17  # steps 0..2 are warm-up anyway
+        assert len(recs) == 20 and all(r.computed and r.reason == "control" for r in recs), branch
     _, s_plain = without(config=tcpade.TCPadeConfig.fast())
     assert all(s_plain.computed(b) == FAST_20 for b in s_plain.branches)
 
