@@ -543,7 +543,7 @@ def _latent_gen():
     return torch.Generator().manual_seed(0)
 
 
-def flux_pipeline(cls_name="FluxPipeline"):
+def flux_pipeline(cls_name="FluxPipeline", **components):
     """FLUX.1 with true CFG (negative embeddings, true_cfg_scale 2): cond / uncond calls. The
     variants take the same components; img2img / inpainting take an image (and a mask)."""
     import diffusers
@@ -551,7 +551,7 @@ def flux_pipeline(cls_name="FluxPipeline"):
 
     pipe = getattr(diffusers, cls_name)(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer(),
+        text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer(), **components,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     pe, pp, ne, npp = _embeds(1, (1, TXT, 16), (1, 16), (1, TXT, 16), (1, 16))
@@ -586,6 +586,21 @@ def flux_kontext_pipeline():
     pipe, generate = flux_pipeline("FluxKontextPipeline")
     ref = _rn(_g(8), 1, 4, 8, 8)
     return pipe, lambda steps=20, **kw: generate(steps, image=ref, _auto_resize=False, max_area=64, **kw)
+
+
+def flux_controlnet_pipeline():
+    """FluxControlNetPipeline with a tiny FluxControlNetModel: every call of the transformer gets
+    controlnet_block_samples / controlnet_single_block_samples."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(1)
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()  # fmt: skip
+    pipe, generate = flux_pipeline("FluxControlNetPipeline", controlnet=controlnet)
+    return pipe, lambda steps=20, **kw: generate(steps, control_image=_image(8, seed=12),
+                                                 controlnet_conditioning_scale=1.0, **kw)  # fmt: skip
 
 
 def sd3_pipeline(cls_name="StableDiffusion3Pipeline"):
@@ -724,7 +739,7 @@ def hidream_pipeline():
 
 PIPELINES: Dict[str, Callable] = {
     "flux": flux_pipeline, "flux-img2img": flux_img2img_pipeline, "flux-inpaint": flux_inpaint_pipeline,
-    "flux-kontext": flux_kontext_pipeline, "sd3": sd3_pipeline, "sd3-img2img": sd3_img2img_pipeline,
+    "flux-kontext": flux_kontext_pipeline, "flux-controlnet": flux_controlnet_pipeline, "sd3": sd3_pipeline, "sd3-img2img": sd3_img2img_pipeline,
     "wan": wan_pipeline, "wan22": lambda: wan_pipeline(two_experts=True), "qwenimage": qwenimage_pipeline,
     "zimage": zimage_pipeline, "hidream": hidream_pipeline,
 }  # fmt: skip

@@ -226,6 +226,24 @@ def test_controlnet_residuals_are_never_dropped(name):
 
 
 @torch.no_grad()
+def test_controlnet_pipeline_is_exact():
+    """FluxControlNetPipeline: every transformer call carries the ControlNet's residuals, so every
+    call is computed and the output is the baseline's bit for bit."""
+    pipe, generate = PIPELINES["flux-controlnet"]()
+    ref = generate()
+    tcpade.apply(pipe, tcpade.TCPadeConfig.fast())
+    try:
+        out = generate()
+        s = tcpade.summary(pipe)
+    finally:
+        tcpade.remove(pipe)
+    assert torch.equal(out, ref)
+    assert set(s.branches) == {"default", "default.2"}  # true CFG as two calls without cache contexts
+    for recs in s.branches.values():
+        assert len(recs) == 20 and all(r.computed and r.reason == "control" for r in recs)
+
+
+@torch.no_grad()
 def test_wan22_two_experts():
     """Wan2.2: ``transformer`` runs the steps with t >= boundary_ratio * 1000, ``transformer_2``
     the rest. One Runtime for both: the step index, T and the stages run over the whole run; each
