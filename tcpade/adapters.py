@@ -113,7 +113,9 @@ class Controller(Protocol):
         """Called once per transformer call, before the first block runs.
 
         Return None to run the blocks normally; return a tensor (same shape/dtype/device as
-        ``h_in``) to skip every block: it is the predicted image ``h_out``.
+        ``h_in``) to skip every block: it is the predicted image ``h_out``. A call that must be
+        computed (it carries ControlNet residuals) is announced with the keyword argument
+        ``force="control"``, passed only then; the controller must return None to it.
         """
         ...
 
