@@ -381,7 +381,7 @@ def sana_transformer():
     return _eval(SanaTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-        sample_size=8, patch_size=1,
+        sample_size=8, patch_size=2,
     ))  # fmt: skip
 
 

@@ -28,6 +28,16 @@ from families import PIPELINES, TINY  # noqa: E402
 FAST_20 = [0, 1, 2, 4, 8, 12, 16]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models' ops take microseconds: one intra-op thread runs them several times faster
+    than a pool whose threads spin-wait (tens of times on a machine shared with other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Oracle:
     """A Controller: computes, and records h_in / h_out; replays given predictions by call index."""
 
