@@ -121,6 +121,11 @@ FAMILIES: Dict[str, Family] = {
         "mochi", ("transformer_blocks",), ("MochiPipeline",),
         after_stack="norm_out(image, temb), proj_out",
     ),
+    # `skip_layers` (skip-layer guidance) makes the model not call some blocks: the decision is
+    # taken in whichever hooked block runs first, and end() is called from the root hook if the
+    # last block was one of the skipped ones. SD3Transformer2DModel has no CacheMixin: the
+    # pipeline's batched call is branch "default", its skip-layer call at the same timestep
+    # "default.2".
     "SD3Transformer2DModel": _f(
         "sd3", ("transformer_blocks",),
         ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
@@ -158,6 +163,7 @@ FAMILIES: Dict[str, Family] = {
         control_args=("block_controlnet_hidden_states",),
         after_stack="norm_out(image, embedded timestep, temb), proj_out",
     ),
+    # No CacheMixin: the branch is "default" unless tcpade.adapters.cache_context is used.
     "DiTTransformer2DModel": _f(
         "dit", ("transformer_blocks",), ("DiTPipeline",), cfg=BATCHED,
         after_stack="transformer_blocks[0].norm1.emb (a submodule, not the block's forward), norm_out, "
