@@ -28,39 +28,58 @@ two torch hooks on the transformer:
 * after the forward (a torch forward hook, eager): ``controller.finish(branch, h_in, h_out)``
   (None, None for a skipped call) stores the residual and keeps the books.
 
-Text tokens are never predicted: on a skipped call the text stream leaving the stack is just the
-text stream that entered it. That is harmless for every supported model, because what follows the
-stack uses image tokens only (checked per model in the adapter comments below).
+* branches: the name of the active cache context (``"default"`` when none is set). A pipeline
+  that runs classifier-free guidance as two calls per step without cache contexts (FluxImg2Img,
+  FluxKontext) gets ``"default"`` and ``"default.2"``: outside a cache context, the n-th call
+  in a row at one timestep is branch ``"default.n"`` (up to ``"default.4"``).
+* ControlNet: a call that gets any of the adapter's ``control_args`` (block-level control
+  residuals added between blocks) is computed: ``controller.decide(..., force="control")``.
+
+On a skipped call the first block returns the prediction; every later block returns its own
+input stream (its text input passed through), which already holds the prediction and whatever
+the transformer concatenated to it between the lists (FLUX.2, Chroma, HiDream). Text tokens are
+never predicted separately: where the blocks carry text next to the image stream, the stack
+leaves with the text stream that entered it, which is harmless for every supported family
+because what follows the stack uses the image tokens only (checked per family by the
+self-check in tests/test_families.py; ``tcpade.families.FAMILIES`` says what runs after the
+stack). Where the stream is a joint image+text sequence (Z-Image, Lumina2) it is predicted whole.
 
 Recipe: adding a model family
 -----------------------------
-Write an ``Adapter`` and put it in ``SUPPORTED`` under the transformer's class name:
+The tables live in ``tcpade/families.py``; ``SUPPORTED`` below is built from them.
 
-1. ``stacks``: the names of the ``nn.ModuleList`` attributes that form the block stack, in the
-   order the transformer's ``forward`` runs them (FLUX: ``("transformer_blocks",
-   "single_transformer_blocks")``). Everything between the first block's input and the last
-   block's output is skipped.
-2. ``blocks``: for each block class found in those lists, a ``BlockSpec`` saying where the image
-   tokens are in the block's inputs (``hidden_arg``, a parameter name of the block's ``forward``;
-   it must be the image-token states that the previous block produced, which for the first
-   block is ``h_in``), which input is the text stream that passes through on a skip
-   (``encoder_arg``), and what the block returns: a tensor (``image_index=None``) or a tuple
-   with the image at ``image_index`` and the text stream at ``encoder_index``. Subclass
-   ``BlockSpec`` and override ``assemble`` if a block returns something else (see
-   ``_SD3BlockSpec``: a ``context_pre_only`` block returns ``(None, hidden_states)``).
-3. ``timestep_arg``: the name of the transformer ``forward``'s timestep parameter.
-4. Read the transformer's ``forward`` after the loop: check that ``norm_out``/``proj_out`` use the
-   image tokens only (else text tokens would have to be predicted too) and that nothing after
-   the loop calls a block's ``forward`` (calling a block's submodule, like DiT's
+1. ``families.FAMILIES[transformer class name]``: a ``Family`` with ``stacks``, the names of the
+   ``nn.ModuleList`` attributes that form the block stack, in the order the transformer's
+   ``forward`` runs them (FLUX: ``("transformer_blocks", "single_transformer_blocks")``; not
+   refiner lists that run on the text or the image alone before the stack, like Z-Image's
+   ``noise_refiner``); ``timestep_arg``, the name of the ``forward``'s timestep parameter;
+   ``control_args``, the ``forward`` parameters that carry block-level ControlNet residuals;
+   ``pipelines``, ``cfg`` (``"separate"`` / ``"batched"`` / ``"none"``) and ``after_stack`` as
+   documentation.
+2. The block classes: if diffusers' ``TransformerBlockRegistry`` registers them (which argument
+   is the stream, which return index is the image / text stream) nothing is needed. Otherwise,
+   or where the registry is wrong for tcpade's use, add a ``BlockSpec`` to
+   ``families.OWN_BLOCKS``: ``hidden_arg`` (the stream's parameter), ``encoder_arg`` (the text
+   stream that passes through), ``image_index`` / ``encoder_index`` in the returned tuple
+   (``image_index=None``: the block returns a tensor), ``tokens="last"`` / ``"first"`` if the
+   block's stream is a concatenation whose image part is the last / first n tokens (n = h_in's
+   token count), ``context_pre_only`` if a block built so returns None as its text stream.
+   Subclass ``BlockSpec`` for anything else (``families._HiDreamBlockSpec``).
+3. Read the transformer's ``forward`` after the loop: ``norm_out``/``proj_out`` must use the
+   image tokens only (else text tokens would have to be predicted too) and nothing after the
+   loop may call a block's ``forward`` (calling a block's submodule, like DiT's
    ``transformer_blocks[0].norm1.emb``, is fine: hooks sit on the block, not on its children).
+4. Add a tiny builder to ``tests/families.py``: ``test_self_check`` then proves the adapter (a
+   call skipped with the exact residual of the same call must give the computed output bit for
+   bit), and ``test_fast_run`` runs it for 20 steps.
 
-``attach`` checks the block classes against the adapter and raises ``TypeError`` when they
-do not match, so a diffusers release that changes a block's signature fails loudly.
+``attach`` checks the block classes and their ``forward`` parameters against the specs and
+raises ``TypeError`` when they do not match, so a diffusers release that changes a block's
+signature fails loudly.
 
 Limits: inference only (under gradient checkpointing a backward recompute of a skipped block
-would run its real forward); ControlNet residuals that the transformer adds between blocks are
-lost on a skipped call except the one added after the last block (``_RootHook.forced`` is where
-a call that carries them is forced to compute); compile the transformer only
+would run its real forward); ControlNet residuals are honoured by computing the calls that
+carry them, so a ControlNet run gets no speed-up from tcpade; compile the transformer only
 after ``attach`` (a graph traced before it does not contain the hooks).
 """
 
@@ -68,12 +87,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+
+from . import families
+from .families import BlockSpec
 
 __all__ = [
     "Adapter",
@@ -100,7 +122,8 @@ class Controller(Protocol):
         block that runs calls it with ``h_in`` and it returns the predicted image ``h_out``
         (same shape/dtype/device as ``h_in``), or None to compute this call after all. It runs
         inside the compiled block region when the blocks are compiled: tensor and custom ops
-        only. ``force``: a reason this call must be computed (e.g. "controlnet"), or None.
+        only. ``force``: a reason this call must be computed ("control": it carries ControlNet
+        residuals), or None; the controller must then return None.
         """
         ...
 
@@ -148,65 +171,40 @@ class _ArgReader:
 
 
 @dataclass(frozen=True)
-class BlockSpec:
-    """Where the image tokens are in one block class's inputs and outputs.
-
-    hidden_arg: parameter of the block's ``forward`` holding the image-token states.
-    encoder_arg: parameter holding the text stream that passes through on a skip (None: none).
-    image_index: None if the block returns a tensor (the image states); else the index of the
-        image states in the returned tuple.
-    encoder_index: index of the text stream in the returned tuple.
-    tuple_len: length of the returned tuple.
-    """
-
-    hidden_arg: str = "hidden_states"
-    encoder_arg: Optional[str] = None
-    image_index: Optional[int] = None
-    encoder_index: Optional[int] = None
-    tuple_len: int = 2
-
-    def image_of(self, output) -> torch.Tensor:
-        return output if self.image_index is None else output[self.image_index]
-
-    def assemble(self, block: torch.nn.Module, encoder: Optional[torch.Tensor], image: torch.Tensor):
-        """The block's normal return structure, with ``image`` as the image states and the input text
-        stream ``encoder`` passed through."""
-        if self.image_index is None:
-            return image
-        out: List[Any] = [None] * self.tuple_len
-        out[self.image_index] = image
-        if self.encoder_index is not None:
-            out[self.encoder_index] = encoder
-        return tuple(out)
-
-
-@dataclass(frozen=True)
-class _SD3BlockSpec(BlockSpec):
-    def assemble(self, block, encoder, image):
-        # JointTransformerBlock returns (encoder_hidden_states, hidden_states); a block built with
-        # context_pre_only=True (SD3's last block) returns (None, hidden_states).
-        return (None if getattr(block, "context_pre_only", False) else encoder, image)
-
-
-@dataclass(frozen=True)
 class Adapter:
-    """How tcpade finds h_in and h_out in one transformer family. See the module docstring."""
+    """How tcpade finds h_in and h_out in one transformer family. See the module docstring.
+
+    blocks: specs for block classes (by class name) that override ``families.block_spec``.
+    control_args: the transformer ``forward``'s arguments that carry block-level control
+        residuals; a call that gets any of them is computed (reason "control").
+    """
 
     name: str
     stacks: Tuple[str, ...]
-    blocks: Dict[str, BlockSpec]  # block class name -> spec
+    blocks: Dict[str, BlockSpec] = field(default_factory=dict)
     timestep_arg: str = "timestep"
+    control_args: Tuple[str, ...] = ()
     notes: str = ""
 
     def spec_for(self, block: torch.nn.Module) -> BlockSpec:
         for cls in type(block).__mro__:
             if cls.__name__ in self.blocks:
                 return self.blocks[cls.__name__]
-        raise TypeError(
-            f"tcpade adapter {self.name!r}: block class {type(block).__name__} is not one of "
-            f"{sorted(self.blocks)}; the installed diffusers does not match this adapter "
-            "(see the recipe in tcpade/adapters.py's docstring)."
-        )
+        spec = families.block_spec(block)
+        if spec is None:
+            raise TypeError(
+                f"tcpade adapter {self.name!r}: block class {type(block).__name__} is neither in diffusers' "
+                "TransformerBlockRegistry nor in tcpade.families.OWN_BLOCKS; the installed diffusers does not "
+                "match this adapter (see the recipe in tcpade/adapters.py's docstring)."
+            )
+        names = _param_names(type(block).forward)
+        for arg in (spec.hidden_arg, spec.encoder_arg):
+            if arg is not None and arg not in names:
+                raise TypeError(
+                    f"tcpade adapter {self.name!r}: {type(block).__name__}.forward has no parameter {arg!r} "
+                    f"(its parameters: {names}); the installed diffusers does not match this adapter"
+                )
+        return spec
 
     def stack(self, transformer: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
         out = []
@@ -222,48 +220,12 @@ class Adapter:
         return out
 
 
-# FLUX (transformer_flux.py, diffusers 0.42.1). h_in = x_embedder(hidden_states), the first
-# FluxTransformerBlock's `hidden_states`. Both block kinds take (hidden_states, encoder_hidden_states,
-# temb, image_rotary_emb, joint_attention_kwargs) and BOTH return (encoder_hidden_states, hidden_states):
-# the single-stream block concatenates text+image inside and splits them again before returning
-# (older diffusers passed the concatenation between single blocks; attach() would reject those).
-# After the loop: norm_out(hidden_states, temb) and proj_out use the image tokens only; the text
-# stream is dropped. On a skipped call the ControlNet residuals added between blocks are lost
-# except the one added after the last single block.
-_FLUX_BLOCK = BlockSpec("hidden_states", "encoder_hidden_states", image_index=1, encoder_index=0)
-
-# Wan (transformer_wan.py). h_in = patch_embedding(x).flatten(2).transpose(1, 2), the first
-# WanTransformerBlock's `hidden_states` (blocks are called positionally: hidden_states,
-# encoder_hidden_states, temb, rotary_emb). Blocks return the image tensor; the text is a
-# cross-attention input that no block changes. After the loop: norm_out/proj_out on image tokens.
-_WAN_BLOCK = BlockSpec("hidden_states")
-
-# DiT (dit_transformer_2d.py). h_in = pos_embed(x), the first BasicTransformerBlock's
-# `hidden_states`; blocks return a tensor. There are no text tokens (class labels enter through
-# adaLN). After the loop the model calls transformer_blocks[0].norm1.emb(...) (a SUBMODULE of the
-# first block, not its forward, so it runs on a skipped call), then norm_out, proj_out_1/2 on the
-# image tokens. DiTTransformer2DModel has no CacheMixin: the branch is "default" unless tcpade's
-# `cache_context` helper below is used.
-_DIT_BLOCK = BlockSpec("hidden_states")
-
-# SD3 (transformer_sd3.py). h_in = pos_embed(x).contiguous(), the first JointTransformerBlock's
-# `hidden_states`. Blocks return (encoder_hidden_states, hidden_states); the last block is built
-# with context_pre_only=True and returns (None, hidden_states). After the loop norm_out/proj_out use
-# the image tokens only. `skip_layers` (skip-layer guidance) makes the model not call some blocks:
-# h_in is read by whichever hooked block runs first, h_out is the output of the last one that ran
-# (also when the last block is one of the skipped layers). SD3Transformer2DModel has no CacheMixin
-# in diffusers 0.42.1, so StableDiffusion3Pipeline calls run as "default" (it batches cond+uncond).
-_SD3_BLOCK = _SD3BlockSpec("hidden_states", "encoder_hidden_states", image_index=1, encoder_index=0)
-
+# One adapter per transformer class of tcpade.families.FAMILIES (the stack lists, the timestep and
+# control arguments, what runs after the stack); the block specs come from diffusers'
+# TransformerBlockRegistry and tcpade.families.OWN_BLOCKS.
 SUPPORTED: Dict[str, Adapter] = {
-    "FluxTransformer2DModel": Adapter(
-        "flux",
-        ("transformer_blocks", "single_transformer_blocks"),
-        {"FluxTransformerBlock": _FLUX_BLOCK, "FluxSingleTransformerBlock": _FLUX_BLOCK},
-    ),
-    "WanTransformer3DModel": Adapter("wan", ("blocks",), {"WanTransformerBlock": _WAN_BLOCK}),
-    "DiTTransformer2DModel": Adapter("dit", ("transformer_blocks",), {"BasicTransformerBlock": _DIT_BLOCK}),
-    "SD3Transformer2DModel": Adapter("sd3", ("transformer_blocks",), {"JointTransformerBlock": _SD3_BLOCK}),
+    cls: Adapter(f.name, f.stacks, timestep_arg=f.timestep_arg, control_args=f.control_args, notes=f.after_stack)
+    for cls, f in families.FAMILIES.items()
 }
 
 
@@ -326,6 +288,15 @@ class _Installed:
     created_registry: bool
 
 
+_MAX_REPEAT = 3  # calls per step outside cache contexts told apart: cond, uncond, skip-layer guidance, one more
+
+
+def _time_of(timestep) -> Optional[float]:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    return None if timestep is None else float(timestep)
+
+
 class _RootHook(ModelHook):
     """On the transformer: the branch (diffusers' cache context), the decision before the
     forward and the controller's ``finish`` after it.
@@ -341,31 +312,48 @@ class _RootHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state: _CallState, timestep_reader: _ArgReader):
+    def __init__(self, state: _CallState, timestep_reader: _ArgReader, controls=()):
         super().__init__()
         self.state_manager = StateManager(_NoState)
         self.call = state
         self.timestep = timestep_reader
+        self.controls: List[_ArgReader] = list(controls)  # block-level control residuals: compute
+        self._last_time: Optional[float] = None  # timestep of the previous call outside a cache context
+        self._repeat = 0  # calls in a row outside a cache context at that timestep
         self.installed: List[_Installed] = []
         self.handles: list = []
 
-    def branch(self) -> str:
+    def branch(self, timestep) -> str:
         try:
             return self.state_manager.context.name
         except ValueError:  # no cache context set
-            return DEFAULT_BRANCH
+            pass
+        # Pipelines that run CFG as two calls per step without cache contexts (FluxImg2Img,
+        # FluxKontext, SD3's skip-layer guidance call): the n-th call at one timestep is branch
+        # "default.n", so that each trajectory keeps its own history.
+        t = _time_of(timestep)
+        self._repeat = self._repeat + 1 if t is not None and t == self._last_time else 0
+        self._last_time = t
+        n = min(self._repeat, _MAX_REPEAT)  # bounded: a constant-timestep loop does not add branches
+        return DEFAULT_BRANCH if n == 0 else f"{DEFAULT_BRANCH}.{n + 1}"
 
     def forced(self, args: tuple, kwargs: dict) -> Optional[str]:
-        """Why this call must be computed whatever the controller's policy says (a reason
-        string), read from the call's arguments; None: the controller decides."""
-        return None
+        """Why this call must be computed whatever the controller's policy says, read from the
+        call's arguments: "control" when it carries block-level ControlNet residuals (a skip
+        would drop them); None: the controller decides."""
+        return "control" if any(c(args, kwargs) is not None for c in self.controls) else None
 
     @torch.compiler.disable
     def before(self, module, args, kwargs):
         st = self.call
         st.clear()
-        branch = self.branch()
-        st.start(branch, st.controller.decide(branch, self.timestep(args, kwargs), self.forced(args, kwargs)))
+        timestep = self.timestep(args, kwargs)
+        branch = self.branch(timestep)
+        force = self.forced(args, kwargs)
+        predict = st.controller.decide(branch, timestep, force)
+        if force is not None and predict is not None:
+            raise RuntimeError(f"a tcpade controller returned a prediction for a call forced to compute ({force!r})")
+        st.start(branch, predict)
 
     @torch.compiler.disable
     def after(self, module, args, kwargs, output):
@@ -381,6 +369,7 @@ class _RootHook(ModelHook):
 
     def reset_state(self, module):
         self.state_manager.reset()
+        self._last_time, self._repeat = None, 0
         reset = getattr(self.call.controller, "reset", None)
         if callable(reset):
             reset()
@@ -409,7 +398,8 @@ class _BlockHook(ModelHook):
         st = self.call
         if not st.active:  # called outside a hooked transformer call: behave as the plain block
             return self.fn_ref.original_forward(*args, **kwargs)
-        if st.skip and st.pred is None:
+        deciding = st.skip and st.pred is None
+        if deciding:
             h_in = self.read_hidden(args, kwargs)
             pred = st.predict(h_in)
             if pred is None:  # the controller cannot predict this h_in: compute the call after all
@@ -424,11 +414,14 @@ class _BlockHook(ModelHook):
                 st.pred = pred
         if st.skip:
             encoder = self.read_encoder(args, kwargs) if self.read_encoder is not None else None
-            return self.spec.assemble(module, encoder, st.pred)
+            # The first block returns the prediction; every later one passes its own input stream
+            # on, which already holds it (and whatever the model concatenated to it in between).
+            stream = st.pred if deciding else self.read_hidden(args, kwargs)
+            return self.spec.assemble(module, encoder, stream)
         if st.h_in is None:
             st.h_in = self.read_hidden(args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        st.h_out = self.spec.image_of(output)
+        st.h_out = self.spec.image_of(module, output, st.h_in)
         return output
 
 
@@ -500,7 +493,8 @@ def attach(transformer, controller: Controller) -> None:
                 "tcpade.apply before transformer.enable_parallelism"
             )
     state = _CallState(controller)
-    root = _RootHook(state, _ArgReader(type(module).forward, adapter.timestep_arg))
+    fwd = type(module).forward
+    root = _RootHook(state, _ArgReader(fwd, adapter.timestep_arg), [_ArgReader(fwd, n) for n in adapter.control_args])
     hooks = [_BlockHook(state, spec, block) for (_, block), spec in zip(blocks, specs)]
     installed: List[_Installed] = []
     try:

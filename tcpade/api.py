@@ -53,11 +53,50 @@ def _split(target):
 
 
 def _scheduler_steps(pipe):
+    """T of the pipeline's current run: the scheduler's timesteps from its begin index on.
+
+    img2img and inpainting pipelines set all timesteps and start the loop part-way
+    (``scheduler.set_begin_index(t_start)``, strength 0.6 of 20 steps: 12 run); a
+    text-to-image run leaves the begin index at None or 0."""
+
     def steps() -> Optional[int]:
-        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
-        return len(timesteps) if timesteps is not None and len(timesteps) > 0 else None
+        scheduler = getattr(pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            return None
+        begin = getattr(scheduler, "begin_index", None) or 0
+        n = len(timesteps) - int(begin)
+        return n if n > 0 else None
 
     return steps
+
+
+# The second transformer of a two-expert pipeline (Wan2.2: ``transformer`` denoises the
+# high-noise steps, ``transformer_2`` the rest).
+_EXPERTS = ("transformer_2",)
+
+
+def _experts(pipe) -> List[torch.nn.Module]:
+    if pipe is None:
+        return []
+    return [m for m in (getattr(pipe, n, None) for n in _EXPERTS) if isinstance(m, torch.nn.Module)]
+
+
+class _Expert:
+    """The controller of a pipeline's second expert: the pipeline's Runtime, with the expert's own
+    histories (the step index, T and the stages run over the whole sampling run)."""
+
+    def __init__(self, runtime: Runtime, name: str):
+        self.runtime, self.name = runtime, name
+
+    def decide(self, branch, timestep, force=None):
+        return self.runtime.decide(branch, timestep, force, expert=self.name)
+
+    def finish(self, branch, h_in, h_out):
+        self.runtime.finish(branch, h_in, h_out)
+
+    def reset(self):
+        self.runtime.reset()
 
 
 def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[int] = None) -> Runtime:
@@ -76,6 +115,11 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
             "tcpade is already applied to this transformer; call tcpade.remove(...) before applying it again"
         )
     adapters.find_adapter(transformer)  # a clear TypeError for an unsupported model
+    experts = _experts(pipe)
+    for expert in experts:
+        if adapters.is_attached(expert):
+            raise RuntimeError("tcpade is already applied to this pipeline's transformer_2; call tcpade.remove first")
+        adapters.find_adapter(expert)
     runtime = Runtime(config or TCPadeConfig(), total_steps=_scheduler_steps(pipe) if pipe is not None else None,
                       num_steps=num_steps)  # fmt: skip
     # Under diffusers' context parallelism (enabled before or after this call) the TSI sums
@@ -83,18 +127,23 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
     distributed.follow_context_parallel(runtime, transformer)
     adapters.attach(transformer, runtime)
     setattr(transformer, RUNTIME_ATTR, runtime)
+    for name, expert in zip(_EXPERTS, experts):
+        adapters.attach(expert, _Expert(runtime, name))
+        setattr(expert, RUNTIME_ATTR, runtime)
     return runtime
 
 
 def remove(target) -> None:
     """Take tcpade off ``target``; afterwards it computes exactly what it did before."""
-    _, transformer = _split(target)
+    pipe, transformer = _split(target)
     adapters = _adapters()
     if not adapters.is_attached(transformer):
         raise RuntimeError("tcpade is not applied to this transformer")
-    adapters.detach(transformer)
-    if hasattr(transformer, RUNTIME_ATTR):
-        delattr(transformer, RUNTIME_ATTR)
+    for module in [transformer] + _experts(pipe):
+        if adapters.is_attached(module):
+            adapters.detach(module)
+        if hasattr(module, RUNTIME_ATTR):
+            delattr(module, RUNTIME_ATTR)
 
 
 def runtime(target) -> Runtime:

@@ -141,6 +141,8 @@ class BranchState:
     runs: int = 0  # sampling runs started
     reset_pending: bool = False
     fold: Optional[Callable[["BranchState"], None]] = field(default=None, repr=False)
+    expert: str = ""  # the expert whose history ``history`` is (multi-expert pipelines)
+    experts: Dict[str, History] = field(default_factory=dict)  # the other experts' histories
 
     @property
     def records(self) -> List[StepRecord]:
@@ -271,14 +273,36 @@ class Runtime:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.history.nbytes for b in self.branches.values())
+        return sum(b.history.nbytes + sum(h.nbytes for h in b.experts.values()) for b in self.branches.values())
+
+    def _switch_expert(self, b: "BranchState", expert: str) -> None:
+        """Make ``expert``'s history the branch's history. Its residuals are not comparable with
+        the other expert's, so it starts empty, allocated like the one it replaces (the two
+        experts of a pipeline share the hidden-state shape); the records keep their own sums,
+        so the writes made so far are still read into them."""
+        old = b.history
+        b.experts[b.expert] = old
+        history = b.experts.pop(expert, None)
+        if history is None:
+            history = History(nslots=self.config.history_slots, keep_prev_input=self._keep_prev)
+        if old.ring is not None:
+            history.ensure(old.ring[0])
+        history.reset()
+        b.history, b.expert = history, expert
+        b.newest = None
+        b.run = b.run_left = 0
 
     # ------------------------------------------------------------------- protocol
-    def decide(self, branch: str, timestep, force: Optional[str] = None) -> Optional[_Call]:
+    def decide(self, branch: str, timestep, force: Optional[str] = None, expert: str = "") -> Optional[_Call]:
         """Before the transformer's forward: None to compute the block stack, or the
         prediction (a ``_Call``) that the first block hook runs on h_in to skip it.
-        ``force``: a reason this call must be computed (e.g. "controlnet"), or None."""
+        ``force``: a reason this call must be computed ("control": it carries ControlNet
+        residuals), or None. ``expert``: which transformer of a multi-expert pipeline (Wan2.2)
+        makes this call; each expert has its own history per branch, while the step index, T
+        and the stages run over the whole sampling run."""
         b = self._branch(branch)
+        if expert != b.expert:
+            self._switch_expert(b, expert)
         t = _scalar_time(timestep)
         total = self.total_steps()
         if b.pending is not None:

@@ -293,3 +293,86 @@ def test_gradient_checkpointing_path(name):
         assert sum(counter.counts.values()) == 0 and oracle.ends == []
     finally:
         adapters.detach(model)
+
+
+def test_block_specs_come_from_diffusers_registry():
+    """Registered block classes get diffusers' metadata; tcpade's own table only fills what the
+    registry lacks or gets wrong (Z-Image's block takes `x`; FLUX.2's single block passes
+    cat(text, image))."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+    from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    from tcpade import families
+
+    flux = families.registry_block(FluxSingleTransformerBlock)
+    assert (flux.hidden_arg, flux.image_index, flux.encoder_index) == ("hidden_states", 1, 0)
+    assert families.OWN_BLOCKS["ZImageTransformerBlock"].hidden_arg == "x"
+    assert families.registry_block(ZImageTransformerBlock).hidden_arg == "hidden_states"  # the registry's
+    assert families.OWN_BLOCKS["Flux2SingleTransformerBlock"].tokens == "last"
+    assert families.registry_block(Flux2SingleTransformerBlock).tokens == "all"
+    # Every family's stack lists exist in its class's __init__ and every block there has a spec.
+    for cls_name, fam in families.FAMILIES.items():
+        assert adapters.SUPPORTED[cls_name].stacks == fam.stacks
+
+
+def test_unknown_block_class_raises_type_error():
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    adapter = adapters.Adapter("x", ("blocks",))
+    with pytest.raises(TypeError, match="TransformerBlockRegistry"):
+        adapter.spec_for(model.blocks[0])
+
+
+@torch.no_grad()
+def test_repeated_timestep_outside_a_context_is_its_own_branch():
+    """Two calls in a row at one timestep without cache contexts (a pipeline's cond and uncond
+    calls) go to branches "default" and "default.2"; a new timestep starts at "default" again."""
+    model, inputs, image_shape = FAMILIES["dit"]()
+    rec = Recorder()
+    adapters.attach(model, rec)
+    try:
+        for k in (0, 0, 1, 1, 1, 1, 1, 2):
+            run(model, inputs(k))
+        model._diffusers_hook.reset_stateful_hooks()
+        run(model, inputs(2))
+    finally:
+        adapters.detach(model)
+    assert [b[0] for b in rec.begins] == [
+        "default", "default.2", "default", "default.2", "default.3", "default.4", "default.4", "default", "default"
+    ]
+
+
+class _Forced(Recorder):
+    """Wants to skip every call with a zero prediction; records the force reasons it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.forced = []
+
+    def begin(self, branch, h_in, timestep, force=None):
+        super().begin(branch, h_in, timestep)
+        self.forced.append(force)
+        return None if force else torch.zeros_like(h_in)
+
+
+@torch.no_grad()
+def test_controlnet_residuals_force_a_compute():
+    """A call with block-level ControlNet residuals is announced with force="control" and computed,
+    so the residuals reach the output; a call without them is skipped as the controller asks."""
+    model, inputs, image_shape = FAMILIES["flux"]()
+    g = torch.Generator().manual_seed(3)
+    control = dict(controlnet_block_samples=[torch.randn(image_shape, generator=g)],
+                   controlnet_single_block_samples=[torch.randn(image_shape, generator=g)])  # fmt: skip
+    ref = run(model, {**inputs(0), **control})
+    assert not torch.equal(ref, run(model, inputs(0)))
+    ctl = _Forced()
+    adapters.attach(model, ctl)
+    try:
+        out = run(model, {**inputs(0), **control})
+        skipped = run(model, inputs(1))
+    finally:
+        adapters.detach(model)
+    assert torch.equal(out, ref)
+    assert ctl.forced == ["control", None] and len(ctl.ends) == 1
+    assert not torch.equal(skipped, run(model, inputs(1)))
