@@ -350,10 +350,17 @@ class _Forced(Recorder):
         super().__init__()
         self.forced = []
 
-    def begin(self, branch, h_in, timestep, force=None):
-        super().begin(branch, h_in, timestep)
+    def decide(self, branch, timestep, force=None):
+        super().decide(branch, timestep)
         self.forced.append(force)
-        return None if force else torch.zeros_like(h_in)
+        return None if force else self._skip_with(torch.zeros_like)
+
+    def _skip_with(self, make):
+        def predict(h_in):
+            self.begins[-1][1] = h_in.clone()
+            return make(h_in)
+
+        return predict
 
 
 @torch.no_grad()

@@ -46,15 +46,23 @@ class Oracle:
         self.calls = 0
         self.begins, self.ends, self.forced = [], [], []
 
-    def begin(self, branch, h_in, timestep, force=None):
-        self.begins.append(h_in.clone())
+    def decide(self, branch, timestep, force=None):
         self.forced.append(force)
         pred = None if force else self.predictions.get(self.calls)
         self.calls += 1
-        return pred
+        if pred is None:
+            return None
 
-    def end(self, branch, h_in, h_out):
-        self.ends.append(h_out.clone())
+        def predict(h_in):
+            self.begins.append(h_in.clone())
+            return pred
+
+        return predict
+
+    def finish(self, branch, h_in, h_out):
+        if h_in is not None:
+            self.begins.append(h_in.clone())
+            self.ends.append(h_out.clone())
 
 
 def _attention_modules(block):
