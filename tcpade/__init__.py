@@ -7,7 +7,7 @@ torch custom ops that dispatch to them, the float64 reference of the math, and t
 per-branch residual history.
 """
 
-from . import coef, ops, reference
+from . import coef, ops, reference, schedules
 from .api import Summary, apply, remove, runtime, summary
 from .config import TCPadeConfig
 from .history import History
@@ -17,9 +17,21 @@ from .sampling import sample
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # tcpade.calibrate (a callable module: the schedule search, save/load, its CLI) is imported on
+    # first use, so that ``python -m tcpade.calibrate`` does not find it imported already.
+    if name == "calibrate":
+        import importlib
+
+        return importlib.import_module(".calibrate", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Summary",
     "apply",
+    "calibrate",
     "remove",
     "runtime",
     "sample",
@@ -31,6 +43,7 @@ __all__ = [
     "coef",
     "ops",
     "reference",
+    "schedules",
     "tsi_from_sums",
     "__version__",
 ]

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import distributed
+from . import distributed, schedules
 from .config import TCPadeConfig
 from .policy import Runtime, StepRecord
 
@@ -75,7 +75,9 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
             "tcpade is already applied to this transformer; call tcpade.remove(...) before applying it again"
         )
     adapters.find_adapter(transformer)  # a clear TypeError for an unsupported model
-    runtime = Runtime(config or TCPadeConfig(), total_steps=_scheduler_steps(pipe) if pipe is not None else None)
+    # A budget takes this model's calibrated schedules from the registry (tcpade.schedules).
+    config = schedules.resolve(config or TCPadeConfig(), transformer)
+    runtime = Runtime(config, total_steps=_scheduler_steps(pipe) if pipe is not None else None)
     if num_steps is not None:
         runtime.set_steps(num_steps)
     # Under diffusers' context parallelism (enabled before or after this call) the TSI sums
@@ -132,6 +134,8 @@ class Summary:
             comp = sum(r.computed for r in recs)
             ratio = f"{n / comp:.2f}x fewer block-stack passes" if comp else "no pass computed"
             lines.append(f"\nbranch {name!r}: {comp}/{n} computed ({ratio}); skipped {self.skipped(name)}")
+            if n and c.plan(n) is not None:
+                lines.append(f"  schedule: {c.plan_source(n)} {list(c.plan(n))}")
             bad = self.nonfinite(name)
             if bad:
                 lines.append(f"  non-finite values at steps {bad}: computed fully from there on")

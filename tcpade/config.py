@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from . import coef as K
+from . import schedules as S
 
 POLICIES = ("tsi", "error")
 
@@ -85,6 +86,34 @@ class TCPadeConfig:
     """Residuals kept per branch (>= 3). Memory: history_slots (+1 with an input-change
     correction) hidden-state-sized tensors per CFG branch."""
 
+    schedule: Optional[Tuple[int, ...]] = None
+    """A fixed schedule: the steps (0-based, sorted) computed in a run of ``schedule_steps``
+    steps; every other step is skipped and predicted, whatever ``policy``, ``warmup``,
+    ``interval``, ``final_steps`` and ``max_skips`` say. It must start with the steps the
+    predictor needs before its first skip (0 and 1; reuse: 0), so the pass count is exact
+    (only a non-finite value forces more). A run of another length raises ValueError: use
+    ``rescaled(T)`` or ``budget(...)``. Fewer steps = faster."""
+
+    schedule_steps: Optional[int] = None
+    """The run length T that ``schedule`` is for (required with it)."""
+
+    passes: Optional[int] = None
+    """A compute budget (``budget(passes=K)``): exactly min(K, T) computed steps per branch at
+    any T, placed by the model's calibrated schedule when one matches, else the spaced rule
+    (tcpade.schedules). >= the predictor's minimum history (2; reuse 1). Fewer = faster."""
+
+    speedup: Optional[float] = None
+    """A compute budget as a ratio (``budget(speedup=S)``): round(T / S) passes, at least the
+    predictor's minimum history (>= 1). Larger = faster."""
+
+    use_calibrated: bool = True
+    """A budget takes the model's calibrated schedule for (T, passes) when the registry has one
+    (False: always the spaced rule). Not a speed knob."""
+
+    calibrated: Tuple = ()
+    """The model's calibrated schedules ((T, steps), ...), filled in by ``tcpade.apply`` from the
+    registry for a budget config; not meant to be set by hand."""
+
     def __post_init__(self):
         def bad(name, allowed, value):
             raise ValueError(f"TCPadeConfig.{name} must be {allowed}, got {value!r}")
@@ -113,6 +142,31 @@ class TCPadeConfig:
             bad("input_correction", "None or a finite number", self.input_correction)
         if not isinstance(self.store_predictions, bool):
             bad("store_predictions", "a bool", self.store_predictions)
+        self._check_schedule_fields(bad)
+
+    def _check_schedule_fields(self, bad) -> None:
+        m = S.min_leading(self.predictor) if self.predictor in K.VARIANTS else 1
+        if sum(x is not None for x in (self.schedule, self.passes, self.speedup)) > 1:
+            bad("schedule/passes/speedup", "at most one of them set", (self.schedule, self.passes, self.speedup))
+        if self.schedule is not None:
+            t = self.schedule_steps
+            if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+                bad("schedule_steps", "an int > 0 (the run length the schedule is for)", t)
+            object.__setattr__(self, "schedule", S.check_schedule(self.schedule, t, self.predictor))
+        elif self.schedule_steps is not None:
+            bad("schedule_steps", "None without a schedule", self.schedule_steps)
+        if self.passes is not None and (isinstance(self.passes, bool) or not isinstance(self.passes, int)
+                                        or self.passes < m):  # fmt: skip
+            bad("passes", f"an int >= {m} (the {self.predictor!r} predictor's minimum history)", self.passes)
+        if self.speedup is not None and not (
+            isinstance(self.speedup, (int, float)) and not isinstance(self.speedup, bool)
+            and math.isfinite(self.speedup) and self.speedup >= 1.0
+        ):  # fmt: skip
+            bad("speedup", "a finite number >= 1", self.speedup)
+        if not isinstance(self.use_calibrated, bool):
+            bad("use_calibrated", "a bool", self.use_calibrated)
+        cal = tuple((t, S.check_schedule(st, t, self.predictor, "calibrated")) for t, st in self.calibrated)
+        object.__setattr__(self, "calibrated", cal)
 
     # ------------------------------------------------------------------- presets
     @classmethod
@@ -164,6 +218,68 @@ class TCPadeConfig:
         base.setdefault("policy", "tsi")
         base.setdefault("tsi_threshold", 1.0)
         return cls(**base)
+
+    @classmethod
+    def budget(cls, passes: Optional[int] = None, speedup: Optional[float] = None, **overrides) -> "TCPadeConfig":
+        """Exactly ``passes`` block-stack passes per branch at any step count T (or round(T /
+        ``speedup``)), with the rational predictor. Placement: the model's calibrated schedule
+        for (T, passes) when the registry holds one (shipped for the zoo, or ``tcpade.calibrate``),
+        else the spaced rule (steps 0 and 1, then evenly spaced, the last step predicted;
+        tcpade.schedules.spaced). ``tcpade.summary`` says which was used."""
+        if (passes is None) == (speedup is None):
+            raise ValueError("TCPadeConfig.budget takes exactly one of passes=K or speedup=S")
+        base = dict(predictor="rational", passes=passes, speedup=speedup)
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def wants_calibrated(self) -> bool:
+        """A budget that may take the model's calibrated schedule (``tcpade.apply`` looks it up)."""
+        return self.use_calibrated and (self.passes is not None or self.speedup is not None)
+
+    def budget_passes(self, total: int) -> Optional[int]:
+        """The passes a budget config computes in a run of ``total`` steps, or None (no budget)."""
+        m = S.min_leading(self.predictor)
+        if self.passes is not None:
+            return min(self.passes, total)
+        if self.speedup is not None:
+            return min(total, max(m, int(math.floor(total / self.speedup + 0.5))))
+        return None
+
+    def plan(self, total: int) -> Optional[Tuple[int, ...]]:
+        """The computed steps of a ``total``-step run when they are fixed in advance (a schedule or
+        a budget), or None when the decisions depend on the trajectory (the policies)."""
+        return self._plan(total)[0]
+
+    def plan_source(self, total: int) -> str:
+        """Where ``plan(total)`` comes from: "schedule", "calibrated", "spaced rule" or "policy"."""
+        return self._plan(total)[1]
+
+    def _plan(self, total: int):
+        if self.schedule is not None:
+            if total != self.schedule_steps:
+                raise ValueError(
+                    f"TCPadeConfig.schedule is for schedule_steps={self.schedule_steps} steps, this run has "
+                    f"{total}: use config.rescaled({total}), a budget (TCPadeConfig.budget), or calibrate for {total}"
+                )
+            return self.schedule, "schedule"
+        k = self.budget_passes(total)
+        if k is None:
+            return None, "policy"
+        for t, steps in self.calibrated:
+            if t == total and len(steps) == k:
+                return steps, "calibrated"
+        return S.spaced(total, k, S.min_leading(self.predictor)), "spaced rule"
+
+    def rescaled(self, total: int) -> "TCPadeConfig":
+        """This config with its ``schedule`` moved to ``total`` steps, same pass count: the leading
+        steps kept, every later step at the same fraction of the run."""
+        import dataclasses
+
+        if self.schedule is None:
+            raise ValueError("TCPadeConfig.rescaled needs a schedule (TCPadeConfig.schedule is None)")
+        steps = S.rescale(self.schedule, self.schedule_steps, total, S.min_leading(self.predictor))
+        return dataclasses.replace(self, schedule=steps, schedule_steps=total)
 
     def always_computed(self, k: int, total: int) -> Optional[str]:
         """Why step k of ``total`` is computed whatever the history says, or None."""

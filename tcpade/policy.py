@@ -256,7 +256,8 @@ class Runtime:
                 self._read_writes(b)
         reason = self._reason_to_compute(b, k, total)
         if reason is not None:
-            probe = c.policy == "error" and not b.poisoned and b.history.count >= K.MIN_HISTORY[c.predictor]
+            probe = (c.policy == "error" and not b.poisoned and b.history.count >= K.MIN_HISTORY[c.predictor]
+                     and c.plan(total) is None)  # fmt: skip
             return self._compute(b, h_in, k, t, reason, stage, probe)
         return self._skip(b, h_in, k, t, stage, guess)
 
@@ -320,6 +321,9 @@ class Runtime:
         c = self.config
         if b.poisoned:
             return False
+        plan = c.plan(total)
+        if plan is not None:  # a fixed schedule: only a skip reads (poisoning, the paper's flag)
+            return k not in plan
         forced = c.always_computed(k, total) or c.max_skips == 0 or b.consecutive >= c.max_skips
         need = self._min_history
         if forced or b.history.count < need:
@@ -391,6 +395,9 @@ class Runtime:
         c = self.config
         if b.poisoned:
             return "nonfinite"
+        plan = c.plan(total)
+        if plan is not None:  # a fixed schedule: exactly its steps, max_skips does not cap it
+            return "schedule" if k in plan else None
         forced = c.always_computed(k, total)
         if forced:
             return forced

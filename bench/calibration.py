@@ -1,0 +1,303 @@
+"""Calibrated schedules against evenly spaced ones, tcpade's presets and the best peer, on the zoo.
+
+    python bench/calibration.py                       # every zoo model, 20 and 50 steps
+    python bench/calibration.py --models flux-digits --steps 20 --no-ship
+
+For each zoo model and step count T:
+
+* calibration: ``tcpade.calibrate`` (lazy greedy, rational predictor) on CALIBRATION inputs --
+  seeds 0..3 with the labels below -- against full computation of those inputs, down to about
+  3.3x fewer passes; also on the first 1 and 2 of them (how many inputs are enough), and exact greedy
+  on the 4 at 20 steps (what the lazy evaluation saves). Cost: runs, block-stack calls, minutes.
+* evaluation on OTHER inputs: the evaluation set of bench/quality.py (seeds 1000.., every
+  class), so the peers' rows of bench/results/quality_<model>.csv (run on exactly those inputs,
+  MagCache calibrated on them) are the peers here. At each pass count K from 2x to 3.3x:
+  the calibrated schedule; the spaced rule (``TCPadeConfig.budget(passes=K)`` with no calibrated
+  schedule); the best of a family of evenly spaced schedules (warm-up 2-3 steps, then a constant
+  gap, the last 0-2 steps predicted; best chosen on the evaluation set itself, i.e. an oracle for
+  "evenly spaced"); tcpade's presets at their own passes; the best peer with at least that speedup.
+* transfer: PSNR on evaluation samples of the classes the calibration saw vs the others.
+
+Writes bench/results/calibration.md and calibration.csv, and (unless --no-ship) the 4-input
+calibrations to tcpade/zoo/schedules.json, which the budget presets then use on these models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_common import cpu_name  # noqa: E402
+from quality import eval_set  # noqa: E402
+
+import tcpade  # noqa: E402
+from tcpade import metrics, schedules, zoo  # noqa: E402
+from tcpade.config import TCPadeConfig  # noqa: E402
+
+OUT = os.path.join(ROOT, "bench", "results")
+CAL_SEEDS = (0, 1, 2, 3)
+# Calibration labels: four classes of ten (flux, wan: six classes never seen), both of DiT's two.
+CAL_LABELS = {"flux-digits": (0, 1, 2, 3), "dit-faces": (0, 1, 0, 1), "wan-digits": (0, 1, 2, 3)}
+
+
+def levels(T):
+    """Pass counts from 2x to 3.3x fewer block-stack passes."""
+    if T == 20:
+        return [10, 9, 8, 7, 6]
+    lo, hi = math.ceil(T / (10 / 3) - 1e-9), T // 2
+    ks = sorted({hi, round(T / 2.5), round(T / 2.9), lo}, reverse=True)
+    return ks
+
+
+def even_family(T, K):
+    """Evenly spaced schedules with K passes: steps 0..lead-1 (lead 2 or 3), then a constant gap
+    counted from step 0, the last ``e`` = 0, 1 or 2 steps predicted (e smaller than the gap)."""
+    out = set()
+    for lead in (2, 3):
+        r = K - lead
+        if r < 1:
+            continue
+        for base in (0,):
+            for e in range(3):
+                last = T - 1 - e
+                gap = (last - base) / r
+                if gap < 1 or e >= gap:
+                    continue
+                pos = [base + gap * (i + 1) for i in range(r)]
+                out.add(schedules._fit(pos, lead, T))
+    return sorted(out)
+
+
+def peers_from_csv(name, T):
+    path = os.path.join(OUT, f"quality_{name}.csv")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            if int(r["steps"]) == T and r["group"] != "full" and not r["group"].startswith("tcpade"):
+                rows.append(dict(group=r["group"], label=r["label"], speedup=float(r["speedup"]), psnr=float(r["psnr"])))
+    return rows
+
+
+def best_peer(peers, T, K):
+    cands = [p for p in peers if p["speedup"] >= T / K * (1 - 1e-3)]
+    return max(cands, key=lambda p: p["psnr"], default=None)
+
+
+class Evaluator:
+    def __init__(self, model, T, seeds, labels, seen):
+        self.model, self.T, self.seeds, self.labels = model, T, seeds, labels
+        self.ref = model.sample(seeds, labels, steps=T)
+        self.seen = torch.tensor([lab in seen for lab in labels])
+        self.runs = 0
+
+    def __call__(self, config):
+        images, summ = self.model.sample(self.seeds, self.labels, steps=self.T, config=config, return_summary=True)
+        self.runs += 1
+        p = metrics.psnr(images, self.ref)
+        passes = max(len(summ.computed(b)) for b in summ.branches)
+        out = dict(psnr=float(p.mean()), ssim=float(metrics.ssim(images, self.ref).mean()), passes=passes,
+                   computed=summ.computed(next(iter(summ.branches))),
+                   psnr_seen=float(p[self.seen].mean()) if self.seen.any() else math.nan,
+                   psnr_unseen=float(p[~self.seen].mean()) if (~self.seen).any() else math.nan)  # fmt: skip
+        return out
+
+
+def bench(name, T, log, ship_store, ablate, greedy_too):
+    torch.manual_seed(0)
+    model = zoo.load(name)
+    seeds, labels = eval_set(name, quick=False)
+    cal_inputs = list(zip(CAL_SEEDS, CAL_LABELS[name]))
+    ks = levels(T)
+    kmin = min(ks)  # the search stops at the fewest passes evaluated
+    rows, costs = [], []
+
+    def cal(n, method="lazy"):
+        t0 = time.perf_counter()
+        c = tcpade.calibrate(model, cal_inputs[:n], passes=kmin, steps=T, method=method, progress=False)
+        costs.append(dict(model=name, steps=T, inputs=n, method=method, runs=c.runs, calls=c.calls,
+                          minutes=(time.perf_counter() - t0) / 60, branches=c.extra["branches"]))  # fmt: skip
+        log(f"  calibrated {name} T={T} n={n} {method}: {c.runs} runs, {c.calls} calls, {costs[-1]['minutes']:.2f} min")
+        return c
+
+    cals = {4: cal(4)}
+    if ablate:
+        cals[1], cals[2] = cal(1), cal(2)
+    if greedy_too:
+        cals["greedy"] = cal(4, "greedy")
+    ship_store.append(cals[4])
+
+    ev = Evaluator(model, T, seeds, labels, seen=set(CAL_LABELS[name]))
+    peers = peers_from_csv(name, T)
+
+    def add(method, K, res, **extra):
+        row = dict(model=name, steps=T, method=method, K=K, passes=res["passes"], speedup=T / res["passes"],
+                   psnr=res["psnr"], ssim=res["ssim"], psnr_seen=res["psnr_seen"], psnr_unseen=res["psnr_unseen"],
+                   schedule=" ".join(map(str, res["computed"])), **extra)  # fmt: skip
+        rows.append(row)
+        log(f"  {method:24s} K={K:2d} passes={res['passes']:2d} psnr={res['psnr']:6.2f} [{row['schedule']}]")
+
+    for K in ks:
+        for key, c in cals.items():
+            tag = "calibrated" if key == 4 else (f"calibrated n={key}" if key != "greedy" else "calibrated greedy")
+            add(tag, K, ev(c.config(K)))
+        add("budget (spaced rule)", K, ev(TCPadeConfig.budget(passes=K, use_calibrated=False)))
+        best = None
+        for sched in even_family(T, K):
+            res = ev(TCPadeConfig(schedule=sched, schedule_steps=T))
+            if best is None or res["psnr"] > best["psnr"]:
+                best = res
+        add("best evenly spaced", K, best)
+        # the preset with this model's calibration registered: it must pick the calibrated schedule
+        cals[4].register()
+        res = ev(TCPadeConfig.budget(passes=K))
+        assert res["computed"] == list(cals[4].schedule(K)), (res["computed"], cals[4].schedule(K))
+        schedules.clear()
+        bp = best_peer(peers, T, K)
+        if bp is not None:
+            rows.append(dict(model=name, steps=T, method="best peer", K=K, passes="", speedup=bp["speedup"],
+                             psnr=bp["psnr"], ssim=math.nan, psnr_seen=math.nan, psnr_unseen=math.nan,
+                             schedule=bp["label"]))  # fmt: skip
+            log(f"  best peer K={K}: {bp['label']} x{bp['speedup']:.2f} {bp['psnr']:.2f}")
+    for pname in ("slow", "fast", "adaptive"):
+        res = ev(getattr(TCPadeConfig, pname)())
+        add(f"preset {pname}", res["passes"], res)
+        if res["passes"] in cals[4].schedules:
+            add(f"calibrated at {pname}'s passes", res["passes"], ev(cals[4].config(res["passes"])))
+    log(f"  evaluation runs: {ev.runs}")
+    return rows, costs
+
+
+# ----------------------------------------------------------------------------------------- report
+def _fmt(v):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def report(rows, costs, meta, path):
+    lines = [
+        "# Calibrated schedules on the zoo: calibrated vs evenly spaced vs presets vs the best peer",
+        "",
+        f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); torch {meta['torch']}; {meta['date']}. "
+        f"Command: `{meta['command']}`.",
+        "",
+        "Calibration: `tcpade.calibrate` (lazy greedy removal, rational predictor) on seeds 0-3 with labels "
+        + ", ".join(f"{k}: {v}" for k, v in CAL_LABELS.items())
+        + " against full computation of those inputs. Evaluation: bench/quality.py's evaluation set (seeds "
+        "1000.., every class; none of the calibration inputs). PSNR (dB) against full computation of the same "
+        "evaluation inputs. Best peer: the highest-PSNR peer row of bench/results/quality_<model>.csv (same "
+        "evaluation inputs; MagCache calibrated on them) with at least the speedup T/K; `best evenly spaced` is "
+        "the best of a family of evenly spaced schedules chosen on the evaluation set itself (an oracle for that "
+        "family). Margin = calibrated - best peer; goal >= 2 dB.",
+    ]
+    verdict = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for T in sorted({r["steps"] for r in rows if r["model"] == name}):
+            rs = [r for r in rows if r["model"] == name and r["steps"] == T]
+            lines += ["", f"## {name}, {T} steps", "",
+                      "| passes (speedup) | calibrated | best evenly spaced | budget (spaced rule) | best peer | "
+                      "margin over best peer | calibrated schedule |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for K in sorted({r["K"] for r in rs if r["method"] == "calibrated"}, reverse=True):
+                get = {r["method"]: r for r in rs if r["K"] == K}
+                c, e, sp, bp = (get.get(m) for m in ("calibrated", "best evenly spaced", "budget (spaced rule)", "best peer"))
+                if c is None or K * 2 > T or T / K > 10 / 3 + 1e-6:
+                    continue
+                margin = c["psnr"] - bp["psnr"] if bp else None
+                ok = margin is not None and margin >= 2.0
+                if bp is None:
+                    verdict.append((name, T, K, None))
+                else:
+                    verdict.append((name, T, K, margin))
+                peer = f"{bp['psnr']:.2f} ({bp['schedule']}, x{bp['speedup']:.2f})" if bp else "no peer reaches it"
+                lines.append(f"| {K} (x{T / K:.2f}) | {_fmt(c['psnr'])} | {_fmt(e['psnr'] if e else None)} | "
+                             f"{_fmt(sp['psnr'] if sp else None)} | {peer} | "
+                             f"{(f'{margin:+.2f} dB ' + ('met' if ok else 'MISS')) if margin is not None else '-'} | "
+                             f"{c['schedule']} |")  # fmt: skip
+            pre = [r for r in rs if r["method"].startswith("preset") or r["method"].startswith("calibrated at")]
+            if pre:
+                lines += ["", "Presets at their own passes, and the calibrated schedule with the same passes:", "",
+                          "| method | passes | PSNR | schedule |", "|---|---|---|---|"]  # fmt: skip
+                lines += [f"| {r['method']} | {r['passes']} | {_fmt(r['psnr'])} | {r['schedule']} |" for r in pre]
+            abl = [r for r in rs if r["method"].startswith("calibrated") and not r["method"].startswith("calibrated at")]
+            if len({r["method"] for r in abl}) > 1:
+                meths = sorted({r["method"] for r in abl})
+                lines += ["", "Calibration inputs (n) and exact vs lazy greedy, evaluated on the evaluation set:", "",
+                          "| passes | " + " | ".join(meths) + " |", "|---" * (len(meths) + 1) + "|"]  # fmt: skip
+                for K in sorted({r["K"] for r in abl}, reverse=True):
+                    cells = [next((_fmt(r["psnr"]) for r in abl if r["K"] == K and r["method"] == m), "-") for m in meths]
+                    lines.append(f"| {K} | " + " | ".join(cells) + " |")
+            tr = [r for r in rs if r["method"] == "calibrated" and not math.isnan(r["psnr_unseen"])
+                  and not math.isnan(r["psnr_seen"])]  # fmt: skip
+            if tr:
+                lines += ["", "Transfer (calibrated, 4 inputs): PSNR on evaluation samples of classes the calibration "
+                          "saw vs classes it did not:", "", "| passes | seen classes | unseen classes |", "|---|---|---|"]  # fmt: skip
+                lines += [f"| {r['K']} | {_fmt(r['psnr_seen'])} | {_fmt(r['psnr_unseen'])} |" for r in tr]
+    lines += ["", "## Cost of a calibration (this machine)", "",
+              "| model | T | inputs | search | runs | block-stack calls | branches | minutes |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {c['model']} | {c['steps']} | {c['inputs']} | {c['method']} | {c['runs']} | {c['calls']} | "
+              f"{c['branches']} | {c['minutes']:.2f} |" for c in costs]  # fmt: skip
+    lines += ["", "Calls count every transformer call that computed the block stack (both CFG branches; the "
+              "calibration inputs run as one batch). Skipped calls cost one memory pass each and are not counted.", "",
+              "## Goal: calibrated >= 2 dB over the best peer at every pass count from 2x to 3.3x", ""]  # fmt: skip
+    for name, T, K, m in verdict:
+        state = "no peer reaches this speedup" if m is None else (f"{m:+.2f} dB: met" if m >= 2 else f"{m:+.2f} dB: MISS")
+        lines.append(f"- {name}, {T} steps, {K} passes (x{T / K:.2f}): {state}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(zoo.names()))
+    p.add_argument("--steps", default="20,50")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-ship", action="store_true", help="do not write tcpade/zoo/schedules.json")
+    p.add_argument("--ablate-steps", default="20", help="step counts with the 1- and 2-input calibrations too")
+    p.add_argument("--greedy-steps", default="20", help="step counts with exact greedy too (flux-digits only)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                command="python bench/calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
+    ablate = {int(s) for s in args.ablate_steps.split(",") if s}
+    greedy = {int(s) for s in args.greedy_steps.split(",") if s}
+    rows, costs, shipped = [], [], []
+    csv_path = os.path.join(args.out, "calibration.csv")
+    schedules.clear(shipped=False)  # the evaluation must not pick up shipped schedules by accident
+    for T in (int(s) for s in args.steps.split(",")):  # every model at the first T first
+        for name in args.models.split(","):
+            print(f"## {name} T={T}", flush=True)
+            r, c = bench(name, T, lambda m: print(m, flush=True), shipped, T in ablate,
+                         T in greedy and name == "flux-digits")  # fmt: skip
+            schedules.clear(shipped=False)
+            rows += r
+            costs += c
+            keys = list(rows[0])
+            with open(csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+                w.writeheader()
+                for row in rows:
+                    w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+            with open(os.path.join(args.out, "calibration_cost.json"), "w") as f:
+                json.dump(costs, f, indent=1)
+            report(rows, costs, meta, os.path.join(args.out, "calibration.md"))
+            if not args.no_ship:
+                from tcpade.calibrate import save
+
+                save(schedules.SHIPPED, *shipped)
+    print(f"wrote {os.path.join(args.out, 'calibration.md')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
