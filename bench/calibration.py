@@ -1,14 +1,16 @@
 """Calibrated schedules against evenly spaced ones, tcpade's presets and the best peer, on the zoo.
 
-    python bench/calibration.py                       # every zoo model, 20 and 50 steps
+    python bench/calibration.py                       # the three zoo models, 20 and 50 steps (~1 h, 1 thread)
     python bench/calibration.py --models flux-digits --steps 20 --no-ship
 
 For each zoo model and step count T:
 
-* calibration: ``tcpade.calibrate`` (lazy greedy, rational predictor) on CALIBRATION inputs --
-  seeds 0..3 with the labels below -- against full computation of those inputs, down to about
-  3.3x fewer passes; also on the first 1 and 2 of them (how many inputs are enough), and exact greedy
-  on the 4 at 20 steps (what the lazy evaluation saves). Cost: runs, block-stack calls, minutes.
+* calibration: ``tcpade.calibrate`` (method "refine": best evenly spaced schedule, then hill
+  climbing; rational predictor) on CALIBRATION inputs -- seeds 0..3 with the labels below --
+  against full computation of those inputs, at every pass count evaluated; also on the first 1
+  and 2 of them (how many inputs are enough; --ablate). Cost: runs, block-stack calls, minutes.
+  (Greedy removal, exact and lazy, was run on flux-digits at 20 steps by an earlier version of
+  this script: bench/results/calibration_search_flux20.csv.)
 * evaluation on OTHER inputs: the evaluation set of bench/quality.py (seeds 1000.., every
   class), so the peers' rows of bench/results/quality_<model>.csv (run on exactly those inputs,
   MagCache calibrated on them) are the peers here. At each pass count K from 2x to 3.3x:
@@ -55,28 +57,7 @@ def levels(T):
     """Pass counts from 2x to 3.3x fewer block-stack passes."""
     if T == 20:
         return [10, 9, 8, 7, 6]
-    lo, hi = math.ceil(T / (10 / 3) - 1e-9), T // 2
-    ks = sorted({hi, round(T / 2.5), round(T / 2.9), lo}, reverse=True)
-    return ks
-
-
-def even_family(T, K):
-    """Evenly spaced schedules with K passes: steps 0..lead-1 (lead 2 or 3), then a constant gap
-    counted from step 0, the last ``e`` = 0, 1 or 2 steps predicted (e smaller than the gap)."""
-    out = set()
-    for lead in (2, 3):
-        r = K - lead
-        if r < 1:
-            continue
-        for base in (0,):
-            for e in range(3):
-                last = T - 1 - e
-                gap = (last - base) / r
-                if gap < 1 or e >= gap:
-                    continue
-                pos = [base + gap * (i + 1) for i in range(r)]
-                out.add(schedules._fit(pos, lead, T))
-    return sorted(out)
+    return sorted({T // 2, round(T / 2.9), math.ceil(T / (10 / 3) - 1e-9)}, reverse=True)
 
 
 def peers_from_csv(name, T):
@@ -115,7 +96,7 @@ class Evaluator:
         return out
 
 
-def bench(name, T, log, ship_store, ablate, greedy_too):
+def bench(name, T, log, ship_store, ablate, lazy_too, sweeps):
     torch.manual_seed(0)
     model = zoo.load(name)
     seeds, labels = eval_set(name, quick=False)
@@ -124,19 +105,20 @@ def bench(name, T, log, ship_store, ablate, greedy_too):
     kmin = min(ks)  # the search stops at the fewest passes evaluated
     rows, costs = [], []
 
-    def cal(n, method="lazy"):
+    def cal(n, method="refine", sweeps=sweeps):
         t0 = time.perf_counter()
-        c = tcpade.calibrate(model, cal_inputs[:n], passes=kmin, steps=T, method=method, progress=False)
-        costs.append(dict(model=name, steps=T, inputs=n, method=method, runs=c.runs, calls=c.calls,
+        c = tcpade.calibrate(model, cal_inputs[:n], passes=ks, steps=T, method=method, progress=False, sweeps=sweeps)
+        tag = method + (f", {sweeps} sweep(s)" if method == "refine" else "")
+        costs.append(dict(model=name, steps=T, inputs=n, method=tag, runs=c.runs, calls=c.calls,
                           minutes=(time.perf_counter() - t0) / 60, branches=c.extra["branches"]))  # fmt: skip
-        log(f"  calibrated {name} T={T} n={n} {method}: {c.runs} runs, {c.calls} calls, {costs[-1]['minutes']:.2f} min")
+        log(f"  calibrated {name} T={T} n={n} {tag}: {c.runs} runs, {c.calls} calls, {costs[-1]['minutes']:.2f} min")
         return c
 
     cals = {4: cal(4)}
     if ablate:
-        cals[1], cals[2] = cal(1), cal(2)
-    if greedy_too:
-        cals["greedy"] = cal(4, "greedy")
+        cals[1], cals[2] = cal(1, sweeps=1), cal(2, sweeps=1)
+    if lazy_too:
+        cals["lazy"] = cal(4, "lazy")
     ship_store.append(cals[4])
 
     ev = Evaluator(model, T, seeds, labels, seen=set(CAL_LABELS[name]))
@@ -151,11 +133,11 @@ def bench(name, T, log, ship_store, ablate, greedy_too):
 
     for K in ks:
         for key, c in cals.items():
-            tag = "calibrated" if key == 4 else (f"calibrated n={key}" if key != "greedy" else "calibrated greedy")
+            tag = "calibrated" if key == 4 else (f"calibrated n={key}" if key != "lazy" else "calibrated lazy greedy")
             add(tag, K, ev(c.config(K)))
         add("budget (spaced rule)", K, ev(TCPadeConfig.budget(passes=K, use_calibrated=False)))
         best = None
-        for sched in even_family(T, K):
+        for sched in schedules.even_family(T, K):
             res = ev(TCPadeConfig(schedule=sched, schedule_steps=T))
             if best is None or res["psnr"] > best["psnr"]:
                 best = res
@@ -180,9 +162,46 @@ def bench(name, T, log, ship_store, ablate, greedy_too):
     return rows, costs
 
 
+def read_rows(path):
+    out = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            for k in ("steps", "K"):
+                r[k] = int(r[k])
+            r["passes"] = int(r["passes"]) if r["passes"] else ""
+            for k in ("speedup", "psnr", "ssim", "psnr_seen", "psnr_unseen"):
+                r[k] = float(r[k]) if r[k] not in ("", "nan") else math.nan
+            out.append(r)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- report
 def _fmt(v):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def search_section():
+    """Greedy removal (exact and lazy) on flux-digits at 20 steps, from the earlier run whose rows are in
+    calibration_search_flux20.csv (same calibration and evaluation inputs)."""
+    path = os.path.join(OUT, "calibration_search_flux20.csv")
+    if not os.path.exists(path):
+        return []
+    rows = read_rows(path)
+    costs = json.load(open(os.path.join(OUT, "calibration_search_flux20_cost.json")))
+    names = {"calibrated": "lazy greedy, 4 inputs", "calibrated greedy": "exact greedy, 4 inputs",
+             "calibrated n=1": "lazy greedy, 1 input", "calibrated n=2": "lazy greedy, 2 inputs",
+             "budget (spaced rule)": "spaced rule", "best evenly spaced": "best evenly spaced"}  # fmt: skip
+    lines = ["", "## Greedy removal (exact and lazy) on flux-digits, 20 steps", "",
+             "An earlier run of this script searched by greedy removal instead of refine (same calibration and "
+             "evaluation inputs; `calibration_search_flux20.csv`). PSNR on the evaluation set:", "",
+             "| passes | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for K in sorted({r["K"] for r in rows if r["method"] == "calibrated"}, reverse=True):
+        cells = [next((_fmt(r["psnr"]) for r in rows if r["K"] == K and r["method"] == m), "-") for m in names]
+        lines.append(f"| {K} | " + " | ".join(cells) + " |")
+    lines += ["", "Their cost (searching down to 6 passes, all counts on the way): "
+              + "; ".join(f"{c['method']} on {c['inputs']} input(s): {c['runs']} runs, {c['calls']} calls, "
+                          f"{c['minutes']:.2f} min" for c in costs) + "."]  # fmt: skip
+    return lines
 
 
 def report(rows, costs, meta, path):
@@ -243,6 +262,7 @@ def report(rows, costs, meta, path):
                 lines += ["", "Transfer (calibrated, 4 inputs): PSNR on evaluation samples of classes the calibration "
                           "saw vs classes it did not:", "", "| passes | seen classes | unseen classes |", "|---|---|---|"]  # fmt: skip
                 lines += [f"| {r['K']} | {_fmt(r['psnr_seen'])} | {_fmt(r['psnr_unseen'])} |" for r in tr]
+    lines += search_section()
     lines += ["", "## Cost of a calibration (this machine)", "",
               "| model | T | inputs | search | runs | block-stack calls | branches | minutes |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {c['model']} | {c['steps']} | {c['inputs']} | {c['method']} | {c['runs']} | {c['calls']} | "
@@ -259,27 +279,38 @@ def report(rows, costs, meta, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(zoo.names()))
+    p.add_argument("--models", default="flux-digits,wan-digits,dit-faces")
     p.add_argument("--steps", default="20,50")
     p.add_argument("--out", default=OUT)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ship", action="store_true", help="do not write tcpade/zoo/schedules.json")
-    p.add_argument("--ablate-steps", default="20", help="step counts with the 1- and 2-input calibrations too")
-    p.add_argument("--greedy-steps", default="20", help="step counts with exact greedy too (flux-digits only)")
+    p.add_argument("--ablate", default="flux-digits:20", help="model:T,..: also calibrate on 1 and 2 inputs there")
+    p.add_argument("--lazy", default="", help="model:T,..: also run the lazy greedy search there")
+    p.add_argument("--sweeps", default="20:2,50:1", help="T:sweeps,..: refine's hill-climbing sweeps (default 1)")
+    p.add_argument("--append", action="store_true", help="add to the rows of calibration.csv instead of replacing")
+    p.add_argument("--report-only", action="store_true", help="re-render calibration.md from calibration.csv")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 command="python bench/calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
-    ablate = {int(s) for s in args.ablate_steps.split(",") if s}
-    greedy = {int(s) for s in args.greedy_steps.split(",") if s}
+    pairs = lambda arg: {(kv.split(":")[0], int(kv.split(":")[1])) for kv in arg.split(",") if kv}  # noqa: E731
+    ablate, lazy = pairs(args.ablate), pairs(args.lazy)
+    sweeps = {int(k): int(v) for k, v in (kv.split(":") for kv in args.sweeps.split(",") if kv)}
     rows, costs, shipped = [], [], []
     csv_path = os.path.join(args.out, "calibration.csv")
+    cost_path = os.path.join(args.out, "calibration_cost.json")
+    if args.append or args.report_only:  # keep the rows of an earlier run (other models / step counts)
+        rows, costs = read_rows(csv_path), json.load(open(cost_path))
+        meta["command"] += " (appended to the earlier run's rows)" if args.append else ""
+    if args.report_only:
+        report(rows, costs, meta, os.path.join(args.out, "calibration.md"))
+        return
     schedules.clear(shipped=False)  # the evaluation must not pick up shipped schedules by accident
     for T in (int(s) for s in args.steps.split(",")):  # every model at the first T first
         for name in args.models.split(","):
             print(f"## {name} T={T}", flush=True)
-            r, c = bench(name, T, lambda m: print(m, flush=True), shipped, T in ablate,
-                         T in greedy and name == "flux-digits")  # fmt: skip
+            r, c = bench(name, T, lambda m: print(m, flush=True), shipped, (name, T) in ablate, (name, T) in lazy,
+                         sweeps.get(T, 1))  # fmt: skip
             schedules.clear(shipped=False)
             rows += r
             costs += c
@@ -289,7 +320,7 @@ def main(argv=None):
                 w.writeheader()
                 for row in rows:
                     w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-            with open(os.path.join(args.out, "calibration_cost.json"), "w") as f:
+            with open(cost_path, "w") as f:
                 json.dump(costs, f, indent=1)
             report(rows, costs, meta, os.path.join(args.out, "calibration.md"))
             if not args.no_ship:

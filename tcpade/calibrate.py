@@ -4,24 +4,30 @@
     from tcpade import zoo
 
     m = zoo.load("flux-digits")
-    cal = tcpade.calibrate(m, [(0, 3), (1, 7)], passes=7, steps=20)   # (seed, label) inputs
-    print(cal.curve())                  # calibration PSNR per pass count, 20 .. 7
+    cal = tcpade.calibrate(m, [(0, 3), (1, 7)], passes=[8, 7], steps=20)   # (seed, label) inputs
+    print(cal.curve())                  # calibration PSNR per pass count
     cfg = cal.config(8)                 # TCPadeConfig(schedule=..., schedule_steps=20)
     cal.save("schedules.json")          # keyed by model class + config hash, predictor and T
     tcpade.calibrate.load("schedules.json")   # registers them: budget presets now use them
     tcpade.apply(pipe, tcpade.TCPadeConfig.budget(passes=8))
 
-The search runs the same inputs with full computation once, then greedy removal: starting
-from every step computed, it repeatedly drops the step whose removal costs the least PSNR
-against the full run (mean over the inputs), down to the requested passes. Every pass count
-on the way is kept (the schedules are nested), so one search gives the whole curve.
+The search runs the calibration inputs with full computation once, then scores candidate
+schedules by their mean PSNR against it (one sampling run of every input per candidate).
+Three searches:
 
-``method="lazy"`` (the default) is the same greedy order evaluated lazily: a removal's PSNR
-measured at an earlier round is an upper bound guess for it now (removing more steps rarely
-makes another removal cheaper), so each round re-measures only the candidates whose stale
-score still tops the list, and accepts the first one that stays on top once fresh. Exact
-greedy (``method="greedy"``) measures every candidate every round: O(T^2) runs instead of
-about O(T). Both stop at the requested pass count.
+* ``method="refine"`` (the default): for each requested pass count K, the best of the evenly
+  spaced schedules with K passes (``tcpade.schedules.even_family``, the spaced rule among them),
+  then hill climbing: move one computed step a step earlier or later, keep the move when the
+  PSNR rises, until a sweep over every step changes nothing (``sweeps``, default 2). It can only
+  improve on the spaced rule on the calibration inputs, and costs about 2K runs per sweep.
+* ``method="greedy"``: greedy removal. From every step computed (or ``start``), repeatedly drop
+  the step whose removal costs the least PSNR, down to the smallest K; every count on the way
+  is kept (nested schedules, the whole curve), O(T^2) runs.
+* ``method="lazy"``: the same removal evaluated lazily: a removal's PSNR measured in an earlier
+  round stands in for it until it tops the list, then it is re-measured; the first candidate
+  that stays on top when fresh is dropped. About half the runs of exact greedy at 20 steps.
+
+bench/results/calibration.md compares them (quality on other inputs, and cost).
 
 What can be calibrated:
 
@@ -64,7 +70,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Calibration", "add_cli", "calibrate", "load", "main", "run_cli", "save"]
 
-METHODS = ("lazy", "greedy")
+METHODS = ("refine", "lazy", "greedy")
 
 
 # ------------------------------------------------------------------------------------ targets
@@ -281,10 +287,12 @@ def calibrate(
     speedup: Optional[float] = None,
     steps: int = 20,
     predictor: str = "rational",
-    method: str = "lazy",
+    method: str = "refine",
     noise_scheduler=None,
     progress: bool = True,
     config_overrides: Optional[dict] = None,
+    start: Optional[Sequence[int]] = None,
+    sweeps: int = 2,
 ) -> Calibration:
     """Search the schedule of ``passes`` computed steps of ``steps`` (or round(steps / speedup))
     that keeps the calibration inputs closest to full computation (see the module docstring).
@@ -292,7 +300,12 @@ def calibrate(
     target: a zoo model, a diffusers pipeline or a transformer (then ``noise_scheduler=``).
     inputs: (seed, label) pairs / seeds (zoo), call kwargs (pipeline), ``tcpade.sample`` kwargs
     (transformer). predictor and ``config_overrides``: the TCPadeConfig the schedules run with.
-    Returns a :class:`Calibration` with every pass count from ``steps`` down to the requested one.
+    start: the schedule the removal starts from (default: every step). A coarser start (e.g.
+    ``tcpade.schedules.spaced(50, 30)``) makes a long run's search several times cheaper; the
+    curve then begins at its pass count.
+    passes: one pass count or several (refine searches each; greedy / lazy go down to the
+    smallest and keep every count on the way). sweeps: refine's hill-climbing sweeps per count.
+    Returns a :class:`Calibration` (``passes``: the smallest requested count).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"tcpade.calibrate: steps must be an int >= 1, got {steps!r}")
@@ -301,9 +314,13 @@ def calibrate(
     if (passes is None) == (speedup is None):
         raise ValueError("tcpade.calibrate takes exactly one of passes=K or speedup=S")
     overrides = dict(config_overrides or {})
+    many = list(passes) if isinstance(passes, (list, tuple, range)) else []
+    if many and not all(isinstance(p, int) and not isinstance(p, bool) for p in many):
+        raise ValueError(f"tcpade.calibrate: passes must be an int or a sequence of ints, got {passes!r}")
     # The budget's validation and rounding, one place.
-    budget = TCPadeConfig(predictor=predictor, passes=passes, speedup=speedup, **overrides)
-    target_passes = budget.budget_passes(steps)
+    budget = TCPadeConfig(predictor=predictor, passes=min(many) if many else passes, speedup=speedup, **overrides)
+    targets = sorted({budget.budget_passes(steps)} | {TCPadeConfig(predictor=predictor, passes=p).budget_passes(steps)
+                                                       for p in many})  # fmt: skip
     lead = S.min_leading(predictor)
     runner = _runner(target, inputs, steps, noise_scheduler)
 
@@ -325,10 +342,30 @@ def calibrate(
         out, _ = execute(sched)
         return float(metrics.psnr(out, ref, data_range=data_range).mean())
 
-    current = list(range(steps))
-    path = {steps: tuple(current)}
-    curve = {steps: metrics.PSNR_CAP}
-    bar = _Progress(steps - target_passes, progress, f"tcpade.calibrate T={steps}")
+    if method == "refine":
+        path, curve = _refine(score, steps, targets, lead, sweeps, progress)
+    else:
+        path, curve = _remove(score, steps, min(targets), lead, method, start, predictor, progress, counters)
+    seconds = time.perf_counter() - t0
+    name = getattr(getattr(target, "spec", None), "name", "")
+    return Calibration(model=S.model_key(runner.transformer), name=name, predictor=predictor, steps=steps,
+                       schedules=path, psnr=curve, passes=min(targets), inputs=len(inputs), method=method,
+                       runs=counters["runs"], calls=counters["calls"], seconds=seconds,
+                       extra=dict(branches=branches, start=max(path),
+                                  **({"config_overrides": overrides} if overrides else {})))  # fmt: skip
+
+
+def _remove(score, steps, target_passes, lead, method, start, predictor, progress, counters):
+    """Greedy removal (exact or lazy) from ``start`` (default every step) down to ``target_passes``."""
+    try:
+        current = list(range(steps)) if start is None else list(S.check_schedule(start, steps, predictor, "start"))
+    except ValueError as exc:
+        raise ValueError(f"tcpade.calibrate: {str(exc).replace('TCPadeConfig.start', 'start')}") from None
+    if len(current) < target_passes:
+        raise ValueError(f"tcpade.calibrate: start has {len(current)} passes, fewer than the {target_passes} asked for")
+    path = {len(current): tuple(current)}
+    curve = {len(current): metrics.PSNR_CAP if start is None else score(current)}
+    bar = _Progress(len(current) - target_passes, progress, f"tcpade.calibrate T={steps}")
     bound: Dict[int, Tuple[float, int]] = {}  # step -> (PSNR without it, size of the schedule it was measured at)
     try:
         while len(current) > target_passes:
@@ -352,12 +389,39 @@ def calibrate(
             bar.update(len(current), best_psnr, counters["runs"])
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    name = getattr(getattr(target, "spec", None), "name", "")
-    return Calibration(model=S.model_key(runner.transformer), name=name, predictor=predictor, steps=steps,
-                       schedules=path, psnr=curve, passes=target_passes, inputs=len(inputs), method=method,
-                       runs=counters["runs"], calls=counters["calls"], seconds=seconds,
-                       extra=dict(branches=branches, **({"config_overrides": overrides} if overrides else {})))  # fmt: skip
+    return path, curve
+
+
+def _refine(score, steps, targets, lead, sweeps, progress):
+    """Per pass count: the best evenly spaced schedule on the calibration inputs, then hill
+    climbing: move one computed step a step earlier or later, keep the move if the PSNR rises,
+    until a sweep over every step changes nothing (or ``sweeps`` sweeps)."""
+    path, curve = {}, {}
+    bar = _Progress(len(targets), progress, f"tcpade.calibrate T={steps}")
+    try:
+        for k in sorted(targets, reverse=True):
+            scored = [(score(c), c) for c in S.even_family(steps, k, lead)]
+            best, cur = max(scored)
+            cur = list(cur)
+            for _ in range(sweeps):
+                moved = False
+                for i in range(lead, k):
+                    lo = cur[i - 1] + 1
+                    hi = cur[i + 1] - 1 if i + 1 < k else steps - 1
+                    for new in (cur[i] - 1, cur[i] + 1):
+                        if lo <= new <= hi:
+                            cand = cur[:i] + [new] + cur[i + 1 :]
+                            v = score(cand)
+                            if v > best:
+                                best, cur, moved = v, cand, True
+                                break
+                if not moved:
+                    break
+            path[k], curve[k] = tuple(cur), best
+            bar.update(k, best, 0)
+    finally:
+        bar.close()
+    return path, curve
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -36,6 +36,7 @@ __all__ = [
     "SHIPPED",
     "check_schedule",
     "clear",
+    "even_family",
     "load",
     "lookup",
     "model_key",
@@ -104,6 +105,25 @@ def spaced(total: int, passes: int, lead: int = 2, end: int = SPACED_END) -> Tup
     last = max(lead - 1 + r, total - 1 - end)
     gap = last / r
     return _fit([gap * (i + 1) for i in range(r)], lead, total)
+
+
+def even_family(total: int, passes: int, lead: int = 2) -> Tuple[Tuple[int, ...], ...]:
+    """Evenly spaced schedules with ``passes`` steps: steps 0..w-1 (w = lead or lead + 1), then a
+    constant gap counted from step 0, the last ``e`` = 0, 1 or 2 steps predicted (e below the gap).
+    The spaced rule is one of them (w = lead, e = SPACED_END)."""
+    if passes >= total:
+        return (tuple(range(total)),)
+    out = set()
+    for w in (lead, lead + 1):
+        r = passes - w
+        if r < 1:
+            continue
+        for e in range(3):
+            gap = (total - 1 - e) / r
+            if gap >= 1 and e < gap:
+                out.add(_fit([gap * (i + 1) for i in range(r)], w, total))
+    out.add(spaced(total, passes, lead))
+    return tuple(sorted(out))
 
 
 def rescale(steps: Sequence[int], from_total: int, total: int, lead: int = 2) -> Tuple[int, ...]:
