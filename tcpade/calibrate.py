@@ -439,13 +439,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a zoo model name (tcpade.zoo.names()) or a local pipeline directory")
     p.add_argument("--steps", type=int, default=20, help="denoising steps T (default 20)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--passes", type=int, help="computed steps per branch to search down to")
+    g.add_argument("--passes", help="computed steps per branch: one count or a comma-separated list")
     g.add_argument("--speedup", type=float, help="... or the ratio T / passes")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the calibration inputs (default 0,1)")
     p.add_argument("--labels", default=None, help="zoo: comma-separated class labels, one per seed (default 0, 1, ..)")
     p.add_argument("--prompt", action="append", default=None, help="pipeline: a prompt (repeat; paired with seeds)")
     p.add_argument("--predictor", default="rational", help="the predictor the schedules run with (default rational)")
-    p.add_argument("--method", default="lazy", choices=METHODS, help="search (default lazy greedy)")
+    p.add_argument("--method", default="refine", choices=METHODS, help="search (default refine)")
     p.add_argument("--out", default="schedules.json", help="JSON file to write or merge into")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
 
@@ -476,7 +476,14 @@ def run_cli(args) -> int:
             return 2
         inputs = list(zip(seeds, labels))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cal = calibrate(target, inputs, passes=args.passes, speedup=args.speedup, steps=args.steps,
+    passes = None
+    if args.passes is not None:
+        try:
+            passes = [int(x) for x in args.passes.split(",") if x.strip()]
+        except ValueError:
+            print(f"tcpade calibrate: --passes must be ints, got {args.passes!r}", file=sys.stderr)
+            return 2
+    cal = calibrate(target, inputs, passes=passes, speedup=args.speedup, steps=args.steps,
                     predictor=args.predictor, method=args.method)  # fmt: skip
     cal.save(args.out)
     print(f"{cal.name or cal.model}: T={cal.steps}, {cal.runs} runs, {cal.calls} block-stack calls, {cal.seconds:.1f} s")

@@ -147,13 +147,14 @@ def test_calibrate_pipeline_and_bare_transformer_with_cfg(registry):
 def test_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cal.json"
-    proc = subprocess.run([sys.executable, "-m", "tcpade.calibrate", "flux-digits", "--steps", "5", "--passes", "3",
+    proc = subprocess.run([sys.executable, "-m", "tcpade.calibrate", "flux-digits", "--steps", "5", "--passes", "4,3",
                            "--seeds", "0", "--out", str(out), "--threads", "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "3 passes" in proc.stdout and "RuntimeWarning" not in proc.stderr
     (entry,) = json.loads(out.read_text())["entries"]
-    assert entry["name"] == "flux-digits" and entry["steps"] == 5 and len(entry["schedules"]["3"]) == 3
+    assert entry["name"] == "flux-digits" and entry["steps"] == 5 and entry["method"] == "refine"
+    assert sorted(entry["schedules"]) == ["3", "4"] and len(entry["schedules"]["3"]) == 3
     bad = subprocess.run([sys.executable, "-m", "tcpade.calibrate", "no-such-model", "--passes", "3"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "neither a zoo model" in bad.stderr
@@ -167,4 +168,5 @@ def test_add_cli_registers_a_subcommand():
     p = argparse.ArgumentParser()
     cal_module.add_cli(p.add_subparsers(dest="cmd"))
     args = p.parse_args(["calibrate", "flux-digits", "--passes", "7", "--steps", "20"])
-    assert args.func is cal_module.run_cli and args.passes == 7 and args.speedup is None
+    assert args.func is cal_module.run_cli and args.passes == "7" and args.speedup is None
+    assert cal_module.run_cli(p.parse_args(["calibrate", "flux-digits", "--passes", "7,x"])) == 2
