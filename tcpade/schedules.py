@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 SHIPPED = os.path.join(os.path.dirname(__file__), "zoo", "schedules.json")
-# The spaced rule's last computed step sits SPACED_END steps before the end of the run.
+# The spaced rule: steps 0..SPACED_WARMUP-1 (at least the predictor's minimum history), and its
+# last computed step SPACED_END steps before the end of the run.
+SPACED_WARMUP = 2
 SPACED_END = 1
 FORMAT_VERSION = 1
 
@@ -92,16 +94,19 @@ def _fit(positions: Sequence[float], lead: int, total: int) -> Tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def spaced(total: int, passes: int, lead: int = 2, end: int = SPACED_END) -> Tuple[int, ...]:
-    """The spaced rule: ``passes`` computed steps of ``total``: 0..lead-1, then the rest evenly
-    spaced, the last one ``end`` steps before the final step (fewer when the gaps get that short)."""
+def spaced(total: int, passes: int, lead: int = 2, end: int = None, warmup: int = None) -> Tuple[int, ...]:
+    """The spaced rule: ``passes`` computed steps of ``total``: 0..w-1 (w = max(lead, ``warmup``)),
+    then the rest evenly spaced counted from step 0, the last one ``end`` steps before the final
+    step (fewer when the gaps get that short). Defaults: SPACED_END, SPACED_WARMUP."""
+    end = SPACED_END if end is None else end
+    warmup = SPACED_WARMUP if warmup is None else warmup
     if passes >= total:
         return tuple(range(total))
-    lead = min(lead, passes)
+    lead = min(max(lead, warmup), passes)
     r = passes - lead
     if r == 0:
         return tuple(range(lead))
-    # Spaced from step 0 (step 1 is the predictor's extra warm-up): at 20 steps, 8 passes -> gap 3.
+    # Spaced from step 0 (the steps after it are the warm-up): at 20 steps, 8 passes -> gap 3.
     last = max(lead - 1 + r, total - 1 - end)
     gap = last / r
     return _fit([gap * (i + 1) for i in range(r)], lead, total)
@@ -122,7 +127,7 @@ def even_family(total: int, passes: int, lead: int = 2) -> Tuple[Tuple[int, ...]
             gap = (total - 1 - e) / r
             if gap >= 1 and e < gap:
                 out.add(_fit([gap * (i + 1) for i in range(r)], w, total))
-    out.add(spaced(total, passes, lead))
+    out.add(spaced(total, passes, lead))  # (with the default constants it is one of the above)
     return tuple(sorted(out))
 
 
