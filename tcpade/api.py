@@ -134,8 +134,9 @@ class Summary:
             comp = sum(r.computed for r in recs)
             ratio = f"{n / comp:.2f}x fewer block-stack passes" if comp else "no pass computed"
             lines.append(f"\nbranch {name!r}: {comp}/{n} computed ({ratio}); skipped {self.skipped(name)}")
-            if n and c.plan(n) is not None:
-                lines.append(f"  schedule: {c.plan_source(n)} {list(c.plan(n))}")
+            t = c.schedule_steps or n  # (a fixed schedule is for its own T, also in a run cut short)
+            if t and c.plan(t) is not None:
+                lines.append(f"  schedule: {c.plan_source(t)} {list(c.plan(t))}")
             bad = self.nonfinite(name)
             if bad:
                 lines.append(f"  non-finite values at steps {bad}: computed fully from there on")

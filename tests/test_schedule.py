@@ -217,3 +217,10 @@ def test_shipped_zoo_schedules_load():
     assert {t for t, _ in found} >= {20, 50}
     for t, steps in found:
         TCPadeConfig(schedule=steps, schedule_steps=t)  # valid
+
+
+def test_a_run_of_another_length_is_refused_at_its_first_call():
+    cfg = TCPadeConfig(schedule=(0, 1, 5), schedule_steps=10)
+    with pytest.raises(ValueError, match="schedule_steps=10 steps, this run has 12"):
+        _computed(cfg, 12, branches=("cond",))
+    assert _computed(cfg.rescaled(12), 12, branches=("cond",))["cond"] == [0, 1, 6]
