@@ -227,6 +227,37 @@ def search_section():
     return lines
 
 
+def rules_section():
+    """How the spaced rule (and its variants: warm-up w, last e steps predicted) compares with the best
+    member of the evenly spaced family, from calibration_rules.csv (``--rules``)."""
+    path = os.path.join(OUT, "calibration_rules.csv")
+    if not os.path.exists(path):
+        return []
+    tab, best = {}, {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            key = (r["model"], int(r["steps"]), int(r["K"]))
+            tab[key + (r["schedule"],)] = float(r["psnr"])
+            best[key] = max(best.get(key, -math.inf), float(r["psnr"]))
+    lines = ["", "## The spaced rule and its variants", "",
+             "Every member of the evenly spaced family on the evaluation set (`calibration_rules.csv`, "
+             + ", ".join(sorted({f"{m} T={t}" for m, t, _ in best})) + "); per rule: PSNR below the best member "
+             "at the same passes, mean and worst over models and pass counts. w = steps 0..w-1 computed, "
+             "e = the last e steps predicted; the budget's rule is w=%d, e=%d." % (schedules.SPACED_WARMUP,
+                                                                                  schedules.SPACED_END), "",
+             "| rule | mean deficit (dB) | worst deficit (dB) | cases |", "|---|---|---|---|"]  # fmt: skip
+    for w in (2, 3):
+        for e in (0, 1, 2):
+            d = []
+            for (m, t, k), b in best.items():
+                v = tab.get((m, t, k, " ".join(map(str, schedules.spaced(t, k, 2, end=e, warmup=w)))))
+                if v is not None:
+                    d.append(b - v)
+            if d:
+                lines.append(f"| w={w}, e={e} | {sum(d) / len(d):.2f} | {max(d):.2f} | {len(d)} |")
+    return lines
+
+
 def report(rows, costs, meta, path):
     lines = [
         "# Calibrated schedules on the zoo: calibrated vs evenly spaced vs presets vs the best peer",
@@ -289,6 +320,7 @@ def report(rows, costs, meta, path):
                           "saw vs classes it did not:", "", "| passes | seen classes | unseen classes |", "|---|---|---|"]  # fmt: skip
                 lines += [f"| {r['K']} | {_fmt(r['psnr_seen'])} | {_fmt(r['psnr_unseen'])} |" for r in tr]
     lines += search_section()
+    lines += rules_section()
     lines += ["", "## Cost of a calibration (this machine)", "",
               "| model | T | inputs | search | runs | block-stack calls | branches | minutes |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {c['model']} | {c['steps']} | {c['inputs']} | {c['method']} | {c['runs']} | {c['calls']} | "

@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import types
@@ -239,9 +240,11 @@ def save(path: str, *results: Calibration) -> None:
     entries += [r.to_json() for r in results]
     entries.sort(key=lambda e: (e.get("name", ""), e["model"], e["predictor"], int(e["steps"])))
     doc = dict(format="tcpade-schedules", version=S.FORMAT_VERSION, entries=entries)
+    text = json.dumps(doc, indent=1)
+    # one line per schedule
+    text = re.sub(r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def load(path: str, register: bool = True) -> List[Calibration]:
