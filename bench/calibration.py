@@ -274,7 +274,10 @@ def report(rows, costs, meta, path):
         "evaluation inputs. Best peer: the highest-PSNR peer row of bench/results/quality_<model>.csv (same "
         "evaluation inputs; MagCache calibrated on them) with at least the speedup T/K; `best evenly spaced` is "
         "the best of a family of evenly spaced schedules chosen on the evaluation set itself (an oracle for that "
-        "family). Margin = calibrated - best peer; goal >= 2 dB.",
+        "family). Margin = calibrated - best peer; goal >= 2 dB. The peers have no point at exactly T/K: the best "
+        "peer with at least that speedup may sit at a higher one (its speedup is shown). Peers present: "
+        "FirstBlockCache, TaylorSeer (per-module, whole-block, lite), MagCache (calibrated), cache-dit DBCache "
+        "(+TaylorSeer); missing: cache-dit's fixed step mask (not in bench/peers.py at the time of this run).",
     ]
     verdict = []
     for name in dict.fromkeys(r["model"] for r in rows):
