@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Summary",
     "apply",
+    "calibrate",
     "remove",
     "runtime",
     "sample",
@@ -31,12 +32,13 @@ __all__ = [
     "coef",
     "ops",
     "reference",
+    "schedules",
     "tsi_from_sums",
     "__version__",
 ]
 
 
-_SUBMODULES = ("coef", "ops", "reference")
+_SUBMODULES = ("coef", "ops", "reference", "schedules")
 # public name -> the module that defines it
 _NAMES = {
     "Summary": "api",
@@ -63,6 +65,12 @@ def _load():
 
 
 def __getattr__(name):
+    if name == "calibrate":
+        # A callable module (the schedule search, save/load, its CLI), imported on first use so
+        # that ``python -m tcpade.calibrate`` does not find it imported already.
+        import importlib
+
+        return importlib.import_module(".calibrate", __name__)
     if name in _SUBMODULES:
         import importlib
 

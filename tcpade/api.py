@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import distributed
+from . import distributed, schedules
 from .config import TCPadeConfig
 from .policy import RUNTIME_ATTR, Runtime, StepRecord, attached_runtime
 
@@ -120,7 +120,9 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
         if adapters.is_attached(expert):
             raise RuntimeError("tcpade is already applied to this pipeline's transformer_2; call tcpade.remove first")
         adapters.find_adapter(expert)
-    runtime = Runtime(config or TCPadeConfig(), total_steps=_scheduler_steps(pipe) if pipe is not None else None,
+    # A budget takes this model's calibrated schedules from the registry (tcpade.schedules).
+    config = schedules.resolve(config or TCPadeConfig(), transformer)
+    runtime = Runtime(config, total_steps=_scheduler_steps(pipe) if pipe is not None else None,
                       num_steps=num_steps)  # fmt: skip
     # Under diffusers' context parallelism (enabled before or after this call) the TSI sums
     # are summed over the ranks, so every rank takes the same decision (tcpade.distributed).
@@ -186,6 +188,9 @@ class Summary:
             comp = sum(r.computed for r in recs)
             ratio = f"{n / comp:.2f}x fewer block-stack passes" if comp else "no pass computed"
             lines.append(f"\nbranch {name!r}: {comp}/{n} computed ({ratio}); skipped {self.skipped(name)}")
+            t = c.schedule_steps or n  # (a fixed schedule is for its own T, also in a run cut short)
+            if t and c.plan(t) is not None:
+                lines.append(f"  schedule: {c.plan_source(t)} {list(c.plan(t))}")
             bad = self.nonfinite(name)
             if bad:
                 kept = c.plan(n) is not None

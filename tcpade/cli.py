@@ -22,7 +22,7 @@ import time
 SUBCOMMANDS = [
     ("demo", "tcpade.demo", "full computation vs tcpade's presets on a trained model shipped with tcpade"),
     ("bench", "tcpade.bench", "full computation vs presets/configs on your diffusers pipeline or a zoo model"),
-    # integration point for further subcommands, e.g. ("calibrate", "tcpade.calibrate", "..."),
+    ("calibrate", "tcpade.calibrate", "search which steps to compute for a model, once, and save the schedules"),
 ]
 
 # Third-party modules a subcommand may need, and the extra that installs them.

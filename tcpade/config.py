@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from . import coef as K
+from . import schedules as S
 
 POLICIES = ("tsi", "error")
 
@@ -60,7 +61,22 @@ _CHECKS = {
     "pole_delta": ("a number", _real, "in (0, 1)", lambda v: 0.0 < v < 1.0),
     "kappa": ("a number", _real, "a finite number >= 0", lambda v: _finite(v) and v >= 0.0),
     "history_slots": ("an int", _int, "an int >= 3", lambda v: v >= 3),
+    # The schedule and budget fields' ranges depend on each other and on the predictor:
+    # _check_schedule_fields checks those after the types here.
+    "schedule": ("None or a sequence of ints", lambda v: v is None or (not isinstance(v, (str, bytes)) and
+                 hasattr(v, "__iter__")), "None or a sequence of ints", lambda v: True),
+    "schedule_steps": ("None or an int", lambda v: v is None or _int(v), "None or an int > 0",
+                       lambda v: v is None or v > 0),
+    "passes": ("None or an int", lambda v: v is None or _int(v), "None or an int > 0", lambda v: v is None or v > 0),
+    "speedup": ("None or a number", lambda v: v is None or _real(v), "None or a finite number >= 1",
+                lambda v: v is None or (_finite(v) and v >= 1.0)),
+    "use_calibrated": ("a bool", lambda v: isinstance(v, bool), "True or False", lambda v: True),
+    "calibrated": ("a tuple", lambda v: isinstance(v, (tuple, list)), "((T, steps), ...)", lambda v: True),
 }  # fmt: skip
+
+
+def _bad(name, allowed, value):
+    raise ValueError(f"TCPadeConfig.{name} must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,34 @@ class TCPadeConfig:
     """Residuals kept per branch (>= 3). Memory: history_slots (+1 with an input-change
     correction) hidden-state-sized tensors per CFG branch."""
 
+    schedule: Optional[Tuple[int, ...]] = None
+    """A fixed schedule: the steps (0-based, sorted) computed in a run of ``schedule_steps``
+    steps; every other step is skipped and predicted, whatever ``policy``, ``warmup``,
+    ``interval``, ``final_steps`` and ``max_skips`` say. It must start with the steps the
+    predictor needs before its first skip (0 and 1; reuse: 0), so the pass count is exact
+    (only a non-finite value forces more). A run of another length raises ValueError: use
+    ``rescaled(T)`` or ``budget(...)``. Fewer steps = faster."""
+
+    schedule_steps: Optional[int] = None
+    """The run length T that ``schedule`` is for (required with it)."""
+
+    passes: Optional[int] = None
+    """A compute budget (``budget(passes=K)``): exactly min(K, T) computed steps per branch at
+    any T, placed by the model's calibrated schedule when one matches, else the spaced rule
+    (tcpade.schedules). >= the predictor's minimum history (2; reuse 1). Fewer = faster."""
+
+    speedup: Optional[float] = None
+    """A compute budget as a ratio (``budget(speedup=S)``): round(T / S) passes, at least the
+    predictor's minimum history (>= 1). Larger = faster."""
+
+    use_calibrated: bool = True
+    """A budget takes the model's calibrated schedule for (T, passes) when the registry has one
+    (False: always the spaced rule). Not a speed knob."""
+
+    calibrated: Tuple = ()
+    """The model's calibrated schedules ((T, steps), ...), filled in by ``tcpade.apply`` from the
+    registry for a budget config; not meant to be set by hand."""
+
     def __post_init__(self):
         # One row per field: what type it takes, then what range. A wrong type raises
         # ConfigTypeError (a TypeError, and a ValueError too, so ``except ValueError`` catches
@@ -138,6 +182,31 @@ class TCPadeConfig:
                 f"TCPadeConfig.early_frac/late_frac must satisfy 0 <= early_frac <= late_frac <= 1, "
                 f"got early_frac={self.early_frac!r}, late_frac={self.late_frac!r}"
             )
+        self._check_schedule_fields(_bad)
+
+    def _check_schedule_fields(self, bad) -> None:
+        m = S.min_leading(self.predictor) if self.predictor in K.VARIANTS else 1
+        if sum(x is not None for x in (self.schedule, self.passes, self.speedup)) > 1:
+            bad("schedule/passes/speedup", "at most one of them set", (self.schedule, self.passes, self.speedup))
+        if self.schedule is not None:
+            t = self.schedule_steps
+            if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+                bad("schedule_steps", "an int > 0 (the run length the schedule is for)", t)
+            object.__setattr__(self, "schedule", S.check_schedule(self.schedule, t, self.predictor))
+        elif self.schedule_steps is not None:
+            bad("schedule_steps", "None without a schedule", self.schedule_steps)
+        if self.passes is not None and (isinstance(self.passes, bool) or not isinstance(self.passes, int)
+                                        or self.passes < m):  # fmt: skip
+            bad("passes", f"an int >= {m} (the {self.predictor!r} predictor's minimum history)", self.passes)
+        if self.speedup is not None and not (
+            isinstance(self.speedup, (int, float)) and not isinstance(self.speedup, bool)
+            and math.isfinite(self.speedup) and self.speedup >= 1.0
+        ):  # fmt: skip
+            bad("speedup", "a finite number >= 1", self.speedup)
+        if not isinstance(self.use_calibrated, bool):
+            bad("use_calibrated", "a bool", self.use_calibrated)
+        cal = tuple((t, S.check_schedule(st, t, self.predictor, "calibrated")) for t, st in self.calibrated)
+        object.__setattr__(self, "calibrated", cal)
 
     # ------------------------------------------------------------------- presets
     @classmethod
@@ -190,6 +259,75 @@ class TCPadeConfig:
         base.setdefault("tsi_threshold", 1.0)
         return cls(**base)
 
+    @classmethod
+    def budget(cls, passes: Optional[int] = None, speedup: Optional[float] = None, **overrides) -> "TCPadeConfig":
+        """Exactly ``passes`` block-stack passes per branch at any step count T (or round(T /
+        ``speedup``)), with the rational predictor. Placement: the model's calibrated schedule
+        for (T, passes) when the registry holds one (shipped for the zoo, or ``tcpade.calibrate``),
+        else the spaced rule (steps 0 and 1, then evenly spaced, the last step predicted;
+        tcpade.schedules.spaced). ``tcpade.summary`` says which was used."""
+        if (passes is None) == (speedup is None):
+            raise ValueError("TCPadeConfig.budget takes exactly one of passes=K or speedup=S")
+        base = dict(predictor="rational", passes=passes, speedup=speedup)
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def wants_calibrated(self) -> bool:
+        """A budget that may take the model's calibrated schedule (``tcpade.apply`` looks it up)."""
+        return self.use_calibrated and (self.passes is not None or self.speedup is not None)
+
+    def budget_passes(self, total: int) -> Optional[int]:
+        """The passes a budget config computes in a run of ``total`` steps, or None (no budget)."""
+        m = S.min_leading(self.predictor)
+        if self.passes is not None:
+            return min(self.passes, total)
+        if self.speedup is not None:
+            return min(total, max(m, int(math.floor(total / self.speedup + 0.5))))
+        return None
+
+    def plan(self, total: int) -> Optional[Tuple[int, ...]]:
+        """The computed steps of a ``total``-step run when they are fixed in advance (a schedule,
+        a budget, or the TSI policy with a TSI that never blocks: every preset but
+        ``adaptive()``), or None when the decisions depend on the trajectory (the error
+        policy, a TSI threshold < 1)."""
+        return self._plan(total)[0]
+
+    def plan_source(self, total: int) -> str:
+        """Where ``plan(total)`` comes from: "schedule", "calibrated", "spaced rule", "fixed rule"
+        (the TSI policy's warm-up / interval / final steps with a TSI that never blocks) or
+        "policy" (no plan: decided during the run)."""
+        return self._plan(total)[1]
+
+    def _plan(self, total: int):
+        if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+            raise ValueError(f"total steps must be an int > 0, got {total!r}")
+        if self.schedule is not None:
+            if total != self.schedule_steps:
+                raise ValueError(
+                    f"TCPadeConfig.schedule is for schedule_steps={self.schedule_steps} steps, this run has "
+                    f"{total}: use config.rescaled({total}), a budget (TCPadeConfig.budget), or calibrate for {total}"
+                )
+            return self.schedule, "schedule"
+        k = self.budget_passes(total)
+        if k is None:
+            rule = self._rule_plan(total)
+            return rule, ("policy" if rule is None else "fixed rule")
+        for t, steps in self.calibrated:
+            if t == total and len(steps) == k:
+                return steps, "calibrated"
+        return S.spaced(total, k, S.min_leading(self.predictor)), "spaced rule"
+
+    def rescaled(self, total: int) -> "TCPadeConfig":
+        """This config with its ``schedule`` moved to ``total`` steps, same pass count: the leading
+        steps kept, every later step at the same fraction of the run."""
+        import dataclasses
+
+        if self.schedule is None:
+            raise ValueError("TCPadeConfig.rescaled needs a schedule (TCPadeConfig.schedule is None)")
+        steps = S.rescale(self.schedule, self.schedule_steps, total, S.min_leading(self.predictor))
+        return dataclasses.replace(self, schedule=steps, schedule_steps=total)
+
     def always_computed(self, k: int, total: int) -> Optional[str]:
         """Why step k of ``total`` is computed whatever the history says, or None."""
         if k <= self.warmup:
@@ -200,16 +338,14 @@ class TCPadeConfig:
             return "interval"
         return None
 
-    def plan(self, total: int) -> Optional[Tuple[int, ...]]:
-        """The steps a run of ``total`` steps computes, when they are known before it runs;
-        None when the decisions depend on the trajectory (the error policy, a TSI threshold
-        < 1, which can block a skip).
+    def _rule_plan(self, total: int) -> Optional[Tuple[int, ...]]:
+        """The steps the TSI policy's rule computes in a run of ``total`` steps, when they are
+        known before it runs; None when the decisions depend on the trajectory (the error
+        policy, a TSI threshold < 1, which can block a skip).
 
         Computed: the warm-up, every interval-th step, the final steps, a step after
         max_skips skips in a row, and every step while fewer residuals are stored than the
         predictor needs (stored predictions count, with store_predictions)."""
-        if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
-            raise ValueError(f"total steps must be an int > 0, got {total!r}")
         if self.policy != "tsi" or self.tsi_threshold < 1.0:
             return None
         need = K.MIN_HISTORY[self.predictor]

@@ -342,7 +342,8 @@ class Runtime:
                 self._fold(b)  # the one wait: this decision needs the sums of earlier writes
                 reason = "nonfinite" if b.poisoned else self._device_reason(b)
         if reason is not None:
-            probe = c.policy == "error" and not b.poisoned and b.history.count >= K.MIN_HISTORY[c.predictor]
+            probe = (c.policy == "error" and not b.planned and not b.poisoned
+                     and b.history.count >= K.MIN_HISTORY[c.predictor])  # a fixed plan measures no probe error
             return self._pend(b, k, t, reason, stage, probe)
         b.pending = _Call(k, t, None, stage, b.history, c.predictor, self._coef(b, stage, t), c.store_predictions)
         return b.pending

@@ -25,7 +25,9 @@ wan-digits     WanTransformer3DModel,           moving-digit clips 6x16x16 (patc
     # images: (2, 1, 16, 16) in [-1, 1]
 
 The weights are float16 safetensors in ``tcpade/zoo/weights`` (loaded as float32), each
-with a model card ``<name>.md`` (data, steps, loss, training time, command).
+with a model card ``<name>.md`` (data, steps, loss, training time, command). Their calibrated
+schedules (``tcpade.calibrate``, bench/calibration.py) ship in ``schedules.json``; the budget
+presets (``TCPadeConfig.budget``) use them on these models.
 """
 
 from __future__ import annotations

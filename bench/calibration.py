@@ -1,0 +1,403 @@
+"""Calibrated schedules against evenly spaced ones, tcpade's presets and the best peer, on the zoo.
+
+    python bench/calibration.py                       # the three zoo models, 20 and 50 steps (~1 h, 1 thread)
+    python bench/calibration.py --models flux-digits --steps 20 --no-ship
+
+For each zoo model and step count T:
+
+* calibration: ``tcpade.calibrate`` (method "refine": best evenly spaced schedule, then hill
+  climbing; rational predictor) on CALIBRATION inputs -- seeds 0..3 with the labels below --
+  against full computation of those inputs, at every pass count evaluated; also on the first 1
+  and 2 of them (how many inputs are enough; --ablate). Cost: runs, block-stack calls, minutes.
+  (Greedy removal, exact and lazy, was run on flux-digits at 20 steps by an earlier version of
+  this script: bench/results/calibration_search_flux20.csv.)
+* evaluation on OTHER inputs: the evaluation set of bench/quality.py (seeds 1000.., every
+  class), so the peers' rows of bench/results/quality_<model>.csv (run on exactly those inputs,
+  MagCache calibrated on them) are the peers here. At each pass count K from 2x to 3.3x:
+  the calibrated schedule; the spaced rule (``TCPadeConfig.budget(passes=K)`` with no calibrated
+  schedule); the best of a family of evenly spaced schedules (warm-up 2-3 steps, then a constant
+  gap, the last 0-2 steps predicted; best chosen on the evaluation set itself, i.e. an oracle for
+  "evenly spaced"); tcpade's presets at their own passes; the best peer with at least that speedup.
+* transfer: PSNR on evaluation samples of the classes the calibration saw vs the others.
+
+Writes bench/results/calibration.md and calibration.csv, and (unless --no-ship) the 4-input
+calibrations to tcpade/zoo/schedules.json, which the budget presets then use on these models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_common import cpu_name  # noqa: E402
+from quality import eval_set  # noqa: E402
+
+import tcpade  # noqa: E402
+from tcpade import metrics, schedules, zoo  # noqa: E402
+from tcpade.config import TCPadeConfig  # noqa: E402
+
+OUT = os.path.join(ROOT, "bench", "results")
+CAL_SEEDS = (0, 1, 2, 3)
+# Calibration labels: four classes of ten (flux, wan: six classes never seen), both of DiT's two.
+CAL_LABELS = {"flux-digits": (0, 1, 2, 3), "dit-faces": (0, 1, 0, 1), "wan-digits": (0, 1, 2, 3)}
+
+
+def levels(T):
+    """Pass counts from 2x to 3.3x fewer block-stack passes."""
+    if T == 20:
+        return [10, 9, 8, 7, 6]
+    return sorted({T // 2, round(T / 2.9), math.ceil(T / (10 / 3) - 1e-9)}, reverse=True)
+
+
+def peers_from_csv(name, T):
+    path = os.path.join(OUT, f"quality_{name}.csv")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            if int(r["steps"]) == T and r["group"] != "full" and not r["group"].startswith("tcpade"):
+                rows.append(dict(group=r["group"], label=r["label"], speedup=float(r["speedup"]), psnr=float(r["psnr"])))
+    return rows
+
+
+def best_peer(peers, T, K):
+    cands = [p for p in peers if p["speedup"] >= T / K * (1 - 1e-3)]
+    return max(cands, key=lambda p: p["psnr"], default=None)
+
+
+class Evaluator:
+    def __init__(self, model, T, seeds, labels, seen):
+        self.model, self.T, self.seeds, self.labels = model, T, seeds, labels
+        self.ref = model.sample(seeds, labels, steps=T)
+        self.seen = torch.tensor([lab in seen for lab in labels])
+        self.runs = 0
+
+    def __call__(self, config):
+        images, summ = self.model.sample(self.seeds, self.labels, steps=self.T, config=config, return_summary=True)
+        self.runs += 1
+        p = metrics.psnr(images, self.ref)
+        passes = max(len(summ.computed(b)) for b in summ.branches)
+        out = dict(psnr=float(p.mean()), ssim=float(metrics.ssim(images, self.ref).mean()), passes=passes,
+                   computed=summ.computed(next(iter(summ.branches))),
+                   psnr_seen=float(p[self.seen].mean()) if self.seen.any() else math.nan,
+                   psnr_unseen=float(p[~self.seen].mean()) if (~self.seen).any() else math.nan)  # fmt: skip
+        return out
+
+
+def bench(name, T, log, ship_store, ablate, lazy_too, sweeps):
+    torch.manual_seed(0)
+    model = zoo.load(name)
+    seeds, labels = eval_set(name, quick=False)
+    cal_inputs = list(zip(CAL_SEEDS, CAL_LABELS[name]))
+    ks = levels(T)
+    kmin = min(ks)  # the search stops at the fewest passes evaluated
+    rows, costs = [], []
+
+    def cal(n, method="refine", sweeps=sweeps):
+        t0 = time.perf_counter()
+        c = tcpade.calibrate(model, cal_inputs[:n], passes=ks, steps=T, method=method, progress=False, sweeps=sweeps)
+        tag = method + (f", {sweeps} sweep(s)" if method == "refine" else "")
+        costs.append(dict(model=name, steps=T, inputs=n, method=tag, runs=c.runs, calls=c.calls,
+                          minutes=(time.perf_counter() - t0) / 60, branches=c.extra["branches"]))  # fmt: skip
+        log(f"  calibrated {name} T={T} n={n} {tag}: {c.runs} runs, {c.calls} calls, {costs[-1]['minutes']:.2f} min")
+        return c
+
+    cals = {4: cal(4)}
+    if ablate:
+        cals[1], cals[2] = cal(1, sweeps=1), cal(2, sweeps=1)
+    if lazy_too:
+        cals["lazy"] = cal(4, "lazy")
+    ship_store.append(cals[4])
+
+    ev = Evaluator(model, T, seeds, labels, seen=set(CAL_LABELS[name]))
+    peers = peers_from_csv(name, T)
+
+    def add(method, K, res, **extra):
+        row = dict(model=name, steps=T, method=method, K=K, passes=res["passes"], speedup=T / res["passes"],
+                   psnr=res["psnr"], ssim=res["ssim"], psnr_seen=res["psnr_seen"], psnr_unseen=res["psnr_unseen"],
+                   schedule=" ".join(map(str, res["computed"])), **extra)  # fmt: skip
+        rows.append(row)
+        log(f"  {method:24s} K={K:2d} passes={res['passes']:2d} psnr={res['psnr']:6.2f} [{row['schedule']}]")
+
+    for K in ks:
+        for key, c in cals.items():
+            tag = "calibrated" if key == 4 else (f"calibrated n={key}" if key != "lazy" else "calibrated lazy greedy")
+            add(tag, K, ev(c.config(K)))
+        add("budget (spaced rule)", K, ev(TCPadeConfig.budget(passes=K, use_calibrated=False)))
+        best = None
+        for sched in schedules.even_family(T, K):
+            res = ev(TCPadeConfig(schedule=sched, schedule_steps=T))
+            if best is None or res["psnr"] > best["psnr"]:
+                best = res
+        add("best evenly spaced", K, best)
+        # the preset with this model's calibration registered: it must pick the calibrated schedule
+        cals[4].register()
+        res = ev(TCPadeConfig.budget(passes=K))
+        assert res["computed"] == list(cals[4].schedule(K)), (res["computed"], cals[4].schedule(K))
+        schedules.clear()
+        bp = best_peer(peers, T, K)
+        if bp is not None:
+            rows.append(dict(model=name, steps=T, method="best peer", K=K, passes="", speedup=bp["speedup"],
+                             psnr=bp["psnr"], ssim=math.nan, psnr_seen=math.nan, psnr_unseen=math.nan,
+                             schedule=bp["label"]))  # fmt: skip
+            log(f"  best peer K={K}: {bp['label']} x{bp['speedup']:.2f} {bp['psnr']:.2f}")
+    for pname in ("slow", "fast", "adaptive"):
+        res = ev(getattr(TCPadeConfig, pname)())
+        add(f"preset {pname}", res["passes"], res)
+        if res["passes"] in cals[4].schedules:
+            add(f"calibrated at {pname}'s passes", res["passes"], ev(cals[4].config(res["passes"])))
+    log(f"  evaluation runs: {ev.runs}")
+    return rows, costs
+
+
+def rules(names, steps_list, log, path):
+    """Every member of the evenly spaced family at every pass count, on the evaluation set: the data
+    the budget's spaced rule (warm-up length, steps left predicted at the end) is chosen from."""
+    out = []
+    for T in steps_list:
+        for name in names:
+            model = zoo.load(name)
+            seeds, labels = eval_set(name, quick=False)
+            ev = Evaluator(model, T, seeds, labels, seen=set(CAL_LABELS[name]))
+            for K in levels(T):
+                for sched in schedules.even_family(T, K):
+                    res = ev(TCPadeConfig(schedule=sched, schedule_steps=T))
+                    w = next(i for i in range(len(sched)) if sched[i] != i)
+                    out.append(dict(model=name, steps=T, K=K, warmup=w, end=T - 1 - sched[-1], psnr=res["psnr"],
+                                    schedule=" ".join(map(str, sched))))  # fmt: skip
+                    log(f"  {name} T={T} K={K} w={w} e={T - 1 - sched[-1]} psnr={res['psnr']:.2f} [{out[-1]['schedule']}]")
+                with open(path, "w", newline="") as f:
+                    wr = csv.DictWriter(f, fieldnames=list(out[0]))
+                    wr.writeheader()
+                    wr.writerows(out)
+    return out
+
+
+def read_rows(path):
+    out = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            for k in ("steps", "K"):
+                r[k] = int(r[k])
+            r["passes"] = int(r["passes"]) if r["passes"] else ""
+            for k in ("speedup", "psnr", "ssim", "psnr_seen", "psnr_unseen"):
+                r[k] = float(r[k]) if r[k] not in ("", "nan") else math.nan
+            out.append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- report
+def _fmt(v):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def search_section():
+    """Greedy removal (exact and lazy) on flux-digits at 20 steps, from the earlier run whose rows are in
+    calibration_search_flux20.csv (same calibration and evaluation inputs)."""
+    path = os.path.join(OUT, "calibration_search_flux20.csv")
+    if not os.path.exists(path):
+        return []
+    rows = read_rows(path)
+    costs = json.load(open(os.path.join(OUT, "calibration_search_flux20_cost.json")))
+    names = {"calibrated": "lazy greedy, 4 inputs", "calibrated greedy": "exact greedy, 4 inputs",
+             "calibrated n=1": "lazy greedy, 1 input", "calibrated n=2": "lazy greedy, 2 inputs",
+             "budget (spaced rule)": "spaced rule", "best evenly spaced": "best evenly spaced"}  # fmt: skip
+    lines = ["", "## Greedy removal (exact and lazy) on flux-digits, 20 steps", "",
+             "An earlier run of this script searched by greedy removal instead of refine (same calibration and "
+             "evaluation inputs; `calibration_search_flux20.csv`). PSNR on the evaluation set:", "",
+             "| passes | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for K in sorted({r["K"] for r in rows if r["method"] == "calibrated"}, reverse=True):
+        cells = [next((_fmt(r["psnr"]) for r in rows if r["K"] == K and r["method"] == m), "-") for m in names]
+        lines.append(f"| {K} | " + " | ".join(cells) + " |")
+    lines += ["", "Their cost (searching down to 6 passes, all counts on the way): "
+              + "; ".join(f"{c['method']} on {c['inputs']} input(s): {c['runs']} runs, {c['calls']} calls, "
+                          f"{c['minutes']:.2f} min" for c in costs) + "."]  # fmt: skip
+    return lines
+
+
+def rules_section():
+    """How the spaced rule (and its variants: warm-up w, last e steps predicted) compares with the best
+    member of the evenly spaced family, from calibration_rules.csv (``--rules``)."""
+    path = os.path.join(OUT, "calibration_rules.csv")
+    if not os.path.exists(path):
+        return []
+    tab, best = {}, {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            key = (r["model"], int(r["steps"]), int(r["K"]))
+            tab[key + (r["schedule"],)] = float(r["psnr"])
+            best[key] = max(best.get(key, -math.inf), float(r["psnr"]))
+    lines = ["", "## The spaced rule and its variants", "",
+             "Every member of the evenly spaced family on the evaluation set (`calibration_rules.csv`, "
+             + ", ".join(sorted({f"{m} T={t}" for m, t, _ in best})) + "); per rule: PSNR below the best member "
+             "at the same passes, mean and worst over models and pass counts. w = steps 0..w-1 computed, "
+             "e = the last e steps predicted; the budget's rule is w=%d, e=%d." % (schedules.SPACED_WARMUP,
+                                                                                  schedules.SPACED_END), "",
+             "| rule | mean deficit (dB) | worst deficit (dB) | cases |", "|---|---|---|---|"]  # fmt: skip
+    for w in (2, 3):
+        for e in (0, 1, 2):
+            d = []
+            for (m, t, k), b in best.items():
+                v = tab.get((m, t, k, " ".join(map(str, schedules.spaced(t, k, 2, end=e, warmup=w)))))
+                if v is not None:
+                    d.append(b - v)
+            if d:
+                lines.append(f"| w={w}, e={e} | {sum(d) / len(d):.2f} | {max(d):.2f} | {len(d)} |")
+    return lines
+
+
+def report(rows, costs, meta, path):
+    lines = [
+        "# Calibrated schedules on the zoo: calibrated vs evenly spaced vs presets vs the best peer",
+        "",
+        f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); torch {meta['torch']}; {meta['date']}. "
+        f"Command: `{meta['command']}`.",
+        "",
+        "Calibration: `tcpade.calibrate` (method refine: the best evenly spaced schedule on the calibration "
+        "inputs, then hill climbing, 2 sweeps at 20 steps, 1 at 50; rational predictor) at each pass count, on "
+        "seeds 0-3 with labels "
+        + ", ".join(f"{k}: {v}" for k, v in CAL_LABELS.items())
+        + " against full computation of those inputs. Evaluation: bench/quality.py's evaluation set (seeds "
+        "1000.., every class; none of the calibration inputs). PSNR (dB) against full computation of the same "
+        "evaluation inputs. Best peer: the highest-PSNR peer row of bench/results/quality_<model>.csv (same "
+        "evaluation inputs; MagCache calibrated on them) with at least the speedup T/K; `best evenly spaced` is "
+        "the best of a family of evenly spaced schedules chosen on the evaluation set itself (an oracle for that "
+        "family). Margin = calibrated - best peer; goal >= 2 dB. The peers have no point at exactly T/K: the best "
+        "peer with at least that speedup may sit at a higher one (its speedup is shown). Peers present: "
+        "FirstBlockCache, TaylorSeer (per-module, whole-block, lite), MagCache (calibrated), cache-dit DBCache "
+        "(+TaylorSeer); missing: cache-dit's fixed step mask (not in bench/peers.py at the time of this run).",
+    ]
+    verdict = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for T in sorted({r["steps"] for r in rows if r["model"] == name}):
+            rs = [r for r in rows if r["model"] == name and r["steps"] == T]
+            lines += ["", f"## {name}, {T} steps", "",
+                      "| passes (speedup) | calibrated | best evenly spaced | budget (spaced rule) | best peer | "
+                      "margin over best peer | calibrated schedule |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for K in sorted({r["K"] for r in rs if r["method"] == "calibrated"}, reverse=True):
+                get = {r["method"]: r for r in rs if r["K"] == K}
+                c, e, sp, bp = (get.get(m) for m in ("calibrated", "best evenly spaced", "budget (spaced rule)", "best peer"))
+                if c is None or K * 2 > T or T / K > 10 / 3 + 1e-6:
+                    continue
+                margin = c["psnr"] - bp["psnr"] if bp else None
+                ok = margin is not None and margin >= 2.0
+                if bp is None:
+                    verdict.append((name, T, K, None))
+                else:
+                    verdict.append((name, T, K, margin))
+                peer = f"{bp['psnr']:.2f} ({bp['schedule']}, x{bp['speedup']:.2f})" if bp else "no peer reaches it"
+                lines.append(f"| {K} (x{T / K:.2f}) | {_fmt(c['psnr'])} | {_fmt(e['psnr'] if e else None)} | "
+                             f"{_fmt(sp['psnr'] if sp else None)} | {peer} | "
+                             f"{(f'{margin:+.2f} dB ' + ('met' if ok else 'MISS')) if margin is not None else '-'} | "
+                             f"{c['schedule']} |")  # fmt: skip
+            pre = [r for r in rs if r["method"].startswith("preset") or r["method"].startswith("calibrated at")]
+            if pre:
+                lines += ["", "Presets at their own passes, and the calibrated schedule with the same passes:", "",
+                          "| method | passes | PSNR | schedule |", "|---|---|---|---|"]  # fmt: skip
+                lines += [f"| {r['method']} | {r['passes']} | {_fmt(r['psnr'])} | {r['schedule']} |" for r in pre]
+            abl = [r for r in rs if r["method"].startswith("calibrated") and not r["method"].startswith("calibrated at")]
+            if len({r["method"] for r in abl}) > 1:
+                meths = sorted({r["method"] for r in abl})
+                lines += ["", "Calibration inputs: 4 (2 sweeps) vs n = 1, 2 (the first of them, 1 sweep), evaluated on the "
+                          "evaluation set:", "",
+                          "| passes | " + " | ".join(meths) + " |", "|---" * (len(meths) + 1) + "|"]  # fmt: skip
+                for K in sorted({r["K"] for r in abl}, reverse=True):
+                    cells = [next((_fmt(r["psnr"]) for r in abl if r["K"] == K and r["method"] == m), "-") for m in meths]
+                    lines.append(f"| {K} | " + " | ".join(cells) + " |")
+            tr = [r for r in rs if r["method"] == "calibrated" and not math.isnan(r["psnr_unseen"])
+                  and not math.isnan(r["psnr_seen"])]  # fmt: skip
+            if tr:
+                lines += ["", "Transfer (calibrated, 4 inputs): PSNR on evaluation samples of classes the calibration "
+                          "saw vs classes it did not:", "", "| passes | seen classes | unseen classes |", "|---|---|---|"]  # fmt: skip
+                lines += [f"| {r['K']} | {_fmt(r['psnr_seen'])} | {_fmt(r['psnr_unseen'])} |" for r in tr]
+    lines += search_section()
+    lines += rules_section()
+    lines += ["", "## Cost of a calibration (this machine)", "",
+              "| model | T | inputs | search | runs | block-stack calls | branches | minutes |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {c['model']} | {c['steps']} | {c['inputs']} | {c['method']} | {c['runs']} | {c['calls']} | "
+              f"{c['branches']} | {c['minutes']:.2f} |" for c in costs]  # fmt: skip
+    lines += ["", "Calls count every transformer call that computed the block stack (both CFG branches; the "
+              "calibration inputs run as one batch). Skipped calls cost one memory pass each and are not counted. "
+              "Minutes are wall time at 1 torch thread on a 2-core VM shared with other jobs (load ~10): an idle "
+              "machine takes less; runs and calls are exact.", "",
+              "## Goal: calibrated >= 2 dB over the best peer at every pass count from 2x to 3.3x", ""]  # fmt: skip
+    for name, T, K, m in verdict:
+        state = "no peer reaches this speedup" if m is None else (f"{m:+.2f} dB: met" if m >= 2 else f"{m:+.2f} dB: MISS")
+        lines.append(f"- {name}, {T} steps, {K} passes (x{T / K:.2f}): {state}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="flux-digits,wan-digits,dit-faces")
+    p.add_argument("--steps", default="20,50")
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-ship", action="store_true", help="do not write tcpade/zoo/schedules.json")
+    p.add_argument("--ablate", default="flux-digits:20", help="model:T,..: also calibrate on 1 and 2 inputs there")
+    p.add_argument("--lazy", default="", help="model:T,..: also run the lazy greedy search there")
+    p.add_argument("--sweeps", default="20:2,50:1", help="T:sweeps,..: refine's hill-climbing sweeps (default 1)")
+    p.add_argument("--append", action="store_true", help="add to the rows of calibration.csv instead of replacing")
+    p.add_argument("--report-only", action="store_true", help="re-render calibration.md from calibration.csv")
+    p.add_argument("--rules", action="store_true", help="only: every evenly spaced schedule of the family at every "
+                   "pass count (calibration_rules.csv), to choose the spaced rule from")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                command="python bench/calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
+    pairs = lambda arg: {(kv.split(":")[0], int(kv.split(":")[1])) for kv in arg.split(",") if kv}  # noqa: E731
+    ablate, lazy = pairs(args.ablate), pairs(args.lazy)
+    sweeps = {int(k): int(v) for k, v in (kv.split(":") for kv in args.sweeps.split(",") if kv)}
+    rows, costs, shipped = [], [], []
+    csv_path = os.path.join(args.out, "calibration.csv")
+    cost_path = os.path.join(args.out, "calibration_cost.json")
+    if (args.append or args.report_only) and not args.rules:  # keep the rows of an earlier run (other models / step counts)
+        rows, costs = read_rows(csv_path), json.load(open(cost_path))
+        meta["command"] += " (appended to the earlier run's rows)" if args.append else ""
+    if args.rules:
+        rules(args.models.split(","), [int(x) for x in args.steps.split(",")], lambda m: print(m, flush=True),
+              os.path.join(args.out, "calibration_rules.csv"))  # fmt: skip
+        return
+    if args.report_only:
+        report(rows, costs, meta, os.path.join(args.out, "calibration.md"))
+        return
+    schedules.clear(shipped=False)  # the evaluation must not pick up shipped schedules by accident
+    for T in (int(s) for s in args.steps.split(",")):  # every model at the first T first
+        for name in args.models.split(","):
+            print(f"## {name} T={T}", flush=True)
+            r, c = bench(name, T, lambda m: print(m, flush=True), shipped, (name, T) in ablate, (name, T) in lazy,
+                         sweeps.get(T, 1))  # fmt: skip
+            schedules.clear(shipped=False)
+            rows += r
+            costs += c
+            keys = list(rows[0])
+            with open(csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+                w.writeheader()
+                for row in rows:
+                    w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+            with open(cost_path, "w") as f:
+                json.dump(costs, f, indent=1)
+            report(rows, costs, meta, os.path.join(args.out, "calibration.md"))
+            if not args.no_ship:
+                from tcpade.calibrate import save
+
+                save(schedules.SHIPPED, *shipped)
+    print(f"wrote {os.path.join(args.out, 'calibration.md')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

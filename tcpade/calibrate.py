@@ -1,0 +1,515 @@
+"""Calibrated schedules: search once, per model, which steps to compute.
+
+    import tcpade
+    from tcpade import zoo
+
+    m = zoo.load("flux-digits")
+    cal = tcpade.calibrate(m, [(0, 3), (1, 7)], passes=[8, 7], steps=20)   # (seed, label) inputs
+    print(cal.curve())                  # calibration PSNR per pass count
+    cfg = cal.config(8)                 # TCPadeConfig(schedule=..., schedule_steps=20)
+    cal.save("schedules.json")          # keyed by model class + config hash, predictor and T
+    tcpade.calibrate.load("schedules.json")   # registers them: budget presets now use them
+    tcpade.apply(pipe, tcpade.TCPadeConfig.budget(passes=8))
+
+The search runs the calibration inputs with full computation once, then scores candidate
+schedules by their mean PSNR against it (one sampling run of every input per candidate).
+Three searches:
+
+* ``method="refine"`` (the default): for each requested pass count K, the best of the evenly
+  spaced schedules with K passes (``tcpade.schedules.even_family``, the spaced rule among them),
+  then hill climbing: move one computed step a step earlier or later, keep the move when the
+  PSNR rises, until a sweep over every step changes nothing (``sweeps``, default 2). It can only
+  improve on the spaced rule on the calibration inputs, and costs about 2K runs per sweep.
+* ``method="greedy"``: greedy removal. From every step computed (or ``start``), repeatedly drop
+  the step whose removal costs the least PSNR, down to the smallest K; every count on the way
+  is kept (nested schedules, the whole curve), O(T^2) runs.
+* ``method="lazy"``: the same removal evaluated lazily: a removal's PSNR measured in an earlier
+  round stands in for it until it tops the list, then it is re-measured; the first candidate
+  that stays on top when fresh is dropped. About half the runs of exact greedy at 20 steps.
+
+bench/results/calibration.md compares them (quality on other inputs, and cost).
+
+What can be calibrated:
+
+* a zoo model (``tcpade.zoo.ZooModel``): inputs are (seed, label) pairs or seeds;
+* a diffusers pipeline: inputs are its call kwargs (one dict per input; a ``"seed"`` key
+  becomes ``generator=torch.Generator().manual_seed(seed)``); outputs are compared as
+  ``output_type="pt"`` unless the kwargs say otherwise;
+* a bare transformer: pass ``noise_scheduler=`` and inputs as ``tcpade.sample`` kwargs
+  (``latents``, ``cond``, ``uncond``, ``guidance_scale``, ...).
+
+The cost is counted in runs (sampling runs of all inputs) and calls (transformer calls that
+computed the block stack, every branch and input batch; the skipped calls cost one memory
+pass each and are not counted); ``Calibration.runs`` / ``.calls`` / ``.seconds``.
+
+This module is callable: ``tcpade.calibrate(...)`` is ``tcpade.calibrate.calibrate(...)``.
+Command line: ``python -m tcpade.calibrate MODEL --steps 20 --passes 7 --out schedules.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import metrics
+from . import schedules as S
+from .config import TCPadeConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Calibration", "add_cli", "calibrate", "load", "main", "run_cli", "save"]
+
+METHODS = ("refine", "lazy", "greedy")
+
+
+# ------------------------------------------------------------------------------------ targets
+class _Runner:
+    """Runs every calibration input once with a config (None: full computation) and returns
+    the outputs stacked, the transformer calls that computed the block stack, and the branches."""
+
+    data_range: Optional[float] = None
+    transformer: torch.nn.Module
+
+    def run(self, config: TCPadeConfig):
+        raise NotImplementedError
+
+
+class _ZooRunner(_Runner):
+    data_range = 2.0  # zoo images are in [-1, 1]
+
+    def __init__(self, model, inputs, steps):
+        pairs = [(int(x), 0) if not isinstance(x, (tuple, list)) else (int(x[0]), int(x[1])) for x in inputs]
+        self.model, self.steps = model, steps
+        self.seeds, self.labels = [p[0] for p in pairs], [p[1] for p in pairs]
+        self.transformer = model.transformer
+
+    def run(self, config):
+        images, summ = self.model.sample(self.seeds, self.labels, steps=self.steps, config=config, return_summary=True)
+        return images, sum(len(summ.computed(b)) for b in summ.branches), len(summ.branches)
+
+
+class _PipelineRunner(_Runner):
+    def __init__(self, pipe, inputs, steps):
+        self.pipe, self.steps, self.inputs = pipe, steps, [dict(kw) for kw in inputs]
+        self.transformer = pipe.transformer
+
+    def run(self, config):
+        from . import api
+
+        outs, calls, branches = [], 0, 1
+        api.apply(self.pipe, config)
+        try:
+            for kw in self.inputs:
+                kw = dict(kw)
+                if "seed" in kw:
+                    kw["generator"] = torch.Generator().manual_seed(int(kw.pop("seed")))
+                kw.setdefault("output_type", "pt")
+                out = self.pipe(**kw, num_inference_steps=self.steps, return_dict=False)[0]
+                outs.append(_as_tensor(out))
+                summ = api.summary(self.pipe)
+                calls += sum(len(summ.computed(b)) for b in summ.branches)
+                branches = len(summ.branches)
+        finally:
+            api.remove(self.pipe)
+        return torch.cat(outs), calls, branches
+
+
+class _TransformerRunner(_Runner):
+    def __init__(self, transformer, noise_scheduler, inputs, steps):
+        if noise_scheduler is None:
+            raise TypeError("tcpade.calibrate on a bare transformer needs noise_scheduler= (and tcpade.sample inputs)")
+        self.transformer, self.scheduler, self.steps, self.inputs = transformer, noise_scheduler, steps, list(inputs)
+
+    def run(self, config):
+        from .sampling import sample
+
+        outs, calls, branches = [], 0, 1
+        for kw in self.inputs:
+            out, summ = sample(self.transformer, copy.deepcopy(self.scheduler), steps=self.steps, config=config,
+                               return_summary=True, progress=False, **kw)  # fmt: skip
+            outs.append(out.float())
+            calls += sum(len(summ.computed(b)) for b in summ.branches)
+            branches = len(summ.branches)
+        return torch.cat(outs), calls, branches
+
+
+def _as_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    import numpy as np
+
+    if isinstance(out, np.ndarray):
+        return torch.from_numpy(out).float()
+    if isinstance(out, (list, tuple)) and out and hasattr(out[0], "size"):  # PIL images
+        return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0) for im in out])
+    raise TypeError(f"tcpade.calibrate: cannot compare pipeline outputs of type {type(out).__name__}")
+
+
+def _runner(target, inputs, steps, noise_scheduler):
+    if not inputs:
+        raise ValueError("tcpade.calibrate needs at least one calibration input")
+    if hasattr(target, "spec") and hasattr(target, "sample") and hasattr(target, "transformer"):
+        return _ZooRunner(target, inputs, steps)
+    if isinstance(target, torch.nn.Module):
+        return _TransformerRunner(target, noise_scheduler, inputs, steps)
+    if isinstance(getattr(target, "transformer", None), torch.nn.Module):
+        return _PipelineRunner(target, inputs, steps)
+    raise TypeError(f"tcpade.calibrate expects a zoo model, a diffusers pipeline or a transformer, got {type(target).__name__}")
+
+
+# ------------------------------------------------------------------------------------- result
+@dataclass
+class Calibration:
+    """The result of a search: nested schedules per pass count and their calibration PSNR."""
+
+    model: str  # tcpade.schedules.model_key of the transformer
+    predictor: str
+    steps: int
+    schedules: Dict[int, Tuple[int, ...]]  # passes -> computed steps
+    psnr: Dict[int, float]  # passes -> mean PSNR against full computation on the calibration inputs
+    passes: int  # the requested pass count
+    inputs: int = 0
+    method: str = "lazy"
+    runs: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+    name: str = ""  # e.g. the zoo model's name (informational)
+    extra: dict = field(default_factory=dict)
+
+    def schedule(self, passes: Optional[int] = None) -> Tuple[int, ...]:
+        p = self.passes if passes is None else passes
+        if p not in self.schedules:
+            raise ValueError(f"no calibrated schedule with {p} passes; have {sorted(self.schedules)}")
+        return self.schedules[p]
+
+    def config(self, passes: Optional[int] = None, **overrides) -> TCPadeConfig:
+        """A fixed-schedule config with this calibration's schedule for ``passes`` (default: requested)."""
+        base = dict(predictor=self.predictor, schedule=self.schedule(passes), schedule_steps=self.steps)
+        base.update(overrides)
+        return TCPadeConfig(**base)
+
+    def curve(self) -> List[Tuple[int, float]]:
+        """(passes, calibration PSNR), most passes first."""
+        return sorted(self.psnr.items(), reverse=True)
+
+    def register(self) -> None:
+        """Make the budget presets use these schedules on this model (tcpade.schedules registry)."""
+        S.register(self.model, self.predictor, self.steps, self.schedules)
+
+    def to_json(self) -> dict:
+        return dict(model=self.model, name=self.name, predictor=self.predictor, steps=self.steps,
+                    passes=self.passes, schedules={str(p): list(s) for p, s in sorted(self.schedules.items())},
+                    psnr={str(p): round(v, 3) for p, v in sorted(self.psnr.items())}, inputs=self.inputs,
+                    method=self.method, runs=self.runs, calls=self.calls, seconds=round(self.seconds, 1),
+                    extra=self.extra)  # fmt: skip
+
+    @classmethod
+    def from_json(cls, e: dict) -> "Calibration":
+        return cls(model=e["model"], name=e.get("name", ""), predictor=e["predictor"], steps=int(e["steps"]),
+                   passes=int(e.get("passes", min(int(p) for p in e["schedules"]))),
+                   schedules={int(p): tuple(s) for p, s in e["schedules"].items()},
+                   psnr={int(p): float(v) for p, v in e.get("psnr", {}).items()}, inputs=int(e.get("inputs", 0)),
+                   method=e.get("method", ""), runs=int(e.get("runs", 0)), calls=int(e.get("calls", 0)),
+                   seconds=float(e.get("seconds", 0.0)), extra=e.get("extra", {}))  # fmt: skip
+
+    def save(self, path: str) -> None:
+        save(path, self)
+
+
+def save(path: str, *results: Calibration) -> None:
+    """Write calibrations to a JSON file, merged with the file's entries (same model, predictor and
+    T replaced)."""
+    entries = []
+    if os.path.exists(path):
+        with open(path) as f:
+            entries = S.entries_from_json(json.load(f))
+    keys = {(r.model, r.predictor, r.steps) for r in results}
+    entries = [e for e in entries if (e["model"], e["predictor"], int(e["steps"])) not in keys]
+    entries += [r.to_json() for r in results]
+    entries.sort(key=lambda e: (e.get("name", ""), e["model"], e["predictor"], int(e["steps"])))
+    doc = dict(format="tcpade-schedules", version=S.FORMAT_VERSION, entries=entries)
+    text = json.dumps(doc, indent=1)
+    # one line per schedule
+    text = re.sub(r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
+def load(path: str, register: bool = True) -> List[Calibration]:
+    """The calibrations of a JSON file (``register``: the budget presets use them from now on)."""
+    with open(path) as f:
+        out = [Calibration.from_json(e) for e in S.entries_from_json(json.load(f))]
+    if register:
+        for r in out:
+            r.register()
+    return out
+
+
+# ------------------------------------------------------------------------------------- search
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="pass")
+            except ImportError:
+                pass
+
+    def update(self, passes: int, psnr: float, runs: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(passes=passes, psnr=f"{psnr:.2f}", runs=runs)
+        elif self.enabled:
+            log.info("tcpade.calibrate: %d passes, PSNR %.2f dB (%d runs)", passes, psnr, runs)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def calibrate(
+    target,
+    inputs: Sequence,
+    *,
+    passes=None,
+    speedup: Optional[float] = None,
+    steps: int = 20,
+    predictor: str = "rational",
+    method: str = "refine",
+    noise_scheduler=None,
+    progress: bool = True,
+    config_overrides: Optional[dict] = None,
+    start: Optional[Sequence[int]] = None,
+    sweeps: int = 2,
+) -> Calibration:
+    """Search the schedule of ``passes`` computed steps of ``steps`` (or round(steps / speedup))
+    that keeps the calibration inputs closest to full computation (see the module docstring).
+
+    target: a zoo model, a diffusers pipeline or a transformer (then ``noise_scheduler=``).
+    inputs: (seed, label) pairs / seeds (zoo), call kwargs (pipeline), ``tcpade.sample`` kwargs
+    (transformer). predictor and ``config_overrides``: the TCPadeConfig the schedules run with.
+    start: the schedule the removal starts from (default: every step). A coarser start (e.g.
+    ``tcpade.schedules.spaced(50, 30)``) makes a long run's search several times cheaper; the
+    curve then begins at its pass count.
+    passes: one pass count or several (refine searches each; greedy / lazy go down to the
+    smallest and keep every count on the way). sweeps: refine's hill-climbing sweeps per count.
+    Returns a :class:`Calibration` (``passes``: the smallest requested count).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"tcpade.calibrate: steps must be an int >= 1, got {steps!r}")
+    if method not in METHODS:
+        raise ValueError(f"tcpade.calibrate: method must be one of {METHODS}, got {method!r}")
+    if (passes is None) == (speedup is None):
+        raise ValueError("tcpade.calibrate takes exactly one of passes=K or speedup=S")
+    overrides = dict(config_overrides or {})
+    many = list(passes) if isinstance(passes, (list, tuple, range)) else []
+    if many and not all(isinstance(p, int) and not isinstance(p, bool) for p in many):
+        raise ValueError(f"tcpade.calibrate: passes must be an int or a sequence of ints, got {passes!r}")
+    # The budget's validation and rounding, one place.
+    budget = TCPadeConfig(predictor=predictor, passes=min(many) if many else passes, speedup=speedup, **overrides)
+    targets = sorted({budget.budget_passes(steps)} | {TCPadeConfig(predictor=predictor, passes=p).budget_passes(steps)
+                                                       for p in many})  # fmt: skip
+    lead = S.min_leading(predictor)
+    runner = _runner(target, inputs, steps, noise_scheduler)
+
+    counters = dict(runs=0, calls=0)
+
+    def execute(sched):
+        cfg = TCPadeConfig(predictor=predictor, schedule=tuple(sched), schedule_steps=steps, **overrides)
+        out, calls, branches = runner.run(cfg)
+        counters["runs"] += 1
+        counters["calls"] += calls
+        return out, branches
+
+    t0 = time.perf_counter()
+    # Full computation through the same path (a schedule of every step: the model's own outputs).
+    ref, branches = execute(range(steps))
+    data_range = runner.data_range or float(ref.max() - ref.min()) or 1.0
+
+    def score(sched) -> float:
+        out, _ = execute(sched)
+        return float(metrics.psnr(out, ref, data_range=data_range).mean())
+
+    if method == "refine":
+        path, curve = _refine(score, steps, targets, lead, sweeps, progress)
+    else:
+        path, curve = _remove(score, steps, min(targets), lead, method, start, predictor, progress, counters)
+    seconds = time.perf_counter() - t0
+    name = getattr(getattr(target, "spec", None), "name", "")
+    return Calibration(model=S.model_key(runner.transformer), name=name, predictor=predictor, steps=steps,
+                       schedules=path, psnr=curve, passes=min(targets), inputs=len(inputs), method=method,
+                       runs=counters["runs"], calls=counters["calls"], seconds=seconds,
+                       extra=dict(branches=branches, start=max(path),
+                                  **({"config_overrides": overrides} if overrides else {})))  # fmt: skip
+
+
+def _remove(score, steps, target_passes, lead, method, start, predictor, progress, counters):
+    """Greedy removal (exact or lazy) from ``start`` (default every step) down to ``target_passes``."""
+    try:
+        current = list(range(steps)) if start is None else list(S.check_schedule(start, steps, predictor, "start"))
+    except ValueError as exc:
+        raise ValueError(f"tcpade.calibrate: {str(exc).replace('TCPadeConfig.start', 'start')}") from None
+    if len(current) < target_passes:
+        raise ValueError(f"tcpade.calibrate: start has {len(current)} passes, fewer than the {target_passes} asked for")
+    path = {len(current): tuple(current)}
+    curve = {len(current): metrics.PSNR_CAP if start is None else score(current)}
+    bar = _Progress(len(current) - target_passes, progress, f"tcpade.calibrate T={steps}")
+    bound: Dict[int, Tuple[float, int]] = {}  # step -> (PSNR without it, size of the schedule it was measured at)
+    try:
+        while len(current) > target_passes:
+            cands = [j for j in current if j >= lead]
+            if method == "greedy":
+                scored = [(score([s for s in current if s != j]), j) for j in cands]
+                best_psnr, best = max(scored)
+            else:
+                n = len(current)
+                while True:
+                    # the highest (possibly stale) score; unmeasured candidates first
+                    j = max(cands, key=lambda c: (bound.get(c, (math.inf, 0))[0], c))
+                    if j in bound and bound[j][1] == n:
+                        best, best_psnr = j, bound[j][0]
+                        break
+                    bound[j] = (score([s for s in current if s != j]), n)
+            current.remove(best)
+            bound.pop(best, None)
+            path[len(current)] = tuple(current)
+            curve[len(current)] = best_psnr
+            bar.update(len(current), best_psnr, counters["runs"])
+    finally:
+        bar.close()
+    return path, curve
+
+
+def _refine(score, steps, targets, lead, sweeps, progress):
+    """Per pass count: the best evenly spaced schedule on the calibration inputs, then hill
+    climbing: move one computed step a step earlier or later, keep the move if the PSNR rises,
+    until a sweep over every step changes nothing (or ``sweeps`` sweeps)."""
+    path, curve = {}, {}
+    bar = _Progress(len(targets), progress, f"tcpade.calibrate T={steps}")
+    try:
+        for k in sorted(targets, reverse=True):
+            scored = [(score(c), c) for c in S.even_family(steps, k, lead)]
+            best, cur = max(scored)
+            cur = list(cur)
+            for _ in range(sweeps):
+                moved = False
+                for i in range(lead, k):
+                    lo = cur[i - 1] + 1
+                    hi = cur[i + 1] - 1 if i + 1 < k else steps - 1
+                    for new in (cur[i] - 1, cur[i] + 1):
+                        if lo <= new <= hi:
+                            cand = cur[:i] + [new] + cur[i + 1 :]
+                            v = score(cand)
+                            if v > best:
+                                best, cur, moved = v, cand, True
+                                break
+                if not moved:
+                    break
+            path[k], curve[k] = tuple(cur), best
+            bar.update(k, best, 0)
+    finally:
+        bar.close()
+    return path, curve
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register the ``calibrate`` subcommand on an argparse subparsers object."""
+    p = subparsers.add_parser("calibrate", help="search a calibrated schedule for a model and save it as JSON",
+                              description="Search which steps to compute (greedy removal against full computation) "
+                              "for a zoo model or a local diffusers pipeline directory, and save the schedules.")  # fmt: skip
+    _arguments(p)
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a zoo model name (tcpade.zoo.names()) or a local pipeline directory")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps T (default 20)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--passes", help="computed steps per branch: one count or a comma-separated list")
+    g.add_argument("--speedup", type=float, help="... or the ratio T / passes")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the calibration inputs (default 0,1)")
+    p.add_argument("--labels", default=None, help="zoo: comma-separated class labels, one per seed (default 0, 1, ..)")
+    p.add_argument("--prompt", action="append", default=None, help="pipeline: a prompt (repeat; paired with seeds)")
+    p.add_argument("--predictor", default="rational", help="the predictor the schedules run with (default rational)")
+    p.add_argument("--method", default="refine", choices=METHODS, help="search (default refine)")
+    p.add_argument("--out", default="schedules.json", help="JSON file to write or merge into")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+
+
+def run_cli(args) -> int:
+    """Run the ``calibrate`` subcommand from parsed arguments; returns the exit status."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if os.path.isdir(args.model):
+        from diffusers import DiffusionPipeline
+
+        target = DiffusionPipeline.from_pretrained(args.model)
+        prompts = args.prompt or [""]
+        inputs = [dict(prompt=prompts[i % len(prompts)], seed=s) for i, s in enumerate(seeds)]
+    else:
+        from . import zoo
+
+        if args.model not in zoo.names():
+            print(f"tcpade calibrate: {args.model!r} is neither a zoo model {zoo.names()} nor a directory",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        target = zoo.load(args.model)
+        n = target.spec.num_classes
+        labels = [int(x) for x in args.labels.split(",")] if args.labels else [i % n for i in range(len(seeds))]
+        if len(labels) != len(seeds):
+            print("tcpade calibrate: --labels needs one label per seed", file=sys.stderr)
+            return 2
+        inputs = list(zip(seeds, labels))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    passes = None
+    if args.passes is not None:
+        try:
+            passes = [int(x) for x in args.passes.split(",") if x.strip()]
+        except ValueError:
+            print(f"tcpade calibrate: --passes must be ints, got {args.passes!r}", file=sys.stderr)
+            return 2
+    cal = calibrate(target, inputs, passes=passes, speedup=args.speedup, steps=args.steps,
+                    predictor=args.predictor, method=args.method)  # fmt: skip
+    cal.save(args.out)
+    print(f"{cal.name or cal.model}: T={cal.steps}, {cal.runs} runs, {cal.calls} block-stack calls, {cal.seconds:.1f} s")
+    for p, v in cal.curve():
+        print(f"  {p:3d} passes  {v:6.2f} dB  {' '.join(map(str, cal.schedules[p]))}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tcpade.calibrate", description=add_cli.__doc__)
+    _arguments(p)
+    return run_cli(p.parse_args(argv))
+
+
+class _CallableModule(types.ModuleType):
+    """``tcpade.calibrate`` is both this module (save, load, Calibration, the CLI) and the search."""
+
+    def __call__(self, *args, **kwargs) -> Calibration:
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Fixed compute schedules: which steps of a T-step run compute the block stack.
+
+A schedule is a sorted tuple of step indices (0-based) that are computed; every other step
+is skipped and its residual predicted. Three things make one:
+
+* ``TCPadeConfig(schedule=..., schedule_steps=T)``: given by hand (or by ``tcpade.calibrate``)
+  for exactly T steps;
+* ``TCPadeConfig.budget(passes=K)`` / ``budget(speedup=S)``: K computed steps at any T, placed
+  by the model's calibrated schedule for (T, K) when the registry has one, else by the spaced
+  rule below;
+* the registry: calibrated schedules keyed by the transformer class, a hash of its config, the
+  predictor and T, shipped with the zoo (``tcpade/zoo/schedules.json``) or loaded by the user
+  (``load``); ``tcpade.apply`` looks the model up once (``resolve``) and hands the matches to
+  the config, so ``TCPadeConfig.plan(T)`` can choose without knowing the model.
+
+The spaced rule: steps 0 .. m-1 (the residuals the predictor needs before its first skip:
+2 for rational / linear / paper, 1 for reuse) and then the remaining passes evenly spaced
+from step 0 on, the last one ``SPACED_END`` steps before the end (the final step predicted),
+e.g. 8 of 20 -> 0 1 3 6 9 12 15 18, 7 of 20 -> 0 1 4 7 11 14 18.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+from . import coef as K
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SHIPPED",
+    "check_schedule",
+    "clear",
+    "even_family",
+    "load",
+    "lookup",
+    "model_key",
+    "register",
+    "rescale",
+    "resolve",
+    "spaced",
+]
+
+SHIPPED = os.path.join(os.path.dirname(__file__), "zoo", "schedules.json")
+# The spaced rule: steps 0..SPACED_WARMUP-1 (at least the predictor's minimum history), and its
+# last computed step SPACED_END steps before the end of the run.
+SPACED_WARMUP = 2
+SPACED_END = 1
+FORMAT_VERSION = 1
+
+
+def min_leading(predictor: str) -> int:
+    """Computed steps a schedule must start with: the residuals ``predictor`` needs stored
+    before it may predict (a skip earlier would have to compute, breaking the pass count)."""
+    return K.MIN_HISTORY[predictor]
+
+
+def check_schedule(steps, total, predictor: str, name: str = "schedule") -> Tuple[int, ...]:
+    """``steps`` as a tuple of ints after validation against ``total`` steps, or ValueError
+    naming ``TCPadeConfig.<name>``."""
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+        raise ValueError(f"TCPadeConfig.{name} must be a sequence of step indices, got {steps!r}")
+    steps = tuple(steps)
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
+        raise ValueError(f"TCPadeConfig.{name} must be a non-empty sequence of ints, got {steps!r}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"TCPadeConfig.{name} must be strictly increasing (sorted, no repeats), got {steps!r}")
+    if steps[0] < 0 or steps[-1] >= total:
+        raise ValueError(f"TCPadeConfig.{name} steps must be in [0, {total - 1}] for {total} steps, got {steps!r}")
+    m = min_leading(predictor)
+    if steps[:m] != tuple(range(m)):
+        need = "step 0" if m == 1 else f"steps 0..{m - 1}"
+        raise ValueError(
+            f"TCPadeConfig.{name} must compute {need}: the {predictor!r} predictor needs {m} stored "
+            f"residual(s) before its first skip; got {steps!r}"
+        )
+    return steps
+
+
+def _fit(positions: Sequence[float], lead: int, total: int) -> Tuple[int, ...]:
+    """Steps 0..lead-1, then ``positions`` rounded to distinct ints in [lead, total - 1], in order."""
+    n = len(positions)
+    out = list(range(lead))
+    for i, x in enumerate(positions):
+        lo = out[-1] + 1 if out else 0
+        hi = total - (n - i)  # room for the ones after it
+        out.append(min(max(int(round(x)), lo), hi))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def spaced(total: int, passes: int, lead: int = 2, end: int = None, warmup: int = None) -> Tuple[int, ...]:
+    """The spaced rule: ``passes`` computed steps of ``total``: 0..w-1 (w = max(lead, ``warmup``)),
+    then the rest evenly spaced counted from step 0, the last one ``end`` steps before the final
+    step (fewer when the gaps get that short). Defaults: SPACED_END, SPACED_WARMUP."""
+    end = SPACED_END if end is None else end
+    warmup = SPACED_WARMUP if warmup is None else warmup
+    if passes >= total:
+        return tuple(range(total))
+    lead = min(max(lead, warmup), passes)
+    r = passes - lead
+    if r == 0:
+        return tuple(range(lead))
+    # Spaced from step 0 (the steps after it are the warm-up): at 20 steps, 8 passes -> gap 3.
+    last = max(lead - 1 + r, total - 1 - end)
+    gap = last / r
+    return _fit([gap * (i + 1) for i in range(r)], lead, total)
+
+
+def even_family(total: int, passes: int, lead: int = 2) -> Tuple[Tuple[int, ...], ...]:
+    """Evenly spaced schedules with ``passes`` steps: steps 0..w-1 (w = lead or lead + 1), then a
+    constant gap counted from step 0, the last ``e`` = 0, 1 or 2 steps predicted (e below the gap).
+    The spaced rule is one of them (w = lead, e = SPACED_END)."""
+    if passes >= total:
+        return (tuple(range(total)),)
+    out = set()
+    for w in (lead, lead + 1):
+        r = passes - w
+        if r < 1:
+            continue
+        for e in range(3):
+            gap = (total - 1 - e) / r
+            if gap >= 1 and e < gap:
+                out.add(_fit([gap * (i + 1) for i in range(r)], w, total))
+    out.add(spaced(total, passes, lead))  # (with the default constants it is one of the above)
+    return tuple(sorted(out))
+
+
+def rescale(steps: Sequence[int], from_total: int, total: int, lead: int = 2) -> Tuple[int, ...]:
+    """A schedule for ``from_total`` steps moved to ``total`` steps with the same pass count:
+    steps 0..lead-1 kept, every later step at the same fraction of the run."""
+    steps = tuple(steps)
+    if len(steps) > total:
+        raise ValueError(f"a schedule of {len(steps)} passes cannot be rescaled to {total} steps")
+    lead = min(lead, len(steps))
+    rest = steps[lead:]
+    return _fit([s * (total - 1) / max(from_total - 1, 1) for s in rest], lead, total)
+
+
+# ------------------------------------------------------------------------------------ registry
+def model_key(transformer) -> str:
+    """``<class name>:<12 hex digits>`` of the transformer's diffusers config (architecture only:
+    two models with the same config and other weights share the key)."""
+    config = getattr(transformer, "config", None)
+    items = dict(config) if config is not None else {}
+    items = {k: v for k, v in items.items() if not k.startswith("_")}
+    blob = json.dumps(items, sort_keys=True, default=repr).encode()
+    return f"{type(transformer).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+# key -> predictor -> T -> passes -> steps
+_REGISTRY: Dict[str, Dict[str, Dict[int, Dict[int, Tuple[int, ...]]]]] = {}
+_SHIPPED_LOADED = False
+
+
+def register(key: str, predictor: str, total: int, schedules: Dict[int, Sequence[int]]) -> None:
+    """Add calibrated schedules ({passes: steps}) for model ``key``, ``predictor`` and ``total`` steps
+    (replacing earlier ones for the same passes)."""
+    _load_shipped()
+    slot = _REGISTRY.setdefault(key, {}).setdefault(predictor, {}).setdefault(int(total), {})
+    for p, steps in schedules.items():
+        steps = check_schedule(steps, int(total), predictor)
+        if len(steps) != int(p):
+            raise ValueError(f"calibrated schedule for {p} passes has {len(steps)} steps: {steps}")
+        slot[int(p)] = steps
+
+
+def entries_from_json(doc: dict) -> list:
+    """The entries of a schedules JSON document, version-checked."""
+    if doc.get("format") != "tcpade-schedules" or doc.get("version") != FORMAT_VERSION:
+        raise ValueError(f"not a tcpade schedules file (format tcpade-schedules, version {FORMAT_VERSION})")
+    return doc["entries"]
+
+
+def load(path: str) -> int:
+    """Register every schedule of a JSON file written by ``tcpade.calibrate.save``; returns how many."""
+    with open(path) as f:
+        entries = entries_from_json(json.load(f))
+    n = 0
+    for e in entries:
+        register(e["model"], e["predictor"], e["steps"], {int(p): s for p, s in e["schedules"].items()})
+        n += len(e["schedules"])
+    return n
+
+
+def _load_shipped() -> None:
+    global _SHIPPED_LOADED
+    if _SHIPPED_LOADED:
+        return
+    _SHIPPED_LOADED = True
+    if os.path.exists(SHIPPED):
+        load(SHIPPED)
+
+
+def clear(shipped: bool = True) -> None:
+    """Forget registered schedules (``shipped=True``: the zoo's come back on the next lookup;
+    ``False``: they stay out too)."""
+    global _SHIPPED_LOADED
+    _REGISTRY.clear()
+    _SHIPPED_LOADED = not shipped
+
+
+def lookup(transformer, predictor: str) -> Tuple[Tuple[int, Tuple[int, ...]], ...]:
+    """Every registered schedule of this model and predictor, as ((T, steps), ...)."""
+    _load_shipped()
+    by_t = _REGISTRY.get(model_key(transformer), {}).get(predictor, {})
+    return tuple((t, s) for t in sorted(by_t) for _, s in sorted(by_t[t].items()))
+
+
+def resolve(config, transformer):
+    """``config`` with the model's calibrated schedules filled in (``TCPadeConfig.calibrated``)
+    when it is a budget that may use them; otherwise ``config`` itself."""
+    if not config.wants_calibrated:
+        return config
+    import dataclasses
+
+    found: Optional[tuple] = lookup(transformer, config.predictor)
+    if not found:
+        return config
+    return dataclasses.replace(config, calibrated=found)

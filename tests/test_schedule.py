@@ -1,0 +1,228 @@
+"""Fixed schedules and compute budgets: validation, exact pass counts, the registry.
+
+The runtime is driven by the synthetic block stack of test_policy (an exact, cheap residual),
+so the computed steps can be counted directly; the registry and the summary run on a tiny
+random FLUX transformer through tcpade.sample.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import flow_sigmas
+
+import tcpade
+from tcpade import schedules
+from tcpade.config import TCPadeConfig
+from tcpade.policy import Runtime
+
+SHAPE = (1, 8, 16)
+
+
+def _computed(cfg, T, branches=("cond", "uncond"), nan_at=None):
+    """The computed steps per branch of one T-step run of the synthetic stack."""
+    rt = Runtime(cfg)
+    rt.set_steps(T)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    done = {br: [] for br in branches}
+    for k, s in enumerate(flow_sigmas(T)):
+        for i, br in enumerate(branches):
+            h_in = torch.full(SHAPE, float(s)) + i
+            pred = rt.begin(br, h_in, torch.tensor([s]))
+            if pred is None:
+                h_out = h_in + a + b * s
+                if nan_at == k:
+                    h_out = h_out.clone()
+                    h_out[0, 0, 0] = math.nan
+                rt.end(br, h_in, h_out)
+                done[br].append(k)
+            else:
+                assert torch.isfinite(pred).all()
+    return done
+
+
+# ------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(schedule=(0, 1, 5), schedule_steps=None), "schedule_steps"),
+        (dict(schedule=(0, 1, 5), schedule_steps=0), "schedule_steps"),
+        (dict(schedule_steps=20), "schedule_steps"),
+        (dict(schedule=(0, 1, 5, 5), schedule_steps=20), "strictly increasing"),
+        (dict(schedule=(0, 5, 1), schedule_steps=20), "strictly increasing"),
+        (dict(schedule=(0, 1, 20), schedule_steps=20), r"in \[0, 19\]"),
+        (dict(schedule=(-1, 0, 1), schedule_steps=20), r"in \[0, 19\]"),
+        (dict(schedule=(0, 1, 2.0), schedule_steps=20), "ints"),
+        (dict(schedule=(0, True), schedule_steps=20), "ints"),
+        (dict(schedule=(), schedule_steps=20), "non-empty"),
+        (dict(schedule="0,1", schedule_steps=20), "sequence"),
+        (dict(schedule=(1, 2, 3), schedule_steps=20), "steps 0..1"),
+        (dict(schedule=(0, 2, 3), schedule_steps=20), "rational"),
+        (dict(schedule=(0, 1), schedule_steps=20, passes=4), "at most one"),
+        (dict(passes=4, speedup=2.0), "at most one"),
+        (dict(passes=1), "passes"),
+        (dict(passes=3.0), "passes"),
+        (dict(speedup=0.5), "speedup"),
+        (dict(speedup=math.nan), "speedup"),
+        (dict(speedup=True), "speedup"),
+        (dict(passes=4, use_calibrated=1), "use_calibrated"),
+        (dict(calibrated=((20, (0, 2)),)), "calibrated"),
+    ],
+)
+def test_bad_schedule_fields_name_the_field(kw, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        TCPadeConfig(**kw)
+    assert "TCPadeConfig." in str(exc.value)
+
+
+def test_schedule_is_stored_as_a_tuple_and_reuse_may_skip_step_1():
+    cfg = TCPadeConfig(schedule=[0, 1, 4], schedule_steps=6)
+    assert cfg.schedule == (0, 1, 4) and hash(cfg) == hash(TCPadeConfig(schedule=(0, 1, 4), schedule_steps=6))
+    # reuse needs one stored residual, so only step 0 is required
+    assert TCPadeConfig(predictor="reuse", schedule=(0, 3), schedule_steps=6).plan(6) == (0, 3)
+    with pytest.raises(ValueError, match="step 0"):
+        TCPadeConfig(predictor="reuse", schedule=(1, 3), schedule_steps=6)
+
+
+def test_budget_needs_exactly_one_argument():
+    for kw in ({}, dict(passes=4, speedup=2.0)):
+        with pytest.raises(ValueError, match="exactly one"):
+            TCPadeConfig.budget(**kw)
+
+
+def test_schedule_for_another_T_is_refused_and_rescaled_on_request():
+    cfg = TCPadeConfig(schedule=(0, 1, 4, 7, 9, 14, 18), schedule_steps=20)
+    with pytest.raises(ValueError, match="schedule_steps=20.*50"):
+        cfg.plan(50)
+    for T in (10, 28, 50, 7):
+        r = cfg.rescaled(T)
+        assert len(r.plan(T)) == 7 and r.plan(T)[:2] == (0, 1) and r.schedule_steps == T
+    assert cfg.rescaled(20) == cfg
+    assert cfg.rescaled(50).schedule == (0, 1, 10, 18, 23, 36, 46)
+    with pytest.raises(ValueError, match="rescaled to 6"):
+        cfg.rescaled(6)
+    with pytest.raises(ValueError, match="needs a schedule"):
+        TCPadeConfig.fast().rescaled(20)
+
+
+def test_policy_configs_have_no_plan():
+    for cfg in (TCPadeConfig(), TCPadeConfig.adaptive(), TCPadeConfig.slow(tsi_threshold=0.5)):
+        assert cfg.plan(20) is None and cfg.plan_source(20) == "policy"
+    # A TSI that never blocks: the rule's steps are known before the run.
+    assert TCPadeConfig.fast().plan(20) == (0, 1, 2, 4, 8, 12, 16) and TCPadeConfig.fast().plan_source(20) == "fixed rule"
+
+
+# ------------------------------------------------------------------------------ pass counts
+def test_spaced_rule():
+    assert schedules.spaced(20, 8) == (0, 1, 3, 6, 9, 12, 15, 18)
+    assert schedules.spaced(20, 7) == (0, 1, 4, 7, 11, 14, 18)
+    assert schedules.spaced(20, 20) == tuple(range(20))
+    assert schedules.spaced(20, 2) == (0, 1)
+    assert schedules.spaced(5, 4) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("T", [10, 20, 28, 50, 7, 13, 33])
+def test_budget_passes_are_exact_at_any_T(T):
+    for k in range(2, T + 1):
+        plan = TCPadeConfig.budget(passes=k).plan(T)
+        assert len(plan) == k and plan[:2] == (0, 1) and list(plan) == sorted(set(plan)) and plan[-1] < T
+    for s in (1.0, 2.0, 2.5, 20 / 7, 10 / 3, 4.0, 100.0):
+        plan = TCPadeConfig.budget(speedup=s).plan(T)
+        assert len(plan) == min(T, max(2, math.floor(T / s + 0.5)))
+    assert len(TCPadeConfig.budget(passes=T + 5).plan(T)) == T  # more passes than steps: all of them
+
+
+@pytest.mark.parametrize("predictor", ["rational", "linear", "paper", "reuse"])
+@pytest.mark.parametrize("T, k", [(10, 4), (20, 8), (28, 9), (50, 17), (13, 5)])
+def test_runtime_computes_exactly_the_plan_in_every_branch(predictor, T, k):
+    cfg = TCPadeConfig.budget(passes=k, predictor=predictor, store_predictions=predictor == "paper")
+    done = _computed(cfg, T)
+    assert done["cond"] == done["uncond"] == list(cfg.plan(T))
+
+
+def test_schedule_overrides_the_policy_fields_and_max_skips():
+    sched = (0, 1, 10, 19)  # runs of 8 skips with max_skips=3
+    for policy in ("tsi", "error"):
+        cfg = TCPadeConfig(policy=policy, max_skips=3, warmup=6, final_steps=3, schedule=sched, schedule_steps=20)
+        assert _computed(cfg, 20) == {"cond": list(sched), "uncond": list(sched)}
+
+
+def test_non_finite_values_still_force_computation():
+    cfg = TCPadeConfig(schedule=(0, 1, 5), schedule_steps=10)
+    done = _computed(cfg, 10, branches=("cond",), nan_at=1)
+    assert done["cond"] == list(range(10))
+
+
+# -------------------------------------------------------------------------------- registry
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=8,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()  # fmt: skip
+
+
+def _sample(tr, T, cfg):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    g = torch.Generator().manual_seed(1)
+    cond = dict(encoder_hidden_states=torch.randn(1, 3, 8, generator=g), pooled_projections=torch.randn(1, 8, generator=g),
+                img_ids=torch.zeros(6, 3), txt_ids=torch.zeros(3, 3))  # fmt: skip
+    return tcpade.sample(tr, FlowMatchEulerDiscreteScheduler(), torch.randn(1, 6, 4, generator=g), cond=cond,
+                         steps=T, config=cfg, return_summary=True, progress=False, timestep_scale=1e-3)  # fmt: skip
+
+
+@pytest.fixture
+def registry():
+    schedules.clear(shipped=False)
+    yield
+    schedules.clear()
+
+
+def test_model_key_is_class_and_config(registry):
+    a, b = _tiny_flux(), _tiny_flux()
+    assert schedules.model_key(a) == schedules.model_key(b)
+    assert schedules.model_key(a).startswith("FluxTransformer2DModel:")
+    from diffusers import FluxTransformer2DModel
+
+    other = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=1, attention_head_dim=8,
+                                   num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8,
+                                   axes_dims_rope=(2, 2, 4))  # fmt: skip
+    assert schedules.model_key(other) != schedules.model_key(a)
+
+
+def test_budget_uses_a_registered_schedule_and_says_so(registry):
+    tr = _tiny_flux()
+    cal = (0, 1, 2, 6)
+    schedules.register(schedules.model_key(tr), "rational", 8, {4: cal})
+    _, summ = _sample(tr, 8, TCPadeConfig.budget(passes=4))
+    assert summ.computed("cond") == list(cal)
+    assert "schedule: calibrated [0, 1, 2, 6]" in str(summ)
+    # another pass count, another T, another predictor, or use_calibrated=False: the spaced rule
+    for T, cfg in ((8, TCPadeConfig.budget(passes=3)), (9, TCPadeConfig.budget(passes=4)),
+                   (8, TCPadeConfig.budget(passes=4, predictor="linear")),
+                   (8, TCPadeConfig.budget(passes=4, use_calibrated=False))):  # fmt: skip
+        _, summ = _sample(tr, T, cfg)
+        assert summ.computed("cond") == list(schedules.spaced(T, cfg.passes)), (T, cfg)
+        assert "schedule: spaced rule" in str(summ)
+    with pytest.raises(ValueError, match="4 passes has 3 steps"):
+        schedules.register(schedules.model_key(tr), "rational", 8, {4: (0, 1, 2)})
+
+
+def test_shipped_zoo_schedules_load():
+    schedules.clear()
+    from tcpade import zoo
+
+    found = schedules.lookup(zoo.load("flux-digits").transformer, "rational")
+    assert {t for t, _ in found} >= {20, 50}
+    for t, steps in found:
+        TCPadeConfig(schedule=steps, schedule_steps=t)  # valid
+
+
+def test_a_run_of_another_length_is_refused_at_its_first_call():
+    cfg = TCPadeConfig(schedule=(0, 1, 5), schedule_steps=10)
+    with pytest.raises(ValueError, match="schedule_steps=10 steps, this run has 12"):
+        _computed(cfg, 12, branches=("cond",))
+    assert _computed(cfg.rescaled(12), 12, branches=("cond",))["cond"] == [0, 1, 6]
