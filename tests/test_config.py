@@ -26,6 +26,12 @@ WRONG_TYPE = {
     "pole_delta": "0.3",
     "kappa": None,
     "history_slots": 3.0,
+    "schedule": "0 1 5",
+    "schedule_steps": 20.0,
+    "passes": "8",
+    "speedup": "2.5",
+    "use_calibrated": 1,
+    "calibrated": {20: (0, 1, 5)},
 }
 
 

@@ -19,9 +19,9 @@ from tcpade.policy import Runtime
 SHAPE = (1, 8, 16)
 
 
-def _computed(cfg, T, branches=("cond", "uncond"), nan_at=None):
+def _computed(cfg, T, branches=("cond", "uncond"), nan_at=None, rt=None):
     """The computed steps per branch of one T-step run of the synthetic stack."""
-    rt = Runtime(cfg)
+    rt = rt or Runtime(cfg)
     rt.set_steps(T)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
@@ -29,16 +29,18 @@ def _computed(cfg, T, branches=("cond", "uncond"), nan_at=None):
     for k, s in enumerate(flow_sigmas(T)):
         for i, br in enumerate(branches):
             h_in = torch.full(SHAPE, float(s)) + i
-            pred = rt.begin(br, h_in, torch.tensor([s]))
+            predict = rt.decide(br, torch.tensor([s]))
+            pred = predict(h_in) if predict is not None else None
             if pred is None:
                 h_out = h_in + a + b * s
                 if nan_at == k:
                     h_out = h_out.clone()
                     h_out[0, 0, 0] = math.nan
-                rt.end(br, h_in, h_out)
+                rt.finish(br, h_in, h_out)
                 done[br].append(k)
             else:
                 assert torch.isfinite(pred).all()
+                rt.finish(br, None, None)
     return done
 
 
@@ -148,10 +150,16 @@ def test_schedule_overrides_the_policy_fields_and_max_skips():
         assert _computed(cfg, 20) == {"cond": list(sched), "uncond": list(sched)}
 
 
-def test_non_finite_values_still_force_computation():
+def test_non_finite_values_keep_the_schedule_and_are_reported():
+    # A fixed schedule reads nothing from the device to decide: the NaN in step 1's h_out
+    # changes no decision, every prediction is finite (the device-side fallback) and the
+    # records report the step.
     cfg = TCPadeConfig(schedule=(0, 1, 5), schedule_steps=10)
-    done = _computed(cfg, 10, branches=("cond",), nan_at=1)
-    assert done["cond"] == list(range(10))
+    rt = Runtime(cfg)
+    done = _computed(cfg, 10, branches=("cond",), nan_at=1, rt=rt)
+    assert done["cond"] == [0, 1, 5]
+    assert rt.host_reads == 0
+    assert [r.k for r in rt.branches["cond"].records if r.computed and r.nonfinite] == [1]
 
 
 # -------------------------------------------------------------------------------- registry
