@@ -60,7 +60,7 @@ TCPADE = "tcpade"
 def eval_set(name: str, quick: bool):
     """Fixed seeds and labels per model: every class, several seeds."""
     spec = zoo.SPECS[name]
-    per = {"flux-digits": 3, "dit-faces": 10, "wan-digits": 1}[name]
+    per = {"flux-digits": 3, "dit-faces": 10, "wan-digits": 1}.get(name, 1)  # other models: one per class
     if quick:
         per = max(1, per // 3) if spec.num_classes > 2 else 3
     labels = [c for c in range(spec.num_classes) for _ in range(per)]
