@@ -111,4 +111,4 @@ def test_hard_models_are_hard_for_a_cache(name):
     cached, summ = m.sample(seeds, labels, steps=20, config=cfg, return_summary=True)
     assert len(summ.computed("cond")) == 8
     psnr = metrics.psnr(cached, full).mean()
-    assert 15.0 < psnr < 38.0, psnr
+    assert 15.0 < psnr < 40.0, psnr

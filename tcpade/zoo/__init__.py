@@ -91,7 +91,7 @@ SPECS = {
     ),
     # the harder two: RGB 24x24 with detail at every scale, 12-16 classes, width 96, CFG 4
     "flux-shapes": Spec(
-        "flux-shapes", "flux", "shapes", 16, (3, 24, 24), 4.0, "flow", shift=3.0,
+        "flux-shapes", "flux", "shapes", 16, (3, 24, 24), 5.0, "flow", shift=3.0,
         config=dict(patch_size=1, in_channels=48, num_layers=2, num_single_layers=4, attention_head_dim=32,
                     num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=64,
                     axes_dims_rope=(8, 12, 12)),
