@@ -60,7 +60,7 @@ def test_every_group_runs_skips_and_restores(name):
     keys = list(m.transformer.state_dict())
     methods = _aggressive(name)
     groups = {meth.group for meth in methods}
-    expected = set(peers.GROUPS) - ({"TaylorSeer (lite)"} if name == "dit-faces" else set())
+    expected = set(peers.GROUPS) - ({"TaylorSeer (lite)"} if zoo.SPECS[name].family == "dit" else set())
     assert groups == expected
     for meth in methods:
         meth.enable(m, STEPS, SEEDS, LABELS)
@@ -108,7 +108,7 @@ def test_mac_counter_exact(name):
     t = m.transformer
     # One transformer call, counted on its own, and by hand from the Linear shapes.
     x = m.noise(SEEDS)
-    ts = torch.full((1,), 0.5 if name == "flux-digits" else 500.0)
+    ts = torch.full((1,), 0.5 if m.spec.family == "flux" else 500.0)
     kw = m.conditions(torch.tensor(LABELS))
     seen = {}
 

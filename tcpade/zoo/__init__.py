@@ -3,10 +3,10 @@
 Nobody can download FLUX, Wan or DiT weights on our machines, and random weights give
 meaningless trajectories, so tcpade ships five small models trained on CPU (``bench/train.py``)
 on data that ships inside PyPI packages or is rendered in code; the quality benchmark and
-``tcpade demo`` run on them. The first three are easy for a cache (grey digits and faces:
-cached runs stay 40-50 dB from full computation at 2.5x fewer passes); the last two are the
-harder ones (RGB 24x24 with detail at every scale, more classes, wider and deeper, CFG 4),
-closer to where a large model's cache error is.
+``tcpade demo`` run on them. The first three are grey, with little detail (flux-digits,
+without CFG, is the easiest for a cache); the last two are RGB 24x24 with detail at every
+scale, 12-16 classes, 48 values per token and CFG 4-5 as two calls, closer to where a large
+model's cache error is (docs/zoo.md has the numbers).
 
 =============  ===============================  =============================================
 name           diffusers class, objective       data, conditioning, sampling
