@@ -36,11 +36,14 @@ DEFAULTS = {  # batch, peak learning rate
     "flux-digits": (64, 1e-3),
     "dit-faces": (64, 5e-4),
     "wan-digits": (32, 1e-3),
+    "flux-shapes": (32, 1e-3),
+    "dit-photos": (32, 1e-3),
 }
 
 
 def grid_png(images, path, nrow):
-    """Save images (N, 1, [F,] H, W) in [-1, 1] as a grid PNG (clips: frames left to right)."""
+    """Save images (N, C, [F,] H, W) in [-1, 1], C = 1 (grey) or 3 (RGB), as a grid PNG (clips:
+    frames left to right)."""
     import numpy as np
     from PIL import Image
 
@@ -51,16 +54,17 @@ def grid_png(images, path, nrow):
         Image.fromarray(np.concatenate(rows, 0)).resize((rows[0].shape[1] * 4, len(rows) * rows[0].shape[0] * 4),
                                                         Image.NEAREST).save(path)  # fmt: skip
         return
-    n, _, h, w = x.shape
+    n, ch, h, w = x.shape
     ncol = math.ceil(n / nrow)
-    canvas = np.full((nrow * (h + 2), ncol * (w + 2)), 255, np.uint8)
+    canvas = np.full((nrow * (h + 2), ncol * (w + 2), ch), 255, np.uint8)
     for i in range(n):
         r, c = i % nrow, i // nrow
-        canvas[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = x[i, 0]
+        canvas[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = x[i].transpose(1, 2, 0)
+    canvas = canvas[..., 0] if ch == 1 else canvas
     Image.fromarray(canvas).resize((canvas.shape[1] * 4, canvas.shape[0] * 4), Image.NEAREST).save(path)
 
 
-def train(name, minutes, seed, threads, max_steps=None, log_every=100):
+def train(name, minutes, seed, threads, max_steps=None, log_every=100, snapshot=None, snapshot_minutes=5.0):
     from diffusers import DDPMScheduler
 
     torch.set_num_threads(threads)
@@ -77,8 +81,15 @@ def train(name, minutes, seed, threads, max_steps=None, log_every=100):
     budget = minutes * 60.0
     t0 = time.perf_counter()
     step, losses, log = 0, [], []
+    next_snapshot = snapshot_minutes * 60.0
     while True:
         elapsed = time.perf_counter() - t0
+        if snapshot and elapsed >= next_snapshot:  # the EMA so far, to look at while training goes on
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().half().contiguous() for k, v in ema.state_dict().items()}, snapshot)
+            print(f"{name} step {step} t={elapsed:.0f}s: snapshot {snapshot}", flush=True)
+            next_snapshot += snapshot_minutes * 60.0
         if elapsed >= budget or (max_steps and step >= max_steps):
             break
         frac = elapsed / budget
@@ -120,7 +131,7 @@ def train(name, minutes, seed, threads, max_steps=None, log_every=100):
                             final_loss=round(sum(losses[-200:]) / max(1, len(losses[-200:])), 5))  # fmt: skip
 
 
-def save(name, ema, record, seed, threads, minutes):
+def save(name, ema, record, seed, threads, minutes, command=None):
     from safetensors.torch import save_file
 
     os.makedirs(os.path.join(ROOT, "tcpade", "zoo", "weights"), exist_ok=True)
@@ -131,7 +142,7 @@ def save(name, ema, record, seed, threads, minutes):
     record.update(
         name=name, family=spec.family, data=spec.data, objective=spec.objective, params=params, seed=seed,
         threads=threads, machine=cpu_name(), torch=torch.__version__,
-        command=f"python bench/train.py --model {name} --minutes {minutes:g} --seed {seed} --threads {threads}",
+        command=command or f"python bench/train.py --model {name} --minutes {minutes:g} --seed {seed} --threads {threads}",
         bytes=os.path.getsize(zoo.weights_path(name)),
     )  # fmt: skip
     with open(os.path.join(ROOT, "tcpade", "zoo", "weights", f"{name}.json"), "w") as f:
@@ -154,6 +165,13 @@ def write_card(name, r):
         "horizontal flips",
         "moving_digits": "12,000 clips of 6 frames, 16x16: a scikit-learn digit (10x10) moving on a straight line, "
         "bouncing off the borders; class = the digit",
+        "shapes": "12,000 procedural RGB 24x24 scenes (`tcpade.zoo.data.shapes`, seed 1): a textured background "
+        "(stripes, checkerboard, dots or blobs in two random colours), a small grey distractor shape and the "
+        "object of the class, 4 shapes x 4 colours = 16 classes, random position, size and rotation, striped shading",
+        "photos": "12,000 RGB 24x24 patches (`tcpade.zoo.data.photos`, seed 1) of 12 photographs and textures bundled "
+        "with scikit-image (astronaut, chelsea, coffee, rocket, Hubble deep field, retina, immunohistochemistry, "
+        "motorcycle, and tinted brick, grass, gravel, moon): class = the source image; random position, scale "
+        "(1/2-1/5) and flips",
     }[spec.data]
     cond = {
         "flux": "4 learned prompt tokens per class (encoder_hidden_states) + a pooled vector",
@@ -194,10 +212,17 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=100, help="steps per line of the loss log")
+    p.add_argument("--snapshot", default=None, help="also save the EMA weights here every --snapshot-minutes")
+    p.add_argument("--snapshot-minutes", type=float, default=5.0)
     args = p.parse_args(argv)
     for name in zoo.names() if args.model == "all" else [args.model]:
-        _, ema, record = train(name, args.minutes, args.seed, args.threads, args.max_steps)
-        save(name, ema, record, args.seed, args.threads, args.minutes)
+        _, ema, record = train(name, args.minutes, args.seed, args.threads, args.max_steps, args.log_every,
+                               args.snapshot, args.snapshot_minutes)  # fmt: skip
+        command = f"python bench/train.py --model {name} --minutes {args.minutes:g} --seed {args.seed} --threads {args.threads}"
+        if args.log_every != 100:
+            command += f" --log-every {args.log_every}"
+        save(name, ema, record, args.seed, args.threads, args.minutes, command)
         print(f"{name}: {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}")
 
 

@@ -21,19 +21,20 @@ from .cli import Progress, require
 
 
 def _grid(rows, path, names):
-    """rows: list of image batches (N, 1, H, W) in [-1, 1] -> one PNG, a row per method."""
+    """rows: list of image batches (N, C, H, W), C = 1 or 3, in [-1, 1] -> one PNG, a row per method."""
     from PIL import Image, ImageDraw
 
     scale, pad, label_w = 4, 2, 70
-    n, _, h, w = rows[0].shape
+    n, c, h, w = rows[0].shape
     cell_h, cell_w = h * scale + pad, w * scale + pad
-    canvas = Image.new("L", (label_w + n * cell_w, len(rows) * cell_h), 255)
+    canvas = Image.new("L" if c == 1 else "RGB", (label_w + n * cell_w, len(rows) * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (batch, name) in enumerate(zip(rows, names)):
-        draw.text((4, r * cell_h + cell_h // 2 - 5), name, fill=0)
+        draw.text((4, r * cell_h + cell_h // 2 - 5), name, fill="black")
         x = ((batch.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
         for i in range(n):
-            tile = Image.fromarray(x[i, 0]).resize((w * scale, h * scale), Image.NEAREST)
+            tile = Image.fromarray(x[i, 0] if c == 1 else x[i].transpose(1, 2, 0)).resize((w * scale, h * scale),
+                                                                                          Image.NEAREST)
             canvas.paste(tile, (label_w + i * cell_w, r * cell_h))
     canvas.save(path)
 

@@ -60,8 +60,8 @@ def test_every_group_runs_skips_and_restores(name):
     keys = list(m.transformer.state_dict())
     methods = _aggressive(name)
     groups = {meth.group for meth in methods}
-    expected = set(peers.GROUPS) - ({"TaylorSeer (lite)"} if name == "dit-faces" else set())
-    if name != "wan-digits":  # SeaCache's built-in adapters: Wan (and Cosmos 3) only
+    expected = set(peers.GROUPS) - ({"TaylorSeer (lite)"} if zoo.SPECS[name].family == "dit" else set())
+    if zoo.SPECS[name].family != "wan":  # SeaCache's built-in adapters: Wan (and Cosmos 3) only
         expected.discard("SeaCache")
     assert groups == expected
     for meth in methods:
@@ -115,7 +115,7 @@ def test_mac_counter_exact(name):
     t = m.transformer
     # One transformer call, counted on its own, and by hand from the Linear shapes.
     x = m.noise(SEEDS)
-    ts = torch.full((1,), 0.5 if name == "flux-digits" else 500.0)
+    ts = torch.full((1,), 0.5 if m.spec.family == "flux" else 500.0)
     kw = m.conditions(torch.tensor(LABELS))
     seen = {}
 

@@ -25,7 +25,8 @@ def test_weights_and_cards_ship_with_the_package():
         assert record["seconds"] <= 25 * 60, "the budget: about 20 minutes of CPU training per model"
         assert os.path.exists(path.replace(".safetensors", ".md"))
         assert record["log"][-1][2] < record["log"][0][2] / 2, "the loss went down"
-    assert total <= 10 * 2**20, f"zoo weights are {total / 2**20:.1f} MiB, the budget is 10 MB"
+    # 10 MB for the first three models, 16 MiB with the two harder ones (1.2-1.4 M parameters each)
+    assert total <= 16 * 2**20, f"zoo weights are {total / 2**20:.1f} MiB, the budget is 16 MiB"
 
 
 def test_unknown_model():
@@ -49,10 +50,14 @@ def judges():
     return {}, quality.Judge
 
 
-@pytest.mark.parametrize("name,min_acc", [("flux-digits", 0.7), ("dit-faces", 0.7), ("wan-digits", 0.5)])
+@pytest.mark.parametrize(
+    "name,min_acc",
+    [("flux-digits", 0.7), ("dit-faces", 0.7), ("wan-digits", 0.5), ("flux-shapes", 0.2), ("dit-photos", 0.3)],
+)
 def test_samples_look_like_the_data(name, min_acc, judges):
     """A classifier trained on the real data recognises the requested class in the samples:
-    random weights score chance (0.1 digits, 0.5 faces)."""
+    random weights score chance (0.1 digits, 0.5 faces, 1/16 shapes, 1/12 photos). flux-shapes has
+    learned the colour of a class but not its shape: it scores 0.44 (0.19-0.44 over seeds), not more."""
     cache, Judge = judges
     judge = cache.setdefault(name, Judge(name))
     m = zoo.load(name)
@@ -73,3 +78,56 @@ def test_trained_trajectory_is_cacheable():
     assert metrics.psnr(fast, full).mean() >= 25.0
     record = json.dumps(zoo.card("flux-digits"))
     assert "flux-digits" in record
+
+
+HARD = ("flux-shapes", "dit-photos")
+
+
+@pytest.mark.parametrize("name", HARD)
+def test_hard_models_sample_rgb_with_cfg_deterministically(name):
+    """The harder models: RGB samples of the right shape, the same twice, with CFG as two calls
+    (two cache branches), and a cached run that skips as configured."""
+    m = zoo.load(name)
+    assert m.spec.sample_shape == (3, 24, 24) and m.spec.guidance_scale > 1
+    seeds, labels = [3, 4], [1, m.spec.num_classes - 1]
+    a = m.sample(seeds, labels, steps=4)
+    assert a.shape == (2, 3, 24, 24) and torch.isfinite(a).all()
+    assert torch.equal(a, m.sample(seeds, labels, steps=4))
+    assert not torch.equal(a[0], a[1])
+    cfg = tcpade.TCPadeConfig(policy="tsi", warmup=2, interval=3, max_skips=2, final_steps=0)
+    b, summ = m.sample(seeds, labels, steps=8, config=cfg, return_summary=True)
+    assert b.shape == a.shape and set(summ.branches) == {"cond", "uncond"}
+    assert summ.computed("cond") == summ.computed("uncond") == [0, 1, 2, 3, 6]
+
+
+@pytest.mark.parametrize("name", HARD)
+def test_hard_models_are_hard_for_a_cache(name):
+    """What these models are for: at 2.5x fewer block passes (8 of 20, evenly spaced) the cached
+    run is far from the full one, well below the 40-50 dB of the digit models (the benchmark
+    measures the exact numbers on more samples; this guards the regime)."""
+    m = zoo.load(name)
+    seeds, labels = [10, 11, 12, 13], [0, 3, 5, 7]
+    full = m.sample(seeds, labels, steps=20)
+    cfg = tcpade.TCPadeConfig(predictor="rational", policy="tsi", warmup=1, interval=3, max_skips=2, final_steps=0)
+    cached, summ = m.sample(seeds, labels, steps=20, config=cfg, return_summary=True)
+    assert len(summ.computed("cond")) == 8
+    psnr = metrics.psnr(cached, full).mean()
+    assert 15.0 < psnr < 40.0, psnr
+
+
+@pytest.mark.parametrize("kind,classes", [("shapes", 16), ("photos", 12)])
+def test_rgb_data_is_deterministic_and_in_range(kind, classes):
+    pytest.importorskip("skimage")
+    from tcpade.zoo import data
+
+    make = getattr(data, kind)
+    x, y = make(40, size=20, seed=3)
+    assert x.shape == (40, 3, 20, 20) and x.dtype == torch.float32 and y.shape == (40,)
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.2
+    assert 0 <= y.min() and y.max() < classes
+    x2, y2 = make(40, size=20, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, make(40, size=20, seed=4)[0])
+    spec = zoo.SPECS[{"shapes": "flux-shapes", "photos": "dit-photos"}[kind]]
+    xs, ys = data.for_spec(spec, clips=8, seed=3)
+    assert xs.shape == (8, *spec.sample_shape) and ys.max() < spec.num_classes

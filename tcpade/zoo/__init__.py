@@ -1,8 +1,12 @@
-"""A model zoo of small but really trained diffusion transformers, one per family of the paper.
+"""A model zoo of small but really trained diffusion transformers of the paper's families.
 
 Nobody can download FLUX, Wan or DiT weights on our machines, and random weights give
-meaningless trajectories, so tcpade ships three small models trained on CPU (``bench/train.py``)
-on data that ships inside PyPI packages; the quality benchmark and ``tcpade demo`` run on them.
+meaningless trajectories, so tcpade ships five small models trained on CPU (``bench/train.py``)
+on data that ships inside PyPI packages or is rendered in code; the quality benchmark and
+``tcpade demo`` run on them. The first three are grey, with little detail (flux-digits,
+without CFG, is the easiest for a cache); the last two are RGB 24x24 with detail at every
+scale, 12-16 classes, 48 values per token and CFG 4-5 as two calls, closer to where a large
+model's cache error is (docs/zoo.md has the numbers).
 
 =============  ===============================  =============================================
 name           diffusers class, objective       data, conditioning, sampling
@@ -16,6 +20,13 @@ dit-faces      DiTTransformer2DModel,           LFW subset 24x24 (patch 4: 36 to
 wan-digits     WanTransformer3DModel,           moving-digit clips 6x16x16 (patch 1x4x4: 96
                rectified flow (v-prediction)    tokens); class -> 4 prompt tokens; Euler
                                                 flow matching with CFG
+flux-shapes    FluxTransformer2DModel,          procedural RGB scenes 24x24 (packed 4x4: 36
+               rectified flow (v-prediction)    tokens of 48): 4 shapes x 4 colours = 16
+                                                classes on textured backgrounds; class -> 4
+                                                prompt tokens + pooled; Euler, CFG 4 (two calls)
+dit-photos     DiTTransformer2DModel,           RGB 24x24 patches of 12 scikit-image photos and
+               DDPM epsilon-prediction          textures (patch 4: 36 tokens), class = image;
+                                                DDIM with CFG 4
 =============  ===============================  =============================================
 
     from tcpade import zoo
@@ -79,6 +90,19 @@ SPECS = {
         config=dict(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=24, in_channels=1,
                     out_channels=1, text_dim=32, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True,
                     qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
+    ),
+    # the harder two: RGB 24x24 with detail at every scale, 12-16 classes, width 96, CFG 4
+    "flux-shapes": Spec(
+        "flux-shapes", "flux", "shapes", 16, (3, 24, 24), 5.0, "flow", shift=3.0,
+        config=dict(patch_size=1, in_channels=48, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                    num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=64,
+                    axes_dims_rope=(8, 12, 12)),
+        text_dim=64, pack=4,
+    ),
+    "dit-photos": Spec(
+        "dit-photos", "dit", "photos", 12, (3, 24, 24), 4.0, "eps",
+        config=dict(num_attention_heads=3, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=6,
+                    sample_size=24, patch_size=4, num_embeds_ada_norm=12),
     ),
 }  # fmt: skip
 
