@@ -150,10 +150,9 @@ def test_bench_bad_arguments_are_usage_errors(capsys):
 def tiny_class_pipeline():
     """A tiny random-weight DiTPipeline (class-conditional, batched CFG), built from configs."""
     from diffusers import DDIMScheduler, DiTPipeline
-    from test_adapters import _dit, tiny_vae
+    from tcpade import tiny
 
-    transformer, _, _ = _dit()
-    return DiTPipeline(transformer=transformer, vae=tiny_vae(8), scheduler=DDIMScheduler())
+    return DiTPipeline(transformer=tiny.transformer("dit"), vae=tiny.tiny_vae(8), scheduler=DDIMScheduler())
 
 
 def test_bench_on_a_saved_pipeline(tmp_path):
@@ -195,7 +194,7 @@ def tiny_prompt_pipeline():
     UMT5 text encoder built from configs (nothing downloaded); cond / uncond as two calls."""
     import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from test_adapters import _wan_transformer
+    from tcpade import tiny
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -209,7 +208,7 @@ def tiny_prompt_pipeline():
                                                num_heads=2))  # fmt: skip
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])  # fmt: skip
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=_wan_transformer(2),
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=tiny.transformer("wan", num_layers=2),
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))  # fmt: skip
 
 

@@ -97,7 +97,7 @@ def test_summary_before_any_run_says_so(tmp_path):
 
 
 def test_summary_after_a_run_is_not_empty():
-    from test_policy import run  # the synthetic block stack
+    from helpers import synthetic_run as run  # the synthetic block stack
 
     rt, _, _, _ = run(TCPadeConfig.slow(), 8)
     s = tcpade.summary(rt)
