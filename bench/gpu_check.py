@@ -412,10 +412,12 @@ def _warm_ops(h_shape, dtype, device, config):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(h_shape, generator=g).to(device, dtype)
     for i in range(3):
-        h.record(x, x + 0.1 * (i + 1), t=1.0 - 0.1 * i, probe=i == 2)
+        h.record(x, x + 0.1 * (i + 1), probe=i == 2)
+        h.advance(1.0 - 0.1 * i, wrote=True)
     cf = h.coef(config.predictor, "middle", 0.6)
-    h.predict(x, cf, config.predictor, 0.6, store=config.store_predictions)
-    h.predict(x, cf, config.predictor, 0.6, write_out=False, probe=True)
+    h.predict(x, cf, config.predictor, store=config.store_predictions)
+    h.advance(0.6, wrote=config.store_predictions)
+    h.predict(x, cf, config.predictor, write_out=False, probe=True)
     _sync(device)
 
 
