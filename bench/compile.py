@@ -50,7 +50,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import DIT_XL_2, FLUX_DEV, WAN_1_3B, cpu_name  # noqa: E402
@@ -125,28 +124,6 @@ def blocks(family, model):
 # ---------------------------------------------------------------------------------- running
 
 
-class CompileCount:
-    """Inside a block: frames dynamo compiled (its ``frames`` counter, which fullgraph
-    compiles leave at 0), graphs it built, recompiles it logged, graph breaks."""
-
-    def __enter__(self):
-        counters.clear()
-        self.recompiles = []
-        torch._logging.set_logs(recompiles=True)
-        self._log = logging.getLogger("torch._dynamo.guards.__recompiles")
-        self._handler = logging.Handler()
-        self._handler.emit = lambda rec: self.recompiles.append(rec.getMessage())
-        self._log.addHandler(self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        self._log.removeHandler(self._handler)
-        torch._logging.set_logs()
-        self.frames = counters["frames"]["total"]
-        self.graphs = counters["stats"]["unique_graphs"]
-        self.graph_breaks = sum(counters["graph_break"].values())
-
-
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -188,13 +165,13 @@ def run_one(args, family, mode, setting):
                 b.compile(fullgraph=True)
     mark = mode == "cudagraphs"
     sync(device)
-    with CompileCount() as warm:
+    with tiny.CompileCount() as warm:
         t0 = time.perf_counter()
         loop(call, kw, timestep, device, mark)
         sync(device)
         t_first = time.perf_counter() - t0
     times, cpu_times, reads, syncs = [], [], [], []
-    with torch._dynamo.config.patch(error_on_recompile=True), CompileCount() as steady:
+    with torch._dynamo.config.patch(error_on_recompile=True), tiny.CompileCount() as steady:
         for _ in range(args.reps):
             r0 = rt.host_reads if rt is not None else 0
             t0, c0 = time.perf_counter(), time.process_time()

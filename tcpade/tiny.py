@@ -14,6 +14,8 @@ with a fixed seed, so two builds give the same weights. tcpade's tests and
   embeddings precomputed (no text encoder) and a one-level VAE; FLUX and Wan run
   classifier-free guidance as separate "cond" / "uncond" calls, DiT and SD3 batch it
   into one call.
+* ``CompileCount``: what torch.compile did inside a ``with`` block (frames, graphs,
+  recompiles, graph breaks), for the compile tests and ``bench/compile.py``.
 
 Needs diffusers (``pip install 'tcpade[diffusers]'``).
 """
@@ -24,7 +26,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-__all__ = ["BATCH", "CONFIGS", "FAMILIES", "PIPELINES", "TXT", "flux_ids", "tiny_vae", "transformer"]
+__all__ = ["BATCH", "CONFIGS", "CompileCount", "FAMILIES", "PIPELINES", "TXT", "flux_ids", "tiny_vae", "transformer"]
 
 BATCH, TXT = 2, 5  # batch of FAMILIES' inputs; text tokens everywhere
 
@@ -232,3 +234,31 @@ PIPELINES: Dict[str, Callable[[], tuple]] = {
     "dit": dit_pipeline,
     "sd3": sd3_pipeline,
 }
+
+
+class CompileCount:
+    """Inside a block: frames dynamo compiled (its ``frames`` counter, which fullgraph
+    compiles leave at 0), graphs it built, recompiles it logged, graph breaks."""
+
+    def __enter__(self):
+        import logging
+
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        self._counters = counters
+        self.recompiles = []
+        torch._logging.set_logs(recompiles=True)
+        self._log = logging.getLogger("torch._dynamo.guards.__recompiles")
+        self._handler = logging.Handler()
+        self._handler.emit = lambda rec: self.recompiles.append(rec.getMessage())
+        self._log.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        self._log.removeHandler(self._handler)
+        torch._logging.set_logs()
+        counters = self._counters
+        self.frames = counters["frames"]["total"]
+        self.graphs = counters["stats"]["unique_graphs"]
+        self.graph_breaks = sum(counters["graph_break"].values())

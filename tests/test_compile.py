@@ -26,45 +26,20 @@ extrapolate from residuals that carry those differences and the Euler loop carri
 1e-4 absolute + 1e-4 relative is far above that and far below any skip-pattern change.
 """
 
-import logging
-
 import pytest
 import torch
 from helpers import BlockBodyCounter, blocks_of
 
 pytest.importorskip("diffusers")
 
-from torch._dynamo.utils import counters  # noqa: E402
-
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
-from tcpade.tiny import FAMILIES  # noqa: E402
+from tcpade.tiny import FAMILIES, CompileCount  # noqa: E402
 
 STEPS = 20
 SLOW_COMPUTED = [0, 1, 2, 3, 4, 8, 12, 16, 19]
 EXACT = dict(atol=0.0, rtol=0.0)
 INDUCTOR_TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-class CompileCount:
-    """Inside a block: frames dynamo compiled, graphs it built, recompiles it logged, graph breaks."""
-
-    def __enter__(self):
-        counters.clear()
-        self.recompiles = []
-        torch._logging.set_logs(recompiles=True)
-        self._log = logging.getLogger("torch._dynamo.guards.__recompiles")
-        self._handler = logging.Handler()
-        self._handler.emit = lambda rec: self.recompiles.append(rec.getMessage())
-        self._log.addHandler(self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        self._log.removeHandler(self._handler)
-        torch._logging.set_logs()
-        self.frames = counters["frames"]["total"]
-        self.graphs = counters["stats"]["unique_graphs"]
-        self.graph_breaks = sum(counters["graph_break"].values())
 
 
 def _timestep(family, s, like):
