@@ -18,7 +18,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
 import _bench_common as B  # noqa: E402
 

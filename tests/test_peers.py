@@ -7,18 +7,11 @@
   hook (FirstBlockCache) on the blocks does not hide the Linears from the counter.
 """
 
-import sys
-from pathlib import Path
-
+import peers
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import peers  # noqa: E402
-
-from tcpade import zoo  # noqa: E402
+from tcpade import zoo
 
 STEPS = 6
 SEEDS, LABELS = [0], [1]

@@ -2,15 +2,12 @@
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 import tcpade
 from tcpade import metrics, zoo
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 
 def test_weights_and_cards_ship_with_the_package():
