@@ -566,7 +566,7 @@ TC_NO_TRAPS int fused_row(const typename D::S* x, const typename D::S* r1,
             const S o = D::st(xv + rh);
             const int bad_o = D::bad(o);
             bad |= bad_o;
-            const S alt = D::st(xv + v1);
+            const S alt = D::st(xv + (std::isfinite(v1) ? v1 : 0.0f));  // a non-finite R1 contributes nothing
             out[j] = bad_o ? alt : o;
         }
         if constexpr (STORE) w[j] = sv;

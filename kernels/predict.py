@@ -98,7 +98,8 @@ def _epilogue(
 ):
     """Input-change correction, stores, and this tile's partial sums added to ``acc``.
 
-    A non-finite element of h_out is written as h_in + R1 instead (tcpade.ops.predict);
+    A non-finite element of h_out is written as h_in + R1 instead, R1 where finite and 0
+    where not (tcpade.ops.predict);
     the nonfinite sum counts the raw predictions that were not finite."""
     x = x_raw.to(tl.float32)
     if HAS_PREV:
@@ -115,7 +116,8 @@ def _epilogue(
         o = to_storage(x + rhat, out_ptr.dtype.element_ty, EXACT_BF16)
         bad_o = ~isfinite(o.to(tl.float32))
         bad = bad | bad_o
-        o = tl.where(bad_o, to_storage(x + r1, out_ptr.dtype.element_ty, EXACT_BF16), o)
+        r1_ok = tl.where(isfinite(r1), r1, 0.0)  # a non-finite R1 contributes nothing
+        o = tl.where(bad_o, to_storage(x + r1_ok, out_ptr.dtype.element_ty, EXACT_BF16), o)
         tl.store(out_ptr + offs, o, mask=mask)
     bad = bad & mask
     idx = tl.arange(0, SUMS_PAD)

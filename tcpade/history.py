@@ -187,18 +187,14 @@ class History:
             raise RuntimeError("predict() before any record() for this shape/dtype/device")
         out, sums = ops.predict(h_in, self.ring, self.slots, coef, self.h_prev, variant, bool(store or probe),
                                 bool(write_out))  # fmt: skip
-        # -- device-side fallback: a non-finite predicted element becomes h_in + R1, R1 being the
-        # newest stored residual where it is finite and 0 where it is not (so a finite h_in always
-        # gives a finite h_out); the op has counted the element in the sums' ``nonfinite``. A
-        # stored prediction's non-finite elements become that R1 in its slot.
-        if write_out or (store and not probe):
+        # The op replaced each non-finite element of h_out by h_in + R1 (R1 where finite, else
+        # 0) and counted it in the sums' ``nonfinite``. A stored prediction (the paper's rule)
+        # keeps its finite elements; its non-finite ones become that R1 in the slot, so a NaN
+        # never enters the history through a prediction.
+        if store and not probe:
             r1 = self.ring.index_select(0, self.slots[:1]).squeeze(0)
             r1 = torch.where(torch.isfinite(r1), r1, torch.zeros_like(r1))
-            if write_out:
-                out = torch.where(torch.isfinite(out), out, h_in + r1)
-            if store and not probe:
-                w = self.slots[-1:].long()
-                stored = self.ring.index_select(0, w).squeeze(0)
-                self.ring.index_copy_(0, w, torch.where(torch.isfinite(stored), stored, r1).unsqueeze(0))
-        # -- end of the fallback
+            w = self.slots[-1:].long()
+            stored = self.ring.index_select(0, w).squeeze(0)
+            self.ring.index_copy_(0, w, torch.where(torch.isfinite(stored), stored, r1).unsqueeze(0))
         return out, sums

@@ -256,7 +256,7 @@ def predict(
     """h_out = h_in + R_eff for a skipped step; returns (h_out or an empty tensor, sums).
 
     Every non-finite element of h_out is replaced on the device by h_in + R1 (R1 the newest
-    stored residual, ring slot ``slots[0]``), and the ``nonfinite`` sum counts the raw
+    stored residual, ring slot ``slots[0]``, where finite; 0 where not), and the ``nonfinite`` sum counts the raw
     predictions that were not finite: the host learns of a fallback from the sums after
     the run, and never has to wait for them to keep h_out finite. A stored or probed
     prediction (``store``) is written as predicted and counted the same way. All other

@@ -198,7 +198,8 @@ def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper",
         out = (x + rhat).to(h_in.dtype)
         bad_out = ~torch.isfinite(out)
         bad = bad | bad_out
-        out = torch.where(bad_out, (x + r1).to(h_in.dtype), out)
+        r1_ok = torch.where(torch.isfinite(r1), r1, torch.zeros_like(r1))  # a non-finite R1 contributes nothing
+        out = torch.where(bad_out, (x + r1_ok).to(h_in.dtype), out)
     named["nonfinite"] = bad.sum()
     if store:
         ring[s[-1]].copy_(stored)
@@ -222,8 +223,8 @@ def predict(
     R_eff = R_hat + gamma * (h_in - h_prev) when h_prev is given, h_out = h_in + R_eff.
 
     Non-finite predictions: every element of h_out that is not finite (after rounding to
-    the storage dtype) is replaced by h_in + R1, R1 the newest stored residual (reuse of
-    the last residual), so a skipped step never hands NaN or Inf to the model. The
+    the storage dtype) is replaced by h_in + R1, R1 the newest stored residual where it is
+    finite and 0 where not (reuse of the last residual), so a skipped step never hands NaN or Inf to the model. The
     ``nonfinite`` sum counts the elements whose raw prediction (R_eff as stored, or
     h_in + R_eff) was not finite, so the caller learns of the fallback from the sums,
     without waiting for them now.
