@@ -69,6 +69,9 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     import torch
 
     monkeypatch.chdir(tmp_path)
+    # A reader runs these in a fresh process: no graphs compiled by earlier tests (their
+    # recompiles would count against dynamo's limit for the blocks compiled here).
+    torch._dynamo.reset()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ns = {"__name__": "__readme__"}
