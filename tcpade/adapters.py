@@ -382,9 +382,10 @@ class _BlockHook(ModelHook):
 
     Compute: the first block that runs stores its ``h_in``, every block its image output
     (the last one stored is ``h_out``, also when SD3's ``skip_layers`` leaves the last block
-    out). Skip: the first block that runs predicts ``h_out`` from its ``h_in``; every block
-    returns its normal return structure with that prediction as the image and the text
-    stream passed through, running none of its layers."""
+    out). Skip: the first block that runs predicts ``h_out`` from its ``h_in`` and returns
+    its normal return structure with the prediction as the image and the text stream passed
+    through; every later block returns its own input stream the same way (it already holds
+    the prediction), running none of its layers."""
 
     def __init__(self, state: _CallState, spec: BlockSpec, block: torch.nn.Module):
         super().__init__()
