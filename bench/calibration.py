@@ -50,7 +50,8 @@ from tcpade.config import TCPadeConfig  # noqa: E402
 OUT = os.path.join(ROOT, "bench", "results")
 CAL_SEEDS = (0, 1, 2, 3)
 # Calibration labels: four classes of ten (flux, wan: six classes never seen), both of DiT's two.
-CAL_LABELS = {"flux-digits": (0, 1, 2, 3), "dit-faces": (0, 1, 0, 1), "wan-digits": (0, 1, 2, 3)}
+CAL_LABELS = {"flux-digits": (0, 1, 2, 3), "dit-faces": (0, 1, 0, 1), "wan-digits": (0, 1, 2, 3),
+              "flux-shapes": (0, 1, 2, 3), "dit-photos": (0, 1, 2, 3)}  # flux-shapes: 12 of 16 unseen, dit-photos 8 of 12
 
 
 def levels(T):
@@ -96,7 +97,7 @@ class Evaluator:
         return out
 
 
-def bench(name, T, log, ship_store, ablate, lazy_too, sweeps):
+def bench(name, T, log, ship_store, ablate, lazy_too, sweeps, reuse=False, search_only=False):
     torch.manual_seed(0)
     model = zoo.load(name)
     seeds, labels = eval_set(name, quick=False)
@@ -106,6 +107,15 @@ def bench(name, T, log, ship_store, ablate, lazy_too, sweeps):
     rows, costs = [], []
 
     def cal(n, method="refine", sweeps=sweeps):
+        if reuse and n == 4 and method == "refine":  # the shipped 4-input calibration, not searched again
+            c = next((c for c in tcpade.calibrate.load(schedules.SHIPPED, register=False)
+                      if c.name == name and c.steps == T and c.predictor == "rational"), None)  # fmt: skip
+            if c is None:
+                raise SystemExit(f"--reuse: no shipped calibration of {name} at {T} steps in {schedules.SHIPPED}")
+            costs.append(dict(model=name, steps=T, inputs=c.inputs, method=f"{c.method}, {sweeps} sweep(s)",
+                              runs=c.runs, calls=c.calls, minutes=c.seconds / 60, branches=c.extra["branches"]))  # fmt: skip
+            log(f"  shipped calibration {name} T={T}: {c.runs} runs, {c.calls} calls, {costs[-1]['minutes']:.2f} min")
+            return c
         t0 = time.perf_counter()
         c = tcpade.calibrate(model, cal_inputs[:n], passes=ks, steps=T, method=method, progress=False, sweeps=sweeps)
         tag = method + (f", {sweeps} sweep(s)" if method == "refine" else "")
@@ -120,6 +130,8 @@ def bench(name, T, log, ship_store, ablate, lazy_too, sweeps):
     if lazy_too:
         cals["lazy"] = cal(4, "lazy")
     ship_store.append(cals[4])
+    if search_only:
+        return rows, costs
 
     ev = Evaluator(model, T, seeds, labels, seen=set(CAL_LABELS[name]))
     peers = peers_from_csv(name, T)
@@ -350,6 +362,9 @@ def main(argv=None):
     p.add_argument("--ablate", default="flux-digits:20", help="model:T,..: also calibrate on 1 and 2 inputs there")
     p.add_argument("--lazy", default="", help="model:T,..: also run the lazy greedy search there")
     p.add_argument("--sweeps", default="20:2,50:1", help="T:sweeps,..: refine's hill-climbing sweeps (default 1)")
+    p.add_argument("--reuse", action="store_true", help="evaluate the shipped 4-input calibrations (tcpade/zoo/"
+                   "schedules.json) instead of searching again (their recorded cost is reported)")
+    p.add_argument("--search-only", action="store_true", help="calibrate and ship, evaluate nothing")
     p.add_argument("--append", action="store_true", help="add to the rows of calibration.csv instead of replacing")
     p.add_argument("--report-only", action="store_true", help="re-render calibration.md from calibration.csv")
     p.add_argument("--rules", action="store_true", help="only: every evenly spaced schedule of the family at every "
@@ -379,8 +394,14 @@ def main(argv=None):
         for name in args.models.split(","):
             print(f"## {name} T={T}", flush=True)
             r, c = bench(name, T, lambda m: print(m, flush=True), shipped, (name, T) in ablate, (name, T) in lazy,
-                         sweeps.get(T, 1))  # fmt: skip
+                         sweeps.get(T, 1), args.reuse, args.search_only)  # fmt: skip
             schedules.clear(shipped=False)
+            if args.search_only:
+                if not args.no_ship:
+                    from tcpade.calibrate import save
+
+                    save(schedules.SHIPPED, *shipped)
+                continue
             rows += r
             costs += c
             keys = list(rows[0])
