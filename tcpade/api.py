@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -171,6 +171,11 @@ class Summary:
     def nonfinite(self, branch: str) -> List[int]:
         return [r.k for r in self.branches[branch] if r.nonfinite]
 
+    def choices(self, branch: str) -> List[Tuple[int, str]]:
+        """Predictor "auto": (step, candidate) for each computed step that chose the candidate
+        the following skips use (its probe measured both)."""
+        return [(r.k, r.choice) for r in self.branches[branch] if r.choice]
+
     @property
     def empty(self) -> bool:
         """True when no transformer call has been recorded yet (nothing to summarise)."""
@@ -197,6 +202,10 @@ class Summary:
                 then = ("the fixed schedule was kept; non-finite predicted elements fell back to h_in + R1" if kept
                         else "computed fully from there on")  # fmt: skip
                 lines.append(f"  non-finite values at steps {bad}: {then}")
+            picks = self.choices(name)
+            if picks:
+                lines.append("  auto predictor, chosen at computed steps: "
+                             + " ".join(f"{k}:{choice}" for k, choice in picks))  # fmt: skip
             lines.append("  step | stage  | action  | reason     | TSI    | error")
             for r in recs:
                 tsi = "  -   " if math.isnan(r.tsi) else f"{r.tsi:.4f}"

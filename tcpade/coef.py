@@ -34,6 +34,9 @@ WAVG = L.COEF.index("wavg0")  # 4 consecutive slots
 
 # Views of the variant table (tcpade.layout.VARIANT_TABLE) under the names callers use.
 MIN_HISTORY = {v.name: v.min_history for v in L.VARIANT_TABLE.values()}
+MIN_HISTORY.update({n: max(MIN_HISTORY[c] for c in cands) for n, cands in L.CHOOSERS.items()})
+PREDICTORS = L.PREDICTORS
+CHOOSERS = L.CHOOSERS
 PAPER_STAGE_WEIGHTS = PAPER.stage_weights
 PURE_STAGE_WEIGHTS = L.PURE_STAGE_WEIGHTS
 PAPER_GAMMA = PAPER.gamma
@@ -46,7 +49,7 @@ TAU_MAX = 1e6
 
 def default_gamma(variant: str) -> float:
     """The input-change correction weight a variant uses unless told otherwise."""
-    return L.variant(variant).gamma
+    return L.variant(L.kernel_variant(variant)).gamma
 
 
 def check_variant(variant: str) -> int:

@@ -45,7 +45,7 @@ def _finite(v):
 
 # field -> (type wanted, its check, range allowed, its check); __post_init__ walks this table.
 _CHECKS = {
-    "predictor": ("a str", lambda v: isinstance(v, str), f"one of {K.VARIANTS}", lambda v: v in K.VARIANTS),
+    "predictor": ("a str", lambda v: isinstance(v, str), f"one of {K.PREDICTORS}", lambda v: v in K.PREDICTORS),
     "policy": ("a str", lambda v: isinstance(v, str), f"one of {POLICIES}", lambda v: v in POLICIES),
     "warmup": ("an int", _int, ">= 0", lambda v: v >= 0),
     "interval": ("an int", _int, ">= 0", lambda v: v >= 0),
@@ -83,8 +83,10 @@ def _bad(name, allowed, value):
 class TCPadeConfig:
     predictor: str = "rational"
     """How a skipped step's residual is predicted: "paper" (the published [2/1] form),
-    "rational" (time-aware [1/1] Pade, docs/method.md section 5), "reuse" (last residual) or
-    "linear" (in schedule time). Not a speed knob: every predictor is one memory pass."""
+    "rational" (time-aware [1/1] Pade, docs/method.md section 5), "reuse" (last residual),
+    "linear" (in schedule time) or "auto" (per branch, whichever of rational and linear
+    predicted the newest computed step better: one more memory pass on each computed step).
+    Not a speed knob: every predictor is one memory pass per skipped step."""
 
     policy: str = "error"
     """Which steps are skipped: "tsi" (the paper: fixed always-computed steps, others
@@ -185,7 +187,10 @@ class TCPadeConfig:
         self._check_schedule_fields(_bad)
 
     def _check_schedule_fields(self, bad) -> None:
-        m = S.min_leading(self.predictor) if self.predictor in K.VARIANTS else 1
+        m = S.min_leading(self.predictor) if self.predictor in K.PREDICTORS else 1
+        if self.predictor in K.CHOOSERS and self.input_correction not in (None, 0, 0.0):
+            bad("input_correction", f"None or 0 with predictor={self.predictor!r} (its online choice measures "
+                "the candidates without the input-change correction)", self.input_correction)
         if sum(x is not None for x in (self.schedule, self.passes, self.speedup)) > 1:
             bad("schedule/passes/speedup", "at most one of them set", (self.schedule, self.passes, self.speedup))
         if self.schedule is not None:

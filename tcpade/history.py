@@ -158,12 +158,15 @@ class History:
         """Times of R1, R2, R3 (newest first); NaN where nothing is stored."""
         return self.times[:3]
 
-    def coef(self, variant: str, stage: str, t_target: float, **kw) -> torch.Tensor:
-        """The coefficient tensor (on the ring's device) of a prediction at ``t_target``."""
+    def coef_values(self, variant: str, stage: str, t_target: float, **kw) -> list:
+        """The coefficients (host floats) of a prediction at ``t_target`` (``tcpade.coef.build_coef``)."""
         if not self.has_prev:
             kw["gamma"] = 0.0  # no previous input stored: no input-change correction
-        values = K.build_coef(variant, stage, self.recent_times(), t_target, self.count, self.nslots, **kw)
-        return _to_device(values, self.ring.device)
+        return K.build_coef(variant, stage, self.recent_times(), t_target, self.count, self.nslots, **kw)
+
+    def coef(self, variant: str, stage: str, t_target: float, **kw) -> torch.Tensor:
+        """The coefficient tensor (on the ring's device) of a prediction at ``t_target``."""
+        return _to_device(self.coef_values(variant, stage, t_target, **kw), self.ring.device)
 
     # --------------------------------------------------------------------- steps
     def record(self, h_in: torch.Tensor, h_out: torch.Tensor, probe: bool = False) -> torch.Tensor:

@@ -19,6 +19,7 @@ from this version of the tables.
 * ``PAPER``: the published method's constants.
 * ``VARIANTS``: the predictors, each with the code the kernels switch on and the
   defaults that depend on it.
+* ``CHOOSERS``: the config predictors that pick one of several variants online ("auto").
 """
 
 from __future__ import annotations
@@ -116,6 +117,21 @@ _TABLE = (
 VARIANT_TABLE: Mapping[str, Variant] = MappingProxyType({v.name: v for v in _TABLE})
 VARIANTS = tuple(VARIANT_TABLE)
 assert [v.code for v in _TABLE] == list(range(len(_TABLE))), "variant codes are their positions"
+
+
+# Predictors that choose among variants per branch as the run goes (TCPadeConfig.predictor):
+# name -> (the kernel variant that runs, the candidates). "auto": on every computed step with
+# enough history the rational prediction of that step is probed (one memory pass) and the
+# linear one's error follows from the update's sums; the next skipped run uses the one that
+# erred less. Linear extrapolation is the rational kernel with its pole term off (bmax = 0),
+# so the choice is a device-side coefficient value: no host wait, no recompilation.
+CHOOSERS: Mapping[str, Tuple[str, ...]] = MappingProxyType({"auto": ("rational", "linear")})
+PREDICTORS = VARIANTS + tuple(CHOOSERS)
+
+
+def kernel_variant(predictor: str) -> str:
+    """The kernel variant a config predictor runs ("auto" -> "rational"; a variant -> itself)."""
+    return CHOOSERS[predictor][0] if predictor in CHOOSERS else predictor
 
 
 def variant(name: str) -> Variant:

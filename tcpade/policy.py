@@ -36,6 +36,15 @@ Policies (TCPadeConfig.policy):
   the tolerance like an ODE solver's step: e <= tol/2 -> one step longer, e <= tol -> the
   same (at least one), e <= 2 tol -> one shorter, else none; capped by max_skips.
 
+Predictor "auto" (``tcpade.layout.CHOOSERS``): every computed call with enough history
+probes the rational prediction of itself (one memory pass), and the update's sums give the
+error the linear extrapolation would have made, ||d2 + lam1 d1||^2 with d1 = R1 - R2,
+d2 = R - R1 and lam1 the linear weight on R2 (no pass of its own). The next skipped calls of
+that branch use the candidate whose relative errors, summed over the run's computed steps so
+far, are smaller, as a device-side coefficient value (the
+rational kernel with its pole term off is the linear extrapolation): no host wait, so fixed
+schedules keep reading nothing during the run. The summary shows each choice.
+
 With a trajectory-dependent policy a non-finite value (a computed h_out, or a
 prediction's fallback, read together with the next history write) forces full computation
 for the rest of that branch's run.
@@ -46,6 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -55,7 +65,8 @@ import torch
 
 from . import coef as K
 from .config import TCPadeConfig
-from .history import History, Sums
+from . import layout as L
+from .history import History, Sums, _to_device
 from .reference import tsi_from_sums
 
 log = logging.getLogger(__name__)
@@ -99,6 +110,9 @@ class StepRecord:
     sums: Optional[Sums] = field(default=None, repr=False, compare=False)
     stored: int = field(default=0, repr=False, compare=False)  # residuals stored after this call's write (0: none)
     probed: bool = field(default=False, repr=False, compare=False)  # the update measured a probe prediction
+    choice: str = ""  # predictor "auto": the candidate the following skips use (filled in once read)
+    lam1: float = field(default=0.0, repr=False, compare=False)  # the probe's linear weight on R2
+    choose: bool = field(default=False, repr=False, compare=False)  # "auto" chose from this probe
 
 
 @dataclass
@@ -116,6 +130,8 @@ class _Call:
     store: bool = False  # a skip stores its prediction in the history
     probe: bool = False  # a computed call measures a probe prediction
     sums: Optional[torch.Tensor] = None  # the skip's prediction sums (device)
+    lam1: float = 0.0  # a probe's linear weight on R2 (predictor "auto" measures linear with it)
+    choose: bool = False  # predictor "auto": this probe chooses the candidate of the next skips
 
     def __call__(self, h_in: torch.Tensor) -> Optional[torch.Tensor]:
         if not self.history.matches(h_in):
@@ -141,6 +157,9 @@ class BranchState:
     runs: int = 0  # sampling runs started
     reset_pending: bool = False
     fold: Optional[Callable[["BranchState"], None]] = field(default=None, repr=False)
+    choice: Optional[torch.Tensor] = None  # predictor "auto": the coefficient mask of the chosen candidate
+    choice_err: Optional[torch.Tensor] = None  # "auto": the candidates' accumulated relative errors (device)
+    choice_err_host: Tuple[float, float] = (0.0, 0.0)  # the same, from the records read so far
     expert: str = ""  # the expert whose history ``history`` is (multi-expert pipelines)
     experts: Dict[str, History] = field(default_factory=dict)  # the other experts' histories
 
@@ -156,7 +175,8 @@ class BranchState:
         self.history.reset()
         self.k = self.run = self.run_left = self.consecutive = self.folded = 0
         self.poisoned = self.planned = False
-        self.pending = self.newest = self.total = None
+        self.pending = self.newest = self.total = self.choice = self.choice_err = None
+        self.choice_err_host = (0.0, 0.0)
         self._records = []
         self.runs += 1
 
@@ -213,6 +233,8 @@ class Runtime:
         c = self.config
         gamma = c.input_correction if c.input_correction is not None else K.default_gamma(c.predictor)
         self._keep_prev = float(gamma) != 0.0
+        self._variant = L.kernel_variant(c.predictor)  # what the kernels run
+        self._auto = c.predictor in L.CHOOSERS  # the candidate is chosen online
 
     # ------------------------------------------------------------------ plumbing
     def set_steps(self, total: Optional[int]) -> None:
@@ -289,7 +311,8 @@ class Runtime:
             history.ensure(old.ring[0])
         history.reset()
         b.history, b.expert = history, expert
-        b.newest = None
+        b.newest = b.choice = b.choice_err = None
+        b.choice_err_host = (0.0, 0.0)
         b.run = b.run_left = 0
 
     # ------------------------------------------------------------------- protocol
@@ -342,10 +365,15 @@ class Runtime:
                 self._fold(b)  # the one wait: this decision needs the sums of earlier writes
                 reason = "nonfinite" if b.poisoned else self._device_reason(b)
         if reason is not None:
-            probe = (c.policy == "error" and not b.planned and not b.poisoned
-                     and b.history.count >= K.MIN_HISTORY[c.predictor])  # a fixed plan measures no probe error
+            # The error policy measures its probe error; "auto" measures its candidates (also on a
+            # fixed plan, where the error policy measures nothing).
+            probe = (((self._auto and b.history.count >= 3) or (c.policy == "error" and not b.planned))
+                     and not b.poisoned and b.history.count >= K.MIN_HISTORY[c.predictor])  # fmt: skip
             return self._pend(b, k, t, reason, stage, probe)
-        b.pending = _Call(k, t, None, stage, b.history, c.predictor, self._coef(b, stage, t), c.store_predictions)
+        coef = self._coef(b, stage, t)[0]
+        if b.choice is not None:
+            coef = coef * b.choice
+        b.pending = _Call(k, t, None, stage, b.history, self._variant, coef, c.store_predictions)
         return b.pending
 
     def finish(self, branch: str, h_in: Optional[torch.Tensor], h_out: Optional[torch.Tensor]) -> None:
@@ -375,13 +403,18 @@ class Runtime:
             total = self.total_steps()
             p = _Call(0, p.t, c.always_computed(0, total) if total else "steps-unknown",
                       K.stage_of(0, total, c.early_frac, c.late_frac) if total else "middle", b.history,
-                      c.predictor)  # fmt: skip
+                      self._variant)  # fmt: skip
         if p.probe:
-            b.history.predict(h_in, p.coef, c.predictor, write_out=False, probe=True)
+            b.history.predict(h_in, p.coef, self._variant, write_out=False, probe=True)
         sums = b.history.record(h_in, h_out, probe=p.probe)
         b.history.advance(p.t, wrote=True)
-        rec = StepRecord(p.k, p.t, True, p.reason, p.stage, sums=Sums(sums, self.reduce), stored=b.history.count,
-                         probed=p.probe)  # fmt: skip
+        reduce = self.reduce
+        if p.choose:
+            if reduce is not None:  # every rank chooses from the sums of the whole sequence
+                sums, reduce = reduce(sums), None
+            b.choice, b.choice_err = _choice_mask(sums, p.coef, b.choice_err)
+        rec = StepRecord(p.k, p.t, True, p.reason, p.stage, sums=Sums(sums, reduce), stored=b.history.count,
+                         probed=p.probe, lam1=p.lam1, choose=p.choose)  # fmt: skip
         b._records.append(rec)
         b.newest = rec
         b.k += 1
@@ -389,8 +422,11 @@ class Runtime:
 
     # ------------------------------------------------------------------- internals
     def _pend(self, b: BranchState, k: int, t: float, reason: str, stage: str, probe: bool = False) -> None:
-        coef = self._coef(b, stage, t) if probe else None
-        b.pending = _Call(k, t, reason, stage, b.history, self.config.predictor, coef, probe=probe)
+        coef, lam1, distinct = self._coef(b, stage, t) if probe else (None, 0.0, False)
+        # "auto" chooses only where its candidates differ: with fewer than three residuals (or a
+        # degenerate grid) the rational prediction is the linear one.
+        b.pending = _Call(k, t, reason, stage, b.history, self._variant, coef, probe=probe, lam1=lam1,
+                          choose=self._auto and probe and distinct)  # fmt: skip
         return None
 
     @property
@@ -455,7 +491,18 @@ class Runtime:
                 rec.reason = "nonfinite"  # read at once, this call would have been computed as "nonfinite"
         elif rec.probed:
             rec.error = math.sqrt(v.err2 / v.r2) if v.r2 > 0 else math.nan
-            self._size_run(b, rec.error)
+            if rec.choose:  # the same rule as _choice_mask, on the host values
+                lin2 = v.d22 + 2.0 * rec.lam1 * v.d12 + rec.lam1 * rec.lam1 * v.d11
+                r2 = v.r2 if v.r2 > 0 else 1.0
+                a_rat, a_lin = b.choice_err_host
+                a_rat, a_lin = a_rat + v.err2 / r2, a_lin + lin2 / r2
+                b.choice_err_host = (a_rat, a_lin)
+                linear = a_lin < a_rat
+                rec.choice = L.CHOOSERS[self.config.predictor][1 if linear else 0]
+                if linear:
+                    rec.error = math.sqrt(max(lin2, 0.0) / v.r2) if v.r2 > 0 else math.nan
+            if self.config.policy == "error" and not b.planned:
+                self._size_run(b, rec.error)
 
     def _poison(self, b: BranchState, rec: StepRecord) -> None:
         rec.nonfinite = True
@@ -477,12 +524,39 @@ class Runtime:
         b.run = min(b.run, self.config.max_skips)
         b.run_left = b.run
 
-    def _coef(self, b: BranchState, stage: str, t: float) -> torch.Tensor:
+    def _coef(self, b: BranchState, stage: str, t: float) -> Tuple[torch.Tensor, float, bool]:
+        """The prediction's coefficient tensor (device), its linear weight on R2 (host), and
+        whether its rational term is on (the pole bound is not 0)."""
         c = self.config
         kw = dict(delta=c.pole_delta, kappa=c.kappa)
         if c.input_correction is not None:
             kw["gamma"] = c.input_correction
-        return b.history.coef(c.predictor, stage, t, **kw)
+        values = b.history.coef_values(self._variant, stage, t, **kw)
+        coef = _to_device(values, b.history.ring.device)
+        lam1 = struct.unpack("f", struct.pack("f", values[K.LAM1]))[0]  # as the device holds it (float32)
+        return coef, lam1, values[K.BMAX] != 0.0
+
+
+def _choice_mask(sums: torch.Tensor, coef: torch.Tensor, acc: Optional[torch.Tensor]):
+    """Predictor "auto", on the device: the coefficient mask of the candidate with the smaller
+    error summed over the run's computed steps so far (``acc``: the sums before this step, or
+    None), and the new sums. Per step, relative to ||R||^2: rational's squared error is the
+    probe's ``err2``, linear's ||d2 + lam1 d1||^2 = d22 + 2 lam1 d12 + lam1^2 d11 (the update's
+    sums; lam1 from the probe's coefficients). Linear is chosen only when strictly smaller (a
+    NaN keeps rational); its mask zeroes the pole bound ``bmax``, which turns the rational
+    kernel into linear extrapolation."""
+    i = {n: L.SUMS.index(n) for n in ("d11", "d22", "d12", "err2")}
+    s = sums.to(torch.float64)
+    lam1 = coef[K.LAM1].to(torch.float64)
+    lin2 = s[i["d22"]] + 2.0 * lam1 * s[i["d12"]] + lam1 * lam1 * s[i["d11"]]
+    r2 = s[L.SUMS.index("r2")]
+    r2 = torch.where(r2 > 0, r2, torch.ones_like(r2))
+    new = torch.stack([s[i["err2"]] / r2, lin2 / r2])
+    acc = new if acc is None else acc + new
+    keep = (~(acc[1] < acc[0])).to(coef.dtype)
+    mask = torch.ones_like(coef)
+    mask[K.BMAX] = keep
+    return mask, acc
 
 
 def _check_steps(name: str, total) -> Optional[int]:

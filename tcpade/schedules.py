@@ -29,6 +29,7 @@ import os
 from typing import Dict, Optional, Sequence, Tuple
 
 from . import coef as K
+from . import layout as L
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ def resolve(config, transformer):
     import dataclasses
 
     found: Optional[tuple] = lookup(transformer, config.predictor)
+    if not found and config.predictor in L.CHOOSERS:  # "auto": the schedules of the variant it runs
+        found = lookup(transformer, L.kernel_variant(config.predictor))
     if not found:
         return config
     return dataclasses.replace(config, calibrated=found)
