@@ -4,14 +4,14 @@ Each field says what it does, its default, its allowed range, and which directio
 faster (fewer full block-stack passes). A bad value raises ValueError naming the field
 and the allowed range.
 
-Presets, chosen by bench/quality.py on the zoo's three trained models (bench/results/
-quality.md): ``paper()`` reproduces the published method; ``slow()`` (9 of 20 passes) and
-``fast()`` (7 of 20) are fixed schedules at the paper's two operating points, with the
-time-aware rational predictor, which beat the paper, reuse and linear predictors on the same
-schedule on the FLUX and Wan models (on DiT linear was 1-1.5 dB ahead, paper last);
-``adaptive()`` is error-controlled skipping, on the Pareto front near 2x of the DiT and Wan
-models. The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05: about
-1.3x at 20 steps on those models).
+Presets (bench/results/quality.md and calibration.md compare them with every peer on the
+zoo's trained models): ``paper()`` reproduces the published method (for fidelity, not speed
+or quality); ``slow()`` and ``fast()`` are compute budgets at 2.5x and 2.9x fewer block-stack
+passes (8 and 7 of 20), with the time-aware rational predictor, placed by the model's
+calibrated schedule when one is registered (the zoo ships them) and by the spaced rule
+otherwise; ``adaptive()`` is error-controlled skipping (its compute follows the trajectory).
+The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05: about 1.3x at
+20 steps on those models).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ _CHECKS = {
     "passes": ("None or an int", lambda v: v is None or _int(v), "None or an int > 0", lambda v: v is None or v > 0),
     "speedup": ("None or a number", lambda v: v is None or _real(v), "None or a finite number >= 1",
                 lambda v: v is None or (_finite(v) and v >= 1.0)),
+    "budget_max_run": ("None or an int", lambda v: v is None or _int(v), "None or an int >= 1",
+                       lambda v: v is None or v >= 1),
     "use_calibrated": ("a bool", lambda v: isinstance(v, bool), "True or False", lambda v: True),
     "calibrated": ("a tuple", lambda v: isinstance(v, (tuple, list)), "((T, steps), ...)", lambda v: True),
 }  # fmt: skip
@@ -161,6 +163,11 @@ class TCPadeConfig:
     """A compute budget as a ratio (``budget(speedup=S)``): round(T / S) passes, at least the
     predictor's minimum history (>= 1). Larger = faster."""
 
+    budget_max_run: Optional[int] = None
+    """A budget's guard for short runs: its pass count is raised until the spaced rule predicts
+    at most this many steps in a row (e.g. ``slow()`` / ``fast()`` at 10 steps: 4 passes, not
+    3). None = exactly the budget. Smaller = more passes at short T (slower, safer)."""
+
     use_calibrated: bool = True
     """A budget takes the model's calibrated schedule for (T, passes) when the registry has one
     (False: always the spaced rule). Not a speed knob."""
@@ -227,22 +234,29 @@ class TCPadeConfig:
 
     @classmethod
     def slow(cls, **overrides) -> "TCPadeConfig":
-        """The paper's "slow" operating point: ~2.2x fewer block-stack passes at 20 steps
-        (9 of 20 computed: warm-up 4, every 4th, the last). At 50 steps: 17 of 50 (2.9x)."""
-        base = dict(warmup=4, interval=4, final_steps=1, max_skips=3)
+        """The 2.5x point: a compute budget of ``speedup=2.5`` (8 of 20 block-stack passes per
+        branch, 11 of 28, 20 of 50), rational predictor, on the model's calibrated schedule when
+        the registry has one (the zoo ships them; ``tcpade.calibrate`` makes them), else the
+        spaced rule. Short runs get more passes, so that the spaced rule never predicts more than
+        3 steps in a row (``budget_max_run=3``: 4 of 10, 3 of 6). Until this version ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every
+        4th step, the last); on the zoo the calibrated 8-of-20 schedule gave 3-12 dB more with
+        one pass fewer (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4,
+        interval=4, final_steps=1, tsi_threshold=1.0)`` is the old rule."""
+        base = dict(speedup=2.5, budget_max_run=3)
         base.update(overrides)
-        return cls._preset(base)
+        return cls.budget(**base)
 
     @classmethod
     def fast(cls, **overrides) -> "TCPadeConfig":
-        """~2.9x fewer block-stack passes at 20 steps (7 of 20 computed: warm-up 2, then every
-        4th step; at 50 steps 15 of 50, 3.3x). The paper's "fast" point computes the same 7 of 20
-        as warm-up 2, every 6th and the last step; on our three trained models (bench/results/
-        quality.md) spreading the same passes evenly gave 3.3-6.3 dB more PSNR at 20 steps, so
-        this preset does that (``fast(interval=6, max_skips=5, final_steps=1)`` is the paper's)."""
-        base = dict(warmup=2, interval=4, final_steps=0, max_skips=3)
+        """The 2.9x point: a compute budget of ``speedup=2.9`` (7 of 20 passes per branch, 10 of
+        28, 17 of 50), placed like ``slow()``: the model's calibrated schedule, else the spaced
+        rule, at least 3 steps predicted in a row at most (4 of 10). The paper's "fast" point computes the same 7 of 20 as warm-up 2, every 6th and the
+        last step (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5,
+        final_steps=1, tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
+        every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
+        base = dict(speedup=2.9, budget_max_run=3)
         base.update(overrides)
-        return cls._preset(base)
+        return cls.budget(**base)
 
     @classmethod
     def adaptive(cls, **overrides) -> "TCPadeConfig":
@@ -252,16 +266,6 @@ class TCPadeConfig:
         the DiT and Wan zoo models at 20 steps (bench/results/quality.md)."""
         base = dict(predictor="rational", policy="error", warmup=2, tolerance=0.2, max_skips=3)
         base.update(overrides)
-        return cls(**base)
-
-    @classmethod
-    def _preset(cls, base: dict) -> "TCPadeConfig":
-        # The rational predictor on the TSI policy's schedule, the TSI never blocking
-        # (threshold 1): at 20 steps it led the other predictors on the same schedule on the
-        # FLUX and Wan zoo models (by 1.1-10.6 dB; on DiT linear led by 1.5 dB).
-        base.setdefault("predictor", "rational")
-        base.setdefault("policy", "tsi")
-        base.setdefault("tsi_threshold", 1.0)
         return cls(**base)
 
     @classmethod
@@ -286,10 +290,14 @@ class TCPadeConfig:
         """The passes a budget config computes in a run of ``total`` steps, or None (no budget)."""
         m = S.min_leading(self.predictor)
         if self.passes is not None:
-            return min(self.passes, total)
-        if self.speedup is not None:
-            return min(total, max(m, int(math.floor(total / self.speedup + 0.5))))
-        return None
+            k = min(self.passes, total)
+        elif self.speedup is not None:
+            k = min(total, max(m, int(math.floor(total / self.speedup + 0.5))))
+        else:
+            return None
+        if self.budget_max_run is not None:
+            k = max(k, S.min_passes(total, self.budget_max_run, m))
+        return k
 
     def plan(self, total: int) -> Optional[Tuple[int, ...]]:
         """The computed steps of a ``total``-step run when they are fixed in advance (a schedule,

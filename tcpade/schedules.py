@@ -38,6 +38,8 @@ __all__ = [
     "check_schedule",
     "clear",
     "even_family",
+    "longest_skip_run",
+    "min_passes",
     "load",
     "lookup",
     "model_key",
@@ -111,6 +113,20 @@ def spaced(total: int, passes: int, lead: int = 2, end: int = None, warmup: int 
     last = max(lead - 1 + r, total - 1 - end)
     gap = last / r
     return _fit([gap * (i + 1) for i in range(r)], lead, total)
+
+
+def longest_skip_run(steps: Sequence[int], total: int) -> int:
+    """The most consecutive steps a schedule of ``total`` steps leaves predicted."""
+    edges = [-1, *steps, total]
+    return max(b - a - 1 for a, b in zip(edges, edges[1:]))
+
+
+def min_passes(total: int, max_run: int, lead: int = 2) -> int:
+    """The fewest passes whose spaced-rule schedule predicts at most ``max_run`` steps in a row."""
+    for k in range(min(lead, total), total + 1):
+        if longest_skip_run(spaced(total, k, lead), total) <= max_run:
+            return k
+    return total
 
 
 def even_family(total: int, passes: int, lead: int = 2) -> Tuple[Tuple[int, ...], ...]:

@@ -179,3 +179,24 @@ class BlockBodyCounter:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+# ------------------------------------------------------------------------- fixed TSI rules
+# The TSI policy's rules with a TSI that never blocks (threshold 1): fixed schedules known in
+# advance ("fixed rule"), which many policy tests use. They were slow() and fast() before those
+# presets became compute budgets (TCPadeConfig.budget): slow = 9 of 20, fast = 7 of 20.
+RULE_SLOW = dict(predictor="rational", policy="tsi", tsi_threshold=1.0, warmup=4, interval=4, final_steps=1,
+                 max_skips=3)  # fmt: skip
+RULE_FAST = dict(RULE_SLOW, warmup=2, final_steps=0)
+
+
+def rule_slow(**overrides):
+    from tcpade.config import TCPadeConfig
+
+    return TCPadeConfig(**{**RULE_SLOW, **overrides})
+
+
+def rule_fast(**overrides):
+    from tcpade.config import TCPadeConfig
+
+    return TCPadeConfig(**{**RULE_FAST, **overrides})

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from helpers import BlockBodyCounter  # noqa: E402
+from helpers import BlockBodyCounter, rule_fast, rule_slow  # noqa: E402
 
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
@@ -54,9 +54,9 @@ def test_apply_skips_the_preset_share_and_remove_restores(pipeline):
         s = tcpade.summary(pipe)
         assert sorted(s.branches) == sorted(branches)
         for br in branches:
-            assert len(s.branches[br]) == 20 and len(s.computed(br)) == 9, str(s)
-        # A skipped call runs no block body: block bodies ran 9/20 as often as in the full run.
-        assert all(counts[k] * 20 == full_counts[k] * 9 for k in full_counts), (counts, full_counts)
+            assert len(s.branches[br]) == 20 and s.computed(br) == [0, 1, 3, 6, 9, 12, 15, 18], str(s)
+        # A skipped call runs no block body: block bodies ran 8/20 as often as in the full run.
+        assert all(counts[k] * 20 == full_counts[k] * 8 for k in full_counts), (counts, full_counts)
         assert torch.isfinite(out).all() and out.shape == base20.shape
         # Close to the full run: with random weights the flow-matching trajectories are
         # smooth enough that the slow preset lands within ~1% (measured: wan 0.012, flux
@@ -67,15 +67,15 @@ def test_apply_skips_the_preset_share_and_remove_restores(pipeline):
             assert rel < CLOSE[name], rel
         # Same inputs, same seed: a repeated call gives identical results (state was reset).
         assert torch.equal(generate(20), out)
-        # T = 50: the slow preset computes 17 of 50 calls per branch.
+        # T = 50: the slow preset computes 20 of 50 calls per branch.
         generate(50)
-        assert all(len(tcpade.summary(pipe).computed(br)) == 17 for br in branches)
+        assert all(len(tcpade.summary(pipe).computed(br)) == 20 for br in branches)
         # A different step count on the next call just works.
         generate(12)
         s12 = tcpade.summary(pipe)
         for br in branches:
             assert [r.k for r in s12.branches[br]] == list(range(12))
-            assert s12.computed(br) == [0, 1, 2, 3, 4, 8, 11]
+            assert s12.computed(br) == [0, 1, 3, 7, 10]  # 5 of 12 (2.4x), the spaced rule
         with pytest.raises(RuntimeError, match="already applied"):
             tcpade.apply(pipe, TCPadeConfig.fast())
     finally:
@@ -88,7 +88,7 @@ def test_apply_skips_the_preset_share_and_remove_restores(pipeline):
 def test_transformer_target_needs_steps_and_works_with_them():
     pipe, generate = _wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    tcpade.apply(pipe.transformer, TCPadeConfig.fast(), num_steps=20)
+    tcpade.apply(pipe.transformer, rule_fast(), num_steps=20)
     try:
         generate(20)
         s = tcpade.summary(pipe.transformer)
@@ -103,7 +103,7 @@ def test_resolution_and_batch_change_between_calls():
     pipe, generate = _flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
     base = generate(20, size=32, images=2)
-    rt = tcpade.apply(pipe, TCPadeConfig.slow())
+    rt = tcpade.apply(pipe, rule_slow())
     try:
         for size, images in [(16, 1), (32, 2), (16, 1)]:
             out = generate(20, size=size, images=images)
@@ -166,7 +166,7 @@ def test_nan_in_trajectory_shows_in_summary():
         return output
 
     handle = pipe.transformer.x_embedder.register_forward_hook(poison)
-    tcpade.apply(pipe, TCPadeConfig.slow())
+    tcpade.apply(pipe, rule_slow())
     try:
         generate(20)
         s = tcpade.summary(pipe)
@@ -187,7 +187,7 @@ def test_step_count_mismatch_is_warned_once_and_the_scheduler_wins():
 
     pipe, generate = _wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    tcpade.apply(pipe, TCPadeConfig.slow(), num_steps=20)
+    tcpade.apply(pipe, rule_slow(), num_steps=20)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -209,7 +209,7 @@ def test_bare_transformer_step_count_warnings_point_at_the_caller():
     import warnings
 
     model, inputs, _ = FAMILIES["dit"]()
-    tcpade.apply(model, TCPadeConfig.slow())
+    tcpade.apply(model, rule_slow())
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -222,7 +222,7 @@ def test_bare_transformer_step_count_warnings_point_at_the_caller():
         tcpade.remove(model)
     pipe, generate = _wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    tcpade.apply(pipe.transformer, TCPadeConfig.slow(), num_steps=20)
+    tcpade.apply(pipe.transformer, rule_slow(), num_steps=20)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

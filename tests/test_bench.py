@@ -125,8 +125,8 @@ def test_gpu_check_dry_run(tmp_path):
     models = {m["model"]: m for m in res["e2e"]}
     assert len(models) == 3 and not any("error" in m for m in models.values()), out[-3000:]
     for m in models.values():
-        # The presets' schedules at 20 steps: slow 9, fast 7 computed passes per branch (TSI never blocks).
-        assert set(m["slow"]["computed"].values()) == {9} and set(m["fast"]["computed"].values()) == {7}
+        # The presets' budgets at 20 steps: slow 8, fast 7 computed passes per branch.
+        assert set(m["slow"]["computed"].values()) == {8} and set(m["fast"]["computed"].values()) == {7}
         assert m["fast"]["h_in_shape_ok"] and not m["fast"]["nonfinite"]
     assert "| target | measured | wanted |" in out
 

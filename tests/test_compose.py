@@ -9,6 +9,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from helpers import rule_fast, rule_slow  # noqa: E402
+
 from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
@@ -21,7 +23,7 @@ def test_half_precision_transformer(dtype):
     pipe, generate = _flux_pipeline(dtype)
     pipe.set_progress_bar_config(disable=True)
     base = generate(20)
-    rt = tcpade.apply(pipe, TCPadeConfig.slow())
+    rt = tcpade.apply(pipe, rule_slow())
     try:
         out = generate(20)
         s = tcpade.summary(pipe)
@@ -39,7 +41,7 @@ def test_layerwise_fp8_storage_casting():
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     base = generate(20)
-    tcpade.apply(pipe, TCPadeConfig.fast())
+    tcpade.apply(pipe, rule_fast())
     try:
         out = generate(20)
         s = tcpade.summary(pipe)
@@ -58,7 +60,7 @@ def test_torchao_int8_weight_only():
     pipe.set_progress_bar_config(disable=True)
     quant.quantize_(pipe.transformer, quant.Int8WeightOnlyConfig())
     base = generate(20)
-    tcpade.apply(pipe, TCPadeConfig.slow())
+    tcpade.apply(pipe, rule_slow())
     try:
         out = generate(20)
         assert tcpade.summary(pipe).computed("cond") == [0, 1, 2, 3, 4, 8, 12, 16, 19]

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from helpers import BlockBodyCounter  # noqa: E402
+from helpers import BlockBodyCounter, rule_fast, rule_slow  # noqa: E402
 
 from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
 from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
@@ -83,7 +83,7 @@ def _image(output):  # a FLUX block returns (encoder_hidden_states, hidden_state
 @torch.no_grad()
 def test_exception_mid_run_leaves_no_stale_state():
     pipe, generate = _flux()
-    tcpade.apply(pipe, TCPadeConfig.slow())
+    tcpade.apply(pipe, rule_slow())
     try:
         clean = generate(STEPS)
         clean_dec = _summary(pipe)
@@ -111,7 +111,7 @@ def test_exception_mid_run_leaves_no_stale_state():
         tcpade.remove(pipe)
 
 
-@pytest.mark.parametrize("cfg", [TCPadeConfig.slow(), TCPadeConfig.slow(tsi_threshold=0.999)],
+@pytest.mark.parametrize("cfg", [rule_slow(), rule_slow(tsi_threshold=0.999)],
                          ids=["fixed", "tsi-blocking"])  # fmt: skip
 @torch.no_grad()
 def test_nan_at_step_k_is_reported_and_does_not_leak(cfg):
@@ -180,7 +180,7 @@ def test_fp16_overflow_in_a_residual():
     # Step 3's cond call is call 6: h_in (x_embedder's output) -40000, h_out +40000.
     faults = [_Fault(pipe.transformer.x_embedder, 6, big(-1)),
               _InnerFault(pipe.transformer.single_transformer_blocks[-1], 6, big(+1))]  # fmt: skip
-    rt = tcpade.apply(pipe, TCPadeConfig.slow())
+    rt = tcpade.apply(pipe, rule_slow())
     outs = []
     hook = pipe.transformer.norm_out.register_forward_pre_hook(lambda m, args: outs.append(args[0].clone()))
     try:
@@ -206,8 +206,8 @@ def test_two_pipelines_in_one_process():
     flux, gen_flux = _flux()
     wan, gen_wan = _wan_pipeline()
     wan.set_progress_bar_config(disable=True)
-    tcpade.apply(flux, TCPadeConfig.slow())
-    tcpade.apply(wan, TCPadeConfig.fast())
+    tcpade.apply(flux, rule_slow())
+    tcpade.apply(wan, rule_fast())
     try:
         solo_flux, dec_flux = gen_flux(STEPS), _summary(flux)
         solo_wan, dec_wan = gen_wan(STEPS), _summary(wan)
@@ -239,7 +239,7 @@ def test_pipeline_moved_to_another_dtype_between_calls():
     """``pipe.to(dtype)`` between calls: the history follows the hidden states (reallocated)
     and the run equals a fresh apply on the moved pipeline, decisions included."""
     pipe, _ = _flux()
-    tcpade.apply(pipe, TCPadeConfig.slow())
+    tcpade.apply(pipe, rule_slow())
     try:
         _generate_in_model_dtype(pipe, STEPS)
         pipe.to(torch.bfloat16)
@@ -249,7 +249,7 @@ def test_pipeline_moved_to_another_dtype_between_calls():
         moved_dec = _summary(pipe)
     finally:
         tcpade.remove(pipe)
-    tcpade.apply(pipe, TCPadeConfig.slow())
+    tcpade.apply(pipe, rule_slow())
     try:
         assert torch.equal(_generate_in_model_dtype(pipe, STEPS), moved)
         assert _summary(pipe) == moved_dec
@@ -262,7 +262,7 @@ def test_pipeline_moved_to_another_dtype_between_calls():
 @torch.no_grad()
 def test_pipeline_moved_between_devices():
     pipe, _ = _flux()
-    tcpade.apply(pipe, TCPadeConfig.slow())
+    tcpade.apply(pipe, rule_slow())
     try:
         cpu_out = _generate_in_model_dtype(pipe, STEPS)
         pipe.to("cuda")

@@ -1,6 +1,8 @@
 """Golden decisions and outputs of the presets, recorded before the runtime was restructured.
 
-For every preset (``TCPadeConfig.slow/fast/paper/adaptive``) at 20 steps, on the three
+For every preset (``TCPadeConfig.slow/fast/paper/adaptive``; ``rule-slow`` / ``rule-fast`` are the
+TSI rules that slow() and fast() were before they became compute budgets, kept as cases of the
+runtime's math) at 20 steps, on the three
 trained zoo models (two samples each, with the zoo's own guidance) and on the tiny
 random-weight FLUX pipeline with true classifier-free guidance (separate cond / uncond
 calls), ``tests/golden/presets.json`` holds per branch the computed steps, each call's
@@ -8,7 +10,7 @@ reason, TSI and probe error, and the SHA-256 of the float32 output bytes. The te
 reruns them and compares exactly: the same decisions, the same floats, the same bits
 (CPU, the default backend of this machine; regenerate with
 ``python tests/test_golden.py --write`` only for a deliberate change of the math, and
-say which in the commit).
+say which in the commit; ``--add`` computes only the cases the file does not have yet).
 """
 
 import hashlib
@@ -23,10 +25,14 @@ import torch
 pytest.importorskip("diffusers")
 
 import tcpade  # noqa: E402
+from helpers import rule_fast, rule_slow  # noqa: E402
+
 from tcpade import TCPadeConfig, ops, tiny, zoo  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "presets.json"
-PRESETS = ("slow", "fast", "paper", "adaptive")
+CONFIGS = {"rule-slow": rule_slow, "rule-fast": rule_fast, "paper": TCPadeConfig.paper,
+           "adaptive": TCPadeConfig.adaptive, "slow": TCPadeConfig.slow, "fast": TCPadeConfig.fast}  # fmt: skip
+PRESETS = tuple(CONFIGS)
 STEPS = 20
 
 
@@ -52,7 +58,7 @@ def _record(out: torch.Tensor, summary) -> dict:
 def _zoo_case(name, preset):
     m = zoo.load(name)
     labels = [i % m.spec.num_classes for i in (3, 7)]
-    images, summary = m.sample(seeds=[0, 1], labels=labels, steps=STEPS, config=getattr(TCPadeConfig, preset)(),
+    images, summary = m.sample(seeds=[0, 1], labels=labels, steps=STEPS, config=CONFIGS[preset](),
                                return_summary=True)  # fmt: skip
     return _record(images, summary)
 
@@ -60,7 +66,7 @@ def _zoo_case(name, preset):
 def _flux_cfg_case(preset):
     pipe, generate = tiny.flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    tcpade.apply(pipe, getattr(TCPadeConfig, preset)())
+    tcpade.apply(pipe, CONFIGS[preset]())
     try:
         out = generate(STEPS)
         return _record(out, tcpade.summary(pipe))
@@ -102,8 +108,10 @@ def test_presets_match_golden(golden, case, model, preset):
     assert got["sum"] == want["sum"] and got["sha256"] == want["sha256"], (case, got["sum"], want["sum"])
 
 
-if __name__ == "__main__" and "--write" in sys.argv:
-    cases = {case: compute(model, preset) for case, model, preset in CASES}
+if __name__ == "__main__" and ("--write" in sys.argv or "--add" in sys.argv):
+    torch.set_num_threads(THREADS)
+    have = json.loads(GOLDEN.read_text())["cases"] if "--add" in sys.argv else {}
+    cases = {case: have[case] if case in have else compute(model, preset) for case, model, preset in CASES}
     meta = dict(torch=torch.__version__, backends=ops.available_backends("cpu"), steps=STEPS)
     GOLDEN.write_text(json.dumps(dict(meta=meta, cases=cases), indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN} ({len(cases)} cases)")

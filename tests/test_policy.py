@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import SYNTH_SHAPE, flow_sigmas
+from helpers import SYNTH_SHAPE, flow_sigmas, rule_fast, rule_slow
 from helpers import synthetic_run as run
 from helpers import truth as _truth
 
@@ -32,7 +32,8 @@ class EveryRead(Runtime):
 
 @pytest.mark.parametrize(
     "preset, T, computed",
-    [("slow", 20, 9), ("slow", 50, 17), ("fast", 20, 7), ("fast", 50, 15), ("paper", 20, 9), ("paper", 50, 17)],
+    [("slow", 20, 8), ("slow", 28, 11), ("slow", 50, 20), ("slow", 10, 4), ("fast", 20, 7), ("fast", 28, 10),
+     ("fast", 50, 17), ("fast", 10, 3), ("paper", 20, 9), ("paper", 50, 17)],
 )
 def test_presets_skip_the_expected_share(preset, T, computed):
     cfg = getattr(TCPadeConfig, preset)()
@@ -44,13 +45,16 @@ def test_presets_skip_the_expected_share(preset, T, computed):
     assert all(math.isfinite(e) for e in errors["default"])
 
 
-def test_paper_operating_points_at_20_steps():
-    assert 20 / run(TCPadeConfig.slow(), 20)[1]["default"] == pytest.approx(2.22, abs=0.01)
+def test_operating_points_at_20_steps():
+    assert 20 / run(TCPadeConfig.slow(), 20)[1]["default"] == pytest.approx(2.5)
     assert 20 / run(TCPadeConfig.fast(), 20)[1]["default"] == pytest.approx(2.86, abs=0.01)
+    # the paper's two points, as fixed TSI rules
+    assert 20 / run(rule_slow(), 20)[1]["default"] == pytest.approx(2.22, abs=0.01)
+    assert 20 / run(rule_fast(interval=6, max_skips=5, final_steps=1), 20)[1]["default"] == pytest.approx(2.86, abs=0.01)
 
 
 def test_tsi_threshold_is_monotone():
-    counts = [run(TCPadeConfig.slow(tsi_threshold=th), 20)[1]["default"] for th in (0.0, 0.2, 0.5, 0.8, 1.0)]
+    counts = [run(rule_slow(tsi_threshold=th), 20)[1]["default"] for th in (0.0, 0.2, 0.5, 0.8, 1.0)]
     assert counts == sorted(counts, reverse=True)
     assert counts[0] == 20  # a threshold of 0 blocks every skip
 
@@ -82,15 +86,16 @@ def test_nan_in_a_fixed_schedule_is_reported_and_changes_no_decision(preset):
     """A fixed schedule reads nothing from the device to decide: a NaN in a computed h_out
     changes no decision; the summary reports it (and the skips that predicted from it)."""
     cfg = getattr(TCPadeConfig, preset)()
-    rt, passes, _, _ = run(cfg, 20, nan_at=8)
+    at = 9 if preset == "slow" else 8  # a computed step of each plan (slow: 0 1 3 6 9 12 15 18)
+    rt, passes, _, _ = run(cfg, 20, nan_at=at)
     assert rt.host_reads == 0
     rec = rt.branches["default"].records
     assert [r.k for r in rec if r.computed] == list(cfg.plan(20))
-    assert rec[8].computed and rec[8].nonfinite
-    assert not any(r.nonfinite for r in rec[:8])
+    assert rec[at].computed and rec[at].nonfinite
+    assert not any(r.nonfinite for r in rec[:at])
 
 
-@pytest.mark.parametrize("cfg", [TCPadeConfig(tolerance=0.3), TCPadeConfig.slow(tsi_threshold=0.9)],
+@pytest.mark.parametrize("cfg", [TCPadeConfig(tolerance=0.3), rule_slow(tsi_threshold=0.9)],
                          ids=["error", "tsi-blocking"])  # fmt: skip
 def test_nan_forces_full_computation_from_then_on(cfg):
     """A trajectory-dependent policy reads the sums anyway: after a NaN it computes every step."""
@@ -106,7 +111,7 @@ def test_nonfinite_prediction_falls_back_and_is_reported():
     """A NaN in the embedded input of a skipped step: the prediction's non-finite elements are
     h_in + R1 (here NaN only where h_in is NaN: the model, not tcpade, owns that NaN), the
     step stays skipped, and its record says non-finite."""
-    cfg = TCPadeConfig.slow()
+    cfg = rule_slow()
     rt, passes, _, outs = run(cfg, 20, nan_input_at=6)
     rec = rt.branches["default"].records
     assert rt.host_reads == 1  # the records above: one wait, after the run
@@ -119,7 +124,7 @@ def test_nonfinite_prediction_falls_back_and_is_reported():
 def test_branches_never_share_state():
     """cond and uncond follow different trajectories: interleaving them must give each
     exactly what it gets alone. (Sharing one history would mix their residuals.)"""
-    cfg = TCPadeConfig.slow()
+    cfg = rule_slow()
     _, _, _, both = run(cfg, 20, branches=("cond", "uncond"))
     _, _, _, cond = run(cfg, 20, branches=("cond",))
     _, _, _, uncond = run(cfg, 20, branches=("uncond",), shape_seed=1)
@@ -130,7 +135,7 @@ def test_branches_never_share_state():
 
 
 def test_repeated_runs_identical_and_restart_detected():
-    cfg = TCPadeConfig.slow()
+    cfg = rule_slow()
     rt = Runtime(cfg)
     _, p1, _, o1 = run(cfg, 20, rt=rt)
     _, p2, _, o2 = run(cfg, 20, rt=rt)
@@ -143,7 +148,7 @@ def test_repeated_runs_identical_and_restart_detected():
 
 
 def test_exception_inside_block_stack_resets_branch():
-    cfg = TCPadeConfig.slow()
+    cfg = rule_slow()
     rt = Runtime(cfg)
     rt.set_steps(20)
     assert rt.decide("default", 1.0) is None
@@ -153,7 +158,7 @@ def test_exception_inside_block_stack_resets_branch():
 
 
 def test_step_count_and_shape_changes_between_runs():
-    cfg = TCPadeConfig.fast()
+    cfg = rule_fast()
     rt = Runtime(cfg)
     assert run(cfg, 20, rt=rt)[1]["default"] == 7
     assert run(cfg, 50, rt=rt)[1]["default"] == 15
@@ -163,7 +168,7 @@ def test_step_count_and_shape_changes_between_runs():
 def test_shape_change_mid_run_starts_a_new_run_at_that_call():
     """A call whose h_in no longer fits the history (another batch, say) mid-run: a planned skip
     is computed instead, and the run starts over at that call."""
-    cfg = TCPadeConfig.slow()
+    cfg = rule_slow()
     rt = Runtime(cfg)
     rt.set_steps(20)
     small, big = _truth(0), _truth(1, (2, 9, 40))
@@ -182,7 +187,7 @@ def test_shape_change_mid_run_starts_a_new_run_at_that_call():
 
 
 def test_unknown_step_count_computes_everything_with_a_warning():
-    rt = Runtime(TCPadeConfig.fast())
+    rt = Runtime(rule_fast())
     step = _truth(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -212,7 +217,7 @@ def _bare_run(rt, T, seed=0):
 
 
 def test_shorter_run_than_num_steps_is_warned_once_with_both_numbers():
-    rt = Runtime(TCPadeConfig.slow(), num_steps=20)
+    rt = Runtime(rule_slow(), num_steps=20)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _bare_run(rt, 8)
@@ -226,7 +231,7 @@ def test_shorter_run_than_num_steps_is_warned_once_with_both_numbers():
 
 def test_longer_run_than_num_steps_continues_computing_and_warns_once():
     """A 30-step run with num_steps=20: no silent restart at step 20; steps 20-29 are computed."""
-    cfg = TCPadeConfig.slow()
+    cfg = rule_slow()
     rt = Runtime(cfg, num_steps=20)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -270,7 +275,7 @@ def test_runtime_rejects_non_config():
 def test_increasing_time_schedule_skips_and_restarts():
     """A schedule whose time grows (t = step index, as some research loops pass it) is one run,
     not a restart at every second call; its time going back down starts a new run."""
-    cfg = TCPadeConfig.slow()
+    cfg = rule_slow()
     rt = Runtime(cfg)
     rt.set_steps(20)
     g = torch.Generator().manual_seed(3)
@@ -289,12 +294,12 @@ def test_increasing_time_schedule_skips_and_restarts():
 
 
 PLAN_CONFIGS = [
-    TCPadeConfig.slow(), TCPadeConfig.fast(), TCPadeConfig.paper(),
-    TCPadeConfig.fast(interval=6, max_skips=5, final_steps=1),
-    TCPadeConfig.slow(warmup=0, interval=0, max_skips=7), TCPadeConfig.slow(max_skips=0),
-    TCPadeConfig.slow(predictor="reuse", warmup=0, final_steps=3),
+    rule_slow(), rule_fast(), TCPadeConfig.paper(),
+    rule_fast(interval=6, max_skips=5, final_steps=1),
+    rule_slow(warmup=0, interval=0, max_skips=7), rule_slow(max_skips=0),
+    rule_slow(predictor="reuse", warmup=0, final_steps=3),
     TCPadeConfig.paper(warmup=0, interval=0, max_skips=4),
-    TCPadeConfig.slow(history_slots=5, interval=5, final_steps=2),
+    rule_slow(history_slots=5, interval=5, final_steps=2),
 ]  # fmt: skip
 
 
@@ -311,14 +316,14 @@ def test_plan_is_what_the_runtime_computes(cfg, T):
 def test_plan_is_none_when_the_trajectory_decides():
     assert TCPadeConfig().plan(20) is None
     assert TCPadeConfig.adaptive().plan(20) is None
-    assert TCPadeConfig.slow(tsi_threshold=0.5).plan(20) is None
-    assert TCPadeConfig.slow().plan(20) == (0, 1, 2, 3, 4, 8, 12, 16, 19)
+    assert rule_slow(tsi_threshold=0.5).plan(20) is None
+    assert rule_slow().plan(20) == (0, 1, 2, 3, 4, 8, 12, 16, 19)
     with pytest.raises(ValueError, match="total steps"):
-        TCPadeConfig.slow().plan(0)
+        rule_slow().plan(0)
 
 
 def test_forced_call_is_computed_with_its_reason():
-    cfg = TCPadeConfig.slow()
+    cfg = rule_slow()
     rt = Runtime(cfg)
     rt.set_steps(20)
     step = _truth(0)
@@ -336,13 +341,17 @@ def test_forced_call_is_computed_with_its_reason():
 
 
 CONFIGS = {
-    "slow": TCPadeConfig.slow(),
-    "fast": TCPadeConfig.fast(),
+    "slow": rule_slow(),
+    "fast": rule_fast(),
     "paper": TCPadeConfig.paper(),
     "error": TCPadeConfig(),
     "error-loose": TCPadeConfig(tolerance=0.3),
     "error-paper": TCPadeConfig(predictor="paper", tolerance=0.3, history_slots=5),
-    "tsi-blocks": TCPadeConfig.slow(tsi_threshold=0.05, store_predictions=True),
+    "tsi-blocks": rule_slow(tsi_threshold=0.05, store_predictions=True),
+    "budget-slow": TCPadeConfig.slow(),
+    "budget-fast": TCPadeConfig.fast(),
+    "auto": TCPadeConfig.fast(predictor="auto"),
+    "auto-error": TCPadeConfig(predictor="auto", tolerance=0.3),
 }
 FIELDS = ("k", "computed", "reason", "stage", "nonfinite")
 
@@ -378,8 +387,9 @@ def test_waits_per_run():
     """Host waits of one 20-step run with two branches, before the summary reads the records:
     none for a fixed schedule; the error policy waits only where a decision needs the sums."""
     waits = {}
-    for name in ("slow", "fast", "paper", "error-loose"):
+    for name in ("slow", "fast", "paper", "budget-slow", "budget-fast", "auto", "error-loose"):
         rt = run(CONFIGS[name], 20, branches=("cond", "uncond"))[0]
         waits[name] = rt.host_reads
-    assert waits["slow"] == waits["fast"] == waits["paper"] == 0
+    assert waits["slow"] == waits["fast"] == waits["paper"] == waits["budget-slow"] == waits["budget-fast"] == 0
+    assert waits["auto"] == 0
     assert 0 < waits["error-loose"] <= 2 * 20

@@ -5,8 +5,9 @@
    (DDIM, CFG with the null class, learned sigma) bit for bit against DiTPipeline with its
    batched cond+uncond call split into two calls, and to ~1e-4 against the plain batched
    pipeline (batch size changes the float rounding of the matmuls).
-2. With TCPadeConfig.slow() at 20 steps each CFG branch computes 9 of 20 calls and the block
-   bodies run 9/20 as often; the outputs are finite.
+2. With TCPadeConfig.slow() at 20 steps each CFG branch computes 8 of 20 calls (the spaced
+   rule: no calibrated schedule for a random model) and the block bodies run 8/20 as often;
+   the outputs are finite.
 3. A tcpade that sample applied is removed again (also on an error): the plain forward is
    bit-identical afterwards. One applied beforehand is used and kept.
 4. DPMSolverMultistepScheduler runs; bad arguments raise errors naming the argument.
@@ -23,7 +24,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from helpers import BlockBodyCounter  # noqa: E402
+from helpers import BlockBodyCounter, rule_fast, rule_slow  # noqa: E402
 from tcpade.tiny import FAMILIES, TXT  # noqa: E402
 from tcpade.tiny import dit_pipeline as _dit_pipeline  # noqa: E402
 from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
@@ -132,7 +133,7 @@ def _wan_problem():
 
 
 @torch.no_grad()
-def test_slow_preset_computes_9_of_20_per_branch_and_is_removed_after():
+def test_slow_preset_computes_8_of_20_per_branch_and_is_removed_after():
     model, inputs, noise, cond, uncond = _wan_problem()
     plain = model(**inputs(2), return_dict=False)[0]
     counter = BlockBodyCounter(model)
@@ -148,9 +149,10 @@ def test_slow_preset_computes_9_of_20_per_branch_and_is_removed_after():
         counter.remove()
     assert isinstance(s, tcpade.Summary) and sorted(s.branches) == ["cond", "uncond"]
     for br in ("cond", "uncond"):
-        assert len(s.branches[br]) == 20 and s.computed(br) == [0, 1, 2, 3, 4, 8, 12, 16, 19], str(s)
-    # 2 branches x 9 computed calls: block bodies ran 9/20 as often as in a full 20-step CFG run.
-    assert all(counts[k] == per_call[k] * 2 * 9 for k in per_call), (counts, per_call)
+        assert len(s.branches[br]) == 20 and s.computed(br) == [0, 1, 3, 6, 9, 12, 15, 18], str(s)
+    assert "schedule: spaced rule" in str(s)
+    # 2 branches x 8 computed calls: block bodies ran 8/20 as often as in a full 20-step CFG run.
+    assert all(counts[k] == per_call[k] * 2 * 8 for k in per_call), (counts, per_call)
     assert out.shape == noise.shape and torch.isfinite(out).all()
     # sample applied tcpade, so it took it off again: the model is exactly as before.
     assert not adapters.is_attached(model) and not hasattr(model, "_tcpade_runtime")
@@ -175,14 +177,14 @@ def test_existing_runtime_is_used_and_kept():
     kw = inputs(0)
     noise = kw.pop("hidden_states")
     kw.pop("timestep")
-    rt = tcpade.apply(model, TCPadeConfig.slow())  # no num_steps: sample sets them for its run only
+    rt = tcpade.apply(model, rule_slow())  # no num_steps: sample sets them for its run only
     try:
         with pytest.warns(UserWarning, match="different config"):
             out, s = tcpade.sample(model, FlowMatchEulerDiscreteScheduler(), noise, kw, steps=12,
-                                   config=TCPadeConfig.fast(), timestep_scale=1e-3, progress=False,
+                                   config=rule_fast(), timestep_scale=1e-3, progress=False,
                                    return_summary=True)  # fmt: skip
         assert torch.isfinite(out).all()
-        assert s.config == TCPadeConfig.slow() and list(s.branches) == ["cond"]
+        assert s.config == rule_slow() and list(s.branches) == ["cond"]
         assert s.computed("cond") == [0, 1, 2, 3, 4, 8, 11], str(s)
         assert adapters.is_attached(model) and tcpade.runtime(model) is rt
         assert rt.total_steps() is None  # the runtime's own setting is back
@@ -218,7 +220,7 @@ def test_dpm_solver_runs_and_matches_a_reference_loop():
 
     out2, s = tcpade.sample(model, DPMSolverMultistepScheduler(), noise, {"class_labels": labels},
                             uncond={"class_labels": null}, guidance_scale=3.0, steps=12,
-                            config=TCPadeConfig.slow(), progress=False, return_summary=True)  # fmt: skip
+                            config=rule_slow(), progress=False, return_summary=True)  # fmt: skip
     assert torch.isfinite(out2).all()
     for br in ("cond", "uncond"):
         assert s.computed(br) == [0, 1, 2, 3, 4, 8, 11], str(s)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import flow_sigmas
+from helpers import flow_sigmas, rule_fast, rule_slow
 
 import tcpade
 from tcpade import schedules
@@ -69,6 +69,8 @@ def _computed(cfg, T, branches=("cond", "uncond"), nan_at=None, rt=None):
         (dict(speedup=math.nan), "speedup"),
         (dict(speedup=True), "speedup"),
         (dict(passes=4, use_calibrated=1), "use_calibrated"),
+        (dict(passes=4, budget_max_run=0), "budget_max_run"),
+        (dict(passes=4, budget_max_run=2.0), "budget_max_run"),
         (dict(calibrated=((20, (0, 2)),)), "calibrated"),
     ],
 )
@@ -109,10 +111,22 @@ def test_schedule_for_another_T_is_refused_and_rescaled_on_request():
 
 
 def test_policy_configs_have_no_plan():
-    for cfg in (TCPadeConfig(), TCPadeConfig.adaptive(), TCPadeConfig.slow(tsi_threshold=0.5)):
+    for cfg in (TCPadeConfig(), TCPadeConfig.adaptive(), rule_slow(tsi_threshold=0.5)):
         assert cfg.plan(20) is None and cfg.plan_source(20) == "policy"
     # A TSI that never blocks: the rule's steps are known before the run.
-    assert TCPadeConfig.fast().plan(20) == (0, 1, 2, 4, 8, 12, 16) and TCPadeConfig.fast().plan_source(20) == "fixed rule"
+    assert rule_fast().plan(20) == (0, 1, 2, 4, 8, 12, 16) and rule_fast().plan_source(20) == "fixed rule"
+    # the slow and fast presets are budgets: the spaced rule without a calibrated schedule
+    assert TCPadeConfig.fast().plan(20) == schedules.spaced(20, 7) == (0, 1, 4, 7, 11, 14, 18)
+    assert TCPadeConfig.slow().plan(20) == schedules.spaced(20, 8) == (0, 1, 3, 6, 9, 12, 15, 18)
+    assert TCPadeConfig.fast().plan_source(20) == TCPadeConfig.slow().plan_source(20) == "spaced rule"
+    assert [len(TCPadeConfig.slow().plan(T)) for T in (10, 20, 28, 50)] == [4, 8, 11, 20]
+    assert [len(TCPadeConfig.fast().plan(T)) for T in (10, 20, 28, 50)] == [4, 7, 10, 17]
+    # the presets' guard for short runs: at most 3 steps predicted in a row by the spaced rule
+    for T in range(2, 60):
+        for cfg in (TCPadeConfig.slow(), TCPadeConfig.fast()):
+            assert schedules.longest_skip_run(cfg.plan(T), T) <= 3, (T, cfg.plan(T))
+    assert TCPadeConfig.budget(passes=3).plan(10) == (0, 1, 8)  # a budget without the guard is exact
+    assert TCPadeConfig.budget(passes=3, budget_max_run=3).plan(10) == (0, 1, 4, 8)
 
 
 # ------------------------------------------------------------------------------ pass counts
