@@ -85,6 +85,23 @@ class Evaluator:
         self.seen = torch.tensor([lab in seen for lab in labels])
         self.runs = 0
 
+    def peer(self, method):
+        """A peer (bench/peers.py Method) on the evaluation inputs: PSNR and its MAC speedup."""
+        from peers import count_macs
+
+        method.enable(self.model, self.T, self.seeds, self.labels)
+        try:
+            with count_macs(self.model.transformer) as c:
+                images = self.model.sample(self.seeds, self.labels, steps=self.T)
+        finally:
+            method.disable(self.model)
+        if not hasattr(self, "_macs_full"):
+            with count_macs(self.model.transformer) as f:
+                self.model.sample(self.seeds, self.labels, steps=self.T)
+            self._macs_full = f.macs
+        self.runs += 1
+        return dict(psnr=float(metrics.psnr(images, self.ref).mean()), speedup=self._macs_full / max(c.macs, 1))
+
     def __call__(self, config):
         images, summ = self.model.sample(self.seeds, self.labels, steps=self.T, config=config, return_summary=True)
         self.runs += 1
@@ -97,10 +114,10 @@ class Evaluator:
         return out
 
 
-def bench(name, T, log, ship_store, ablate, lazy_too, sweeps, reuse=False, search_only=False):
+def bench(name, T, log, ship_store, ablate, lazy_too, sweeps, reuse=False, search_only=False, samples=None):
     torch.manual_seed(0)
     model = zoo.load(name)
-    seeds, labels = eval_set(name, quick=False)
+    seeds, labels = eval_set(name, quick=False, samples=samples)
     cal_inputs = list(zip(CAL_SEEDS, CAL_LABELS[name]))
     ks = levels(T)
     kmin = min(ks)  # the search stops at the fewest passes evaluated
@@ -159,6 +176,19 @@ def bench(name, T, log, ship_store, ablate, lazy_too, sweeps, reuse=False, searc
         res = ev(TCPadeConfig.budget(passes=K))
         assert res["computed"] == list(cals[4].schedule(K)), (res["computed"], cals[4].schedule(K))
         schedules.clear()
+        # cache-dit's fixed step mask fed the calibrated steps, with each of its calibrators
+        import peers as P
+
+        best_mask = None
+        for calib in P.MASK_CALIBRATORS:
+            m = P.cachedit_mask(P.mask_from_steps(cals[4].schedule(K), T), calib)
+            res = ev.peer(m)
+            log(f"  {m.label:24s} K={K:2d} x{res['speedup']:.2f} psnr={res['psnr']:6.2f}")
+            if best_mask is None or res["psnr"] > best_mask[1]["psnr"]:
+                best_mask = (m.label, res)
+        rows.append(dict(model=name, steps=T, method="cache-dit mask, same steps", K=K, passes=K,
+                         speedup=best_mask[1]["speedup"], psnr=best_mask[1]["psnr"], ssim=math.nan, psnr_seen=math.nan,
+                         psnr_unseen=math.nan, schedule=best_mask[0]))  # fmt: skip
         bp = best_peer(peers, T, K)
         if bp is not None:
             rows.append(dict(model=name, steps=T, method="best peer", K=K, passes="", speedup=bp["speedup"],
@@ -287,9 +317,12 @@ def report(rows, costs, meta, path):
         "evaluation inputs; MagCache calibrated on them) with at least the speedup T/K; `best evenly spaced` is "
         "the best of a family of evenly spaced schedules chosen on the evaluation set itself (an oracle for that "
         "family). Margin = calibrated - best peer; goal >= 2 dB. The peers have no point at exactly T/K: the best "
-        "peer with at least that speedup may sit at a higher one (its speedup is shown). Peers present: "
-        "FirstBlockCache, TaylorSeer (per-module, whole-block, lite), MagCache (calibrated), cache-dit DBCache "
-        "(+TaylorSeer); missing: cache-dit's fixed step mask (not in bench/peers.py at the time of this run).",
+        "peer with at least that speedup may sit at a higher one (its speedup is shown). Peers: every group of "
+        "bench/quality.py (FirstBlockCache, TaylorSeer per-module / whole-block / lite, MagCache calibrated on the "
+        "evaluation inputs, cache-dit DBCache with TaylorSeer, DMD and FoCa, cache-dit's evenly spaced step masks, "
+        "SeaCache on Wan), and here cache-dit's step mask fed the calibrated schedule's own steps (`cache-dit mask, "
+        "same steps`: the best of its calibrators none / TaylorSeer / DMD / FoCa; its MAC speedup is below T/K "
+        "because cache-dit still runs the first block on a masked step).",
     ]
     verdict = []
     for name in dict.fromkeys(r["model"] for r in rows):
@@ -297,21 +330,27 @@ def report(rows, costs, meta, path):
             rs = [r for r in rows if r["model"] == name and r["steps"] == T]
             lines += ["", f"## {name}, {T} steps", "",
                       "| passes (speedup) | calibrated | best evenly spaced | budget (spaced rule) | best peer | "
-                      "margin over best peer | calibrated schedule |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+                      "cache-dit mask, same steps | margin over best peer | calibrated schedule |",
+                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
             for K in sorted({r["K"] for r in rs if r["method"] == "calibrated"}, reverse=True):
                 get = {r["method"]: r for r in rs if r["K"] == K}
                 c, e, sp, bp = (get.get(m) for m in ("calibrated", "best evenly spaced", "budget (spaced rule)", "best peer"))
+                mk = get.get("cache-dit mask, same steps")
                 if c is None or K * 2 > T or T / K > 10 / 3 + 1e-6:
                     continue
-                margin = c["psnr"] - bp["psnr"] if bp else None
+                # the mask fed the same steps counts as a peer at this compute (it runs slightly more)
+                rival = max([x for x in (bp, mk) if x is not None], key=lambda x: x["psnr"], default=None)
+                margin = c["psnr"] - rival["psnr"] if rival else None
                 ok = margin is not None and margin >= 2.0
                 if bp is None:
                     verdict.append((name, T, K, None))
                 else:
                     verdict.append((name, T, K, margin))
                 peer = f"{bp['psnr']:.2f} ({bp['schedule']}, x{bp['speedup']:.2f})" if bp else "no peer reaches it"
+                mask_cell = f"{mk['psnr']:.2f} ({mk['schedule']}, x{mk['speedup']:.2f})" if mk else "-"
                 lines.append(f"| {K} (x{T / K:.2f}) | {_fmt(c['psnr'])} | {_fmt(e['psnr'] if e else None)} | "
                              f"{_fmt(sp['psnr'] if sp else None)} | {peer} | "
+                             f"{mask_cell} | "
                              f"{(f'{margin:+.2f} dB ' + ('met' if ok else 'MISS')) if margin is not None else '-'} | "
                              f"{c['schedule']} |")  # fmt: skip
             pre = [r for r in rs if r["method"].startswith("preset") or r["method"].startswith("calibrated at")]
@@ -365,6 +404,8 @@ def main(argv=None):
     p.add_argument("--reuse", action="store_true", help="evaluate the shipped 4-input calibrations (tcpade/zoo/"
                    "schedules.json) instead of searching again (their recorded cost is reported)")
     p.add_argument("--search-only", action="store_true", help="calibrate and ship, evaluate nothing")
+    p.add_argument("--samples", type=int, default=16, help="evaluation samples per model: those of bench/quality.py's "
+                   "run (its --samples), so that its peer rows are on the same inputs (default 16)")
     p.add_argument("--append", action="store_true", help="add to the rows of calibration.csv instead of replacing")
     p.add_argument("--report-only", action="store_true", help="re-render calibration.md from calibration.csv")
     p.add_argument("--rules", action="store_true", help="only: every evenly spaced schedule of the family at every "
@@ -394,7 +435,7 @@ def main(argv=None):
         for name in args.models.split(","):
             print(f"## {name} T={T}", flush=True)
             r, c = bench(name, T, lambda m: print(m, flush=True), shipped, (name, T) in ablate, (name, T) in lazy,
-                         sweeps.get(T, 1), args.reuse, args.search_only)  # fmt: skip
+                         sweeps.get(T, 1), args.reuse, args.search_only, args.samples)  # fmt: skip
             schedules.clear(shipped=False)
             if args.search_only:
                 if not args.no_ship:
