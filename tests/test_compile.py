@@ -206,3 +206,55 @@ def test_pipeline_with_cfg_branches_under_regional_fullgraph():
         torch.testing.assert_close(second, ref, **EXACT)
     finally:
         tcpade.remove(pipe)
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_auto_predictor_under_fullgraph_compile(mode, monkeypatch):
+    """Predictor "auto": the online choice is a device-side coefficient value, so a compiled model
+    neither breaks its graph nor recompiles when the choice changes, and reproduces eager bit for bit.
+    (The tiny random models always choose rational; the device choice is flipped to linear at every
+    other computed step here, the same in the eager and the compiled runs.)"""
+    from tcpade import coef as K
+    from tcpade import policy
+
+    real, calls = policy._choice_mask, []
+
+    def alternating(sums, coef, acc):
+        mask, acc = real(sums, coef, acc)
+        calls.append(1)
+        if len(calls) % 2:
+            mask = mask.clone()
+            mask[K.BMAX] = 0.0  # linear
+        return mask, acc
+
+    monkeypatch.setattr(policy, "_choice_mask", alternating)
+    cfg = TCPadeConfig.fast(predictor="auto")
+    model, inputs, _ = FAMILIES["flux"]()
+    tcpade.apply(model, cfg, num_steps=STEPS)
+    ref = trajectory("flux", model, inputs)
+    tcpade.remove(model)
+    assert len(calls) == 4  # computed steps 7, 11, 14, 18 chose (linear, rational, linear, rational)
+    plain = FAMILIES["flux"]()[0]
+    tcpade.apply(plain, TCPadeConfig.fast(), num_steps=STEPS)
+    assert not torch.equal(trajectory("flux", plain, inputs)[-1], ref[-1])  # the flips changed the output
+    tcpade.remove(plain)
+    torch._dynamo.reset()
+    model, inputs, _ = FAMILIES["flux"]()
+    rt = tcpade.apply(model, cfg, num_steps=STEPS)
+    call = torch.compile(model, fullgraph=True, backend="aot_eager") if mode == "full" else _regional(model, "aot_eager")
+    try:
+        calls.clear()
+        with CompileCount() as warm:
+            first = trajectory("flux", call, inputs)
+        assert warm.graphs > 0 and warm.graph_breaks == 0
+        waits = rt.host_reads
+        calls.clear()
+        with torch._dynamo.config.patch(error_on_recompile=True), CompileCount() as steady:
+            second = trajectory("flux", call, inputs)
+        assert steady.frames == steady.graphs == 0 and steady.recompiles == [] and steady.graph_breaks == 0
+        assert rt.host_reads == waits
+        for k in range(STEPS):
+            torch.testing.assert_close(first[k], ref[k], **EXACT, msg=f"warm-up step {k}")
+            torch.testing.assert_close(second[k], ref[k], **EXACT, msg=f"step {k}")
+    finally:
+        tcpade.remove(model)
