@@ -184,7 +184,7 @@ class Summary:
     def __str__(self) -> str:
         c = self.config
         lines = [
-            f"tcpade: predictor={c.predictor} policy={c.policy}; history {self.history_bytes / 2**20:.2f} MiB",
+            f"tcpade: predictor={c.predictor} {_decided_by(c)}; history {self.history_bytes / 2**20:.2f} MiB",
         ]
         if self.empty:
             lines.append("nothing has run yet: no transformer call since tcpade.apply (run the pipeline first)")
@@ -239,6 +239,18 @@ class Summary:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _decided_by(c: TCPadeConfig) -> str:
+    """What decides the skips of ``c``, for the summary's header (a schedule or a budget overrides
+    the policy fields)."""
+    if c.schedule is not None:
+        return f"schedule={len(c.schedule)}/{c.schedule_steps}"
+    if c.passes is not None:
+        return f"budget=passes {c.passes}"
+    if c.speedup is not None:
+        return f"budget=speedup {c.speedup:g}"
+    return f"policy={c.policy}"
 
 
 def summary(target) -> Summary:
