@@ -61,8 +61,11 @@ def levels(T):
     return sorted({T // 2, round(T / 2.9), math.ceil(T / (10 / 3) - 1e-9)}, reverse=True)
 
 
+PEERS_DIR = [OUT]  # where bench/quality.py's CSVs are read from (--peers)
+
+
 def peers_from_csv(name, T):
-    path = os.path.join(OUT, f"quality_{name}.csv")
+    path = os.path.join(PEERS_DIR[0], f"quality_{name}.csv")
     if not os.path.exists(path):
         return []
     rows = []
@@ -404,6 +407,7 @@ def main(argv=None):
     p.add_argument("--reuse", action="store_true", help="evaluate the shipped 4-input calibrations (tcpade/zoo/"
                    "schedules.json) instead of searching again (their recorded cost is reported)")
     p.add_argument("--search-only", action="store_true", help="calibrate and ship, evaluate nothing")
+    p.add_argument("--peers", default=OUT, help="the folder of bench/quality.py's CSVs (default bench/results)")
     p.add_argument("--samples", type=int, default=16, help="evaluation samples per model: those of bench/quality.py's "
                    "run (its --samples), so that its peer rows are on the same inputs (default 16)")
     p.add_argument("--append", action="store_true", help="add to the rows of calibration.csv instead of replacing")
@@ -412,6 +416,7 @@ def main(argv=None):
                    "pass count (calibration_rules.csv), to choose the spaced rule from")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    PEERS_DIR[0] = args.peers
     meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 command="python bench/calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
     pairs = lambda arg: {(kv.split(":")[0], int(kv.split(":")[1])) for kv in arg.split(",") if kv}  # noqa: E731
