@@ -41,6 +41,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -219,7 +220,7 @@ def score(row, images, ref, judge, labels):
     row["fd"] = judge.fd(images)
 
 
-def bench_model(name, steps_list, quick, log, samples=None, sweep=True):
+def bench_model(name, steps_list, quick, log, samples=None, sweep=True, only=None):
     from peers import peer_methods
 
     torch.manual_seed(0)
@@ -243,6 +244,8 @@ def bench_model(name, steps_list, quick, log, samples=None, sweep=True):
         if not sweep:
             ours = [m for m in ours if m.group == PRESET_GROUP]
         methods = ours + peer_methods(name, steps, quick=quick)
+        if only is not None:  # a partial rerun: the matching groups only (--only)
+            methods = [m for m in methods if re.search(only, m.group)]
         for m in methods:
             row = dict(model=name, steps=steps, group=m.group, label=m.label,
                        knobs=" ".join(f"{k}={v}" for k, v in m.knobs.items()))  # fmt: skip
@@ -580,6 +583,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=None, help="at most this many samples per model (default: all)")
     p.add_argument("--presets-only", action="store_true", help="tcpade's presets without its knob sweeps")
     p.add_argument("--merge", action="store_true", help="keep the rows of other step counts already in the CSVs")
+    p.add_argument("--only", default=None, help="a regular expression: run only the method groups it matches (e.g. "
+                   "'presets|budget' after new calibrated schedules) and keep every other row of the CSVs")
     p.add_argument("--quick", action="store_true", help="few samples, few knob values: the CI smoke run")
     p.add_argument("--out", default=OUT)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
@@ -615,7 +620,7 @@ def main(argv=None):
         command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, tcpade=tcpade.__version__,
                     date=time.strftime("%Y-%m-%d"), commands=[command], judges={}, samples={})  # fmt: skip
-        if args.merge and old_meta:
+        if (args.merge or args.only is not None) and old_meta:
             meta["commands"] = old_meta.get("commands", [old_meta.get("command", "?")]) + [command]
             meta["judges"] = old_meta.get("judges", {})
             meta["samples"] = {k: v for k, v in old_meta.get("samples", {}).items() if isinstance(v, dict)}
@@ -623,18 +628,22 @@ def main(argv=None):
                 meta["note"] = old_meta["note"]
         for name in names:
             rows, judge = bench_model(name, steps_list, args.quick, lambda msg: print(msg, flush=True),
-                                      samples=args.samples, sweep=not args.presets_only)  # fmt: skip
+                                      samples=args.samples, sweep=not args.presets_only, only=args.only)  # fmt: skip
             meta["judges"][name] = judge.train_acc
             n = len(eval_set(name, args.quick, args.samples)[0])
             meta["samples"].setdefault(name, {}).update({str(t): n for t in steps_list})
-            if args.merge and os.path.exists(csv_path(name)):
+            if args.only is not None and os.path.exists(csv_path(name)):  # replace the rows of the groups rerun
+                rerun = {(r["steps"], r["group"]) for r in rows}
+                rows = [r for r in read_csv(csv_path(name)) if (r["steps"], r["group"]) not in rerun] + rows
+                rows.sort(key=lambda r: r["steps"])
+            elif args.merge and os.path.exists(csv_path(name)):
                 rows = [r for r in read_csv(csv_path(name)) if r["steps"] not in steps_list] + rows
                 rows.sort(key=lambda r: r["steps"])
             write_csv(rows, csv_path(name))
             results[name] = rows
             with open(meta_path, "w") as f:
                 json.dump(meta, f, indent=1)
-        if args.merge:  # models of earlier runs not run now stay in the report
+        if args.merge or args.only is not None:  # models of earlier runs not run now stay in the report
             for name in zoo.names():
                 if name not in results and os.path.exists(csv_path(name)):
                     results[name] = read_csv(csv_path(name))

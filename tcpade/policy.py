@@ -356,7 +356,9 @@ class Runtime:
             reason = force
         elif b.planned:
             if k in self._plan(total):
-                reason = self._host_reason(b, k, total) or "schedule"
+                # a schedule or a budget decides every step itself; the TSI rule's plan keeps its reasons
+                rule = c.schedule is None and c.budget_passes(total) is None
+                reason = (self._host_reason(b, k, total) if rule else None) or "schedule"
             else:  # (a plan never skips a step the history cannot predict; this guards an explicit one)
                 reason = "history" if b.history.count < K.MIN_HISTORY[c.predictor] else None
         else:
