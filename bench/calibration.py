@@ -128,8 +128,7 @@ def bench(name, T, log, ship_store, ablate, lazy_too, sweeps, reuse=False, searc
 
     def cal(n, method="refine", sweeps=sweeps):
         if reuse and n == 4 and method == "refine":  # the shipped 4-input calibration, not searched again
-            c = next((c for c in tcpade.calibrate.load(schedules.SHIPPED, register=False)
-                      if c.name == name and c.steps == T and c.predictor == "rational"), None)  # fmt: skip
+            c = tcpade.calibrate.shipped(name, T)
             if c is None:
                 raise SystemExit(f"--reuse: no shipped calibration of {name} at {T} steps in {schedules.SHIPPED}")
             costs.append(dict(model=name, steps=T, inputs=c.inputs, method=f"{c.method}, {sweeps} sweep(s)",

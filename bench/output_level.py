@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import cpu_name  # noqa: E402
 from quality import eval_set  # noqa: E402
 
-from tcpade import metrics, schedules, zoo  # noqa: E402
-from tcpade.calibrate import load  # noqa: E402
+from tcpade import metrics, zoo  # noqa: E402
+from tcpade.calibrate import shipped  # noqa: E402
 from tcpade.config import TCPadeConfig  # noqa: E402
 from tcpade.history import History  # noqa: E402
 
@@ -84,12 +84,11 @@ def main(argv=None):
              "transformer's output (not in the library).", "",
              "| model | passes | block rational | output rational | output linear | output best - block |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    cals = load(schedules.SHIPPED, register=False)
     for name in args.models.split(","):
         m = zoo.load(name)
         seeds, labels = eval_set(name, False, args.samples)
         ref = m.sample(seeds, labels, steps=T)
-        cal = next(c for c in cals if c.name == name and c.steps == T and c.predictor == "rational")
+        cal = shipped(name, T)
         for k in (10, 8, 7):
             sched = cal.schedules[k]
             cfg = TCPadeConfig(schedule=sched, schedule_steps=T)

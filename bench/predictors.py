@@ -35,7 +35,7 @@ from _bench_common import cpu_name  # noqa: E402
 from quality import eval_set  # noqa: E402
 
 from tcpade import metrics, schedules, zoo  # noqa: E402
-from tcpade.calibrate import load  # noqa: E402
+from tcpade.calibrate import shipped  # noqa: E402
 from tcpade.config import TCPadeConfig  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results")
@@ -55,8 +55,7 @@ def bench(name, T, log):
     model = zoo.load(name)
     seeds, labels = eval_set(name, quick=False, samples=SAMPLES[name])
     ref = model.sample(seeds, labels, steps=T)
-    cal = next((c for c in load(schedules.SHIPPED, register=False)
-                if c.name == name and c.steps == T and c.predictor == "rational"), None)  # fmt: skip
+    cal = shipped(name, T)
     rows = []
     for K in pass_counts(T):
         scheds = {"spaced rule": schedules.spaced(T, K, 2)}

@@ -69,7 +69,7 @@ from .config import TCPadeConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Calibration", "add_cli", "calibrate", "load", "main", "run_cli", "save"]
+__all__ = ["Calibration", "add_cli", "calibrate", "load", "main", "run_cli", "save", "shipped"]
 
 METHODS = ("refine", "lazy", "greedy")
 
@@ -255,6 +255,12 @@ def load(path: str, register: bool = True) -> List[Calibration]:
         for r in out:
             r.register()
     return out
+
+
+def shipped(name: str, steps: int, predictor: str = "rational") -> Optional[Calibration]:
+    """The zoo's shipped calibration of model ``name`` at ``steps`` steps (not registered), or None."""
+    return next((c for c in load(S.SHIPPED, register=False)
+                 if c.name == name and c.steps == steps and c.predictor == predictor), None)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- search
