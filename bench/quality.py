@@ -512,6 +512,10 @@ def write_report(out_dir, suffix, meta, results):
         "of the same seed. acc = judge-classifier accuracy on the requested class; FD = Frechet distance of its "
         "features to the training data (lower is better). Wall = full / method wall time in this run (a shared "
         "2-core VM: noisy).",
+        "",
+        "The calibrated schedules (what `slow()` and `fast()` run on these models) against the best evenly spaced "
+        "schedule with the same passes, the presets, every peer and cache-dit's step mask fed the same steps, on "
+        "inputs the calibration did not see: `calibration.md` (bench/calibration.py).",
     ]
     table, misses = list(PRESET_HEADER), []
     for name, rows in results.items():
