@@ -31,6 +31,7 @@ WRONG_TYPE = {
     "passes": "8",
     "speedup": "2.5",
     "use_calibrated": 1,
+    "budget_max_run": 3.0,
     "calibrated": {20: (0, 1, 5)},
 }
 
