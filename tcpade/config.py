@@ -87,7 +87,8 @@ class TCPadeConfig:
     """How a skipped step's residual is predicted: "paper" (the published [2/1] form),
     "rational" (time-aware [1/1] Pade, docs/method.md section 5), "reuse" (last residual),
     "linear" (in schedule time) or "auto" (per branch, whichever of rational and linear
-    predicted the newest computed step better: one more memory pass on each computed step).
+    predicted the run's computed steps so far better: one more memory pass on each computed
+    step).
     Not a speed knob: every predictor is one memory pass per skipped step."""
 
     policy: str = "error"
@@ -237,9 +238,9 @@ class TCPadeConfig:
         """The 2.5x point: a compute budget of ``speedup=2.5`` (8 of 20 block-stack passes per
         branch, 11 of 28, 20 of 50), rational predictor, on the model's calibrated schedule when
         the registry has one (the zoo ships them; ``tcpade.calibrate`` makes them), else the
-        spaced rule. Short runs get more passes, so that the spaced rule never predicts more than
-        3 steps in a row (``budget_max_run=3``: 4 of 10, 3 of 6). Until this version ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every
-        4th step, the last); on the zoo the calibrated 8-of-20 schedule gave 3-12 dB more with
+        spaced rule. Short runs get more passes, so that the spaced rule never predicts more
+        than 3 steps in a row (``budget_max_run=3``: 4 of 10, 3 of 6). Until this version
+        ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo the calibrated 8-of-20 schedule gave 3-12 dB more with
         one pass fewer (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4,
         interval=4, final_steps=1, tsi_threshold=1.0)`` is the old rule."""
         base = dict(speedup=2.5, budget_max_run=3)
@@ -250,8 +251,8 @@ class TCPadeConfig:
     def fast(cls, **overrides) -> "TCPadeConfig":
         """The 2.9x point: a compute budget of ``speedup=2.9`` (7 of 20 passes per branch, 10 of
         28, 17 of 50), placed like ``slow()``: the model's calibrated schedule, else the spaced
-        rule, at least 3 steps predicted in a row at most (4 of 10). The paper's "fast" point computes the same 7 of 20 as warm-up 2, every 6th and the
-        last step (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5,
+        rule, with at most 3 steps predicted in a row (4 of 10). The paper's "fast" point
+        computes the same 7 of 20 as warm-up 2, every 6th and the last step (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5,
         final_steps=1, tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
         every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
         base = dict(speedup=2.9, budget_max_run=3)

@@ -64,8 +64,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import coef as K
-from .config import TCPadeConfig
 from . import layout as L
+from .config import TCPadeConfig
 from .history import History, Sums, _to_device
 from .reference import tsi_from_sums
 
@@ -493,16 +493,15 @@ class Runtime:
                 rec.reason = "nonfinite"  # read at once, this call would have been computed as "nonfinite"
         elif rec.probed:
             rec.error = math.sqrt(v.err2 / v.r2) if v.r2 > 0 else math.nan
-            if rec.choose:  # the same rule as _choice_mask, on the host values
-                lin2 = v.d22 + 2.0 * rec.lam1 * v.d12 + rec.lam1 * rec.lam1 * v.d11
-                r2 = v.r2 if v.r2 > 0 else 1.0
+            if rec.choose:  # the rule of _choice_mask, on the host values
+                e_rat, e_lin = _candidate_errors(v.d11, v.d22, v.d12, v.err2, v.r2 if v.r2 > 0 else 1.0, rec.lam1)
                 a_rat, a_lin = b.choice_err_host
-                a_rat, a_lin = a_rat + v.err2 / r2, a_lin + lin2 / r2
+                a_rat, a_lin = a_rat + e_rat, a_lin + e_lin
                 b.choice_err_host = (a_rat, a_lin)
                 linear = a_lin < a_rat
                 rec.choice = L.CHOOSERS[self.config.predictor][1 if linear else 0]
                 if linear:
-                    rec.error = math.sqrt(max(lin2, 0.0) / v.r2) if v.r2 > 0 else math.nan
+                    rec.error = math.sqrt(max(e_lin, 0.0)) if v.r2 > 0 else math.nan
             if self.config.policy == "error" and not b.planned:
                 self._size_run(b, rec.error)
 
@@ -539,6 +538,14 @@ class Runtime:
         return coef, lam1, values[K.BMAX] != 0.0
 
 
+def _candidate_errors(d11, d22, d12, err2, r2, lam1):
+    """Predictor "auto": the squared errors of rational (the probe's ``err2``) and of linear
+    extrapolation (||d2 + lam1 d1||^2 = d22 + 2 lam1 d12 + lam1^2 d11) on one computed step,
+    relative to ``r2`` = ||R||^2 (> 0). Floats (the host's records) or 0-d tensors (the device)."""
+    lin2 = d22 + 2.0 * lam1 * d12 + lam1 * lam1 * d11
+    return err2 / r2, lin2 / r2
+
+
 def _choice_mask(sums: torch.Tensor, coef: torch.Tensor, acc: Optional[torch.Tensor]):
     """Predictor "auto", on the device: the coefficient mask of the candidate with the smaller
     error summed over the run's computed steps so far (``acc``: the sums before this step, or
@@ -547,13 +554,10 @@ def _choice_mask(sums: torch.Tensor, coef: torch.Tensor, acc: Optional[torch.Ten
     sums; lam1 from the probe's coefficients). Linear is chosen only when strictly smaller (a
     NaN keeps rational); its mask zeroes the pole bound ``bmax``, which turns the rational
     kernel into linear extrapolation."""
-    i = {n: L.SUMS.index(n) for n in ("d11", "d22", "d12", "err2")}
-    s = sums.to(torch.float64)
-    lam1 = coef[K.LAM1].to(torch.float64)
-    lin2 = s[i["d22"]] + 2.0 * lam1 * s[i["d12"]] + lam1 * lam1 * s[i["d11"]]
-    r2 = s[L.SUMS.index("r2")]
-    r2 = torch.where(r2 > 0, r2, torch.ones_like(r2))
-    new = torch.stack([s[i["err2"]] / r2, lin2 / r2])
+    s = dict(zip(L.SUMS, sums.to(torch.float64)))
+    r2 = torch.where(s["r2"] > 0, s["r2"], torch.ones_like(s["r2"]))
+    e = _candidate_errors(s["d11"], s["d22"], s["d12"], s["err2"], r2, coef[K.LAM1].to(torch.float64))
+    new = torch.stack(e)
     acc = new if acc is None else acc + new
     keep = (~(acc[1] < acc[0])).to(coef.dtype)
     mask = torch.ones_like(coef)
