@@ -28,6 +28,15 @@ two torch hooks on the transformer:
 * after the forward (a torch forward hook, eager): ``controller.finish(branch, h_in, h_out)``
   (None, None for a skipped call) stores the residual and keeps the books.
 
+* output level (a controller whose ``level`` is ``"output"``, ``TCPadeConfig(level="output")``):
+  the block hooks stand aside; a skipped call is answered by the ``tcpade_root`` hook's
+  ``new_forward`` without running any of the forward: the prediction callable is called with
+  None (the output is its own residual) and its tensor returned as the call asked
+  (``(sample,)`` for ``return_dict=False``, else the output class the computed calls returned).
+  A computed call runs the forward as it is and ``finish`` gets (None, the returned tensor).
+  A skip whose input (``hidden_states``: shape, dtype, device) differs from the branch's last
+  computed call is computed after all. Transformers that return one tensor per image (Z-Image)
+  are refused at ``attach``.
 * branches: the name of the active cache context (``"default"`` when none is set). A pipeline
   that runs classifier-free guidance as two calls per step without cache contexts (FluxImg2Img,
   FluxKontext) gets ``"default"`` and ``"default.2"``: outside a cache context, the n-th call
@@ -93,6 +102,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tupl
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from . import families
 from .families import BlockSpec
@@ -134,6 +144,9 @@ class Controller(Protocol):
         """
         ...
 
+    # Optional: ``level`` ("block" when absent): "output" makes a skipped call predict the whole
+    # transformer output (the callable gets None instead of h_in and returns the output tensor)
+    # and a computed call pass ``finish(branch, None, output)``.
     # Optional: ``reset()``. If the controller has it, it is called when diffusers resets the stateful
     # hooks of the transformer (``pipeline.maybe_free_model_hooks()`` at the end of every pipeline call,
     # for transformers with ``CacheMixin``), i.e. when a generation ends.
@@ -185,6 +198,7 @@ class Adapter:
     timestep_arg: str = "timestep"
     control_args: Tuple[str, ...] = ()
     notes: str = ""
+    list_output: bool = False  # forward returns a list of tensors (Z-Image): no output level
 
     def spec_for(self, block: torch.nn.Module) -> BlockSpec:
         for cls in type(block).__mro__:
@@ -224,7 +238,8 @@ class Adapter:
 # control arguments, what runs after the stack); the block specs come from diffusers'
 # TransformerBlockRegistry and tcpade.families.OWN_BLOCKS.
 SUPPORTED: Dict[str, Adapter] = {
-    cls: Adapter(f.name, f.stacks, timestep_arg=f.timestep_arg, control_args=f.control_args, notes=f.after_stack)
+    cls: Adapter(f.name, f.stacks, timestep_arg=f.timestep_arg, control_args=f.control_args, notes=f.after_stack,
+                 list_output=f.list_output)
     for cls, f in families.FAMILIES.items()
 }
 
@@ -264,6 +279,7 @@ class _CallState:
     block region has two variants: compute and skip) and store tensors on it."""
 
     controller: Any
+    output: bool = False  # output level: the root hook predicts the whole forward, the block hooks stand aside
     active: bool = False
     branch: str = DEFAULT_BRANCH
     skip: bool = False
@@ -291,6 +307,24 @@ class _Installed:
 _MAX_REPEAT = 3  # calls per step outside cache contexts told apart: cond, uncond, skip-layer guidance, one more
 
 
+def _signature(x) -> Optional[Tuple]:
+    """What a transformer input must keep for an output-level prediction to stand in for the call."""
+    return (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else None
+
+
+def _sample_of(module, output) -> torch.Tensor:
+    """The tensor a transformer call returned: ``output.sample``, or ``output[0]`` of ``(sample,)``."""
+    if isinstance(output, (tuple, list)) and len(output) == 1 and isinstance(output[0], torch.Tensor):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    if not isinstance(output, (tuple, list)) and isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(
+        f"tcpade level='output' needs a transformer that returns one tensor ((sample,) or an output with .sample); "
+        f"{type(module).__name__} returned {type(output).__name__}: use level='block' for it"
+    )
+
+
 def _time_of(timestep) -> Optional[float]:
     if isinstance(timestep, torch.Tensor):
         return float(timestep.reshape(-1)[0]) if timestep.numel() else None
@@ -312,12 +346,17 @@ class _RootHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state: _CallState, timestep_reader: _ArgReader, controls=()):
+    def __init__(self, state: _CallState, timestep_reader: _ArgReader, controls=(), inputs=None, return_dict=None):
         super().__init__()
         self.state_manager = StateManager(_NoState)
         self.call = state
         self.timestep = timestep_reader
         self.controls: List[_ArgReader] = list(controls)  # block-level control residuals: compute
+        # Output level: the forward's hidden-states and return_dict arguments, the input each branch's
+        # last computed call got (a skip needs the same), the output class a return_dict call returned.
+        self.inputs, self.return_dict = inputs, return_dict
+        self.seen: Dict[str, Tuple] = {}
+        self.output_cls: Any = Transformer2DModelOutput
         self._last_time: Optional[float] = None  # timestep of the previous call outside a cache context
         self._repeat = 0  # calls in a row outside a cache context at that timestep
         self.installed: List[_Installed] = []
@@ -355,6 +394,25 @@ class _RootHook(ModelHook):
             raise RuntimeError(f"a tcpade controller returned a prediction for a call forced to compute ({force!r})")
         st.start(branch, predict)
 
+    def _input(self, args, kwargs) -> Optional[Tuple]:
+        return _signature(self.inputs(args, kwargs)) if self.inputs is not None else None
+
+    def new_forward(self, module, *args, **kwargs):
+        """Output level: a skipped call returns the prediction of the transformer's output without
+        running any of the forward (traced under a whole-model compile: flags and custom ops only).
+        Block level, or a computed call: the forward as it is."""
+        st = self.call
+        if not (st.output and st.active):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if st.skip:
+            pred = st.predict(None) if self._input(args, kwargs) == self.seen.get(st.branch) else None
+            if pred is not None:
+                if self.return_dict is not None and not self.return_dict(args, kwargs):
+                    return (pred,)
+                return self.output_cls(sample=pred)
+            st.skip = False  # another input than the computed calls had: compute this call after all
+        return self.fn_ref.original_forward(*args, **kwargs)
+
     @torch.compiler.disable
     def after(self, module, args, kwargs, output):
         st = self.call
@@ -362,6 +420,12 @@ class _RootHook(ModelHook):
             if output is not None:  # None: the forward raised (this hook is always called)
                 if st.skip:
                     st.controller.finish(st.branch, None, None)
+                elif st.output:
+                    sample = _sample_of(module, output)
+                    self.seen[st.branch] = self._input(args, kwargs)
+                    if not isinstance(output, (tuple, list)):
+                        self.output_cls = type(output)
+                    st.controller.finish(st.branch, None, sample)
                 else:
                     st.controller.finish(st.branch, st.h_in, st.h_out)
         finally:
@@ -397,7 +461,7 @@ class _BlockHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         st = self.call
-        if not st.active:  # called outside a hooked transformer call: behave as the plain block
+        if not st.active or st.output:  # outside a hooked transformer call, or at output level: the plain block
             return self.fn_ref.original_forward(*args, **kwargs)
         deciding = st.skip and st.pred is None
         if deciding:
@@ -493,9 +557,19 @@ def attach(transformer, controller: Controller) -> None:
                 f"diffusers' context parallelism splits the inputs of {name}, a block tcpade hooks: call "
                 "tcpade.apply before transformer.enable_parallelism"
             )
-    state = _CallState(controller)
+    level = getattr(controller, "level", "block")
+    if level not in ("block", "output"):
+        raise ValueError(f"a tcpade controller's level must be 'block' or 'output', got {level!r}")
+    if level == "output" and adapter.list_output:
+        raise TypeError(f"tcpade level='output' cannot predict {type(module).__name__}'s output (a list of "
+                        "tensors, one per image): use level='block'")  # fmt: skip
     fwd = type(module).forward
-    root = _RootHook(state, _ArgReader(fwd, adapter.timestep_arg), [_ArgReader(fwd, n) for n in adapter.control_args])
+    names = _param_names(fwd)
+    inputs = _ArgReader(fwd, "hidden_states" if "hidden_states" in names else names[0]) if names else None
+    return_dict = _ArgReader(fwd, "return_dict") if "return_dict" in names else None
+    state = _CallState(controller, output=level == "output")
+    root = _RootHook(state, _ArgReader(fwd, adapter.timestep_arg), [_ArgReader(fwd, n) for n in adapter.control_args],
+                     inputs, return_dict)  # fmt: skip
     hooks = [_BlockHook(state, spec, block) for (_, block), spec in zip(blocks, specs)]
     installed: List[_Installed] = []
     try:

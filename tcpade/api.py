@@ -95,6 +95,10 @@ class _Expert:
     def finish(self, branch, h_in, h_out):
         self.runtime.finish(branch, h_in, h_out)
 
+    @property
+    def level(self) -> str:
+        return self.runtime.level
+
     def reset(self):
         self.runtime.reset()
 
@@ -184,7 +188,8 @@ class Summary:
     def __str__(self) -> str:
         c = self.config
         lines = [
-            f"tcpade: predictor={c.predictor} {_decided_by(c)}; history {self.history_bytes / 2**20:.2f} MiB",
+            f"tcpade: predictor={c.predictor}{' level=output' if c.level == 'output' else ''} {_decided_by(c)}; "
+            f"history {self.history_bytes / 2**20:.2f} MiB",
         ]
         if self.empty:
             lines.append("nothing has run yet: no transformer call since tcpade.apply (run the pipeline first)")

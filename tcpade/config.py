@@ -25,6 +25,7 @@ from . import coef as K
 from . import schedules as S
 
 POLICIES = ("tsi", "error")
+LEVELS = ("block", "output")
 
 
 class ConfigTypeError(TypeError, ValueError):
@@ -47,6 +48,7 @@ def _finite(v):
 _CHECKS = {
     "predictor": ("a str", lambda v: isinstance(v, str), f"one of {K.PREDICTORS}", lambda v: v in K.PREDICTORS),
     "policy": ("a str", lambda v: isinstance(v, str), f"one of {POLICIES}", lambda v: v in POLICIES),
+    "level": ("a str", lambda v: isinstance(v, str), f"one of {LEVELS}", lambda v: v in LEVELS),
     "warmup": ("an int", _int, ">= 0", lambda v: v >= 0),
     "interval": ("an int", _int, ">= 0", lambda v: v >= 0),
     "final_steps": ("an int", _int, ">= 0", lambda v: v >= 0),
@@ -90,6 +92,15 @@ class TCPadeConfig:
     predicted the run's computed steps so far better: one more memory pass on each computed
     step).
     Not a speed knob: every predictor is one memory pass per skipped step."""
+
+    level: str = "block"
+    """What a skipped call predicts. "block": the residual h_out - h_in of the block stack; the
+    embeddings before the stack and the output norm / projection after it run on every call.
+    "output": what the transformer returns (its noise or velocity prediction), extrapolated
+    from the branch's last computed outputs, as diffusers' TaylorSeer "lite" mode does; a
+    skipped call runs nothing of the transformer (docs/method.md section 12). Which is more
+    faithful depends on the model (bench/results/output_level.md); "output" skips slightly
+    more work per skipped call."""
 
     policy: str = "error"
     """Which steps are skipped: "tsi" (the paper: fixed always-computed steps, others

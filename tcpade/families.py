@@ -54,10 +54,13 @@ class Family:
     timestep_arg: str = "timestep"
     control_args: Tuple[str, ...] = ()
     after_stack: str = ""
+    list_output: bool = False  # forward returns one tensor per image (a list): level="output" cannot predict it
 
 
-def _f(name, stacks, pipelines, cfg=SEPARATE, timestep_arg="timestep", control_args=(), after_stack=""):
-    return Family(name, tuple(stacks), tuple(pipelines), cfg, timestep_arg, tuple(control_args), after_stack)
+def _f(name, stacks, pipelines, cfg=SEPARATE, timestep_arg="timestep", control_args=(), after_stack="",
+       list_output=False):  # fmt: skip
+    return Family(name, tuple(stacks), tuple(pipelines), cfg, timestep_arg, tuple(control_args), after_stack,
+                  list_output)  # fmt: skip
 
 
 _DOUBLE_SINGLE = ("transformer_blocks", "single_transformer_blocks")
@@ -107,6 +110,7 @@ FAMILIES: Dict[str, Family] = {
         cfg=BATCHED, timestep_arg="t", control_args=("controlnet_block_samples",),
         after_stack="the final layer on the joint (image, text) sequence, then unpatchify of the image part; "
         "noise_refiner and context_refiner run before the stack",
+        list_output=True,
     ),
     "CogView4Transformer2DModel": _f(
         "cogview4", ("transformer_blocks",), ("CogView4Pipeline",),

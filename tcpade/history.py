@@ -10,9 +10,11 @@ history); ``reset()`` forgets without freeing. Per branch it holds
   on the device (a roll by one), so no step copies host data to the device for it,
 * ``times``: the schedule time of each stored residual (host floats),
 * ``h_prev``: the previous call's h_in, only when ``keep_prev_input`` (the paper's
-  input-change correction needs it).
+  input-change correction needs it),
+* ``zero``: a zero tensor like the stored values, only at output level (``zero_for``: the
+  h_in of an extrapolated transformer output, which is its own residual).
 
-Memory: (S + keep_prev_input) hidden-state-sized tensors, reported by ``nbytes``.
+Memory: (S + keep_prev_input + output level) hidden-state-sized tensors, reported by ``nbytes``.
 
 Device work and host bookkeeping are separate calls: ``record`` / ``predict`` run the
 fused ops on tensors only (``predict`` is traced inside compiled block regions), and
@@ -98,6 +100,7 @@ class History:
     ring: Optional[torch.Tensor] = field(default=None, repr=False)
     slots: Optional[torch.Tensor] = field(default=None, repr=False)
     h_prev: Optional[torch.Tensor] = field(default=None, repr=False)
+    zero: Optional[torch.Tensor] = field(default=None, repr=False)
     order: List[int] = field(default_factory=list)
     times: List[float] = field(default_factory=list)
     count: int = 0
@@ -122,6 +125,14 @@ class History:
         self.reset()
         return True
 
+    def zero_for(self, h: torch.Tensor) -> torch.Tensor:
+        """A zero tensor like ``h``, kept as ``zero`` (allocated once per shape, dtype, device; never
+        written): the h_in of a transformer output at output level, so that R = h_out."""
+        z = self.zero
+        if z is None or z.shape != h.shape or z.dtype != h.dtype or z.device != h.device:
+            z = self.zero = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+        return z
+
     def reset(self) -> None:
         """Forget the history, keep the buffers."""
         self.order = list(range(self.nslots))
@@ -135,7 +146,7 @@ class History:
     @property
     def nbytes(self) -> int:
         total = 0
-        for t in (self.ring, self.h_prev, self.slots):
+        for t in (self.ring, self.h_prev, self.slots, self.zero):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total

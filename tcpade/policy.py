@@ -133,7 +133,11 @@ class _Call:
     lam1: float = 0.0  # a probe's linear weight on R2 (predictor "auto" measures linear with it)
     choose: bool = False  # predictor "auto": this probe chooses the candidate of the next skips
 
-    def __call__(self, h_in: torch.Tensor) -> Optional[torch.Tensor]:
+    def __call__(self, h_in: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if h_in is None:  # output level: the transformer's output is its own residual (h_in = 0)
+            h_in = self.history.zero
+            if h_in is None:
+                return None
         if not self.history.matches(h_in):
             return None  # another shape, dtype or device than the history's: compute this call
         out, self.sums = self.history.predict(h_in, self.coef, self.variant, store=self.store)
@@ -234,6 +238,7 @@ class Runtime:
         gamma = c.input_correction if c.input_correction is not None else K.default_gamma(c.predictor)
         self._keep_prev = float(gamma) != 0.0
         self._variant = L.kernel_variant(c.predictor)  # what the kernels run
+        self.level = c.level  # what the adapter hands over: the block stack's h_in/h_out, or the output
         self._auto = c.predictor in L.CHOOSERS  # the candidate is chosen online
 
     # ------------------------------------------------------------------ plumbing
@@ -379,15 +384,16 @@ class Runtime:
         return b.pending
 
     def finish(self, branch: str, h_in: Optional[torch.Tensor], h_out: Optional[torch.Tensor]) -> None:
-        """After the forward: ``h_in`` and ``h_out`` of a computed call (store R = h_out - h_in),
-        both None for a skipped one."""
+        """After the forward: ``h_in`` and ``h_out`` of a computed call (store R = h_out - h_in;
+        at output level ``h_in`` is None and ``h_out`` the transformer's output), both None for a
+        skipped one."""
         b = self.branches.get(branch)
         p = b.pending if b is not None else None
         if p is None:
             raise RuntimeError(f"tcpade: finish() for branch {branch!r} without a matching decide()")
         b.pending = None
         c = self.config
-        if h_in is None:
+        if h_out is None:
             if p.reason is not None or p.sums is None:
                 raise RuntimeError(f"tcpade: branch {branch!r}: a computed call finished without h_in / h_out")
             rec = StepRecord(p.k, p.t, False, "skip", p.stage, sums=Sums(p.sums, self.reduce))
@@ -399,7 +405,11 @@ class Runtime:
             b.consecutive += 1
             b.run_left = max(0, b.run_left - 1)
             return
-        if not b.history.matches(h_in) and (b.k > 0 or p.reason is None):
+        if h_in is None:  # output level: R = the output
+            h_in = b.history.zero_for(h_out)
+        # A skip that computed after all (its prediction could not be made for this call), or
+        # another shape mid-run: a new run.
+        if p.reason is None or (b.k > 0 and not b.history.matches(h_in)):
             log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
             b.new_run()
             total = self.total_steps()

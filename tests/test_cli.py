@@ -120,6 +120,7 @@ def test_config_specs():
 
     assert parse_config("fast") == tcpade.TCPadeConfig.fast()
     assert parse_config("fast:interval=3") == tcpade.TCPadeConfig.fast(interval=3)
+    assert parse_config("fast:level=output") == tcpade.TCPadeConfig.fast(level="output")
     cfg = parse_config("warmup=1,interval=3,max_skips=2,final_steps=0,policy=tsi,input_correction=none")
     assert (cfg.warmup, cfg.interval, cfg.policy, cfg.input_correction) == (1, 3, "tsi", None)
     assert parse_config("store_predictions=true").store_predictions is True

@@ -13,6 +13,7 @@ from tcpade.policy import Runtime
 WRONG_TYPE = {
     "predictor": 3,
     "policy": None,
+    "level": 1,
     "warmup": 2.0,
     "interval": "4",
     "final_steps": True,
@@ -68,6 +69,7 @@ def test_pole_delta_as_string():
         (dict(tsi_threshold=float("nan")), r"TCPadeConfig\.tsi_threshold must be a number >= 0, got nan"),
         (dict(history_slots=2), r"TCPadeConfig\.history_slots must be an int >= 3, got 2"),
         (dict(predictor="pade"), r"TCPadeConfig\.predictor must be one of \('paper', 'rational'"),
+        (dict(level="blocks"), r"TCPadeConfig\.level must be one of \('block', 'output'\), got 'blocks'"),
         (dict(early_frac=0.5, late_frac=0.4), r"early_frac <= late_frac .* early_frac=0\.5, late_frac=0\.4"),
         (dict(late_frac=1.2), r"TCPadeConfig\.late_frac must be in \[0, 1\], got 1\.2"),
     ],

@@ -7,6 +7,8 @@
    the same output as one process.
 2. Data parallelism (a different prompt per rank, whole sequence on each): tcpade calls
    no collective at all, and each rank's output is its single-process output exactly.
+3. Output level (``level="output"``) under the same sequence parallelism: the ranks predict
+   the gathered output, decide alike and as one process does, and give its output.
 
 diffusers 0.42.1 runs its context parallelism on CPU + gloo except for one line:
 ``enable_parallelism`` computes ``rank % torch.accelerator.device_count()``, which is
@@ -39,6 +41,7 @@ WORLD = 2
 # The error policy at a tolerance the random-weight Wan trajectory meets at some steps
 # (tests/test_api.py), so decisions depend on the measured sums, not on the step index.
 CONFIG = TCPadeConfig(tolerance=0.3)
+OUTPUT_CONFIG = TCPadeConfig(tolerance=0.3, level="output")
 STEPS = 12
 
 
@@ -72,10 +75,10 @@ def _decisions(pipe):
     return {br: [(r.k, r.computed, r.reason, err(r), r.nonfinite) for r in recs] for br, recs in s.branches.items()}
 
 
-def _run(cp: bool, seed=1):
+def _run(cp: bool, seed=1, config=CONFIG):
     pipe, _ = _wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    tcpade.apply(pipe, CONFIG)  # before enable_parallelism: Wan splits at blocks.0 (tcpade.distributed)
+    tcpade.apply(pipe, config)  # before enable_parallelism: Wan splits at blocks.0 (tcpade.distributed)
     if cp:
         from diffusers import ContextParallelConfig
 
@@ -158,8 +161,11 @@ def _worker(rank, port, queue):
         calls.update(reduce=0, collectives=0)
         # Data parallelism: rank r generates prompt r's image with the whole sequence.
         dp_out, dp_dec, _ = _run(cp=False, seed=10 + rank)
+        dp_calls = dict(calls)
+        # Output level under sequence parallelism: the output is gathered on every rank.
+        out_level = _run(cp=True, config=OUTPUT_CONFIG)[:2]
         queue.put((rank, dict(out=out, dec=dec, tokens=tokens, cp_calls=cp_calls, dp_out=dp_out, dp_dec=dp_dec,
-                              dp_calls=dict(calls), wrong_order=wrong_order, own=own)))  # fmt: skip
+                              dp_calls=dp_calls, wrong_order=wrong_order, own=own, out_level=out_level)))  # fmt: skip
         dist.destroy_process_group()
     except BaseException:
         queue.put((rank, traceback.format_exc()))
@@ -193,6 +199,7 @@ def test_two_ranks_decide_alike_and_match_one_process():
             with torch.no_grad():
                 ref_out, ref_dec, ref_tokens = _run(cp=False)
                 dp_ref = [_run(cp=False, seed=10 + r) for r in range(WORLD)]
+                ol_out, ol_dec, _ = _run(cp=False, config=OUTPUT_CONFIG)
         finally:
             torch.set_num_threads(threads)
         results = dict(queue.get(timeout=120) for _ in range(WORLD))
@@ -250,3 +257,14 @@ def test_two_ranks_decide_alike_and_match_one_process():
         assert np.array_equal(res["dp_out"], dp_ref[r][0])
         assert res["dp_dec"] == dp_ref[r][1]
     assert not np.array_equal(r0["dp_out"], r1["dp_out"])  # two prompts, two images
+
+    # Output level under sequence parallelism: the output the ranks predict from is the gathered
+    # one, so both ranks decide alike, as one process does, and give its output.
+    (o0, d0), (o1, d1) = r0["out_level"], r1["out_level"]
+    assert d0 == d1
+    for br in ("cond", "uncond"):
+        assert [d[:3] for d in d0[br]] == [d[:3] for d in ol_dec[br]], (br, d0[br], ol_dec[br])
+        assert any(not d[1] for d in d0[br]), d0[br]
+    assert np.array_equal(o0, o1)
+    assert np.linalg.norm(o0 - ol_out) / np.linalg.norm(ol_out) < 1e-4
+    assert not np.array_equal(ol_out, ref_out)  # another prediction than block level's
