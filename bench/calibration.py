@@ -51,7 +51,8 @@ OUT = os.path.join(ROOT, "bench", "results")
 CAL_SEEDS = (0, 1, 2, 3)
 # Calibration labels: four classes of ten (flux, wan: six classes never seen), both of DiT's two.
 CAL_LABELS = {"flux-digits": (0, 1, 2, 3), "dit-faces": (0, 1, 0, 1), "wan-digits": (0, 1, 2, 3),
-              "flux-shapes": (0, 1, 2, 3), "dit-photos": (0, 1, 2, 3)}  # flux-shapes: 12 of 16 unseen, dit-photos 8 of 12
+              "flux-shapes": (0, 1, 2, 3), "dit-photos": (0, 1, 2, 3),
+              "flux-photos": (0, 1, 2, 3)}  # flux-shapes: 12 of 16 unseen, dit-photos and flux-photos 8 of 12
 
 
 def levels(T):
@@ -413,6 +414,41 @@ def report(rows, costs, meta, path):
         f.write("\n".join(lines) + "\n")
 
 
+def resweep(name, T, sweeps, log, add=()):
+    """Search ``name``'s shipped calibration at T again (same calibration inputs, ``sweeps``
+    hill-climbing sweeps; also the pass counts ``add``) and ship, per pass count, the schedule
+    with the higher calibration PSNR (old or new: the same inputs measure both); the entry
+    records the extra search."""
+    import dataclasses
+
+    from tcpade.calibrate import save
+
+    torch.manual_seed(0)
+    old = tcpade.calibrate.shipped(name, T)
+    if old is None:
+        raise SystemExit(f"--resweep: no shipped calibration of {name} at {T} steps")
+    ks = sorted(set(old.schedules) | set(add), reverse=True)
+    schedules.clear(shipped=False)
+    t0 = time.perf_counter()
+    new = tcpade.calibrate(zoo.load(name), list(zip(CAL_SEEDS, CAL_LABELS[name])), passes=ks, steps=T,
+                           method="refine", progress=False, sweeps=sweeps)  # fmt: skip
+    sec = time.perf_counter() - t0
+    sch, psnr, kept = {}, {}, []
+    for k in ks:
+        before = old.psnr.get(k, -math.inf)
+        better = new.psnr[k] > before
+        sch[k], psnr[k] = (new.schedules[k], new.psnr[k]) if better else (old.schedules[k], old.psnr[k])
+        if not better:
+            kept.append(k)
+        log(f"  {name} T={T} K={k}: calibration PSNR old {before:.3f}, new {new.psnr[k]:.3f}: "
+            f"{'new' if better else 'old'} shipped")  # fmt: skip
+    extra = dict(old.extra, resweep=dict(sweeps=sweeps, runs=new.runs, calls=new.calls, seconds=round(sec, 1),
+                                         kept_old=kept, added=sorted(set(add) - set(old.schedules))))  # fmt: skip
+    save(schedules.SHIPPED, dataclasses.replace(old, schedules=sch, psnr=psnr, runs=old.runs + new.runs,
+                                                calls=old.calls + new.calls, seconds=old.seconds + sec, extra=extra))
+    log(f"  resweep {name} T={T}: {new.runs} runs, {new.calls} calls, {sec / 60:.1f} min")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="flux-digits,wan-digits,dit-faces")
@@ -431,6 +467,10 @@ def main(argv=None):
                    "run (its --samples), so that its peer rows are on the same inputs (default 16)")
     p.add_argument("--append", action="store_true", help="add to the rows of calibration.csv instead of replacing")
     p.add_argument("--report-only", action="store_true", help="re-render calibration.md from calibration.csv")
+    p.add_argument("--resweep", type=int, default=None, metavar="SWEEPS",
+                   help="only: search the shipped calibrations of --models at --steps again with SWEEPS sweeps and "
+                   "ship, per pass count, the better of the old and the new schedule by calibration PSNR")
+    p.add_argument("--add-passes", default="", help="with --resweep: pass counts to search as well (K,K,..)")
     p.add_argument("--rules", action="store_true", help="only: every evenly spaced schedule of the family at every "
                    "pass count (calibration_rules.csv), to choose the spaced rule from")
     args = p.parse_args(argv)
@@ -447,6 +487,12 @@ def main(argv=None):
     if (args.append or args.report_only) and not args.rules:  # keep the rows of an earlier run (other models / step counts)
         rows, costs = read_rows(csv_path), json.load(open(cost_path))
         meta["command"] += " (appended to the earlier run's rows)" if args.append else ""
+    if args.resweep is not None:
+        for T in (int(x) for x in args.steps.split(",")):
+            for name in args.models.split(","):
+                resweep(name, T, args.resweep, lambda m: print(m, flush=True),
+                        [int(k) for k in args.add_passes.split(",") if k])  # fmt: skip
+        return
     if args.rules:
         rules(args.models.split(","), [int(x) for x in args.steps.split(",")], lambda m: print(m, flush=True),
               os.path.join(args.out, "calibration_rules.csv"))  # fmt: skip
@@ -467,8 +513,9 @@ def main(argv=None):
 
                     save(schedules.SHIPPED, *shipped)
                 continue
-            rows += r
-            costs += c
+            # (--append: this run's rows replace those of the same model and T)
+            rows = [x for x in rows if (x["model"], int(x["steps"])) != (name, T)] + r
+            costs = [x for x in costs if (x["model"], int(x["steps"])) != (name, T)] + c
             keys = list(rows[0])
             with open(csv_path, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

@@ -34,7 +34,7 @@ from tcpade.calibrate import shipped  # noqa: E402
 from tcpade.config import TCPadeConfig  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results")
-MODELS = ("flux-digits", "wan-digits", "dit-faces", "flux-shapes", "dit-photos")
+MODELS = ("flux-digits", "wan-digits", "dit-faces", "flux-shapes", "dit-photos", "flux-photos")
 PASSES = {20: (10, 8, 7), 50: (25, 20, 17, 12)}  # 2x, 2.5x (slow), 2.9x (fast); 4x at 50
 PREDICTORS = ("rational", "linear", "auto")
 LEVELS = ("block", "output")

@@ -41,9 +41,10 @@ from tcpade.config import TCPadeConfig  # noqa: E402
 OUT = os.path.join(ROOT, "bench", "results")
 PREDICTORS = ("rational", "linear", "reuse", "paper", "auto")
 FIXED = PREDICTORS[:-1]
-MODELS = ("flux-digits", "wan-digits", "dit-faces", "flux-shapes", "dit-photos")
+MODELS = ("flux-digits", "wan-digits", "dit-faces", "flux-shapes", "dit-photos", "flux-photos")
 # evaluation samples per model: those of bench/quality.py's runs (quality_meta.json)
-SAMPLES = {"flux-digits": 10, "wan-digits": 10, "dit-faces": 10, "flux-shapes": 16, "dit-photos": 12}
+SAMPLES = {"flux-digits": 10, "wan-digits": 10, "dit-faces": 10, "flux-shapes": 16, "dit-photos": 12,
+           "flux-photos": 16}
 
 
 def pass_counts(T):
@@ -126,25 +127,27 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=OUT)
     p.add_argument("--report-only", action="store_true", help="re-render predictors.md from predictors.csv")
+    p.add_argument("--append", action="store_true", help="keep the rows of predictors.csv for other models / T")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 command="python bench/predictors.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
     path = os.path.join(args.out, "predictors.csv")
-    if args.report_only:
+    rows = []
+    if args.report_only or args.append:
         with open(path) as f:
             rows = [dict(r, steps=int(r["steps"]), K=int(r["K"]), psnr=float(r["psnr"]), ssim=float(r["ssim"]),
                          linear_share=float(r["linear_share"])) for r in csv.DictReader(f)]  # fmt: skip
-    else:
-        rows = []
-        for T in (int(s) for s in args.steps.split(",")):
-            for name in args.models.split(","):
-                rows += bench(name, T, lambda m: print(m, flush=True))
-                with open(path, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    w.writeheader()
-                    w.writerows(rows)
+    if not args.report_only:
+        todo = [(n, int(t)) for t in args.steps.split(",") for n in args.models.split(",")]
+        rows = [r for r in rows if (r["model"], r["steps"]) not in todo]
+        for name, T in todo:
+            rows += bench(name, T, lambda m: print(m, flush=True))
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
     report(rows, meta, os.path.join(args.out, "predictors.md"))
     print(f"wrote {os.path.join(args.out, 'predictors.md')}", flush=True)
 
