@@ -38,6 +38,7 @@ DEFAULTS = {  # batch, peak learning rate
     "wan-digits": (32, 1e-3),
     "flux-shapes": (32, 1e-3),
     "dit-photos": (32, 1e-3),
+    "flux-photos": (32, 1e-3),
 }
 
 

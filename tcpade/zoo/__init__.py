@@ -1,10 +1,10 @@
 """A model zoo of small but really trained diffusion transformers of the paper's families.
 
 Nobody can download FLUX, Wan or DiT weights on our machines, and random weights give
-meaningless trajectories, so tcpade ships five small models trained on CPU (``bench/train.py``)
+meaningless trajectories, so tcpade ships six small models trained on CPU (``bench/train.py``)
 on data that ships inside PyPI packages or is rendered in code; the quality benchmark and
 ``tcpade demo`` run on them. The first three are grey, with little detail (flux-digits,
-without CFG, is the easiest for a cache); the last two are RGB 24x24 with detail at every
+without CFG, is the easiest for a cache); the last three are RGB 24x24 with detail at every
 scale, 12-16 classes, 48 values per token and CFG 4-5 as two calls, closer to where a large
 model's cache error is (docs/zoo.md has the numbers).
 
@@ -27,6 +27,9 @@ flux-shapes    FluxTransformer2DModel,          procedural RGB scenes 24x24 (pac
 dit-photos     DiTTransformer2DModel,           RGB 24x24 patches of 12 scikit-image photos and
                DDPM epsilon-prediction          textures (patch 4: 36 tokens), class = image;
                                                 DDIM with CFG 4
+flux-photos    FluxTransformer2DModel (3 + 6    the same photo patches (packed 4x4: 36 tokens
+               blocks), rectified flow          of 48); class -> 4 prompt tokens + pooled;
+                                                Euler, shift 3, CFG 5 (two calls)
 =============  ===============================  =============================================
 
     from tcpade import zoo
@@ -72,6 +75,10 @@ class Spec:
     pack: int = 1  # FLUX packs pack x pack pixels into one token
 
 
+# The RGB FLUX models: 24x24x3 packed 4x4 into 36 tokens of 48 values, width 96 (3 heads of 32).
+_FLUX_RGB = dict(patch_size=1, in_channels=48, attention_head_dim=32, num_attention_heads=3, joint_attention_dim=64,
+                 pooled_projection_dim=64, axes_dims_rope=(8, 12, 12))  # fmt: skip
+
 SPECS = {
     "flux-digits": Spec(
         "flux-digits", "flux", "digits", 10, (1, 16, 16), 1.0, "flow", shift=1.0,
@@ -94,15 +101,17 @@ SPECS = {
     # the harder two: RGB 24x24 with detail at every scale, 12-16 classes, width 96, CFG 4
     "flux-shapes": Spec(
         "flux-shapes", "flux", "shapes", 16, (3, 24, 24), 5.0, "flow", shift=3.0,
-        config=dict(patch_size=1, in_channels=48, num_layers=2, num_single_layers=4, attention_head_dim=32,
-                    num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=64,
-                    axes_dims_rope=(8, 12, 12)),
-        text_dim=64, pack=4,
+        config=dict(_FLUX_RGB, num_layers=2, num_single_layers=4), text_dim=64, pack=4,
     ),
     "dit-photos": Spec(
         "dit-photos", "dit", "photos", 12, (3, 24, 24), 4.0, "eps",
         config=dict(num_attention_heads=3, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=6,
                     sample_size=24, patch_size=4, num_embeds_ada_norm=12),
+    ),
+    # FLUX on the photo patches, with 3 + 6 blocks: the FLUX model below ~35 dB at 2.5x
+    "flux-photos": Spec(
+        "flux-photos", "flux", "photos", 12, (3, 24, 24), 5.0, "flow", shift=3.0,
+        config=dict(_FLUX_RGB, num_layers=3, num_single_layers=6), text_dim=64, pack=4,
     ),
 }  # fmt: skip
 
