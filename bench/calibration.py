@@ -63,6 +63,7 @@ def levels(T):
 
 
 PEERS_DIR = [OUT]  # where bench/quality.py's CSVs are read from (--peers)
+PREDICTOR = ["rational"]  # the predictor the schedules are searched for (--predictor; with --search-only)
 
 
 def peers_from_csv(name, T):
@@ -137,7 +138,8 @@ def bench(name, T, log, ship_store, ablate, lazy_too, sweeps, reuse=False, searc
             log(f"  shipped calibration {name} T={T}: {c.runs} runs, {c.calls} calls, {costs[-1]['minutes']:.2f} min")
             return c
         t0 = time.perf_counter()
-        c = tcpade.calibrate(model, cal_inputs[:n], passes=ks, steps=T, method=method, progress=False, sweeps=sweeps)
+        c = tcpade.calibrate(model, cal_inputs[:n], passes=ks, steps=T, method=method, progress=False, sweeps=sweeps,
+                             predictor=PREDICTOR[0])  # fmt: skip
         tag = method + (f", {sweeps} sweep(s)" if method == "refine" else "")
         costs.append(dict(model=name, steps=T, inputs=n, method=tag, runs=c.runs, calls=c.calls,
                           minutes=(time.perf_counter() - t0) / 60, branches=c.extra["branches"]))  # fmt: skip
@@ -462,6 +464,8 @@ def main(argv=None):
     p.add_argument("--reuse", action="store_true", help="evaluate the shipped 4-input calibrations (tcpade/zoo/"
                    "schedules.json) instead of searching again (their recorded cost is reported)")
     p.add_argument("--search-only", action="store_true", help="calibrate and ship, evaluate nothing")
+    p.add_argument("--predictor", default="rational", help="with --search-only: search the schedules for this "
+                   "predictor (shipped as its own entries, beside the rational ones)")
     p.add_argument("--peers", default=OUT, help="the folder of bench/quality.py's CSVs (default bench/results)")
     p.add_argument("--samples", type=int, default=16, help="evaluation samples per model: those of bench/quality.py's "
                    "run (its --samples), so that its peer rows are on the same inputs (default 16)")
@@ -476,6 +480,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     PEERS_DIR[0] = args.peers
+    if args.predictor != "rational" and not args.search_only:
+        raise SystemExit("--predictor: only with --search-only (the evaluation compares rational calibrations)")
+    PREDICTOR[0] = args.predictor
     meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 command="python bench/calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
     pairs = lambda arg: {(kv.split(":")[0], int(kv.split(":")[1])) for kv in arg.split(",") if kv}  # noqa: E731

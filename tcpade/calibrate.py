@@ -206,7 +206,7 @@ class Calibration:
 
     def register(self) -> None:
         """Make the budget presets use these schedules on this model (tcpade.schedules registry)."""
-        S.register(self.model, self.predictor, self.steps, self.schedules)
+        S.register(self.model, self.predictor, self.steps, self.schedules, self.psnr)
 
     def to_json(self) -> dict:
         return dict(model=self.model, name=self.name, predictor=self.predictor, steps=self.steps,

@@ -7,7 +7,8 @@ and the allowed range.
 Presets (bench/results/quality.md and calibration.md compare them with every peer on the
 zoo's trained models): ``paper()`` reproduces the published method (for fidelity, not speed
 or quality); ``slow()`` and ``fast()`` are compute budgets at 2.5x and 2.9x fewer block-stack
-passes (8 and 7 of 20), with the time-aware rational predictor, placed by the model's
+passes (8 and 7 of 20), with the time-aware rational predictor (or the predictor the model's
+calibrations score best, when it is calibrated for several), placed by the model's
 calibrated schedule when one is registered (the zoo ships them) and by the spaced rule
 otherwise; ``adaptive()`` is error-controlled skipping (its compute follows the trajectory).
 The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05: about 1.3x at
@@ -75,6 +76,7 @@ _CHECKS = {
     "budget_max_run": ("None or an int", lambda v: v is None or _int(v), "None or an int >= 1",
                        lambda v: v is None or v >= 1),
     "use_calibrated": ("a bool", lambda v: isinstance(v, bool), "True or False", lambda v: True),
+    "calibrated_predictor": ("a bool", lambda v: isinstance(v, bool), "True or False", lambda v: True),
     "calibrated": ("a tuple", lambda v: isinstance(v, (tuple, list)), "((T, steps), ...)", lambda v: True),
 }  # fmt: skip
 
@@ -184,6 +186,13 @@ class TCPadeConfig:
     """A budget takes the model's calibrated schedule for (T, passes) when the registry has one
     (False: always the spaced rule). Not a speed knob."""
 
+    calibrated_predictor: bool = False
+    """A budget takes the predictor the model's calibrations score best with: when the registry
+    holds calibrated schedules of this model for several predictors (the zoo ships rational for
+    every model, linear and reuse for some), the one with the highest mean calibration PSNR over
+    the (T, passes) they share replaces ``predictor`` (``tcpade.apply`` decides; the summary shows
+    it). ``slow()`` and ``fast()`` set it unless given a predictor. Not a speed knob."""
+
     calibrated: Tuple = ()
     """The model's calibrated schedules ((T, steps), ...), filled in by ``tcpade.apply`` from the
     registry for a budget config; not meant to be set by hand."""
@@ -247,14 +256,16 @@ class TCPadeConfig:
     @classmethod
     def slow(cls, **overrides) -> "TCPadeConfig":
         """The 2.5x point: a compute budget of ``speedup=2.5`` (8 of 20 block-stack passes per
-        branch, 11 of 28, 20 of 50), rational predictor, on the model's calibrated schedule when
-        the registry has one (the zoo ships them; ``tcpade.calibrate`` makes them), else the
-        spaced rule. Short runs get more passes, so that the spaced rule never predicts more
+        branch, 11 of 28, 20 of 50), on the model's calibrated schedule when the registry has one
+        (the zoo ships them; ``tcpade.calibrate`` makes them), else the spaced rule. Rational
+        predictor, or the one the model's calibrations score best when it is calibrated for
+        several (``calibrated_predictor``; a ``predictor=`` override turns that off). Short runs
+        get more passes, so that the spaced rule never predicts more
         than 3 steps in a row (``budget_max_run=3``: 4 of 10, 3 of 6). Until this version
         ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo the calibrated 8-of-20 schedule gave 3-12 dB more with
         one pass fewer (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4,
         interval=4, final_steps=1, tsi_threshold=1.0)`` is the old rule."""
-        base = dict(speedup=2.5, budget_max_run=3)
+        base = dict(speedup=2.5, budget_max_run=3, calibrated_predictor="predictor" not in overrides)
         base.update(overrides)
         return cls.budget(**base)
 
@@ -266,7 +277,7 @@ class TCPadeConfig:
         computes the same 7 of 20 as warm-up 2, every 6th and the last step (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5,
         final_steps=1, tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
         every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
-        base = dict(speedup=2.9, budget_max_run=3)
+        base = dict(speedup=2.9, budget_max_run=3, calibrated_predictor="predictor" not in overrides)
         base.update(overrides)
         return cls.budget(**base)
 

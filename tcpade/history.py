@@ -83,7 +83,7 @@ class Sums:
         return self._values
 
 
-def _to_device(values, device) -> torch.Tensor:
+def coef_to_device(values, device) -> torch.Tensor:
     """A float32 device tensor of ``values`` without synchronising the stream (pinned host
     memory and a non-blocking copy on CUDA; PyTorch's caching host allocator keeps the
     pinned block until the copy has run)."""
@@ -177,7 +177,7 @@ class History:
 
     def coef(self, variant: str, stage: str, t_target: float, **kw) -> torch.Tensor:
         """The coefficient tensor (on the ring's device) of a prediction at ``t_target``."""
-        return _to_device(self.coef_values(variant, stage, t_target, **kw), self.ring.device)
+        return coef_to_device(self.coef_values(variant, stage, t_target, **kw), self.ring.device)
 
     # --------------------------------------------------------------------- steps
     def record(self, h_in: torch.Tensor, h_out: torch.Tensor, probe: bool = False) -> torch.Tensor:

@@ -66,7 +66,7 @@ import torch
 from . import coef as K
 from . import layout as L
 from .config import TCPadeConfig
-from .history import History, Sums, _to_device
+from .history import History, Sums, coef_to_device
 from .reference import tsi_from_sums
 
 log = logging.getLogger(__name__)
@@ -543,7 +543,7 @@ class Runtime:
         if c.input_correction is not None:
             kw["gamma"] = c.input_correction
         values = b.history.coef_values(self._variant, stage, t, **kw)
-        coef = _to_device(values, b.history.ring.device)
+        coef = coef_to_device(values, b.history.ring.device)
         lam1 = struct.unpack("f", struct.pack("f", values[K.LAM1]))[0]  # as the device holds it (float32)
         return coef, lam1, values[K.BMAX] != 0.0
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SHIPPED",
+    "best_predictor",
     "check_schedule",
     "clear",
     "even_family",
@@ -170,21 +171,47 @@ def model_key(transformer) -> str:
     return f"{type(transformer).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-# key -> predictor -> T -> passes -> steps
+# key -> predictor -> T -> passes -> steps; and the same -> calibration PSNR, where known
 _REGISTRY: Dict[str, Dict[str, Dict[int, Dict[int, Tuple[int, ...]]]]] = {}
+_PSNR: Dict[str, Dict[str, Dict[int, Dict[int, float]]]] = {}
 _SHIPPED_LOADED = False
 
 
-def register(key: str, predictor: str, total: int, schedules: Dict[int, Sequence[int]]) -> None:
+def register(key: str, predictor: str, total: int, schedules: Dict[int, Sequence[int]],
+             psnr: Optional[Dict[int, float]] = None) -> None:  # fmt: skip
     """Add calibrated schedules ({passes: steps}) for model ``key``, ``predictor`` and ``total`` steps
-    (replacing earlier ones for the same passes)."""
+    (replacing earlier ones for the same passes), with their calibration PSNR ({passes: dB}) when
+    known (``best_predictor`` compares predictors by it)."""
     _load_shipped()
     slot = _REGISTRY.setdefault(key, {}).setdefault(predictor, {}).setdefault(int(total), {})
+    scores = _PSNR.setdefault(key, {}).setdefault(predictor, {}).setdefault(int(total), {})
     for p, steps in schedules.items():
         steps = check_schedule(steps, int(total), predictor)
         if len(steps) != int(p):
             raise ValueError(f"calibrated schedule for {p} passes has {len(steps)} steps: {steps}")
         slot[int(p)] = steps
+        value = (psnr or {}).get(p, (psnr or {}).get(str(p)))
+        if value is None:
+            scores.pop(int(p), None)
+        else:
+            scores[int(p)] = float(value)
+
+
+def best_predictor(transformer) -> Optional[str]:
+    """The predictor whose calibrated schedules of this model score the highest mean calibration
+    PSNR over the (T, passes) that every calibrated predictor has; None when fewer than two
+    predictors are calibrated (or they share no scored pass count)."""
+    _load_shipped()
+    by_pred = _PSNR.get(model_key(transformer), {})
+    scored = {p: {(t, k): v for t, ks in by_t.items() for k, v in ks.items()} for p, by_t in by_pred.items()}
+    scored = {p: v for p, v in scored.items() if v}
+    if len(scored) < 2:
+        return None
+    common = set.intersection(*(set(v) for v in scored.values()))
+    if not common:
+        return None
+    mean = {p: sum(v[c] for c in common) / len(common) for p, v in scored.items()}
+    return max(sorted(mean), key=lambda p: mean[p])
 
 
 def entries_from_json(doc: dict) -> list:
@@ -200,7 +227,8 @@ def load(path: str) -> int:
         entries = entries_from_json(json.load(f))
     n = 0
     for e in entries:
-        register(e["model"], e["predictor"], e["steps"], {int(p): s for p, s in e["schedules"].items()})
+        register(e["model"], e["predictor"], e["steps"], {int(p): s for p, s in e["schedules"].items()},
+                 {int(p): v for p, v in e.get("psnr", {}).items()})  # fmt: skip
         n += len(e["schedules"])
     return n
 
@@ -219,6 +247,7 @@ def clear(shipped: bool = True) -> None:
     ``False``: they stay out too)."""
     global _SHIPPED_LOADED
     _REGISTRY.clear()
+    _PSNR.clear()
     _SHIPPED_LOADED = not shipped
 
 
@@ -231,14 +260,18 @@ def lookup(transformer, predictor: str) -> Tuple[Tuple[int, Tuple[int, ...]], ..
 
 def resolve(config, transformer):
     """``config`` with the model's calibrated schedules filled in (``TCPadeConfig.calibrated``)
-    when it is a budget that may use them; otherwise ``config`` itself."""
+    when it is a budget that may use them; otherwise ``config`` itself. With
+    ``calibrated_predictor`` the predictor too: ``best_predictor`` of the model, when it has one."""
     if not config.wants_calibrated:
         return config
     import dataclasses
 
-    found: Optional[tuple] = lookup(transformer, config.predictor)
-    if not found and config.predictor in L.CHOOSERS:  # "auto": the schedules of the variant it runs
-        found = lookup(transformer, L.kernel_variant(config.predictor))
+    predictor = config.predictor
+    if config.calibrated_predictor:
+        predictor = best_predictor(transformer) or predictor
+    found: Optional[tuple] = lookup(transformer, predictor)
+    if not found and predictor in L.CHOOSERS:  # "auto": the schedules of the variant it runs
+        found = lookup(transformer, L.kernel_variant(predictor))
     if not found:
         return config
-    return dataclasses.replace(config, calibrated=found)
+    return dataclasses.replace(config, predictor=predictor, calibrated=found)

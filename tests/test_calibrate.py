@@ -170,3 +170,42 @@ def test_add_cli_registers_a_subcommand():
     args = p.parse_args(["calibrate", "flux-digits", "--passes", "7", "--steps", "20"])
     assert args.func is cal_module.run_cli and args.passes == "7" and args.speedup is None
     assert cal_module.run_cli(p.parse_args(["calibrate", "flux-digits", "--passes", "7,x"])) == 2
+
+
+def _cal(model, predictor, psnr, steps=6):
+    sched = {3: (0, 2, 4) if predictor == "reuse" else (0, 1, 4), 4: (0, 1, 3, 5) if predictor != "reuse" else (0, 2, 3, 5)}
+    return tcpade.calibrate.Calibration(model=model, predictor=predictor, steps=steps, schedules=sched,
+                                        psnr={3: psnr[0], 4: psnr[1]}, passes=3)  # fmt: skip
+
+
+def test_calibrated_predictor_takes_the_best_scored_predictor(flux, registry):
+    """``calibrated_predictor`` (set by slow() / fast()): the predictor whose calibrations of this
+    model have the higher mean calibration PSNR over the (T, passes) they share replaces the
+    config's; an explicit predictor, or a model calibrated for one predictor only, keeps it."""
+    key = schedules.model_key(flux.transformer)
+    _cal(key, "rational", (30.0, 35.0)).register()
+    assert schedules.best_predictor(flux.transformer) is None  # one predictor: nothing to choose
+    _cal(key, "reuse", (33.0, 34.0)).register()  # mean 33.5 > 32.5
+    _cal(key, "linear", (20.0, 40.0), steps=7).register()  # no (T, passes) shared with the others
+    _cal(key, "linear", (31.0, 33.0)).register()  # mean 32.0
+    assert schedules.best_predictor(flux.transformer) == "reuse"
+    cfg = TCPadeConfig.budget(passes=3, calibrated_predictor=True)
+    resolved = schedules.resolve(cfg, flux.transformer)
+    assert resolved.predictor == "reuse" and (6, (0, 2, 4)) in resolved.calibrated
+    _, summ = flux.sample([3], [1], steps=6, config=cfg, return_summary=True)
+    assert summ.computed("cond") == [0, 2, 4] and str(summ).startswith("tcpade: predictor=reuse ")
+    assert TCPadeConfig.fast().calibrated_predictor and TCPadeConfig.slow().calibrated_predictor
+    assert not TCPadeConfig.fast(predictor="linear").calibrated_predictor  # the user's predictor stays
+    assert schedules.resolve(TCPadeConfig.fast(predictor="linear"), flux.transformer).predictor == "linear"
+    assert schedules.resolve(TCPadeConfig.budget(passes=3), flux.transformer).predictor == "rational"
+    # the scores come back from a saved file
+    schedules.clear(shipped=False)
+    assert schedules.best_predictor(flux.transformer) is None
+
+
+def test_calibrated_predictor_scores_survive_save_and_load(flux, registry, tmp_path):
+    key = schedules.model_key(flux.transformer)
+    path = str(tmp_path / "s.json")
+    tcpade.calibrate.save(path, _cal(key, "rational", (30.0, 35.0)), _cal(key, "linear", (31.0, 36.0)))
+    tcpade.calibrate.load(path)
+    assert schedules.best_predictor(flux.transformer) == "linear"

@@ -32,6 +32,7 @@ WRONG_TYPE = {
     "passes": "8",
     "speedup": "2.5",
     "use_calibrated": 1,
+    "calibrated_predictor": "yes",
     "budget_max_run": 3.0,
     "calibrated": {20: (0, 1, 5)},
 }
