@@ -190,7 +190,7 @@ def register(key: str, predictor: str, total: int, schedules: Dict[int, Sequence
         if len(steps) != int(p):
             raise ValueError(f"calibrated schedule for {p} passes has {len(steps)} steps: {steps}")
         slot[int(p)] = steps
-        value = (psnr or {}).get(p, (psnr or {}).get(str(p)))
+        value = None if psnr is None else psnr.get(int(p))
         if value is None:
             scores.pop(int(p), None)
         else:
