@@ -313,7 +313,8 @@ def report(rows, costs, meta, path):
         f"Command: `{meta['command']}`.",
         "",
         "Calibration: `tcpade.calibrate` (method refine: the best evenly spaced schedule on the calibration "
-        "inputs, then hill climbing, 2 sweeps at 20 steps, 1 at 50; rational predictor) at each pass count, on "
+        "inputs, then hill climbing, 2 sweeps at 20 steps, 1 at 50 and then searched again with 2 (--resweep 2), "
+        "flux-photos 2 at both; rational predictor) at each pass count, on "
         "seeds 0-3 with labels "
         + ", ".join(f"{k}: {v}" for k, v in CAL_LABELS.items())
         + " against full computation of those inputs. Evaluation: bench/quality.py's evaluation set (seeds "

@@ -75,7 +75,8 @@ def report(rows, meta, path):
                   key=lambda x: (MODELS.index(x[0]) if x[0] in MODELS else 99, x[1], -x[2]))  # fmt: skip
     wins = []
     for name, T, k in keys:
-        v = {(r["level"], r["predictor"]): r["psnr"] for r in rows if (r["model"], r["steps"], r["passes"]) == (name, T, k)}
+        v = {(r["level"], r["predictor"]): r["psnr"] for r in rows
+             if (r["model"], r["steps"], r["passes"]) == (name, T, k)}  # fmt: skip
         cells = [f"{v[(lv, p)]:.2f}" for lv in LEVELS for p in PREDICTORS]
         d = max(v[("output", p)] for p in PREDICTORS) - max(v[("block", p)] for p in PREDICTORS)
         wins.append((name, T, k, d))

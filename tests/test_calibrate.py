@@ -173,7 +173,8 @@ def test_add_cli_registers_a_subcommand():
 
 
 def _cal(model, predictor, psnr, steps=6):
-    sched = {3: (0, 2, 4) if predictor == "reuse" else (0, 1, 4), 4: (0, 1, 3, 5) if predictor != "reuse" else (0, 2, 3, 5)}
+    reuse = predictor == "reuse"  # (reuse needs only step 0 computed before its first skip)
+    sched = {3: (0, 2, 4) if reuse else (0, 1, 4), 4: (0, 2, 3, 5) if reuse else (0, 1, 3, 5)}
     return tcpade.calibrate.Calibration(model=model, predictor=predictor, steps=steps, schedules=sched,
                                         psnr={3: psnr[0], 4: psnr[1]}, passes=3)  # fmt: skip
 
