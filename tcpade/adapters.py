@@ -105,6 +105,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from . import families
+from .config import LEVELS
 from .families import BlockSpec
 
 __all__ = [
@@ -558,8 +559,8 @@ def attach(transformer, controller: Controller) -> None:
                 "tcpade.apply before transformer.enable_parallelism"
             )
     level = getattr(controller, "level", "block")
-    if level not in ("block", "output"):
-        raise ValueError(f"a tcpade controller's level must be 'block' or 'output', got {level!r}")
+    if level not in LEVELS:
+        raise ValueError(f"a tcpade controller's level must be one of {LEVELS}, got {level!r}")
     if level == "output" and adapter.list_output:
         raise TypeError(f"tcpade level='output' cannot predict {type(module).__name__}'s output (a list of "
                         "tensors, one per image): use level='block'")  # fmt: skip
