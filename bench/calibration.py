@@ -37,15 +37,13 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_common import cpu_name  # noqa: E402
-from quality import eval_set  # noqa: E402
+from _bench_common import cpu_name
+from quality import eval_set
 
-import tcpade  # noqa: E402
-from tcpade import metrics, schedules, zoo  # noqa: E402
-from tcpade.config import TCPadeConfig  # noqa: E402
+import tcpade
+from tcpade import metrics, schedules, zoo
+from tcpade.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 CAL_SEEDS = (0, 1, 2, 3)
@@ -486,7 +484,7 @@ def main(argv=None):
     PREDICTOR[0] = args.predictor
     meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 command="python bench/calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
-    pairs = lambda arg: {(kv.split(":")[0], int(kv.split(":")[1])) for kv in arg.split(",") if kv}  # noqa: E731
+    pairs = lambda arg: {(kv.split(":")[0], int(kv.split(":")[1])) for kv in arg.split(",") if kv}
     ablate, lazy = pairs(args.ablate), pairs(args.lazy)
     sweeps = {int(k): int(v) for k, v in (kv.split(":") for kv in args.sweeps.split(",") if kv)}
     rows, costs, shipped = [], [], []

@@ -44,18 +44,15 @@ import json
 import logging
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from _bench_common import DIT_XL_2, FLUX_DEV, WAN_1_3B, cpu_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import DIT_XL_2, FLUX_DEV, WAN_1_3B, cpu_name  # noqa: E402
-
-import tcpade  # noqa: E402
-from tcpade import TCPadeConfig, tiny  # noqa: E402
+import tcpade
+from tcpade import TCPadeConfig, tiny
 
 STEPS = 20
 

@@ -42,17 +42,14 @@ import sys
 import time
 import traceback
 
+import _bench_common as B
+import bench_predict
+import bench_update
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _bench_common as B  # noqa: E402
-import bench_predict  # noqa: E402
-import bench_update  # noqa: E402
-
-from tcpade import coef as K  # noqa: E402
-from tcpade import ops, reference  # noqa: E402
-from tcpade.layout import SUMS  # noqa: E402
+from tcpade import coef as K
+from tcpade import ops, reference
+from tcpade.layout import SUMS
 
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 CHECK_SHAPES = [(1, 7, 33), (2, 37, 1001), (3, 5, 4099)]  # odd: no multiple of a block or vector width
@@ -659,9 +656,9 @@ def main(argv=None):
     if args.full:
         compile_at = None
     elif args.dry:  # one compile (seconds on 2 CPU cores) keeps the path exercised
-        compile_at = lambda s, d, c: c == "update"  # noqa: E731
+        compile_at = lambda s, d, c: c == "update"
     else:
-        compile_at = lambda s, d, c: s == B.TARGET_SHAPE and d == "bf16"  # noqa: E731
+        compile_at = lambda s, d, c: s == B.TARGET_SHAPE and d == "bf16"
     reps = 3 if args.dry else 20
 
     def mlog(s):

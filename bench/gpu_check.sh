@@ -41,7 +41,7 @@ fi
 export TCPADE_NO_NATIVE=1
 if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$OUT/install.log" 2>&1; then
   echo "pip install -e . failed (install.log); running from the source tree"
-  ln -sfn ../kernels tcpade/kernels
+  ln -sfn ../kernels/tcpade_kernels tcpade/kernels
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ "${TCPADE_GPU_TESTS:-0}" = "1" ]; then

@@ -23,15 +23,13 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_common import cpu_name  # noqa: E402
-from quality import eval_set  # noqa: E402
+from _bench_common import cpu_name
+from quality import eval_set
 
-from tcpade import metrics, zoo  # noqa: E402
-from tcpade.calibrate import shipped  # noqa: E402
-from tcpade.config import TCPadeConfig  # noqa: E402
+from tcpade import metrics, zoo
+from tcpade.calibrate import shipped
+from tcpade.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 MODELS = ("flux-digits", "wan-digits", "dit-faces", "flux-shapes", "dit-photos", "flux-photos")

@@ -28,15 +28,13 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_common import cpu_name  # noqa: E402
-from quality import eval_set  # noqa: E402
+from _bench_common import cpu_name
+from quality import eval_set
 
-from tcpade import metrics, schedules, zoo  # noqa: E402
-from tcpade.calibrate import shipped  # noqa: E402
-from tcpade.config import TCPadeConfig  # noqa: E402
+from tcpade import metrics, schedules, zoo
+from tcpade.calibrate import shipped
+from tcpade.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 PREDICTORS = ("rational", "linear", "reuse", "paper", "auto")

@@ -49,16 +49,13 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_common import cpu_name  # noqa: E402
+from _bench_common import cpu_name
+from peers import levels
 
-import tcpade  # noqa: E402
-from tcpade import metrics, zoo  # noqa: E402
-from tcpade.config import TCPadeConfig  # noqa: E402
-
-from peers import levels  # noqa: E402
+import tcpade
+from tcpade import metrics, zoo
+from tcpade.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 TCPADE = "tcpade"
@@ -596,7 +593,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     suffix = "_quick" if args.quick else ""
-    csv_path = lambda name: os.path.join(args.out, f"quality_{name}{suffix}.csv")  # noqa: E731
+    csv_path = lambda name: os.path.join(args.out, f"quality_{name}{suffix}.csv")
     if args.models:
         names = args.models.split(",")
     elif args.quick:

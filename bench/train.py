@@ -18,19 +18,16 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_common import cpu_name  # noqa: E402
+from _bench_common import cpu_name
 
-from tcpade import zoo  # noqa: E402
-from tcpade.zoo import data  # noqa: E402
+from tcpade import zoo
+from tcpade.zoo import data
 
 DEFAULTS = {  # batch, peak learning rate
     "flux-digits": (64, 1e-3),
