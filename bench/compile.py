@@ -39,6 +39,7 @@ Usage (from the repo root):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -127,16 +128,20 @@ def sync(device):
 
 
 @torch.no_grad()
-def loop(call, kw0, timestep, device, mark_step=False):
+def loop(call, kw0, timestep, device, mark_step=False, rt=None):
+    """The STEPS-step Euler loop; with tcpade's runtime ``rt`` the loop tells it each step's time
+    (a host float), so no call reads its timestep tensor back from the device."""
     kw = dict(kw0)
     x = kw["hidden_states"].clone()
     c = x.shape[1] if x.dim() != 3 else x.shape[2]
-    for k in range(STEPS):
-        if mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        kw.update(hidden_states=x, timestep=timestep(1.0 - k / STEPS))
-        out = call(**kw, return_dict=False)[0]
-        x = x - (out[:, :c] if x.dim() != 3 else out[..., :c]) / STEPS
+    k = 0
+    with rt.clocked(lambda: 1.0 - k / STEPS) if rt is not None else contextlib.nullcontext():
+        for k in range(STEPS):
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            kw.update(hidden_states=x, timestep=timestep(1.0 - k / STEPS))
+            out = call(**kw, return_dict=False)[0]
+            x = x - (out[:, :c] if x.dim() != 3 else out[..., :c]) / STEPS
     return x
 
 
@@ -164,7 +169,7 @@ def run_one(args, family, mode, setting):
     sync(device)
     with tiny.CompileCount() as warm:
         t0 = time.perf_counter()
-        loop(call, kw, timestep, device, mark)
+        loop(call, kw, timestep, device, mark, rt)
         sync(device)
         t_first = time.perf_counter() - t0
     times, cpu_times, reads, syncs = [], [], [], []
@@ -172,7 +177,7 @@ def run_one(args, family, mode, setting):
         for _ in range(args.reps):
             r0 = rt.host_reads if rt is not None else 0
             t0, c0 = time.perf_counter(), time.process_time()
-            loop(call, kw, timestep, device, mark)
+            loop(call, kw, timestep, device, mark, rt)
             sync(device)
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
@@ -182,7 +187,7 @@ def run_one(args, family, mode, setting):
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    loop(call, kw, timestep, device, mark)
+                    loop(call, kw, timestep, device, mark, rt)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
                 sync(device)

@@ -128,6 +128,8 @@ DEFAULT_BRANCH = "default"
 class Controller(Protocol):
     def decide(self, branch: str, timestep, force: Optional[str] = None) -> Optional[Callable]:
         """Called once per transformer call, before its forward runs (eager, never traced).
+        ``timestep``: the call's time as a host float (from the controller's ``step_time`` when
+        it has that method, else from the call's timestep argument).
 
         Return None to run the blocks normally, or a callable to skip every block: the first
         block that runs calls it with ``h_in`` and it returns the predicted image ``h_out``
@@ -326,7 +328,13 @@ def _sample_of(module, output) -> torch.Tensor:
     )
 
 
-def _time_of(timestep) -> Optional[float]:
+def _time_of(controller, timestep) -> Optional[float]:
+    """The call's time as a host float, read once per call: the controller's ``step_time``
+    where it has one (the Runtime: from a host copy of the pipeline's schedule, no device
+    read), else the timestep argument's first element."""
+    step_time = getattr(controller, "step_time", None)
+    if step_time is not None:
+        return step_time(timestep)
     if isinstance(timestep, torch.Tensor):
         return float(timestep.reshape(-1)[0]) if timestep.numel() else None
     return None if timestep is None else float(timestep)
@@ -363,7 +371,8 @@ class _RootHook(ModelHook):
         self.installed: List[_Installed] = []
         self.handles: list = []
 
-    def branch(self, timestep) -> str:
+    def branch(self, t: Optional[float]) -> str:
+        """The branch of a call at time ``t`` (a host float, or None when the call has none)."""
         try:
             return self.state_manager.context.name
         except ValueError:  # no cache context set
@@ -371,7 +380,6 @@ class _RootHook(ModelHook):
         # Pipelines that run CFG as two calls per step without cache contexts (FluxImg2Img,
         # FluxKontext, SD3's skip-layer guidance call): the n-th call at one timestep is branch
         # "default.n", so that each trajectory keeps its own history.
-        t = _time_of(timestep)
         self._repeat = self._repeat + 1 if t is not None and t == self._last_time else 0
         self._last_time = t
         n = min(self._repeat, _MAX_REPEAT)  # bounded: a constant-timestep loop does not add branches
@@ -388,9 +396,10 @@ class _RootHook(ModelHook):
         st = self.call
         st.clear()
         timestep = self.timestep(args, kwargs)
-        branch = self.branch(timestep)
+        t = _time_of(st.controller, timestep)
+        branch = self.branch(t)
         force = self.forced(args, kwargs)
-        predict = st.controller.decide(branch, timestep, force)
+        predict = st.controller.decide(branch, timestep if t is None else t, force)
         if force is not None and predict is not None:
             raise RuntimeError(f"a tcpade controller returned a prediction for a call forced to compute ({force!r})")
         st.start(branch, predict)

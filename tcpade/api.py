@@ -71,6 +71,46 @@ def _scheduler_steps(pipe):
     return steps
 
 
+class _SchedulerClock:
+    """The time of the pipeline's current step, from a host copy of its scheduler's timesteps.
+
+    A pipeline passes the transformer a device tensor built from ``scheduler.timesteps[i]``;
+    reading that tensor would cost a host wait per transformer call. Instead the clock copies
+    ``scheduler.timesteps`` to the host once per sampling run (``set_timesteps`` makes a new
+    tensor each run: one read, counted in ``reads``) and indexes it with the scheduler's
+    ``step_index`` (a Python int; before the run's first ``scheduler.step`` it is None and the
+    run starts at the ``begin_index``, set by img2img pipelines, or 0). The time is the
+    scheduler's (FLUX's transformer gets it divided by 1000): the runtime uses only time
+    differences and ratios, which an affine map leaves as they are.
+
+    None, and the runtime reads the call's timestep instead, where that is unknown: a
+    scheduler without ``step_index`` (DDIM), or a pipeline that keeps ``_current_timestep``
+    and is not inside its denoising loop (the transformer called on its own)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.reads = 0
+        self._source: Optional[torch.Tensor] = None
+        self._host: List[float] = []
+
+    def __call__(self) -> Optional[float]:
+        pipe = self.pipe
+        scheduler = getattr(pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or not hasattr(scheduler, "step_index"):
+            return None
+        if hasattr(pipe, "_current_timestep") and pipe._current_timestep is None:
+            return None
+        index = scheduler.step_index
+        if index is None:
+            index = getattr(scheduler, "begin_index", None) or 0
+        if timesteps is not self._source:
+            self._host = [float(t) for t in timesteps.reshape(-1).tolist()]
+            self._source = timesteps
+            self.reads += 1
+        return self._host[index] if 0 <= index < len(self._host) else None
+
+
 # The second transformer of a two-expert pipeline (Wan2.2: ``transformer`` denoises the
 # high-noise steps, ``transformer_2`` the rest).
 _EXPERTS = ("transformer_2",)
@@ -91,6 +131,9 @@ class _Expert:
 
     def decide(self, branch, timestep, force=None):
         return self.runtime.decide(branch, timestep, force, expert=self.name)
+
+    def step_time(self, timestep):
+        return self.runtime.step_time(timestep)
 
     def finish(self, branch, h_in, h_out):
         self.runtime.finish(branch, h_in, h_out)
@@ -127,7 +170,7 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
     # A budget takes this model's calibrated schedules from the registry (tcpade.schedules).
     config = schedules.resolve(config or TCPadeConfig(), transformer)
     runtime = Runtime(config, total_steps=_scheduler_steps(pipe) if pipe is not None else None,
-                      num_steps=num_steps)  # fmt: skip
+                      num_steps=num_steps, clock=_SchedulerClock(pipe) if pipe is not None else None)  # fmt: skip
     # Under diffusers' context parallelism (enabled before or after this call) the TSI sums
     # are summed over the ranks, so every rank takes the same decision (tcpade.distributed).
     distributed.follow_context_parallel(runtime, transformer)

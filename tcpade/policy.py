@@ -52,6 +52,7 @@ for the rest of that branch's run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -199,12 +200,6 @@ class BranchState:
         return (t - t_last) * (t_last - t0) < 0
 
 
-def _scalar_time(timestep) -> float:
-    if isinstance(timestep, torch.Tensor):
-        if timestep.numel() == 0:
-            raise ValueError("the transformer was called with an empty timestep tensor")
-        return float(timestep.reshape(-1)[0])
-    return float(timestep)
 
 
 class Runtime:
@@ -219,7 +214,7 @@ class Runtime:
     """
 
     def __init__(self, config: Optional[TCPadeConfig] = None, total_steps: Optional[Callable[[], int]] = None,
-                 num_steps: Optional[int] = None):  # fmt: skip
+                 num_steps: Optional[int] = None, clock: Optional[Callable[[], Optional[float]]] = None):  # fmt: skip
         self.config = config or TCPadeConfig()
         if not isinstance(self.config, TCPadeConfig):
             raise TypeError(f"config must be a TCPadeConfig, got {type(self.config).__name__}")
@@ -232,7 +227,10 @@ class Runtime:
         # tcpade.distributed sets it to a reduction over the ranks that hold the other image
         # tokens (sequence parallelism), so that all ranks decide alike.
         self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        self.host_reads = 0  # times the host waited for device values (each a stream stall on CUDA)
+        self._reads = 0  # times the host waited for device values (each a stream stall on CUDA)
+        # The current step's time from a host copy (the pipeline's scheduler), or None: then a
+        # tensor timestep is read at every call.
+        self.clock = clock
         self._plans: Dict[int, Optional[Tuple[int, ...]]] = {}
         c = self.config
         gamma = c.input_correction if c.input_correction is not None else K.default_gamma(c.predictor)
@@ -242,6 +240,38 @@ class Runtime:
         self._auto = c.predictor in L.CHOOSERS  # the candidate is chosen online
 
     # ------------------------------------------------------------------ plumbing
+    @property
+    def host_reads(self) -> int:
+        """Times the host waited for device values (each a stream stall on CUDA): the sums a
+        decision or the summary read, a tensor timestep read because no clock knew the step's
+        time, and the clock's own copies of the schedule (one per sampling run)."""
+        return self._reads + getattr(self.clock, "reads", 0)
+
+    @contextlib.contextmanager
+    def clocked(self, clock: Callable[[], Optional[float]]):
+        """Inside the block, ``clock`` gives the calls' time (a custom loop that knows its step's
+        time); its ``reads``, if it counts any, are added to ``host_reads`` at the end."""
+        prev, self.clock = self.clock, clock
+        try:
+            yield
+        finally:
+            self._reads += getattr(clock, "reads", 0)
+            self.clock = prev
+
+    def step_time(self, timestep) -> Optional[float]:
+        """The time of this call as a host float: the clock's where it knows it (no device
+        read), else the ``timestep`` argument's first element (a tensor: one host read)."""
+        if self.clock is not None:
+            t = self.clock()
+            if t is not None:
+                return t
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() == 0:
+                raise ValueError("the transformer was called with an empty timestep tensor")
+            self._reads += 1
+            return float(timestep.reshape(-1)[0])
+        return None if timestep is None else float(timestep)
+
     def set_steps(self, total: Optional[int]) -> None:
         """Fix T for the coming runs; None goes back to the scheduler / the declared num_steps."""
         self._total = _check_steps("total steps", total)
@@ -331,7 +361,7 @@ class Runtime:
         b = self._branch(branch)
         if expert != b.expert:
             self._switch_expert(b, expert)
-        t = _scalar_time(timestep)
+        t = self.step_time(timestep) if isinstance(timestep, torch.Tensor) else float(timestep)
         total = self.total_steps()
         if b.pending is not None:
             # The previous call never finished (an exception inside the forward): its probe
@@ -480,7 +510,7 @@ class Runtime:
         if not todo or not (everything or any(r.stored and not r.sums.read for r in todo)):
             return
         if any(not r.sums.read for r in todo):
-            self.host_reads += 1
+            self._reads += 1
         for rec in todo:
             self._fold_one(b, rec)
         b.folded = len(b._records)

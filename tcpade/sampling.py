@@ -58,6 +58,7 @@ run afterwards, as after a pipeline call.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -135,6 +136,18 @@ def _set_timesteps(scheduler, steps: int, device, kwargs: dict) -> torch.Tensor:
     if callable(getattr(scheduler, "set_begin_index", None)):
         scheduler.set_begin_index(0)  # as the pipelines: no index lookup (host sync) per step
     return timesteps
+
+
+class _LoopClock:
+    """The time of the loop's current step (``index``), from the host copy of its schedule."""
+
+    reads = 1  # the one copy of the schedule to the host
+
+    def __init__(self, times):
+        self.times, self.index = times, 0
+
+    def __call__(self) -> float:
+        return self.times[self.index]
 
 
 def _batch_timestep(t, batch: int, scale: float, dtype: torch.dtype, device) -> torch.Tensor:
@@ -266,6 +279,10 @@ def sample(
         step_kw = {"generator": generator} if "generator" in step_params else {}
         model_dtype = getattr(module, "dtype", latents.dtype)
         sigmas = getattr(noise_scheduler, "sigmas", None)
+        # Host copies, one read each per run: the loop's times and sigmas (the transformer's
+        # timestep tensors are never read back).
+        clock = _LoopClock([float(t) * float(timestep_scale) for t in timesteps.reshape(-1).tolist()])
+        host_sigmas = sigmas.tolist() if torch.is_tensor(sigmas) and sigmas.ndim == 1 else None
         out_dtype = latents.dtype
         batch = latents.shape[0]
 
@@ -275,7 +292,7 @@ def sample(
             with adapters.cache_context(transformer, name, **ctx):
                 return _prediction(transformer(hidden_states=x, timestep=ts, **kwargs, return_dict=False), latents)
 
-        with torch.no_grad():
+        with torch.no_grad(), (rt.clocked(clock) if rt is not None else contextlib.nullcontext()):
             init_sigma = getattr(noise_scheduler, "init_noise_sigma", 1.0)
             if not (isinstance(init_sigma, (int, float)) and init_sigma == 1.0):
                 latents = latents * init_sigma
@@ -287,8 +304,9 @@ def sample(
                     x = x.to(model_dtype)
                 ts = _batch_timestep(t, batch, float(timestep_scale), latents.dtype, latents.device)
                 ctx = {"step_index": i, "num_inference_steps": total}
-                if torch.is_tensor(sigmas) and sigmas.ndim == 1 and i < len(sigmas):
-                    ctx["sigma"] = float(sigmas[i])
+                if host_sigmas is not None and i < len(host_sigmas):
+                    ctx["sigma"] = host_sigmas[i]
+                clock.index = i
                 pred = call("cond", x, ts, cond, ctx)
                 if cfg:
                     pred_uncond = call("uncond", x, ts, uncond, ctx)

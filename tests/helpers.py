@@ -116,7 +116,7 @@ def synthetic_run(cfg, T, branches=("default",), nan_at=None, stop_at=None, rt=N
             if nan_input_at is not None and k == nan_input_at:
                 h_in = h_in.clone()
                 h_in[0, 1, 1] = float("nan")
-            predict = rt.decide(br, torch.tensor([s]))
+            predict = rt.decide(br, float(s))
             pred = predict(h_in) if predict is not None else None
             if pred is None:
                 passes[br] += 1

@@ -191,7 +191,7 @@ def test_fp16_overflow_in_a_residual():
         cond = s.branches["cond"]
         assert cond[3].nonfinite, str(s)
         assert [r.k for r in cond if r.computed] == SLOW12
-        assert rt.host_reads <= 2  # the summary's, after the run
+        assert rt.host_reads <= 3  # the schedule's copy to the host, and the summary's after the run
         assert all(torch.isfinite(o).all() for k, o in enumerate(outs) if k // 2 > 3), "a non-finite prediction"
         hist = tcpade.runtime(pipe).branches["cond"].history
         assert hist.ring.dtype == torch.float16

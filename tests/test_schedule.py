@@ -29,7 +29,7 @@ def _computed(cfg, T, branches=("cond", "uncond"), nan_at=None, rt=None):
     for k, s in enumerate(flow_sigmas(T)):
         for i, br in enumerate(branches):
             h_in = torch.full(SHAPE, float(s)) + i
-            predict = rt.decide(br, torch.tensor([s]))
+            predict = rt.decide(br, float(s))
             pred = predict(h_in) if predict is not None else None
             if pred is None:
                 h_out = h_in + a + b * s
