@@ -34,9 +34,16 @@ What can be calibrated:
 * a zoo model (``tcpade.zoo.ZooModel``): inputs are (seed, label) pairs or seeds;
 * a diffusers pipeline: inputs are its call kwargs (one dict per input; a ``"seed"`` key
   becomes ``generator=torch.Generator().manual_seed(seed)``); outputs are compared as
-  ``output_type="pt"`` unless the kwargs say otherwise;
-* a bare transformer: pass ``noise_scheduler=`` and inputs as ``tcpade.sample`` kwargs
-  (``latents``, ``cond``, ``uncond``, ``guidance_scale``, ...).
+  ``output_type="pt"`` unless the kwargs say otherwise (``output_type="latent"``: the
+  latents, in whatever layout the pipeline returns them, e.g. FLUX's packed ``(N, tokens, C)``);
+* a bare transformer (FLUX, Wan, DiT, SD3, ...): pass ``noise_scheduler=`` and inputs as
+  ``tcpade.sample`` kwargs (``latents`` in the transformer's layout, ``cond``, ``uncond``,
+  ``guidance_scale``, ``timestep_scale``, ...).
+
+Candidates are scored by PSNR (``tcpade.metrics.psnr``), which takes any layout: images,
+clips, packed or video latents. The data range is 2 for the zoo (images in [-1, 1]), 1 for
+decoded pipeline outputs (``output_type`` "pt", "np" or "pil": in [0, 1]), and the full
+computation's value range (max - min) for latents and bare transformers. SSIM is not used.
 
 The cost is counted in runs (sampling runs of all inputs) and calls (transformer calls that
 computed the block stack, every branch and input batch; the skipped calls cost one memory
@@ -77,7 +84,8 @@ METHODS = ("refine", "lazy", "greedy")
 # ------------------------------------------------------------------------------------ targets
 class _Runner:
     """Runs every calibration input once with a config (None: full computation) and returns
-    the outputs stacked, the transformer calls that computed the block stack, and the branches."""
+    the outputs stacked, the transformer calls that computed the block stack, and the branches.
+    ``data_range``: the PSNR's (None: the full computation's value range)."""
 
     data_range: Optional[float] = None
     transformer: torch.nn.Module
@@ -104,6 +112,9 @@ class _PipelineRunner(_Runner):
     def __init__(self, pipe, inputs, steps):
         self.pipe, self.steps, self.inputs = pipe, steps, [dict(kw) for kw in inputs]
         self.transformer = pipe.transformer
+        # decoded outputs are in [0, 1]; latents are compared over their own range
+        kinds = {kw.get("output_type", "pt") for kw in self.inputs}
+        self.data_range = 1.0 if kinds <= {"pt", "np", "pil"} else None
 
     def run(self, config):
         from . import api
@@ -146,14 +157,18 @@ class _TransformerRunner(_Runner):
 
 
 def _as_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out.float()
+    """A pipeline's output (tensor, array, PIL images, or a list of those per video) as a float tensor."""
     import numpy as np
 
+    if isinstance(out, torch.Tensor):
+        return out.float()
     if isinstance(out, np.ndarray):
         return torch.from_numpy(out).float()
-    if isinstance(out, (list, tuple)) and out and hasattr(out[0], "size"):  # PIL images
-        return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0) for im in out])
+    if isinstance(out, (list, tuple)) and out:
+        if all(isinstance(o, (list, tuple, np.ndarray, torch.Tensor)) for o in out):  # per video: its frames
+            return torch.stack([_as_tensor(o) for o in out])
+        if all(hasattr(o, "size") and hasattr(o, "mode") for o in out):  # PIL images
+            return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0) for im in out])
     raise TypeError(f"tcpade.calibrate: cannot compare pipeline outputs of type {type(out).__name__}")
 
 
@@ -313,7 +328,9 @@ def calibrate(
     ``tcpade.schedules.spaced(50, 30)``) makes a long run's search several times cheaper; the
     curve then begins at its pass count.
     passes: one pass count or several (refine searches each; greedy / lazy go down to the
-    smallest and keep every count on the way). sweeps: refine's hill-climbing sweeps per count.
+    smallest and keep every count on the way), each in [lead, steps], lead being the steps
+    every schedule computes first (``tcpade.schedules.min_leading(predictor)``: 2; reuse 1).
+    sweeps: refine's hill-climbing sweeps per count.
     Returns a :class:`Calibration` (``passes``: the smallest requested count).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -328,9 +345,16 @@ def calibrate(
         raise ValueError(f"tcpade.calibrate: passes must be an int or a sequence of ints, got {passes!r}")
     # The budget's validation and rounding, one place.
     budget = TCPadeConfig(predictor=predictor, passes=min(many) if many else passes, speedup=speedup, **overrides)
+    lead = S.min_leading(predictor)
+    if steps < lead:
+        raise ValueError(f"tcpade.calibrate: steps must be >= {lead} (the {predictor!r} predictor computes the first "
+                         f"{lead} step(s)), got {steps}")  # fmt: skip
+    outside = [p for p in (many or ([passes] if passes is not None else [])) if not lead <= p <= steps]
+    if outside:
+        raise ValueError(f"tcpade.calibrate: passes must be in [{lead}, {steps}] (the {predictor!r} predictor computes "
+                         f"the first {lead} step(s); steps={steps}), got {outside}")  # fmt: skip
     targets = sorted({budget.budget_passes(steps)} | {TCPadeConfig(predictor=predictor, passes=p).budget_passes(steps)
                                                        for p in many})  # fmt: skip
-    lead = S.min_leading(predictor)
     runner = _runner(target, inputs, steps, noise_scheduler)
 
     counters = dict(runs=0, calls=0)

@@ -1,5 +1,6 @@
-"""tcpade.calibrate: the schedule search on a trained zoo model, a tiny pipeline and a bare
-transformer; the JSON round trip; the command line.
+"""tcpade.calibrate: the schedule search on a trained zoo model, tiny pipelines and bare
+transformers of every layout (FLUX's packed latents, Wan's video latents, DiT, SD3); the JSON
+round trip; the command line.
 
 Short runs (T = 4 to 7, one input) keep this to a few seconds: the search's cost grows
 with T^2 (exact greedy) or about T (lazy), not with anything these tests would gain from."""
@@ -12,12 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import PIPELINES, TINY, TXT, _embeds
 
 import tcpade
-from tcpade import metrics, schedules, zoo
+from tcpade import metrics, schedules, tiny, zoo
 from tcpade.config import TCPadeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is many times faster than several on a shared machine, where
+    OpenMP threads spin-wait for busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -81,6 +93,13 @@ def test_speedup_and_bad_arguments(flux):
         tcpade.calibrate(flux, [], passes=3, steps=6)
     with pytest.raises(TypeError, match="zoo model, a diffusers pipeline or a transformer"):
         tcpade.calibrate(object(), [0], passes=3, steps=6)
+    # pass counts outside [lead, steps] are refused, not clamped to a trivial all-steps schedule
+    with pytest.raises(ValueError, match=r"passes must be in \[2, 6\].*got \[7\]"):
+        tcpade.calibrate(flux, [0], passes=7, steps=6)
+    with pytest.raises(ValueError, match=r"passes must be in \[2, 6\].*got \[9\]"):
+        tcpade.calibrate(flux, [0], passes=[4, 9], steps=6)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        tcpade.calibrate(flux, [0], speedup=1.0, steps=1)
 
 
 def test_save_load_round_trip_reproduces_the_decisions(flux, tmp_path, registry):
@@ -111,28 +130,22 @@ def test_save_load_round_trip_reproduces_the_decisions(flux, tmp_path, registry)
         tcpade.calibrate.load(str(tmp_path / "bad.json"))
 
 
-def _tiny_dit():
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()  # fmt: skip
-
-
 def test_calibrate_pipeline_and_bare_transformer_with_cfg(registry):
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+    from diffusers import DDIMScheduler, DiTPipeline
 
-    vae = AutoencoderKL(block_out_channels=(4,), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=1, sample_size=8)  # fmt: skip
-    pipe = DiTPipeline(transformer=_tiny_dit(), vae=vae, scheduler=DDIMScheduler())
-    cal = tcpade.calibrate(pipe, [dict(class_labels=[1], seed=0, guidance_scale=1.0)], passes=3, steps=5,
-                           progress=False)  # fmt: skip
+    pipe = DiTPipeline(transformer=tiny.transformer("dit"), vae=tiny.tiny_vae(8), scheduler=DDIMScheduler())
+    inp = dict(class_labels=[1], seed=0, guidance_scale=1.0)
+    cal = tcpade.calibrate(pipe, [inp], passes=3, steps=5, progress=False)
     assert len(cal.schedule()) == 3 and cal.extra["branches"] == 1
     assert not hasattr(pipe.transformer, "_tcpade_runtime")  # removed again after every run
+    # decoded images are in [0, 1]: the PSNR's data range is 1, whatever the reference's range
+    full = _call(pipe, inp, 5, None)
+    assert float(metrics.psnr(_call(pipe, inp, 5, cal.config()), full, data_range=1.0).mean()) == pytest.approx(
+        cal.psnr[3], abs=1e-9
+    )
 
     # bare transformer, CFG as two calls: two branches, each with the schedule's passes
-    tr = _tiny_dit()
+    tr = tiny.transformer("dit")
     g = torch.Generator().manual_seed(3)
     inp = dict(latents=torch.randn(1, 4, 8, 8, generator=g), cond=dict(class_labels=torch.tensor([2])),
                uncond=dict(class_labels=torch.tensor([9])), guidance_scale=3.0)  # fmt: skip
@@ -142,6 +155,77 @@ def test_calibrate_pipeline_and_bare_transformer_with_cfg(registry):
     assert summ.computed("cond") == summ.computed("uncond") == list(cal.schedule())
     with pytest.raises(TypeError, match="noise_scheduler"):
         tcpade.calibrate(tr, [inp], passes=3, steps=5)
+
+
+def _call(pipe, inp, steps, config):
+    """One pipeline call of a calibration input (full computation with config None) -> float tensor."""
+    kw = dict(inp)
+    kw.setdefault("output_type", "pt")
+    gen = torch.Generator().manual_seed(kw.pop("seed"))
+    if config is not None:
+        tcpade.apply(pipe, config)
+    try:
+        out = pipe(**kw, num_inference_steps=steps, generator=gen, return_dict=False)[0]
+    finally:
+        if config is not None:
+            tcpade.remove(pipe)
+    return torch.as_tensor(out).float()
+
+
+def _schedulers():
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    return {"flux": FlowMatchEulerDiscreteScheduler, "wan": FlowMatchEulerDiscreteScheduler,
+            "sd3": FlowMatchEulerDiscreteScheduler, "dit": DDIMScheduler}  # fmt: skip
+
+
+@pytest.mark.parametrize("family, ndim", [("flux", 3), ("wan", 5), ("dit", 4), ("sd3", 4)])
+def test_calibrate_a_bare_transformer_in_its_own_layout(family, ndim, registry):
+    """FLUX takes packed latents (N, tokens, C), Wan video latents (N, C, F, H, W), DiT and SD3
+    (N, C, H, W): the search scores them all by PSNR over the full run's value range, and the
+    number it reports is the one the schedule gives when run again."""
+    t = TINY[family]()
+    kw = t.inputs(0)
+    latents = kw.pop("hidden_states")
+    kw.pop("timestep")
+    assert latents.ndim == ndim
+    inp = dict(latents=latents, cond=kw, timestep_scale=t.timestep_scale)
+    sched = _schedulers()[family]
+    cal = tcpade.calibrate(t.model, [inp], passes=[4, 3], steps=6, noise_scheduler=sched(), progress=False)
+    assert sorted(cal.schedules) == [3, 4] and cal.schedules[3][:2] == (0, 1)
+    full = tcpade.sample(t.model, sched(), steps=6, progress=False, **inp)
+    for p in (3, 4):
+        out = tcpade.sample(t.model, sched(), steps=6, config=cal.config(p), progress=False, **inp)
+        want = float(metrics.psnr(out, full, data_range=float(full.max() - full.min())).mean())
+        assert cal.psnr[p] == pytest.approx(want, abs=1e-9) and 0 < cal.psnr[p] < metrics.PSNR_CAP
+    assert metrics.has_ssim(full) == (ndim != 3)  # packed tokens have no image layout: PSNR only
+
+
+def _latent_inputs(family):
+    """Call kwargs of the tiny pipelines in tests/families.py (precomputed prompt embeddings)."""
+    if family == "flux":  # true CFG off: one branch; the output: packed latents (1, tokens, C)
+        pe, pp = _embeds(1, (1, TXT, 16), (1, 16))
+        return dict(prompt_embeds=pe, pooled_prompt_embeds=pp, height=8, width=8)
+    if family == "wan":  # CFG as cond / uncond calls; the output: video latents (1, C, F, H, W)
+        pe, ne = _embeds(3, (1, TXT, 16), (1, TXT, 16))
+        return dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=16, width=16, num_frames=5, guidance_scale=5.0)
+    pe, pp, ne, npp = _embeds(2, (1, TXT, 16), (1, 16), (1, TXT, 16), (1, 16))  # SD3: CFG batched, (1, C, H, W)
+    return dict(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
+                negative_pooled_prompt_embeds=npp, guidance_scale=3.0, height=8, width=8)  # fmt: skip
+
+
+@pytest.mark.parametrize("family, ndim, branches", [("flux", 3, 1), ("wan", 5, 2), ("sd3", 4, 1)])
+def test_calibrate_a_pipeline_on_its_latents(family, ndim, branches, registry):
+    """``output_type="latent"``: the pipeline's latents in its own layout, PSNR over their range."""
+    pipe, _ = PIPELINES[family]()
+    inp = dict(_latent_inputs(family), output_type="latent", seed=0)
+    cal = tcpade.calibrate(pipe, [inp], passes=3, steps=5, progress=False)
+    assert len(cal.schedule()) == 3 and cal.extra["branches"] == branches
+    full = _call(pipe, inp, 5, None)
+    assert full.ndim == ndim
+    out = _call(pipe, inp, 5, cal.config())
+    want = float(metrics.psnr(out, full, data_range=float(full.max() - full.min())).mean())
+    assert cal.psnr[3] == pytest.approx(want, abs=1e-9) and 0 < cal.psnr[3] < metrics.PSNR_CAP
 
 
 def test_command_line(tmp_path):
