@@ -26,13 +26,12 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .cli import Progress, require
+from .cli import Progress, UsageError, require, zoo_names
 
 PRESETS = ("adaptive", "slow", "fast", "paper")
 
-
-class UsageError(ValueError):
-    """A bad target, prompt or label for ``tcpade bench`` (shown as a usage error, no traceback)."""
+# UsageError (tcpade.cli's, a ValueError): a bad target, prompt or label for ``tcpade bench``,
+# shown as one line naming the flag, exit status 2, no traceback.
 
 
 def _value(text: str):
@@ -89,13 +88,16 @@ class ZooTarget:
     def __init__(self, name, labels, seeds):
         from . import zoo
 
-        self.model = zoo.load(name)
-        self.title = f"zoo model {name} ({type(self.model.transformer).__name__})"
-        nc = self.model.spec.num_classes
-        labels = [int(x) for x in labels] if labels else list(range(nc))
+        nc = zoo.SPECS[name].num_classes
+        try:
+            labels = [int(x) for x in labels] if labels else list(range(nc))
+        except ValueError:
+            raise ValueError(f"--labels: zoo model {name} takes class numbers, got {','.join(labels)}") from None
         bad = [x for x in labels if not 0 <= x < nc]
         if bad:
             raise ValueError(f"--labels: {name} has classes 0..{nc - 1}, got {bad}")
+        self.model = zoo.load(name)
+        self.title = f"zoo model {name} ({type(self.model.transformer).__name__})"
         self.items = [(lab, s) for lab in labels for s in seeds]
         self.captions = [f"{lab}/s{s}" for lab, s in self.items]
 
@@ -130,7 +132,15 @@ class PipelineTarget:
 
         # diffusers renamed torch_dtype to dtype (the old name warns); older versions know only torch_dtype.
         key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-        self.pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype}, local_files_only=True).to(device)
+        try:
+            self.pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype}, local_files_only=True).to(device)
+        except ImportError:
+            raise
+        except Exception as exc:  # no model_index.json, a missing or broken component, ...
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"TARGET: cannot load a diffusers pipeline from {path!r}: {msg}") from None
+        if not isinstance(getattr(self.pipe, "transformer", None), torch.nn.Module):
+            raise ValueError(f"TARGET: {type(self.pipe).__name__} in {path!r} has no transformer")
         self.pipe.set_progress_bar_config(disable=True)
         self.device = device
         self.title = f"pipeline {path} ({type(self.pipe).__name__}, {type(self.pipe.transformer).__name__})"
@@ -141,7 +151,17 @@ class PipelineTarget:
             labels = labels or ["0"]
             ids = [int(x) if x.lstrip("-").isdigit() else x for x in labels]
             if any(isinstance(x, str) for x in ids):
-                ids = self.pipe.get_label_ids(labels)  # names through the pipeline's id2label
+                known = getattr(self.pipe, "labels", None) or {}  # names through the pipeline's id2label
+                unknown = [x for x in labels if x not in known]
+                if unknown:
+                    raise ValueError(f"--labels: {unknown} are not class numbers nor class names of "
+                                     f"{type(self.pipe).__name__} ({len(known)} names)")  # fmt: skip
+                ids = self.pipe.get_label_ids(labels)
+            n = getattr(self.pipe.transformer.config, "num_embeds_ada_norm", None)
+            bad = [i for i in ids if i < 0 or (n is not None and i >= n)]
+            if bad:
+                raise ValueError(f"--labels: {type(self.pipe).__name__} has classes 0..{n - 1}, got {bad}" if n
+                                 else f"--labels must be >= 0, got {bad}")  # fmt: skip
             conds = [{"class_labels": [i]} for i in ids]
             names = [str(x) for x in labels]
         elif "prompt" in params:
@@ -315,61 +335,111 @@ def _list(text: str) -> List[str]:
 
 
 def add_cli(subparsers):
-    p = subparsers.add_parser("bench", help="full computation vs presets/configs on your diffusers pipeline or a zoo model",
+    p = subparsers.add_parser("bench",
+                              help="full computation vs presets/configs on your diffusers pipeline or a zoo model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("target", help="a local diffusers pipeline folder, or a zoo model name (flux-digits, ...)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    p.add_argument("--labels", type=_list, default=[], help="class labels, comma-separated (class pipelines, zoo)")
-    p.add_argument("--seeds", type=_list, default=["0"], help="seeds, comma-separated (default 0)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("target", metavar="TARGET",
+                   help=f"a local diffusers pipeline folder, or a zoo model: {', '.join(zoo_names())}")  # fmt: skip
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several; prompt pipelines)")
+    p.add_argument("--labels", type=_list, default=[],
+                   help="class labels, comma-separated (class-conditional pipelines: numbers or names; zoo: numbers; "
+                   "default: every class of a zoo model, 0 for a pipeline)")  # fmt: skip
+    p.add_argument("--seeds", default="0", help="seeds, comma-separated integers in [0, 2**64 - 1] (default 0)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps, >= 2 (default 20)")
     p.add_argument("--presets", type=_list, default=None,
-                   help=f"presets to run, comma-separated (default adaptive,slow,fast; all: {','.join(PRESETS)})")
+                   help="presets to run, comma-separated (default adaptive,slow,fast; "
+                   f"all: {','.join(PRESETS)})")  # fmt: skip
     p.add_argument("--config", action="append", default=[], metavar="[PRESET:]KEY=VALUE,...",
-                   help="a TCPadeConfig to run (repeat for several); given alone, it replaces the presets")
+                   help="a TCPadeConfig to run (repeat for several); given alone, it replaces the presets")  # fmt: skip
     p.add_argument("--out", default="tcpade-bench", help="folder for grid.png, quality_speed.png, results.csv")
-    p.add_argument("--repeats", type=int, default=1, help="timing repeats (best of)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-frames", type=int, default=None, help="video pipelines")
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=1, help="timing repeats, >= 1 (best of; default 1)")
+    p.add_argument("--device", default=None,
+                   help="pipelines: a torch device (default: cuda if available, else cpu); "
+                   "zoo models run on the cpu")  # fmt: skip
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="pipelines: the weights' dtype (default float32); zoo models run in float32")  # fmt: skip
+    p.add_argument("--height", type=int, default=None, help="pipelines: image height in pixels")
+    p.add_argument("--width", type=int, default=None, help="pipelines: image width in pixels")
+    p.add_argument("--num-frames", type=int, default=None, help="video pipelines: frames")
+    p.add_argument("--guidance-scale", type=float, default=None, help="pipelines: the guidance scale")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stdout (default: when stdout is a terminal)")  # fmt: skip
     p.set_defaults(_parser=p)
     return p
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device: {' '.join(str(exc).split())}") from None
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    if dev.type != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise UsageError(f"--device {device}: {dev.type} is not available here")
+
+
 def run_cli(args) -> int:
-    p = args._parser
-    require("diffusers", "PIL", "matplotlib")
+    """Run ``tcpade bench`` from parsed arguments; a bad value raises UsageError (one line, exit 2)."""
+    import math
+
+    from .cli import at_least, int_list, writable_folder
+    from .cli import seeds as parse_seeds
+
+    # the checks that need no model, and no torch, first
     if args.steps < 2:
-        p.error("--steps must be >= 2")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    try:
-        seeds = [int(s) for s in args.seeds]
-    except ValueError:
-        p.error(f"--seeds must be integers, got {','.join(args.seeds)}")
-    try:
-        presets = args.presets if args.presets is not None else ([] if args.config else list(PRESETS[:3]))
-        configs = [(s, parse_config(s)) for s in [*presets, *args.config]]
-    except (TypeError, ValueError) as exc:
-        p.error(str(exc))
-    if not configs:
-        p.error("nothing to compare: give --presets or --config")
+        raise UsageError(f"--steps must be >= 2, got {args.steps}")
+    at_least(args.repeats, 1, "--repeats")
+    at_least(args.threads, 1, "--threads")
+    for flag, value in (("--height", args.height), ("--width", args.width), ("--num-frames", args.num_frames)):
+        at_least(value, 1, flag)
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise UsageError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    seeds = parse_seeds(args.seeds)
+    writable_folder(args.out, "--out")
+    folder = os.path.isdir(args.target)
+    if not folder:
+        if args.target not in zoo_names():
+            raise UsageError(f"{args.target!r} is neither a pipeline folder nor a zoo model ({', '.join(zoo_names())})")
+        given = [flag for flag, v in (("--height", args.height), ("--width", args.width),
+                                      ("--num-frames", args.num_frames), ("--guidance-scale", args.guidance_scale))
+                 if v is not None]  # fmt: skip
+        if given:
+            raise UsageError(f"{', '.join(given)}: zoo model {args.target} has a fixed size and guidance scale; "
+                             "these flags are for pipeline folders")  # fmt: skip
+        if args.device not in (None, "cpu"):
+            raise UsageError(f"--device: zoo models run on the cpu, got {args.device!r}")
+        if args.dtype != "float32":
+            raise UsageError(f"--dtype: zoo models run in float32, got {args.dtype}")
+        if args.prompt:
+            raise UsageError(f"--prompt: zoo model {args.target} takes class labels, not prompts: use --labels")
+        if args.labels:
+            int_list(",".join(args.labels), "--labels")
+    presets = args.presets if args.presets is not None else ([] if args.config else list(PRESETS[:3]))
+    if not presets and not args.config:
+        raise UsageError("nothing to compare: give --presets or --config")
+    require("diffusers", "PIL", "matplotlib")
+    configs = []
+    for flag, specs in (("--presets", presets), ("--config", args.config)):
+        for spec in specs:
+            try:
+                configs.append((spec, parse_config(spec)))
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"{flag}: {exc}") from None
     device = args.device
-    if device is None:
+    if device is not None:
+        _check_device(device)
+    elif not folder:
+        device = "cpu"
+    else:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     call_kwargs = dict(height=args.height, width=args.width, num_frames=args.num_frames,
                        guidance_scale=args.guidance_scale)  # fmt: skip
-    try:
-        run(args.target, prompts=args.prompt, labels=args.labels, seeds=seeds, steps=args.steps, configs=configs,
-            out=args.out, repeats=args.repeats, device=device, dtype=args.dtype, call_kwargs=call_kwargs,
-            threads=args.threads, progress=args.progress)  # fmt: skip
-    except UsageError as exc:
-        p.error(str(exc))
+    run(args.target, prompts=args.prompt, labels=args.labels, seeds=seeds, steps=args.steps, configs=configs,
+        out=args.out, repeats=args.repeats, device=device, dtype=args.dtype, call_kwargs=call_kwargs,
+        threads=args.threads, progress=args.progress)  # fmt: skip
     return 0

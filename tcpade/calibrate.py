@@ -50,7 +50,9 @@ computed the block stack, every branch and input batch; the skipped calls cost o
 pass each and are not counted); ``Calibration.runs`` / ``.calls`` / ``.seconds``.
 
 This module is callable: ``tcpade.calibrate(...)`` is ``tcpade.calibrate.calibrate(...)``.
-Command line: ``python -m tcpade.calibrate MODEL --steps 20 --passes 7 --out schedules.json``.
+Command line: ``tcpade calibrate MODEL --steps 20 --passes 7 --out schedules.json`` (or
+``python -m tcpade.calibrate ...``). Importing it imports no torch (the search imports it
+when it runs), so ``tcpade calibrate --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -66,13 +68,12 @@ import sys
 import time
 import types
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-import torch
+if TYPE_CHECKING:  # imported where used: ``tcpade calibrate --help`` must not import torch
+    import torch
 
-from . import metrics
-from . import schedules as S
-from .config import TCPadeConfig
+    from .config import TCPadeConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class _Runner:
     ``data_range``: the PSNR's (None: the full computation's value range)."""
 
     data_range: Optional[float] = None
-    transformer: torch.nn.Module
+    transformer: "torch.nn.Module"
 
     def run(self, config: TCPadeConfig):
         raise NotImplementedError
@@ -117,6 +118,8 @@ class _PipelineRunner(_Runner):
         self.data_range = 1.0 if kinds <= {"pt", "np", "pil"} else None
 
     def run(self, config):
+        import torch
+
         from . import api
 
         outs, calls, branches = [], 0, 1
@@ -144,6 +147,8 @@ class _TransformerRunner(_Runner):
         self.transformer, self.scheduler, self.steps, self.inputs = transformer, noise_scheduler, steps, list(inputs)
 
     def run(self, config):
+        import torch
+
         from .sampling import sample
 
         outs, calls, branches = [], 0, 1
@@ -156,9 +161,10 @@ class _TransformerRunner(_Runner):
         return torch.cat(outs), calls, branches
 
 
-def _as_tensor(out) -> torch.Tensor:
+def _as_tensor(out) -> "torch.Tensor":
     """A pipeline's output (tensor, array, PIL images, or a list of those per video) as a float tensor."""
     import numpy as np
+    import torch
 
     if isinstance(out, torch.Tensor):
         return out.float()
@@ -173,6 +179,8 @@ def _as_tensor(out) -> torch.Tensor:
 
 
 def _runner(target, inputs, steps, noise_scheduler):
+    import torch
+
     if not inputs:
         raise ValueError("tcpade.calibrate needs at least one calibration input")
     if hasattr(target, "spec") and hasattr(target, "sample") and hasattr(target, "transformer"):
@@ -181,7 +189,9 @@ def _runner(target, inputs, steps, noise_scheduler):
         return _TransformerRunner(target, noise_scheduler, inputs, steps)
     if isinstance(getattr(target, "transformer", None), torch.nn.Module):
         return _PipelineRunner(target, inputs, steps)
-    raise TypeError(f"tcpade.calibrate expects a zoo model, a diffusers pipeline or a transformer, got {type(target).__name__}")
+    raise TypeError(
+        f"tcpade.calibrate expects a zoo model, a diffusers pipeline or a transformer, got {type(target).__name__}"
+    )
 
 
 # ------------------------------------------------------------------------------------- result
@@ -209,8 +219,10 @@ class Calibration:
             raise ValueError(f"no calibrated schedule with {p} passes; have {sorted(self.schedules)}")
         return self.schedules[p]
 
-    def config(self, passes: Optional[int] = None, **overrides) -> TCPadeConfig:
+    def config(self, passes: Optional[int] = None, **overrides) -> "TCPadeConfig":
         """A fixed-schedule config with this calibration's schedule for ``passes`` (default: requested)."""
+        from .config import TCPadeConfig
+
         base = dict(predictor=self.predictor, schedule=self.schedule(passes), schedule_steps=self.steps)
         base.update(overrides)
         return TCPadeConfig(**base)
@@ -221,6 +233,8 @@ class Calibration:
 
     def register(self) -> None:
         """Make the budget presets use these schedules on this model (tcpade.schedules registry)."""
+        from . import schedules as S
+
         S.register(self.model, self.predictor, self.steps, self.schedules, self.psnr)
 
     def to_json(self) -> dict:
@@ -246,6 +260,8 @@ class Calibration:
 def save(path: str, *results: Calibration) -> None:
     """Write calibrations to a JSON file, merged with the file's entries (same model, predictor and
     T replaced)."""
+    from . import schedules as S
+
     entries = []
     if os.path.exists(path):
         with open(path) as f:
@@ -264,6 +280,8 @@ def save(path: str, *results: Calibration) -> None:
 
 def load(path: str, register: bool = True) -> List[Calibration]:
     """The calibrations of a JSON file (``register``: the budget presets use them from now on)."""
+    from . import schedules as S
+
     with open(path) as f:
         out = [Calibration.from_json(e) for e in S.entries_from_json(json.load(f))]
     if register:
@@ -274,6 +292,8 @@ def load(path: str, register: bool = True) -> List[Calibration]:
 
 def shipped(name: str, steps: int, predictor: str = "rational") -> Optional[Calibration]:
     """The zoo's shipped calibration of model ``name`` at ``steps`` steps (not registered), or None."""
+    from . import schedules as S
+
     return next((c for c in load(S.SHIPPED, register=False)
                  if c.name == name and c.steps == steps and c.predictor == predictor), None)  # fmt: skip
 
@@ -333,6 +353,10 @@ def calibrate(
     sweeps: refine's hill-climbing sweeps per count.
     Returns a :class:`Calibration` (``passes``: the smallest requested count).
     """
+    from . import metrics
+    from . import schedules as S
+    from .config import TCPadeConfig
+
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"tcpade.calibrate: steps must be an int >= 1, got {steps!r}")
     if method not in METHODS:
@@ -390,6 +414,9 @@ def calibrate(
 
 def _remove(score, steps, target_passes, lead, method, start, predictor, progress, counters):
     """Greedy removal (exact or lazy) from ``start`` (default every step) down to ``target_passes``."""
+    from . import metrics
+    from . import schedules as S
+
     try:
         current = list(range(steps)) if start is None else list(S.check_schedule(start, steps, predictor, "start"))
     except ValueError as exc:
@@ -429,6 +456,8 @@ def _refine(score, steps, targets, lead, sweeps, progress):
     """Per pass count: the best evenly spaced schedule on the calibration inputs, then hill
     climbing: move one computed step a step earlier or later, keep the move if the PSNR rises,
     until a sweep over every step changes nothing (or ``sweeps`` sweeps)."""
+    from . import schedules as S
+
     path, curve = {}, {}
     bar = _Progress(len(targets), progress, f"tcpade.calibrate T={steps}")
     try:
@@ -458,68 +487,189 @@ def _refine(score, steps, targets, lead, sweeps, progress):
 
 
 # ---------------------------------------------------------------------------------------- CLI
+_DESCRIPTION = """\
+Search which steps to compute for a zoo model or a local diffusers pipeline folder, against
+full computation on the calibration inputs (one per seed), and save the schedules as JSON
+(tcpade.calibrate.load registers them: the budget presets then use them on that model).
+
+searches (--method):
+  refine  (default) for each pass count, the best evenly spaced schedule, then hill climbing:
+          move one computed step a step earlier or later while the PSNR rises
+  greedy  greedy removal: from every step computed, drop the step whose removal costs the
+          least PSNR, down to the fewest passes asked for (every count on the way is kept)
+  lazy    the same removal evaluated lazily (about half the runs of greedy)
+
+Pass counts must be in [lead, --steps]: a schedule always computes its first `lead` steps
+(the residuals the predictor needs: 2; reuse: 1).
+"""
+
+
+def _lead(predictor: str) -> int:
+    """``tcpade.schedules.min_leading(predictor)`` without importing torch (tcpade.layout is plain Python)."""
+    from . import layout as L
+
+    return max(L.VARIANT_TABLE[v].min_history for v in L.CHOOSERS.get(predictor, (predictor,)))
+
+
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register the ``calibrate`` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser("calibrate", help="search a calibrated schedule for a model and save it as JSON",
-                              description="Search which steps to compute (greedy removal against full computation) "
-                              "for a zoo model or a local diffusers pipeline directory, and save the schedules.")  # fmt: skip
+                              description=_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _arguments(p)
     p.set_defaults(func=run_cli)
     return p
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a zoo model name (tcpade.zoo.names()) or a local pipeline directory")
+    from . import layout as L
+    from .cli import zoo_names
+
+    p.add_argument("model", metavar="MODEL",
+                   help=f"a zoo model ({', '.join(zoo_names())}) or a local diffusers pipeline folder")  # fmt: skip
     p.add_argument("--steps", type=int, default=20, help="denoising steps T (default 20)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--passes", help="computed steps per branch: one count or a comma-separated list")
-    g.add_argument("--speedup", type=float, help="... or the ratio T / passes")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the calibration inputs (default 0,1)")
-    p.add_argument("--labels", default=None, help="zoo: comma-separated class labels, one per seed (default 0, 1, ..)")
-    p.add_argument("--prompt", action="append", default=None, help="pipeline: a prompt (repeat; paired with seeds)")
-    p.add_argument("--predictor", default="rational", help="the predictor the schedules run with (default rational)")
-    p.add_argument("--method", default="refine", choices=METHODS, help="search (default refine)")
-    p.add_argument("--out", default="schedules.json", help="JSON file to write or merge into")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    g.add_argument("--passes", help="computed steps per branch: one count or a comma-separated list, each in "
+                   "[lead, --steps] (lead 2; reuse 1)")  # fmt: skip
+    g.add_argument("--speedup", type=float, help="... or the ratio T / passes (a number >= 1)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one calibration input each (default 0,1)")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated class labels: zoo models, one per seed (default 0, 1, ..); "
+                   "class-conditional pipelines (DiT), paired with the seeds in turn (default 0)")  # fmt: skip
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt pipelines: a prompt (repeat for several; paired with the seeds in turn)")  # fmt: skip
+    p.add_argument("--predictor", default="rational", choices=L.PREDICTORS,
+                   help="the predictor the schedules run with (default rational)")  # fmt: skip
+    p.add_argument("--method", default="refine", choices=METHODS, help="the search (default refine; see above)")
+    p.add_argument("--out", default="schedules.json",
+                   help="JSON file to write, or to merge into (default schedules.json)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _check_out(path: str) -> None:
+    from .cli import UsageError
+
+    if os.path.isdir(path):
+        raise UsageError(f"--out: {path!r} is a folder; give a JSON file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out: folder {parent!r} does not exist")
+    if os.path.exists(path):  # merged into at the end: refuse a file that is not ours now, not after the search
+        from . import schedules as S
+
+        try:
+            with open(path) as f:
+                S.entries_from_json(json.load(f))
+        except (OSError, ValueError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"--out: cannot merge into {path!r}: {msg}") from None
+
+
+def _pipeline(path: str, prompts, labels, seeds):
+    """The pipeline in folder ``path`` and its calibration inputs (one per seed), or UsageError."""
+    import inspect
+
+    import torch
+
+    from .cli import UsageError
+
+    try:
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    except ImportError:
+        raise
+    except Exception as exc:  # no model_index.json, a missing or broken component, ...
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"MODEL: cannot load a diffusers pipeline from {path!r}: {msg}") from None
+    name = type(pipe).__name__
+    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        raise UsageError(f"MODEL: {name} in {path!r} has no transformer to calibrate")
+    pipe.set_progress_bar_config(disable=True)
+    params = inspect.signature(pipe.__call__).parameters
+    if "class_labels" in params and "prompt" not in params:
+        if prompts:
+            raise UsageError(f"--prompt: {name} takes class labels, not prompts: use --labels")
+        labels = labels if labels is not None else [0]
+        if len(labels) > len(seeds):
+            raise UsageError(f"--labels: {len(labels)} labels for {len(seeds)} seeds (one calibration input per seed)")
+        n = getattr(pipe.transformer.config, "num_embeds_ada_norm", None)
+        bad = [x for x in labels if x < 0 or (n is not None and x >= n)]
+        if bad:
+            raise UsageError(f"--labels: {name} has classes 0..{n - 1}, got {bad}" if n else
+                             f"--labels must be >= 0, got {bad}")  # fmt: skip
+        inputs = [dict(class_labels=[labels[i % len(labels)]], seed=s) for i, s in enumerate(seeds)]
+    elif "prompt" in params:
+        if labels is not None:
+            raise UsageError(f"--labels: {name} takes prompts, not class labels: use --prompt")
+        prompts = prompts or [""]
+        if len(prompts) > len(seeds):
+            raise UsageError(f"--prompt: {len(prompts)} prompts for {len(seeds)} seeds "
+                             "(one calibration input per seed)")  # fmt: skip
+        inputs = [dict(prompt=prompts[i % len(prompts)], seed=s) for i, s in enumerate(seeds)]
+    else:
+        raise UsageError(f"MODEL: {name}.__call__ takes neither prompt nor class_labels")
+    return pipe, inputs
 
 
 def run_cli(args) -> int:
-    """Run the ``calibrate`` subcommand from parsed arguments; returns the exit status."""
+    """Run the ``calibrate`` subcommand from parsed arguments; returns the exit status. A bad
+    value raises ``tcpade.cli.UsageError`` (one line naming the flag) before any model loads."""
+    from .cli import UsageError, at_least, int_list, zoo_names
+    from .cli import seeds as parse_seeds
+
+    # every check that needs no model first (and no torch until the --out check)
+    lead = _lead(args.predictor)
+    if args.steps < lead:
+        raise UsageError(f"--steps must be >= {lead} (the {args.predictor!r} predictor computes the first {lead} "
+                         f"step(s)), got {args.steps}")  # fmt: skip
+    passes = None
+    if args.passes is not None:
+        passes = int_list(args.passes, "--passes")
+        outside = [k for k in passes if not lead <= k <= args.steps]
+        if outside:
+            raise UsageError(f"--passes must be in [{lead}, {args.steps}] (a schedule computes the first {lead} "
+                             f"step(s), and at most --steps {args.steps}), "
+                             f"got {', '.join(map(str, outside))}")  # fmt: skip
+    at_least(args.speedup, 1.0, "--speedup")
+    at_least(args.threads, 1, "--threads")
+    seeds = parse_seeds(args.seeds)
+    labels = int_list(args.labels, "--labels") if args.labels is not None else None
+    folder = os.path.isdir(args.model)
+    if not folder:
+        if args.model not in zoo_names():
+            raise UsageError(f"MODEL {args.model!r} is neither a zoo model ({', '.join(zoo_names())}) "
+                             "nor a pipeline folder")  # fmt: skip
+        if args.prompt:
+            raise UsageError(f"--prompt: zoo model {args.model} takes class labels, not prompts: use --labels")
+        if labels is not None and len(labels) != len(seeds):
+            raise UsageError(f"--labels needs one label per seed: {len(labels)} label(s) for {len(seeds)} seed(s)")
+    _check_out(args.out)
+
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if os.path.isdir(args.model):
-        from diffusers import DiffusionPipeline
-
-        target = DiffusionPipeline.from_pretrained(args.model)
-        prompts = args.prompt or [""]
-        inputs = [dict(prompt=prompts[i % len(prompts)], seed=s) for i, s in enumerate(seeds)]
+    if folder:
+        target, inputs = _pipeline(args.model, args.prompt, labels, seeds)
     else:
         from . import zoo
 
-        if args.model not in zoo.names():
-            print(f"tcpade calibrate: {args.model!r} is neither a zoo model {zoo.names()} nor a directory",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+        n = zoo.SPECS[args.model].num_classes
+        labels = labels if labels is not None else [i % n for i in range(len(seeds))]
+        bad = [x for x in labels if not 0 <= x < n]
+        if bad:
+            raise UsageError(f"--labels: {args.model} has classes 0..{n - 1}, got {bad}")
         target = zoo.load(args.model)
-        n = target.spec.num_classes
-        labels = [int(x) for x in args.labels.split(",")] if args.labels else [i % n for i in range(len(seeds))]
-        if len(labels) != len(seeds):
-            print("tcpade calibrate: --labels needs one label per seed", file=sys.stderr)
-            return 2
         inputs = list(zip(seeds, labels))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    passes = None
-    if args.passes is not None:
-        try:
-            passes = [int(x) for x in args.passes.split(",") if x.strip()]
-        except ValueError:
-            print(f"tcpade calibrate: --passes must be ints, got {args.passes!r}", file=sys.stderr)
-            return 2
     cal = calibrate(target, inputs, passes=passes, speedup=args.speedup, steps=args.steps,
                     predictor=args.predictor, method=args.method)  # fmt: skip
     cal.save(args.out)
-    print(f"{cal.name or cal.model}: T={cal.steps}, {cal.runs} runs, {cal.calls} block-stack calls, {cal.seconds:.1f} s")
+    print(f"{cal.name or cal.model}: T={cal.steps}, {cal.runs} runs, {cal.calls} block-stack calls, "
+          f"{cal.seconds:.1f} s")  # fmt: skip
     for p, v in cal.curve():
         print(f"  {p:3d} passes  {v:6.2f} dB  {' '.join(map(str, cal.schedules[p]))}")
     print(f"wrote {args.out}")
@@ -527,9 +677,18 @@ def run_cli(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tcpade.calibrate", description=add_cli.__doc__)
+    """``python -m tcpade.calibrate ARGS``: the ``tcpade calibrate`` command line."""
+    from .cli import ArgumentParser, UsageError
+
+    p = ArgumentParser(prog="python -m tcpade.calibrate", description=_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _arguments(p)
-    return run_cli(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run_cli(args)
+    except UsageError as exc:
+        print(f"{p.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
 
 class _CallableModule(types.ModuleType):

@@ -2,13 +2,20 @@
 
     tcpade demo                      full computation vs the presets on a model shipped with tcpade
     tcpade bench PIPELINE_DIR|ZOO    the same on your own diffusers pipeline (a local folder) or a zoo model
+    tcpade calibrate PIPELINE_DIR|ZOO --passes K    search which steps to compute, save the schedules
     tcpade --version
 
-This module imports neither torch nor diffusers: ``tcpade --help`` and ``tcpade --version``
-answer at once, and a subcommand's module is imported only when that subcommand runs (or
-its ``--help`` is asked for). A subcommand is a module with ``add_cli(subparsers)`` (adds
-its parser, named as in the table below) and ``run_cli(args) -> int``; its module must not
-import torch at import time either.
+This module imports neither torch nor diffusers: ``tcpade --help``, ``tcpade --version`` and
+every ``tcpade COMMAND --help`` answer at once, and a subcommand's module is imported only
+when that subcommand runs (or its ``--help`` is asked for). A subcommand is a module with
+``add_cli(subparsers)`` (adds its parser, named as in the table below) and
+``run_cli(args) -> int``; its module must not import torch at import time either.
+
+Bad values: argparse's own errors and the checks a subcommand makes after parsing (ranges,
+lists, values that depend on each other) end the same way: one line on stderr,
+``tcpade COMMAND: error: --flag ...``, and exit status 2, before any sampling (most of them
+before torch is imported). A subcommand raises :class:`UsageError` for those; ``main``
+prints it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,76 @@ EXTRAS = {
 }
 
 
+# The zoo's models (tcpade.zoo.SPECS, which needs torch to import) and what each makes, for
+# the subcommands' help and checks; tests/test_cli.py checks it against the zoo.
+ZOO_MODELS = {
+    "flux-digits": "images",
+    "dit-faces": "images",
+    "wan-digits": "clips",
+    "flux-shapes": "images",
+    "dit-photos": "images",
+    "flux-photos": "images",
+}
+
+
+def zoo_names(kind=None):
+    """The zoo's model names (those making ``kind``, "images" or "clips"), without importing torch."""
+    return [n for n, k in ZOO_MODELS.items() if kind in (None, k)]
+
+
+class UsageError(ValueError):
+    """A bad command-line value found after parsing: ``main`` prints it as one line and exits 2.
+    The message names the flag: ``--passes must be in [2, 20], got 25``."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``PROG: error: MESSAGE``, exit 2), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def int_list(text: str, flag: str, lo=None, hi=None, rng=None) -> list:
+    """``"1,2,3"`` -> [1, 2, 3]: at least one int, each in [lo, hi] (``rng``: that range in words);
+    else UsageError naming ``flag``."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{flag} must list at least one integer, got {text!r}")
+    bad = [v for v in values if (lo is not None and v < lo) or (hi is not None and v > hi)]
+    if bad:
+        if rng is None:
+            rng = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if hi is None else f"<= {hi}"
+        raise UsageError(f"{flag} must be {rng}, got {', '.join(map(str, bad))}")
+    return values
+
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64)
+
+
+def seeds(text: str, flag: str = "--seeds") -> list:
+    """Seeds for torch.Generator.manual_seed: ints in [0, 2**64)."""
+    return int_list(text, flag, 0, SEED_MAX, "integers in [0, 2**64 - 1]")
+
+
+def at_least(value, lo, flag: str) -> None:
+    """UsageError unless ``value`` (None: not given) is a finite number >= lo."""
+    if value is not None and not (value == value and abs(value) != float("inf") and value >= lo):
+        raise UsageError(f"{flag} must be {'an int' if isinstance(value, int) else 'a finite number'} >= {lo:g}, "
+                         f"got {value}")  # fmt: skip
+
+
+def writable_folder(path: str, flag: str) -> None:
+    """UsageError when ``path`` (a folder to create or reuse) is an existing file."""
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag}: {path!r} exists and is not a folder")
+
+
 def _version() -> str:
     from . import __version__
 
@@ -43,7 +120,7 @@ def _version() -> str:
 
 
 def _parser(chosen):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tcpade",
         description="TC-Pade caching for diffusion transformers: skip block-stack passes, predict the residual.",
     )
@@ -75,6 +152,8 @@ def missing_extra(exc: ImportError, command: str):
 
 
 def main(argv=None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status (0 ok,
+    2 a bad argument, 1 a missing extra) instead of exiting, also for ``--help``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = [n for n, _, _ in SUBCOMMANDS]
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -88,6 +167,14 @@ def main(argv=None) -> int:
             parser.print_help()
             return 2
         return int(modules[args.command].run_cli(args) or 0)
+    except SystemExit as exc:  # argparse: --help, --version, a parse error (printed already)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except UsageError as exc:
+        print(f"tcpade {chosen}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     except ImportError as exc:
         msg = missing_extra(exc, chosen or "")
         if msg is None:

@@ -14,7 +14,7 @@ import argparse
 import os
 import time
 
-from .cli import Progress, require
+from .cli import Progress, require, writable_folder, zoo_names
 
 # Imported by the ``tcpade`` command to build its parser: torch, diffusers and the zoo load
 # only when the demo runs.
@@ -102,13 +102,17 @@ def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0
 
 
 def add_cli(subparsers):
-    p = subparsers.add_parser("demo", help="full computation vs tcpade's presets on a trained model shipped with tcpade",
+    p = subparsers.add_parser("demo",
+                              help="full computation vs tcpade's presets on a trained model shipped with tcpade",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--model", default="flux-digits", help="a zoo image model (flux-digits, dit-faces)")
-    p.add_argument("--steps", type=int, default=20)
+    clips = ", ".join(zoo_names("clips"))
+    p.add_argument("--model", default="flux-digits",
+                   help=f"a zoo image model: {', '.join(zoo_names('images'))} (default flux-digits; "
+                   f"{clips} makes clips: tcpade bench runs it)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=20, help="denoising steps, >= 2 (default 20)")
     p.add_argument("--out", default="tcpade-demo", help="folder for samples.png and tsi_fast.png")
-    p.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats, >= 1 (best of; default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads, >= 1 (default 1)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stdout (default: when stdout is a terminal)")  # fmt: skip
     p.set_defaults(_parser=p)
@@ -116,18 +120,19 @@ def add_cli(subparsers):
 
 
 def run_cli(args) -> int:
-    p = args._parser
-    require("diffusers", "safetensors", "PIL", "matplotlib")
-    if args.steps < 2:
-        p.error("--steps must be >= 2")
-    if args.repeats < 1 or args.threads < 1:
-        p.error("--repeats and --threads must be >= 1")
-    from . import zoo
+    """Run ``tcpade demo`` from parsed arguments; a bad value raises UsageError (one line, exit 2)."""
+    from .cli import UsageError, at_least
 
-    if args.model not in zoo.names():
-        p.error(f"--model: unknown zoo model {args.model!r}; available: {', '.join(zoo.names())}")
-    if len(zoo.SPECS[args.model].sample_shape) != 3:
-        p.error(f"--model: the demo draws images; {args.model!r} makes clips (use tcpade bench {args.model})")
+    if args.steps < 2:
+        raise UsageError(f"--steps must be >= 2, got {args.steps}")
+    at_least(args.repeats, 1, "--repeats")
+    at_least(args.threads, 1, "--threads")
+    writable_folder(args.out, "--out")
+    if args.model not in zoo_names():
+        raise UsageError(f"--model: unknown zoo model {args.model!r}; available: {', '.join(zoo_names('images'))}")
+    if args.model not in zoo_names("images"):
+        raise UsageError(f"--model: the demo draws images; {args.model!r} makes clips (use tcpade bench {args.model})")
+    require("diffusers", "safetensors", "PIL", "matplotlib")
     run(args.model, args.steps, args.out, args.repeats, threads=args.threads, progress=args.progress)
     return 0
 

@@ -228,6 +228,14 @@ def test_calibrate_a_pipeline_on_its_latents(family, ndim, branches, registry):
     assert cal.psnr[3] == pytest.approx(want, abs=1e-9) and 0 < cal.psnr[3] < metrics.PSNR_CAP
 
 
+def test_lead_without_torch_matches_schedules():
+    """The command line checks pass counts against the lead without importing torch."""
+    from tcpade.calibrate import _lead
+    from tcpade.coef import PREDICTORS
+
+    assert {p: _lead(p) for p in PREDICTORS} == {p: schedules.min_leading(p) for p in PREDICTORS}
+
+
 def test_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cal.json"
@@ -253,7 +261,10 @@ def test_add_cli_registers_a_subcommand():
     cal_module.add_cli(p.add_subparsers(dest="cmd"))
     args = p.parse_args(["calibrate", "flux-digits", "--passes", "7", "--steps", "20"])
     assert args.func is cal_module.run_cli and args.passes == "7" and args.speedup is None
-    assert cal_module.run_cli(p.parse_args(["calibrate", "flux-digits", "--passes", "7,x"])) == 2
+    from tcpade.cli import UsageError
+
+    with pytest.raises(UsageError, match="--passes must be comma-separated integers, got '7,x'"):
+        cal_module.run_cli(p.parse_args(["calibrate", "flux-digits", "--passes", "7,x"]))
 
 
 def _cal(model, predictor, psnr, steps=6):
