@@ -1,109 +1,77 @@
-"""Every Python code block of README.md and docs/*.md runs, so a snippet cannot rot.
+"""The documents as a reader uses them: every code block of README.md and docs/*.md.
 
-The blocks of one file run in order in one namespace (as a reader would paste them), in a
-temporary folder, on the small models that ship with tcpade. A block that needs a GPU or a
-download is marked just above its fence with an HTML comment, ``<!-- skip: REASON -->``, and
-is skipped with that reason; every other block runs. The counts are printed at the end of
-the test session ("README/docs code blocks: ...").
+Each Python or pycon block runs on its own in a fresh process from an empty folder, and each
+output block (``<!-- output: COMMAND -->``) is compared with what COMMAND prints now; the
+rules and the rewrite command are in tests/doc_blocks.py. A block that needs a GPU or a
+download is marked ``<!-- skip: REASON -->``; the counts are printed at the end of the test
+session ("documentation blocks: ...").
 
-Also checked: no document points outside the repository, and every relative link resolves.
+Also checked: every runnable block says what it needs installed, no document points outside
+the repository, and every relative link resolves.
 """
 
-import os
 import re
-from pathlib import Path
 
 import pytest
+from doc_blocks import DOCS, FENCE, MARKER, ROOT, RUNNABLE, all_blocks, check_output, check_snippet
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(\w*)\s*$")
-SKIP = re.compile(r"^<!--\s*skip:\s*(.+?)\s*-->\s*$")
-
-_COUNTS = {}  # file -> (ran, [(line, reason) skipped])
-
-
-def blocks(path: Path):
-    """(first line number, language, source, skip reason or None) of each fenced block."""
-    out, lines = [], path.read_text().splitlines()
-    i, pending_skip = 0, None
-    while i < len(lines):
-        m_skip = SKIP.match(lines[i])
-        if m_skip:
-            pending_skip = m_skip.group(1)
-            i += 1
-            continue
-        m = FENCE.match(lines[i])
-        if m:
-            lang, start, body = m.group(1), i + 2, []
-            i += 1
-            while i < len(lines) and not lines[i].startswith("```"):
-                body.append(lines[i])
-                i += 1
-            out.append((start, lang, "\n".join(body) + "\n", pending_skip))
-            pending_skip = None
-        elif lines[i].strip():
-            pending_skip = None  # a skip marker applies to the very next block only
-        i += 1
-    return out
+BLOCKS = all_blocks()
+SNIPPETS = [b for b in BLOCKS if b.lang in RUNNABLE and b.marker != "skip"]
+OUTPUTS = [b for b in BLOCKS if b.marker == "output"]
+_RAN = {"snippets": 0, "outputs": 0}
 
 
 class _Report:
     def pytest_terminal_summary(self, terminalreporter):
-        for name, (ran, skipped) in _COUNTS.items():
-            why = "; ".join(f"line {ln}: {reason}" for ln, reason in skipped)
-            terminalreporter.write_line(
-                f"README/docs code blocks: {name}: ran {ran} Python block(s), skipped {len(skipped)}"
-                + (f" ({why})" if why else "")
-            )
+        skipped = [b.where for b in BLOCKS if b.marker == "skip"]
+        terminalreporter.write_line(
+            f"documentation blocks: {_RAN['snippets']} Python/pycon block(s) and {_RAN['outputs']} output block(s) "
+            f"run, each in its own process; {len(skipped)} marked skip ({', '.join(skipped)})"
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
-    if not request.config.pluginmanager.has_plugin("tcpade-readme-blocks"):
-        request.config.pluginmanager.register(_Report(), "tcpade-readme-blocks")
+    if not request.config.pluginmanager.has_plugin("tcpade-doc-blocks"):
+        request.config.pluginmanager.register(_Report(), "tcpade-doc-blocks")
 
 
-@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
-def test_python_blocks_run(path, tmp_path, monkeypatch):
-    import torch
+def test_there_are_blocks_to_run():
+    assert len([b for b in SNIPPETS if b.path.name == "README.md"]) >= 2
+    assert len(OUTPUTS) >= 2
 
-    monkeypatch.chdir(tmp_path)
-    # A reader runs these in a fresh process: no graphs compiled by earlier tests (their
-    # recompiles would count against dynamo's limit for the blocks compiled here).
-    torch._dynamo.reset()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ns = {"__name__": "__readme__"}
-    ran, skipped = 0, []
-    try:
-        for line, lang, src, skip in blocks(path):
-            if lang != "python":
-                continue
-            if skip:
-                skipped.append((line, skip))
-                continue
-            code = compile(src, f"{path.name}:{line}", "exec")
-            try:
-                exec(code, ns)
-            except Exception as exc:
-                raise AssertionError(f"{path.name}, block at line {line} failed: {exc!r}\n{src}") from exc
-            ran += 1
-    finally:
-        torch.set_num_threads(threads)
-    _COUNTS[str(path.relative_to(ROOT))] = (ran, skipped)
-    print(f"{path.name}: ran {ran} Python block(s), skipped {len(skipped)}: {skipped}")
-    if path.name == "README.md":
-        assert ran >= 3, f"README.md: only {ran} Python blocks ran"
+
+@pytest.mark.parametrize("block", SNIPPETS, ids=[b.where for b in SNIPPETS])
+def test_snippet_runs_in_a_fresh_process(block):
+    assert block.needs is not None, f"{block.where}: the first line must say what it needs installed"
+    msg = check_snippet(block)
+    assert msg is None, msg
+    _RAN["snippets"] += 1
+
+
+@pytest.mark.parametrize("block", OUTPUTS, ids=[b.where for b in OUTPUTS])
+def test_output_block_is_what_the_command_prints(block):
+    msg = check_output(block)
+    assert msg is None, msg
+    _RAN["outputs"] += 1
+
+
+def test_every_install_profile_named_exists():
+    tomllib = pytest.importorskip("tomllib")
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    for b in BLOCKS:
+        if b.lang in RUNNABLE:
+            assert b.needs is not None, f"{b.where}: the first line must say what it needs installed"
+            assert b.needs == "tcpade" or b.needs in extras, f"{b.where}: no extra named {b.needs!r}"
 
 
 def test_hub_models_only_in_skipped_blocks():
     """A block that loads a model from a hub (nothing can be downloaded in the tests) is marked."""
     hub = re.compile(r"from_pretrained\(\s*[\"'][\w.-]+/[\w.-]+[\"']")
-    for path in DOCS:
-        for line, lang, src, skip in blocks(path):
-            if lang == "python" and hub.search(src):
-                assert skip, f"{path.name}:{line} loads a hub model but has no <!-- skip: ... --> marker"
+    for b in BLOCKS:
+        if b.lang in RUNNABLE and hub.search(b.source):
+            assert b.marker == "skip", f"{b.where} loads a hub model but has no <!-- skip: ... --> marker"
 
 
 @pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
@@ -117,10 +85,10 @@ def test_documents_stand_alone(path):
         assert (path.parent / target).exists(), f"{path.name}: link to {target!r} does not resolve"
 
 
-def test_skip_markers_sit_right_above_a_block():
+def test_markers_sit_right_above_a_block():
     for path in DOCS:
         lines = path.read_text().splitlines()
         for i, ln in enumerate(lines):
-            if SKIP.match(ln):
+            if MARKER.match(ln):
                 nxt = next((x for x in lines[i + 1:] if x.strip()), "")
-                assert FENCE.match(nxt), f"{path.name}:{i + 1}: a skip marker not followed by a code block"
+                assert FENCE.match(nxt), f"{path.name}:{i + 1}: a marker not followed by a code block"
