@@ -227,12 +227,16 @@ def _decisions(rec: dict) -> dict:
             for name, b in rec["branches"].items()}  # fmt: skip
 
 
+def _scaled(v, f):
+    return None if v is None else v * f
+
+
 def _mean_entries(fp: dict) -> list:
-    return fp["blocks"] + fp["proj"] + [fp["sum"] / fp["n"]]
+    return fp["blocks"] + fp["proj"] + [_scaled(fp["sum"], 1.0 / fp["n"])]
 
 
 def _point_entries(fp: dict) -> list:
-    return [fp["min"], fp["max"], fp["l2"] / math.sqrt(fp["n"])]
+    return [fp["min"], fp["max"], _scaled(fp["l2"], 1.0 / math.sqrt(fp["n"]))]
 
 
 def deviations(want: dict, got: dict) -> dict:
@@ -244,7 +248,10 @@ def deviations(want: dict, got: dict) -> dict:
                 if a is not None and g is not None:
                     dev[q] = max(dev[q], abs(a - g))
     for q, entries in (("mean", _mean_entries), ("point", _point_entries)):
-        dev[q] = max(abs(a - g) for a, g in zip(entries(want["out"]), entries(got["out"])))
+        # None: a NaN output (an infinite deviation unless both are NaN)
+        diffs = [abs(a - g) if None not in (a, g) else 0.0 if a is g else math.inf
+                 for a, g in zip(entries(want["out"]), entries(got["out"]))]  # fmt: skip
+        dev[q] = max(diffs)
     return dev
 
 
