@@ -17,6 +17,9 @@ again, after which the model computes exactly what it did before.
 from __future__ import annotations
 
 import math
+import sys
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -52,15 +55,104 @@ def _split(target):
     )
 
 
+class PipelineBusyError(RuntimeError):
+    """One pipeline object called from two threads at once (diffusers pipelines keep the run's
+    state on the pipeline and its scheduler): make one pipeline per thread with
+    ``Pipeline.from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))``."""
+
+
+_BUSY = ("diffusers pipelines are not thread-safe (the run's state lives on the pipeline and its scheduler): "
+         "make one pipeline per thread, sharing the models, with "
+         "type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))")  # fmt: skip
+
+
+class _Owner:
+    """The thread running a pipeline's call, and that call's frame, by id (holding the frame would
+    keep the call's locals alive: latents, embeddings)."""
+
+    __slots__ = ("thread", "frame", "pipe", "collided")
+
+    def __init__(self, thread: int, frame, pipe):
+        self.thread, self.frame, self.pipe, self.collided = thread, id(frame), weakref.ref(pipe), False
+
+
+def _running(owner: _Owner, pipe) -> bool:
+    """Is the owner's thread still inside that call of ``pipe``? (A frame at the same address that
+    is a ``__call__`` of the same pipeline is a call of it either way.)"""
+    f = sys._current_frames().get(owner.thread)
+    while f is not None:
+        if id(f) == owner.frame and f.f_code.co_name == "__call__" and f.f_locals.get("self") is pipe:
+            return True
+        f = f.f_back
+    return False
+
+
+class _Caller:
+    """The pipeline whose call is running the current transformer call: the nearest caller frame
+    of a ``__call__`` whose ``self`` has this transformer as its ``transformer`` and a scheduler
+    (the pipeline ``apply`` was given, or one derived from it with ``from_pipe``, which has its own
+    scheduler); the pipeline ``apply`` was given when there is none (the transformer called on
+    its own, or from a function other than a pipeline's ``__call__``).
+
+    It also refuses one pipeline object run by two threads at once: the second thread's
+    transformer call raises ``PipelineBusyError``, and so does the first thread's next one (the
+    second call has already reset the pipeline's scheduler by then, so neither result would be
+    valid)."""
+
+    _DEPTH = 64  # frames searched (a pipeline's __call__ is about 10 frames above the root hook)
+
+    def __init__(self, pipe, transformer):
+        self.pipe, self.transformer = pipe, transformer
+        self._owners: Dict[int, _Owner] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        frame, depth, transformer = sys._getframe(1), 0, self.transformer
+        while frame is not None and depth < self._DEPTH:
+            if frame.f_code.co_name == "__call__":
+                obj = frame.f_locals.get("self")
+                model = getattr(obj, "transformer", None)
+                if (model is not None and getattr(model, "_orig_mod", model) is transformer
+                        and hasattr(obj, "scheduler")):  # fmt: skip
+                    self._claim(obj, frame)
+                    return obj
+            frame, depth = frame.f_back, depth + 1
+        return self.pipe
+
+    def _claim(self, pipe, frame) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            owner = self._owners.get(id(pipe))
+            if owner is not None and owner.pipe() is pipe:
+                if owner.thread == me and owner.frame == id(frame):
+                    if owner.collided:
+                        del self._owners[id(pipe)]
+                        raise PipelineBusyError(
+                            f"tcpade: another thread called this {type(pipe).__name__} while this call was running "
+                            f"(it reset the pipeline's scheduler, so this call's result would be wrong); {_BUSY}")
+                    return
+                if owner.thread != me and not owner.collided and _running(owner, pipe):
+                    owner.collided = True
+                    raise PipelineBusyError(
+                        f"tcpade: this {type(pipe).__name__} is already running in another thread "
+                        f"(thread id {owner.thread}); {_BUSY}")
+            self._owners[id(pipe)] = _Owner(me, frame, pipe)
+            if len(self._owners) > 64:  # pipelines gone or long finished
+                for key in [k for k, o in self._owners.items() if o.pipe() is None]:
+                    del self._owners[key]
+
+
 def _scheduler_steps(pipe):
     """T of the pipeline's current run: the scheduler's timesteps from its begin index on.
 
     img2img and inpainting pipelines set all timesteps and start the loop part-way
     (``scheduler.set_begin_index(t_start)``, strength 0.6 of 20 steps: 12 run); a
-    text-to-image run leaves the begin index at None or 0."""
+    text-to-image run leaves the begin index at None or 0. ``pipe`` is a pipeline, or a
+    callable returning the pipeline whose call is running (``_Caller``)."""
+    find = pipe if isinstance(pipe, _Caller) else (lambda: pipe)
 
     def steps() -> Optional[int]:
-        scheduler = getattr(pipe, "scheduler", None)
+        scheduler = getattr(find(), "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None:
             return None
@@ -88,13 +180,12 @@ class _SchedulerClock:
     and is not inside its denoising loop (the transformer called on its own)."""
 
     def __init__(self, pipe):
-        self.pipe = pipe
+        self.pipe = pipe  # a pipeline, or a _Caller that finds the calling one
         self.reads = 0
-        self._source: Optional[torch.Tensor] = None
-        self._host: List[float] = []
+        self._local = threading.local()  # the host copy: per thread, each runs its own pipeline
 
     def __call__(self) -> Optional[float]:
-        pipe = self.pipe
+        pipe = self.pipe() if isinstance(self.pipe, _Caller) else self.pipe
         scheduler = getattr(pipe, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or not hasattr(scheduler, "step_index"):
@@ -104,11 +195,13 @@ class _SchedulerClock:
         index = scheduler.step_index
         if index is None:
             index = getattr(scheduler, "begin_index", None) or 0
-        if timesteps is not self._source:
-            self._host = [float(t) for t in timesteps.reshape(-1).tolist()]
-            self._source = timesteps
+        local = self._local
+        if timesteps is not getattr(local, "source", None):
+            local.host = [float(t) for t in timesteps.reshape(-1).tolist()]
+            local.source = timesteps
             self.reads += 1
-        return self._host[index] if 0 <= index < len(self._host) else None
+        host = local.host
+        return host[index] if 0 <= index < len(host) else None
 
 
 # The second transformer of a two-expert pipeline (Wan2.2: ``transformer`` denoises the
@@ -146,6 +239,47 @@ class _Expert:
         self.runtime.reset()
 
 
+_DISABLE = {
+    "a diffusers cache (transformer.enable_cache)": "call transformer.disable_cache()",
+    "cache-dit (cache_dit.enable_cache)": "call cache_dit.disable_cache(pipe)",
+}
+# cache-dit enabled after tcpade.apply saves the forward that diffusers' hook registry wraps, and
+# its disable_cache cannot always restore it: that pipeline is best built again.
+_UNDO = {
+    "a diffusers cache (transformer.enable_cache)": "call transformer.disable_cache() (or tcpade.remove(...))",
+    "cache-dit (cache_dit.enable_cache)": "call tcpade.remove(...), then cache_dit.disable_cache(pipe) (which "
+    "cannot always restore a transformer it was enabled on after tcpade: enable cache-dit only on a pipeline "
+    "without tcpade)",
+}
+
+
+def _other_cache(module) -> Optional[str]:
+    """Which other cache is enabled on ``module``: diffusers' ``enable_cache`` (FirstBlockCache,
+    FasterCache, MagCache, TaylorSeer, ...: ``_cache_config``) or cache-dit (``_is_cached``)."""
+    module = getattr(module, "_orig_mod", module)
+    if getattr(module, "_cache_config", None) is not None:
+        return "a diffusers cache (transformer.enable_cache)"
+    if getattr(module, "_is_cached", False):
+        return "cache-dit (cache_dit.enable_cache)"
+    return None
+
+
+class _Guard:
+    """Runtime.guard: refuses a call once another cache has been enabled on a transformer after
+    tcpade.apply (it would predict on top of tcpade's predictions: two caches at once)."""
+
+    def __init__(self, modules):
+        self.modules = modules
+
+    def __call__(self) -> None:
+        for module in self.modules:
+            other = _other_cache(module)
+            if other is not None:
+                raise RuntimeError(
+                    f"{other} was enabled on this {type(getattr(module, '_orig_mod', module)).__name__} after "
+                    f"tcpade.apply: two caches cannot run at once; {_UNDO[other]}")
+
+
 def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[int] = None) -> Runtime:
     """Make ``target`` (pipeline or transformer) skip block-stack passes by TC-Pade.
 
@@ -167,12 +301,21 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
         if adapters.is_attached(expert):
             raise RuntimeError("tcpade is already applied to this pipeline's transformer_2; call tcpade.remove first")
         adapters.find_adapter(expert)
+    for module in [transformer] + experts:
+        other = _other_cache(module)
+        if other is not None:
+            raise RuntimeError(f"{other} is enabled on this {type(module).__name__}: two caches cannot run at once; "
+                               f"{_DISABLE[other]} before tcpade.apply")  # fmt: skip
     # A budget takes this model's calibrated schedules from the registry (tcpade.schedules).
     config = schedules.resolve(config or TCPadeConfig(), transformer)
-    runtime = Runtime(config, total_steps=_scheduler_steps(pipe) if pipe is not None else None,
-                      num_steps=num_steps, clock=_SchedulerClock(pipe) if pipe is not None else None)  # fmt: skip
+    # T and the step's time come from the scheduler of the pipeline that is calling: the one given
+    # here, or one derived from it (from_pipe: its own scheduler), found per call (_Caller).
+    caller = _Caller(pipe, transformer) if pipe is not None else None
+    runtime = Runtime(config, total_steps=_scheduler_steps(caller) if pipe is not None else None,
+                      num_steps=num_steps, clock=_SchedulerClock(caller) if pipe is not None else None)  # fmt: skip
     # Under diffusers' context parallelism (enabled before or after this call) the TSI sums
     # are summed over the ranks, so every rank takes the same decision (tcpade.distributed).
+    runtime.guard = _Guard([transformer] + experts)
     distributed.follow_context_parallel(runtime, transformer)
     adapters.attach(transformer, runtime)
     setattr(transformer, RUNTIME_ATTR, runtime)

@@ -58,7 +58,9 @@ import math
 import os
 import struct
 import sys
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -73,6 +75,7 @@ from .reference import tsi_from_sums
 log = logging.getLogger(__name__)
 
 RUNTIME_ATTR = "_tcpade_runtime"  # the attribute of a transformer that holds its Runtime
+_PLANS_KEPT = 16  # plans (computed steps per T) a Runtime keeps
 
 
 def attached_runtime(target) -> "Runtime":
@@ -222,7 +225,14 @@ class Runtime:
         self._total: Optional[int] = None
         self._declared = _check_steps("num_steps", num_steps)
         self._warned: set = set()
-        self.branches: Dict[str, BranchState] = {}
+        # The branches (histories, step records) belong to the thread that makes the calls: two
+        # pipelines that share this transformer (``Pipeline.from_pipe``) can run in two threads at
+        # once, each with its own histories. ``branches`` is the calling thread's, or, in a thread
+        # that has made no call, those of the thread that called last (a summary read elsewhere).
+        self._threads: "weakref.WeakKeyDictionary[threading.Thread, Dict[str, BranchState]]" = (
+            weakref.WeakKeyDictionary())
+        self._threads_lock = threading.Lock()
+        self._latest: Dict[str, BranchState] = {}
         # Applied to the sums of every history write and prediction before they are read;
         # tcpade.distributed sets it to a reduction over the ranks that hold the other image
         # tokens (sequence parallelism), so that all ranks decide alike.
@@ -231,6 +241,9 @@ class Runtime:
         # The current step's time from a host copy (the pipeline's scheduler), or None: then a
         # tensor timestep is read at every call.
         self.clock = clock
+        # Called at every decide (tcpade.apply: raises when another cache was enabled on the
+        # transformer after tcpade, so that two caches never run at once).
+        self.guard: Optional[Callable[[], None]] = None
         self._plans: Dict[int, Optional[Tuple[int, ...]]] = {}
         c = self.config
         gamma = c.input_correction if c.input_correction is not None else K.default_gamma(c.predictor)
@@ -299,16 +312,36 @@ class Runtime:
             warnings.warn(message, stacklevel=_caller_stacklevel())
 
     def _plan(self, total: int) -> Optional[Tuple[int, ...]]:
-        if total not in self._plans:
-            self._plans[total] = self.config.plan(total)
-        return self._plans[total]
+        plans = self._plans
+        if total not in plans:
+            if len(plans) >= _PLANS_KEPT:  # a server's step counts vary per request: keep the newest few
+                plans.pop(next(iter(plans)), None)
+            plans[total] = self.config.plan(total)
+        return plans[total]
+
+    @property
+    def branches(self) -> Dict[str, BranchState]:
+        """The calling thread's branches (name -> state), or, in a thread that has made no
+        call yet, those of the thread that made the latest one."""
+        own = self._threads.get(threading.current_thread())
+        return own if own is not None else self._latest
+
+    def _own_branches(self) -> Dict[str, BranchState]:
+        thread = threading.current_thread()
+        own = self._threads.get(thread)
+        if own is None:
+            with self._threads_lock:
+                own = self._threads.setdefault(thread, {})
+        self._latest = own
+        return own
 
     def reset(self) -> None:
-        """End the current sampling run: the next call of every branch starts a new one.
+        """End the current sampling run of the calling thread: the next call of every branch
+        starts a new one.
 
         (diffusers pipelines reset stateful hooks at the end of each call; the records of
         the run just finished stay readable through ``tcpade.summary`` until then.)"""
-        for b in self.branches.values():
+        for b in self._threads.get(threading.current_thread(), {}).values():
             self._end_run(b)
             b.reset_pending = True
 
@@ -321,16 +354,21 @@ class Runtime:
                             "run's length (tcpade.apply(..., num_steps=) or runtime.set_steps)")  # fmt: skip
 
     def _branch(self, name: str) -> BranchState:
-        b = self.branches.get(name)
+        branches = self._own_branches()
+        b = branches.get(name)
         if b is None:
             b = BranchState(History(nslots=self.config.history_slots, keep_prev_input=self._keep_prev))
             b.fold = lambda branch: self._fold(branch, everything=True)
-            self.branches[name] = b
+            branches[name] = b
         return b
 
     @property
     def nbytes(self) -> int:
-        return sum(b.history.nbytes + sum(h.nbytes for h in b.experts.values()) for b in self.branches.values())
+        """Bytes of the history buffers, over every thread that has made calls and still runs."""
+        with self._threads_lock:
+            states = list(self._threads.values())
+        return sum(b.history.nbytes + sum(h.nbytes for h in b.experts.values())
+                   for branches in states for b in branches.values())  # fmt: skip
 
     def _switch_expert(self, b: "BranchState", expert: str) -> None:
         """Make ``expert``'s history the branch's history. Its residuals are not comparable with
@@ -358,6 +396,8 @@ class Runtime:
         residuals), or None. ``expert``: which transformer of a multi-expert pipeline (Wan2.2)
         makes this call; each expert has its own history per branch, while the step index, T
         and the stages run over the whole sampling run."""
+        if self.guard is not None:
+            self.guard()
         b = self._branch(branch)
         if expert != b.expert:
             self._switch_expert(b, expert)
