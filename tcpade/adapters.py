@@ -8,7 +8,7 @@ as usual, because they are outside the block stack.
 
 Design (modelled on ``diffusers/hooks/first_block_cache.py``): nothing replaces a module's
 ``forward``; the hooks are ``diffusers.hooks.ModelHook``s in the modules' ``HookRegistry`` plus
-two torch hooks on the transformer:
+two torch hooks on the transformer and two on the stack's first block:
 
 * before the transformer's forward (a torch forward pre-hook, eager even when the transformer is
   compiled whole): the branch is read (the name of the active cache context, ``"default"`` when
@@ -16,15 +16,21 @@ two torch hooks on the transformer:
   settles the call: None (compute) or a prediction callable (skip). The ``tcpade_root``
   ModelHook on the transformer is stateful, so ``transformer.cache_context(name)`` reaches its
   ``StateManager`` and a pipeline's hook reset reaches the controller.
-* ``tcpade_block`` on every block of the stack. Traceable: it reads the decision as a plain
-  Python flag and runs only tensor and custom ops, so a compiled block region
-  (``compile_repeated_blocks(fullgraph=True)``) has no graph break and two variants:
-  - compute: every block runs its original forward; the first block's input is kept as
-    ``h_in``, each block's image output as ``h_out``;
-  - skip: the first block calls the prediction on its ``h_in``; no block's forward runs; each
-    block hook returns that block's normal return structure built from its inputs (text tokens
-    pass through) with the image part set to the prediction, so whatever the model does
-    between blocks, the stack leaves with the predicted ``h_out``.
+* ``tcpade_block`` on every block of the stack. Traceable: it reads the decision as one small
+  int (``mode``) and runs only tensor and custom ops, so a compiled block region
+  (``compile_repeated_blocks(fullgraph=True)``) has no graph break and two variants per block
+  class, the same for every block of the class:
+  - compute: every block runs its original forward; each block's image output is kept as
+    ``h_out``;
+  - skip: no block's forward runs; each block hook returns that block's normal return structure
+    built from its inputs (text tokens pass through).
+  What only the first block does is in its torch forward hook (``after_block``, traceable
+  too; a frame of its own under a regional compile): compute: that block's input is kept as
+  ``h_in``; skip: it calls the prediction on its ``h_in`` and puts it in as the image part of
+  the block's output, so whatever the model does between blocks, the stack leaves with the
+  predicted ``h_out``. (diffusers runs every hooked module's forward through one shared code
+  object, so the compiled variants of all hooked blocks of all classes count against one
+  recompile limit: keeping them uniform keeps them few, see ``_BlockHook``.)
 * after the forward (a torch forward hook, eager): ``controller.finish(branch, h_in, h_out)``
   (None, None for a skipped call) stores the residual and keeps the books.
 
@@ -185,6 +191,14 @@ class _ArgReader:
             return args[self.index]
         return self.default
 
+    def replace(self, args: tuple, kwargs: dict, fn: Callable) -> Tuple[tuple, dict]:
+        """``(args, kwargs)`` with the argument, where the call gave it, replaced by ``fn(it)``."""
+        if self.name in kwargs:
+            return args, {**kwargs, self.name: fn(kwargs[self.name])}
+        if self.index < len(args):
+            return args[: self.index] + (fn(args[self.index]),) + args[self.index + 1 :], kwargs
+        return args, kwargs
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -275,11 +289,17 @@ class _NoState(BaseState):
         pass
 
 
+# A block hook's mode in the call in flight: one small int, so that a compiled block region guards
+# on one value (diffusers runs every hooked module's forward through one shared code object, whose
+# compiled variants count against dynamo's recompile limit together).
+_PLAIN, _COMPUTE, _SKIP = 0, 1, 2
+
+
 @dataclass
 class _CallState:
     """The transformer call in flight, shared by the root hook and the block hooks. The block
-    hooks read it as plain Python values (dynamo guards on ``active`` / ``skip``, so a compiled
-    block region has two variants: compute and skip) and store tensors on it."""
+    hooks read ``mode`` (dynamo guards on its value: a compiled block region has a compute and
+    a skip variant) and store tensors on it; the first block's torch hooks read ``first``."""
 
     controller: Any
     output: bool = False  # output level: the root hook predicts the whole forward, the block hooks stand aside
@@ -287,18 +307,25 @@ class _CallState:
     branch: str = DEFAULT_BRANCH
     skip: bool = False
     predict: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
-    pred: Optional[torch.Tensor] = None
+    mode: int = _PLAIN  # what every block hook does: _PLAIN (the plain block), _COMPUTE or _SKIP
+    first: bool = False  # the first block's work (keep h_in, or predict) is still to do
+    inline: bool = False  # the next block hook does it itself: the stack's first block was not called
+    last_in: Optional[torch.Tensor] = None  # the stream entering the newest block hook
+    last_encoder: Optional[torch.Tensor] = None  # on a skip: the text stream entering it
     h_in: Optional[torch.Tensor] = None
     h_out: Optional[torch.Tensor] = None
 
     def start(self, branch: str, predict) -> None:
         self.active, self.branch = True, branch
         self.skip, self.predict = predict is not None, predict
-        self.pred = self.h_in = self.h_out = None
+        self.mode = _PLAIN if self.output else _SKIP if self.skip else _COMPUTE
+        self.first = self.inline = self.mode != _PLAIN
+        self.h_in = self.h_out = self.last_in = self.last_encoder = None
 
     def clear(self) -> None:
-        self.active = self.skip = False
-        self.predict = self.pred = self.h_in = self.h_out = None
+        self.active = self.skip = self.first = self.inline = False
+        self.mode = _PLAIN
+        self.predict = self.h_in = self.h_out = self.last_in = self.last_encoder = None
 
 
 @dataclass
@@ -450,16 +477,66 @@ class _RootHook(ModelHook):
         return module
 
 
+def _dense(t):
+    # contiguous() keeps a slice whose leading size-1 dimension has another stride; dynamo
+    # guards on that stride.
+    return t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
+
+
+def _unview(x):
+    if isinstance(x, torch.Tensor) and (x._base is not None or not x.is_contiguous()):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def _contiguous(output):
+    """A block's output with tensors of the standard strides (FLUX's single blocks return
+    slices of one tensor, whose strides would make the next block compile once more)."""
+    if isinstance(output, tuple):
+        return tuple(_dense(t) for t in output)
+    return _dense(output)
+
+
+def _prediction(st: _CallState, h_in: torch.Tensor) -> Optional[torch.Tensor]:
+    """The controller's prediction from ``h_in`` (None: compute the call after all), checked."""
+    pred = st.predict(h_in)
+    if pred is not None and (pred.shape != h_in.shape or pred.dtype != h_in.dtype or pred.device != h_in.device):
+        raise ValueError(
+            "a tcpade controller's prediction must be None or a tensor like h_in: got "
+            f"{tuple(pred.shape)} {pred.dtype} {pred.device}, h_in is "
+            f"{tuple(h_in.shape)} {h_in.dtype} {h_in.device}"
+        )
+    return pred
+
+
 class _BlockHook(ModelHook):
     """On each block; traced inside a compiled block region, so it only reads the call state's
     flags, stores tensors on it and runs the controller's prediction (custom ops).
 
-    Compute: the first block that runs stores its ``h_in``, every block its image output
-    (the last one stored is ``h_out``, also when SD3's ``skip_layers`` leaves the last block
-    out). Skip: the first block that runs predicts ``h_out`` from its ``h_in`` and returns
-    its normal return structure with the prediction as the image and the text stream passed
-    through; every later block returns its own input stream the same way (it already holds
-    the prediction), running none of its layers."""
+    The diffusers hook (``new_forward``) does the same on every block of a class: compute: the
+    block runs, its input stream is kept as ``last_in`` and its image output as ``h_out`` (the
+    last one stored is ``h_out``, also when SD3's ``skip_layers`` leaves the last block out);
+    skip: no layer runs, the block returns its normal return structure with its own input
+    stream as the image and its text stream passed through. What only the first block does
+    is in two torch hooks on the stack's first block: the forward hook (``after_block``)
+    keeps that block's ``last_in`` as ``h_in`` (compute) or replaces the image part of its
+    output by the prediction from it (skip), which every later block passes on (with whatever
+    the model concatenates to it between the lists); the pre-hook (``before_first``) tells the
+    block hooks that the first block is running. When it is not called (SD3's ``skip_layers``
+    naming block 0), the first block hook that runs does that work itself (``inline``).
+
+    Why the split: diffusers runs every hooked module's forward through one shared code
+    object (``HookRegistry``'s ``new_forward``), so under ``compile_repeated_blocks`` the
+    compiled variants of all blocks of all classes count against dynamo's recompile limit (8)
+    together. Kept uniform, a block class compiles one compute and one skip variant there per
+    shape family (FLUX: 2 classes, 4 variants, and 4 more with dynamic shapes at the first new
+    resolution); the first block's work compiles in the torch hooks' own code objects (frames
+    of their own under a regional compile, inlined under a whole-model compile). The forward
+    hook sees the block's output, which diffusers' context parallelism has already split (its
+    split hooks sit inside the block's forward), like the stream kept in ``last_in``. Under
+    torch.compile the streams also keep one layout from block to block (``before_first``,
+    ``_contiguous``): dynamo guards on strides and, with dynamic shapes, on whether an input
+    is a view. Eager runs get the same tensors as without that."""
 
     def __init__(self, state: _CallState, spec: BlockSpec, block: torch.nn.Module):
         super().__init__()
@@ -468,36 +545,85 @@ class _BlockHook(ModelHook):
         fwd = type(block).forward
         self.read_hidden = _ArgReader(fwd, spec.hidden_arg)
         self.read_encoder = _ArgReader(fwd, spec.encoder_arg) if spec.encoder_arg else None
+        # image_of needs h_in's token count only for a stream that is not the image tokens alone.
+        self.own_tokens = spec.tokens == "all" and type(spec).image_of is BlockSpec.image_of
 
     def new_forward(self, module, *args, **kwargs):
         st = self.call
-        if not st.active or st.output:  # outside a hooked transformer call, or at output level: the plain block
+        mode = st.mode
+        if mode == _PLAIN:  # outside a hooked transformer call, or at output level: the plain block
             return self.fn_ref.original_forward(*args, **kwargs)
-        deciding = st.skip and st.pred is None
-        if deciding:
-            h_in = self.read_hidden(args, kwargs)
-            pred = st.predict(h_in)
-            if pred is None:  # the controller cannot predict this h_in: compute the call after all
-                st.skip = False
-            elif pred.shape != h_in.shape or pred.dtype != h_in.dtype or pred.device != h_in.device:
-                raise ValueError(
-                    "a tcpade controller's prediction must be None or a tensor like h_in: got "
-                    f"{tuple(pred.shape)} {pred.dtype} {pred.device}, h_in is "
-                    f"{tuple(h_in.shape)} {h_in.dtype} {h_in.device}"
-                )
-            else:
-                st.pred = pred
-        if st.skip:
+        if st.inline:
+            return self._first_inline(module, args, kwargs)
+        hidden = self.read_hidden(args, kwargs)
+        st.last_in = hidden
+        if mode == _SKIP:
             encoder = self.read_encoder(args, kwargs) if self.read_encoder is not None else None
-            # The first block returns the prediction; every later one passes its own input stream
-            # on, which already holds it (and whatever the model concatenated to it in between).
-            stream = st.pred if deciding else self.read_hidden(args, kwargs)
-            return self.spec.assemble(module, encoder, stream)
-        if st.h_in is None:
-            st.h_in = self.read_hidden(args, kwargs)
+            st.last_encoder = encoder
+            return self.spec.assemble(module, encoder, hidden)
+        return self._compute(module, args, kwargs, hidden)
+
+    def _compute(self, module, args, kwargs, hidden):
         output = self.fn_ref.original_forward(*args, **kwargs)
-        st.h_out = self.spec.image_of(module, output, st.h_in)
+        if torch.compiler.is_compiling():
+            output = _contiguous(output)
+        # The first block's own input is h_in (its forward hook stores it after this).
+        ref = hidden if self.own_tokens or self.call.h_in is None else self.call.h_in
+        self.call.h_out = self.spec.image_of(module, output, ref)
         return output
+
+    def _first_inline(self, module, args, kwargs):
+        """The first block's work in the block hook: the stack's first block was not called."""
+        st = self.call
+        st.inline = st.first = False
+        h_in = self.read_hidden(args, kwargs)
+        if st.mode == _SKIP:
+            pred = _prediction(st, h_in)
+            if pred is not None:
+                encoder = self.read_encoder(args, kwargs) if self.read_encoder is not None else None
+                return self.spec.assemble(module, encoder, pred)
+            st.skip, st.mode = False, _COMPUTE  # the controller cannot predict this h_in: compute after all
+        st.h_in = h_in
+        return self._compute(module, args, kwargs, h_in)
+
+    def before_first(self, module, args, kwargs):
+        """The torch forward pre-hook of the stack's first block. The block hooks are told that
+        the first block runs (its forward hook does the first block's work). Under
+        torch.compile its streams (the image and the text stream that flow from block to block)
+        that are views or not contiguous (FLUX's embedders return views of a 2-d matmul, DiT's a
+        transposed view) become contiguous tensors of their own, like the outputs of the
+        compiled blocks that feed every later block: dynamo guards on the strides of a block's
+        inputs and, once a new resolution makes it trace with dynamic shapes, on whether they
+        are views, so the first block would compile every variant of its class once more."""
+        st = self.call
+        if not st.first:
+            return None
+        st.inline = False
+        if not torch.compiler.is_compiling():
+            return None
+        for reader in (self.read_hidden, self.read_encoder):
+            if reader is not None:
+                args, kwargs = reader.replace(args, kwargs, _unview)
+        return args, kwargs
+
+    def after_block(self, module, args, kwargs, output):
+        """The torch forward hook of the stack's first block: keep its input as ``h_in``
+        (compute) or return its output with the prediction as the image part (skip)."""
+        st = self.call
+        if not st.first:
+            return None
+        st.first = False
+        h_in, st.last_in = st.last_in, None
+        if st.mode == _COMPUTE:
+            st.h_in = h_in
+            return None
+        pred = _prediction(st, h_in)
+        if pred is None:  # the controller cannot predict this h_in: compute the call after all
+            st.skip, st.mode = False, _COMPUTE
+            output = module.forward(*args, **kwargs)  # the block's hooks again, now computing
+            st.h_in, st.last_in = st.last_in, None
+            return output
+        return self.spec.assemble(module, st.last_encoder, pred)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,6 +720,8 @@ def attach(transformer, controller: Controller) -> None:
     root.handles = [
         module.register_forward_pre_hook(root.before, with_kwargs=True),
         module.register_forward_hook(root.after, with_kwargs=True, always_call=True),
+        blocks[0][1].register_forward_pre_hook(hooks[0].before_first, with_kwargs=True),
+        blocks[0][1].register_forward_hook(hooks[0].after_block, with_kwargs=True),
     ]
     # Hooks were added below the transformer: rebuild diffusers' cached list of child registries.
     module._diffusers_hook.invalidate_child_registries_cache()
