@@ -54,13 +54,14 @@ def _eval(model):
 # ------------------------------------------------------------------------------------ transformers
 
 
-def flux_transformer():
+def flux_transformer(num_layers=1, num_single_layers=1):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
     return _eval(FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
     ))  # fmt: skip
 
 
@@ -543,24 +544,28 @@ def _latent_gen():
     return torch.Generator().manual_seed(0)
 
 
-def flux_pipeline(cls_name="FluxPipeline", **components):
+def flux_pipeline(cls_name="FluxPipeline", layers=(1, 1), **components):
     """FLUX.1 with true CFG (negative embeddings, true_cfg_scale 2): cond / uncond calls. The
-    variants take the same components; img2img / inpainting take an image (and a mask)."""
+    variants take the same components; img2img / inpainting take an image (and a mask).
+    ``layers``: the transformer's double and single block counts; ``generate(size=...)``: a
+    side, or (height, width). The VAE's scale factor is 1: size 16 gives a 16 x 16 latent, 64
+    image tokens, as FLUX's own VAE gives at 128 x 128."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe = getattr(diffusers, cls_name)(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer(), **components,
+        text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer(*layers), **components,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     pe, pp, ne, npp = _embeds(1, (1, TXT, 16), (1, 16), (1, TXT, 16), (1, 16))
 
     def generate(steps=20, size=8, true_cfg_scale=2.0, **kw):
+        height, width = (size, size) if isinstance(size, int) else size
         return pipe(
             prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npp,
-            true_cfg_scale=true_cfg_scale, height=size, width=size, num_inference_steps=steps, output_type="latent",
-            generator=_latent_gen(), **kw,
+            true_cfg_scale=true_cfg_scale, height=height, width=width, num_inference_steps=steps,
+            output_type="latent", generator=_latent_gen(), **kw,
         ).images  # fmt: skip
 
     return pipe, generate
