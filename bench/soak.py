@@ -84,7 +84,7 @@ def new_pipeline(preset: Optional[str]):
 
 
 @torch.no_grad()
-def run(pipe, req: Request, *, dtype=None, latents_device=None) -> torch.Tensor:
+def run(pipe, req: Request, *, dtype=None, latents_device=None, **extra) -> torch.Tensor:
     pe, pp, ne, npp = EMBEDS
     if dtype is not None:
         pe, pp, ne, npp = (x.to(dtype) for x in (pe, pp, ne, npp))
@@ -94,7 +94,7 @@ def run(pipe, req: Request, *, dtype=None, latents_device=None) -> torch.Tensor:
         kw["latents"] = torch.zeros(req.images, n, 16, device=latents_device)
     return pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, num_images_per_prompt=req.images, height=req.size,
                 width=req.size, num_inference_steps=req.steps, output_type="latent",
-                generator=torch.Generator().manual_seed(req.seed), **kw).images  # fmt: skip
+                generator=torch.Generator().manual_seed(req.seed), **kw, **extra).images  # fmt: skip
 
 
 def decisions(pipe) -> Dict[str, List[Tuple[int, bool, str, bool]]]:
@@ -286,8 +286,9 @@ def fault_campaign(calls: int = 200, max_steps: int = 20, seed: int = 1, log=pri
             kw = dict(dtype=torch.bfloat16)
         else:
             kw = dict(latents_device="meta")
+        out = None
         try:
-            out, dec = server(req, **kw)
+            out, _ = server(req, **kw)
             outcome = "completed"
         except Injected:
             outcome = "raised the injected exception"
@@ -295,7 +296,6 @@ def fault_campaign(calls: int = 200, max_steps: int = 20, seed: int = 1, log=pri
             outcome = "raised KeyboardInterrupt"
         except Exception as exc:  # what the model or diffusers says about a bad request
             outcome = f"raised {type(exc).__name__}"
-            out = dec = None
         finally:
             undo()
         row["outcomes"][outcome] += 1

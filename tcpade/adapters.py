@@ -47,6 +47,11 @@ two torch hooks on the transformer and two on the stack's first block:
   that runs classifier-free guidance as two calls per step without cache contexts (FluxImg2Img,
   FluxKontext) gets ``"default"`` and ``"default.2"``: outside a cache context, the n-th call
   in a row at one timestep is branch ``"default.n"`` (up to ``"default.4"``).
+* threads: the cache context (the branch name) and the count of calls per timestep are per
+  thread, and the transformer's forward is taken in turns (``_CallLock``, held from the pre-hook
+  to the forward hook), so that the call state the block hooks read belongs to one call while
+  the controller keeps each thread's histories (pipelines that share the transformer through
+  ``from_pipe`` run in threads at once).
 * ControlNet: a call that gets any of the adapter's ``control_args`` (block-level control
   residuals added between blocks) is computed: ``controller.decide(..., force="control")``.
 
@@ -102,6 +107,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -289,6 +296,91 @@ class _NoState(BaseState):
         pass
 
 
+class _ThreadContext(StateManager):
+    """diffusers' StateManager with the cache context per thread: ``transformer.cache_context(name)``
+    in one thread names the branch of that thread's calls only (two pipelines that share the
+    transformer, run in two threads, each enter "cond" and "uncond" on their own)."""
+
+    def __init__(self, *args, **kwargs):
+        self._local = threading.local()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def _context(self):
+        return getattr(self._local, "context", None)
+
+    @_context.setter
+    def _context(self, value) -> None:
+        self._local.context = value
+
+
+def _call_frame(module):
+    """The frame of the transformer call in flight (torch's ``_call_impl`` of ``module``), seen
+    from its forward pre-hook; None if not found."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_call_impl" and frame.f_locals.get("self") is module:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _left(thread: int, frame_id: int) -> bool:
+    """Has thread ``thread`` left the call whose frame had id ``frame_id`` (or ended)?"""
+    f = sys._current_frames().get(thread)
+    while f is not None:
+        if id(f) == frame_id:
+            return False
+        f = f.f_back
+    return True
+
+
+class _CallLock:
+    """One transformer call at a time per transformer, from the root hook's ``before`` to its
+    ``after``: the call state (``_CallState``, which the traced block hooks read as plain
+    attributes) belongs to that call, while the histories are the calling thread's (the
+    Runtime's branches). Threads that share a transformer run everything else at once (their
+    schedulers, VAEs, text encoders) and take turns for the transformer's forward.
+
+    A call that never reaches ``after`` (torch skips its always-called hooks on a
+    ``BaseException`` such as ``KeyboardInterrupt``) leaves the lock with its thread: that
+    thread's next call goes on, and another thread takes it over once the holder has left
+    that call (its frame is off the holder's stack) or ended."""
+
+    POLL_S = 0.05
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._guard = threading.Lock()  # ownership changes
+        self.owner: Optional[int] = None
+        self.frame = 0  # id of the holder's call frame (0: unknown, never taken over while it runs)
+
+    def acquire(self, frame) -> None:
+        me, fid = threading.get_ident(), id(frame) if frame is not None else 0
+        with self._guard:
+            if self.owner == me:  # this thread's previous call did not reach `after`
+                self.frame = fid
+                return
+        while not self._lock.acquire(timeout=self.POLL_S):
+            with self._guard:
+                owner, held = self.owner, self.frame
+                if owner is not None and owner != me and (
+                        owner not in sys._current_frames() or (held and _left(owner, held))):  # fmt: skip
+                    self.owner, self.frame = me, fid  # the lock stays locked, now for this call
+                    return
+        with self._guard:
+            self.owner, self.frame = me, fid
+
+    def release(self) -> None:
+        with self._guard:
+            if self.owner != threading.get_ident():
+                return
+            self.owner, self.frame = None, 0
+        self._lock.release()
+
+
 # A block hook's mode in the call in flight: one small int, so that a compiled block region guards
 # on one value (diffusers runs every hooked module's forward through one shared code object, whose
 # compiled variants count against dynamo's recompile limit together).
@@ -305,6 +397,7 @@ class _CallState:
     output: bool = False  # output level: the root hook predicts the whole forward, the block hooks stand aside
     active: bool = False
     branch: str = DEFAULT_BRANCH
+    key: Tuple = ()  # (thread, branch): output level, the key of the branch's last computed input
     skip: bool = False
     predict: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
     mode: int = _PLAIN  # what every block hook does: _PLAIN (the plain block), _COMPUTE or _SKIP
@@ -384,17 +477,19 @@ class _RootHook(ModelHook):
 
     def __init__(self, state: _CallState, timestep_reader: _ArgReader, controls=(), inputs=None, return_dict=None):
         super().__init__()
-        self.state_manager = StateManager(_NoState)
+        self.state_manager = _ThreadContext(_NoState)
         self.call = state
+        self.lock = _CallLock()
         self.timestep = timestep_reader
         self.controls: List[_ArgReader] = list(controls)  # block-level control residuals: compute
         # Output level: the forward's hidden-states and return_dict arguments, the input each branch's
         # last computed call got (a skip needs the same), the output class a return_dict call returned.
         self.inputs, self.return_dict = inputs, return_dict
-        self.seen: Dict[str, Tuple] = {}
+        self.seen: Dict[Tuple, Tuple] = {}  # by (thread, branch)
         self.output_cls: Any = Transformer2DModelOutput
-        self._last_time: Optional[float] = None  # timestep of the previous call outside a cache context
-        self._repeat = 0  # calls in a row outside a cache context at that timestep
+        # Per thread: the timestep of the previous call outside a cache context (``last_time``) and
+        # the calls in a row at that timestep (``repeat``).
+        self._local = threading.local()
         self.installed: List[_Installed] = []
         self.handles: list = []
 
@@ -407,9 +502,10 @@ class _RootHook(ModelHook):
         # Pipelines that run CFG as two calls per step without cache contexts (FluxImg2Img,
         # FluxKontext, SD3's skip-layer guidance call): the n-th call at one timestep is branch
         # "default.n", so that each trajectory keeps its own history.
-        self._repeat = self._repeat + 1 if t is not None and t == self._last_time else 0
-        self._last_time = t
-        n = min(self._repeat, _MAX_REPEAT)  # bounded: a constant-timestep loop does not add branches
+        loc = self._local
+        loc.repeat = getattr(loc, "repeat", 0) + 1 if t is not None and t == getattr(loc, "last_time", None) else 0
+        loc.last_time = t
+        n = min(loc.repeat, _MAX_REPEAT)  # bounded: a constant-timestep loop does not add branches
         return DEFAULT_BRANCH if n == 0 else f"{DEFAULT_BRANCH}.{n + 1}"
 
     def forced(self, args: tuple, kwargs: dict) -> Optional[str]:
@@ -420,16 +516,23 @@ class _RootHook(ModelHook):
 
     @torch.compiler.disable
     def before(self, module, args, kwargs):
-        st = self.call
-        st.clear()
-        timestep = self.timestep(args, kwargs)
-        t = _time_of(st.controller, timestep)
-        branch = self.branch(t)
-        force = self.forced(args, kwargs)
-        predict = st.controller.decide(branch, timestep if t is None else t, force)
-        if force is not None and predict is not None:
-            raise RuntimeError(f"a tcpade controller returned a prediction for a call forced to compute ({force!r})")
-        st.start(branch, predict)
+        self.lock.acquire(_call_frame(module))
+        try:
+            st = self.call
+            st.clear()
+            timestep = self.timestep(args, kwargs)
+            t = _time_of(st.controller, timestep)
+            branch = self.branch(t)
+            force = self.forced(args, kwargs)
+            predict = st.controller.decide(branch, timestep if t is None else t, force)
+            if force is not None and predict is not None:
+                raise RuntimeError(
+                    f"a tcpade controller returned a prediction for a call forced to compute ({force!r})")
+            st.start(branch, predict)
+            st.key = (threading.get_ident(), branch)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def _input(self, args, kwargs) -> Optional[Tuple]:
         return _signature(self.inputs(args, kwargs)) if self.inputs is not None else None
@@ -442,7 +545,7 @@ class _RootHook(ModelHook):
         if not (st.output and st.active):
             return self.fn_ref.original_forward(*args, **kwargs)
         if st.skip:
-            pred = st.predict(None) if self._input(args, kwargs) == self.seen.get(st.branch) else None
+            pred = st.predict(None) if self._input(args, kwargs) == self.seen.get(st.key) else None
             if pred is not None:
                 if self.return_dict is not None and not self.return_dict(args, kwargs):
                     return (pred,)
@@ -459,7 +562,7 @@ class _RootHook(ModelHook):
                     st.controller.finish(st.branch, None, None)
                 elif st.output:
                     sample = _sample_of(module, output)
-                    self.seen[st.branch] = self._input(args, kwargs)
+                    self.seen[st.key] = self._input(args, kwargs)
                     if not isinstance(output, (tuple, list)):
                         self.output_cls = type(output)
                     st.controller.finish(st.branch, None, sample)
@@ -467,10 +570,11 @@ class _RootHook(ModelHook):
                     st.controller.finish(st.branch, st.h_in, st.h_out)
         finally:
             st.clear()
+            self.lock.release()
 
     def reset_state(self, module):
         self.state_manager.reset()
-        self._last_time, self._repeat = None, 0
+        self._local.last_time, self._local.repeat = None, 0
         reset = getattr(self.call.controller, "reset", None)
         if callable(reset):
             reset()

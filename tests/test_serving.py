@@ -134,3 +134,100 @@ def test_cache_dit_before_or_after_tcpade_is_refused():
     # which it saved with tcpade's hooks on: this pipeline is not used again.)
     tcpade.remove(pipe)
     assert ours.shape == base.shape
+
+
+# --------------------------------------------------------------------------------------- threads
+def _in_threads(*jobs, timeout=120):
+    """Run the callables in threads started together; their results (or exceptions) in order."""
+    start = threading.Barrier(len(jobs))
+    out = [None] * len(jobs)
+
+    def wrap(i, job):
+        start.wait()
+        try:
+            out[i] = job()
+        except BaseException as exc:  # noqa: B902 (reported to the test)
+            out[i] = exc
+
+    threads = [threading.Thread(target=wrap, args=(i, job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a thread did not finish (deadlock?)"
+    return out
+
+
+@torch.no_grad()
+def test_derived_pipelines_in_threads_get_their_sequential_results():
+    """Two pipelines that share one transformer (from_pipe, each its own scheduler) run in two
+    threads at once, three requests each (other step counts, sizes, CFG on and off): every output
+    and every thread's decisions equal the fresh sequential run of the request."""
+    pipe = soak.new_pipeline("fast")
+    reqs = [[_req(steps=20), _req(steps=9, size=24, seed=2), _req(steps=14, cfg=False, seed=4)],
+            [_req(steps=13, seed=1), _req(steps=20, images=2, seed=3), _req(steps=6, size=32, seed=5)]]  # fmt: skip
+    refs = [[soak.fresh(r) for r in rs] for rs in reqs]
+    pipes = [_derived(pipe), _derived(pipe)]
+
+    def job(i):
+        return [soak.same(soak.run(pipes[i], r), soak.decisions(pipes[i]), ref) for r, ref in zip(reqs[i], refs[i])]
+
+    for _ in range(2):
+        assert _in_threads(lambda: job(0), lambda: job(1)) == [[True] * 3, [True] * 3]
+    # The original pipeline, afterwards in this thread: its fresh result too.
+    assert soak.same(soak.run(pipe, reqs[0][0]), soak.decisions(pipe), refs[0][0])
+    tcpade.remove(pipe)
+
+
+@torch.no_grad()
+def test_one_pipeline_in_two_threads_at_once_is_refused():
+    """diffusers does not support one pipeline object run by two threads at once: the second call
+    raises PipelineBusyError at its first transformer call, and so does the first call at its next
+    one (the second call reset the shared scheduler); never a silently wrong image."""
+    pipe = soak.new_pipeline("fast")
+    req = _req(steps=12)
+    ref = soak.fresh(req)
+    paused, tried = threading.Event(), threading.Event()
+
+    def pause(p, i, t, kw):  # the first call waits after its first step until the second has tried
+        if i == 0:
+            paused.set()
+            tried.wait(60)
+        return kw
+
+    def first():
+        return soak.run(pipe, req, callback_on_step_end=pause)
+
+    def second():
+        paused.wait(60)
+        try:
+            return soak.run(pipe, req)
+        finally:
+            tried.set()
+
+    results = _in_threads(first, second)
+    assert all(isinstance(r, PipelineBusyError) for r in results), results
+    assert "another thread" in str(results[0]) and "from_pipe" in str(results[1])
+    # Afterwards, one call at a time: the fresh result.
+    out = soak.run(pipe, req)
+    assert soak.same(out, soak.decisions(pipe), ref)
+    tcpade.remove(pipe)
+
+
+@torch.no_grad()
+def test_keyboard_interrupt_in_one_thread_does_not_block_the_other():
+    """A KeyboardInterrupt inside a transformer call skips torch's always-called hooks (the call
+    never reaches tcpade's after-hook); another thread's pipeline that shares the transformer
+    still runs, and gets its fresh result."""
+    pipe = soak.new_pipeline("fast")
+    a, b = _derived(pipe), _derived(pipe)
+    req = _req(steps=10)
+    ref = soak.fresh(req)
+    remove = soak._inject_block_raise(pipe.transformer.single_transformer_blocks[0], 7, "KeyboardInterrupt")
+    with pytest.raises(KeyboardInterrupt):
+        soak.run(a, req)
+    remove()
+    (got,) = _in_threads(lambda: soak.same(soak.run(b, req), soak.decisions(b), ref), timeout=60)
+    assert got is True
+    assert soak.same(soak.run(a, req), soak.decisions(a), ref)
+    tcpade.remove(pipe)
