@@ -1,7 +1,7 @@
 """Serving soak and fault campaign: one process, many calls, random requests, random faults.
 
-    python bench/soak.py                      # 500 calls, then 200 calls with faults
-    python bench/soak.py --calls 40 --faults 20 --max-steps 20   # the size tests/test_serving.py runs
+    python bench/soak.py                      # 500 calls, 2 threads x 40 calls, 200 calls with faults
+    python bench/soak.py --calls 40 --faults 20 --max-steps 16 --pool 0   # about the size tests/test_serving.py runs
 
 Soak. A server holds one tiny FLUX pipeline (``tcpade.tiny``, random weights, true CFG) per
 preset (fast, slow, adaptive), tcpade applied once to each. Each call is a seeded random request:
@@ -11,6 +11,10 @@ newly built pipeline, tcpade applied to it, called once). tcpade's own memory is
 call ``--warm`` and after the last call, each time right after the same probe request (the
 history buffers follow the shape of the latest call): the Python heap allocated by tcpade's
 files (tracemalloc), the history bytes (``Runtime.nbytes``), the step records and the hooks.
+
+Threads. ``--pool`` threads, each with its own pipelines derived from the server's
+(``from_pipe`` with a copy of the scheduler; the transformers shared), run ``--pool-calls``
+random requests each at once; every call is compared with its fresh run.
 
 Faults. ``--faults`` calls, each with one seeded random fault: an exception or a
 KeyboardInterrupt raised from the scheduler's step or from a transformer block at a random call
@@ -187,6 +191,51 @@ def soak(calls: int = 500, warm: int = 50, max_steps: int = 50, seed: int = 0, t
                 steps=(4, max_steps), grown=grown)  # fmt: skip
 
 
+def threaded(threads: int = 2, calls: int = 40, max_steps: int = 50, seed: int = 2, log=print):
+    """``threads`` threads, each with its own pipelines derived from the server's (``from_pipe``,
+    own scheduler; the transformers shared), ``calls`` random requests each, all at once; every
+    output and decisions compared with the request's fresh run (made first, in this thread).
+    Returns mismatches, the wall time threaded and the same requests run one after another."""
+    import copy
+    import threading
+
+    rng = random.Random(seed)
+    server = Server()
+    reqs = [[draw(rng, max_steps) for _ in range(calls)] for _ in range(threads)]
+    refs = [[fresh(r) for r in rs] for rs in reqs]
+
+    def derived():
+        return {n: type(p).from_pipe(p, scheduler=copy.deepcopy(p.scheduler)) for n, p in server.pipes.items()}
+
+    pipes = [derived() for _ in range(threads)]
+    for ps in pipes:
+        for p in ps.values():
+            p.set_progress_bar_config(disable=True)
+    bad: List[Tuple[int, int]] = []
+
+    def job(i):
+        for j, (req, ref) in enumerate(zip(reqs[i], refs[i])):
+            p = pipes[i][req.preset]
+            if not same(run(p, req), decisions(p), ref):
+                bad.append((i, j))
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=job, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall_threads = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(threads):
+        for req in reqs[i]:
+            run(pipes[i][req.preset], req)
+    wall_seq = time.perf_counter() - t0
+    for i, j in bad:
+        log(f"thread {i} call {j}: {reqs[i][j]} differs from its fresh run")
+    return dict(threads=threads, calls=calls, mismatches=bad, wall_threads_s=wall_threads, wall_seq_s=wall_seq)
+
+
 # ------------------------------------------------------------------------------------------ faults
 class Injected(Exception):
     pass
@@ -324,6 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", type=int, default=50, help="the call after which memory is first measured")
     ap.add_argument("--max-steps", type=int, default=50)
     ap.add_argument("--faults", type=int, default=200)
+    ap.add_argument("--pool", type=int, default=2, help="threads of the threaded run (0: none)")
+    ap.add_argument("--pool-calls", type=int, default=40, help="requests per thread in the threaded run")
     ap.add_argument("--fault-max-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -342,6 +393,12 @@ def main(argv=None) -> int:
             print(f"  grew: {line}")
         print(f"mismatches with a fresh run: {len(r['mismatches'])} of {r['calls']} {r['mismatches'] or ''}")
         print(f"wall time: {r['wall_s']:.1f} s (each call and its fresh run)")
+    if args.pool:
+        r = threaded(args.pool, args.pool_calls, args.max_steps, args.seed + 2)
+        print(f"\nthreads: {r['threads']} threads x {r['calls']} random requests, each thread its own from_pipe "
+              f"pipelines (transformers shared): mismatches with a fresh run: {len(r['mismatches'])} of "
+              f"{r['threads'] * r['calls']}; wall {r['wall_threads_s']:.1f} s threaded, {r['wall_seq_s']:.1f} s "
+              "the same requests one after another")  # fmt: skip
     if args.faults:
         rows, wall = fault_campaign(args.faults, args.fault_max_steps, args.seed + 1)
         print(f"\nfaults: {args.faults} faulted calls, steps 4-{args.fault_max_steps}, each followed by a random "

@@ -7,7 +7,9 @@
     tcpade.remove(pipe)
 
 ``apply`` takes a diffusers pipeline (its ``transformer`` is hooked, and the number of
-steps of each run is read from the pipeline's noise scheduler) or a supported
+steps of each run is read from the noise scheduler of the pipeline that is calling: this
+one, or one derived from it with ``from_pipe``, also from several threads at once; see
+docs/runtime.md, "Serving") or a supported
 transformer (then pass ``num_steps``, the length of its runs; a run of another length
 is warned about once, and a longer one is computed in full from step ``num_steps`` on).
 Integration goes through diffusers' hook registry only; ``remove`` takes every hook off
