@@ -231,3 +231,44 @@ def test_keyboard_interrupt_in_one_thread_does_not_block_the_other():
     assert got is True
     assert soak.same(soak.run(a, req), soak.decisions(a), ref)
     tcpade.remove(pipe)
+
+
+@torch.no_grad()
+def test_img2img_derived_pipeline_next_to_text_to_image_in_threads():
+    """FluxImg2ImgPipeline.from_pipe (strength 0.6: 12 of 20 steps, from its scheduler's begin
+    index; CFG as two calls per step outside cache contexts: branches "default" and "default.2",
+    counted per thread) in one thread, a text-to-image pipeline in another, same transformer:
+    both get their fresh sequential results."""
+    from diffusers import FluxImg2ImgPipeline
+
+    def img2img(pipe):
+        pipe.vae.register_to_config(shift_factor=0.0)  # (the tiny VAE has none; FLUX's is a number)
+        p = FluxImg2ImgPipeline.from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    pe, pp, ne, npp = soak.EMBEDS
+
+    def run_img2img(p):
+        return p(image=image, prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
+                 negative_pooled_prompt_embeds=npp, true_cfg_scale=2.0, strength=0.6, height=16, width=16,
+                 num_inference_steps=20, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    fresh_i2i = img2img(soak.new_pipeline("fast"))
+    ref_i2i = (run_img2img(fresh_i2i), soak.decisions(fresh_i2i))
+    assert sorted(ref_i2i[1]) == ["default", "default.2"] and len(ref_i2i[1]["default"]) == 12
+    req = _req(steps=13, seed=1)
+    ref_t2i = soak.fresh(req)
+    pipe = soak.new_pipeline("fast")
+    i2i, t2i = img2img(pipe), _derived(pipe)
+
+    def job_i2i():
+        return [soak.same(run_img2img(i2i), soak.decisions(i2i), ref_i2i) for _ in range(3)]
+
+    def job_t2i():
+        return [soak.same(soak.run(t2i, req), soak.decisions(t2i), ref_t2i) for _ in range(3)]
+
+    assert _in_threads(job_i2i, job_t2i) == [[True] * 3, [True] * 3]
+    tcpade.remove(pipe)
