@@ -272,3 +272,23 @@ def test_img2img_derived_pipeline_next_to_text_to_image_in_threads():
 
     assert _in_threads(job_i2i, job_t2i) == [[True] * 3, [True] * 3]
     tcpade.remove(pipe)
+
+
+@torch.no_grad()
+def test_compiled_blocks_in_threads():
+    """compile_repeated_blocks(fullgraph=True) (aot_eager) and two from_pipe pipelines in threads:
+    each equals the compiled sequential run of its request."""
+    pipe = soak.new_pipeline("fast")
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    try:
+        reqs = [_req(steps=12), _req(steps=9, seed=1)]
+        refs = [(soak.run(pipe, r), soak.decisions(pipe)) for r in reqs]
+        pipes = [_derived(pipe), _derived(pipe)]
+
+        def job(i):
+            return [soak.same(soak.run(pipes[i], reqs[i]), soak.decisions(pipes[i]), refs[i]) for _ in range(2)]
+
+        assert _in_threads(lambda: job(0), lambda: job(1)) == [[True] * 2, [True] * 2]
+    finally:
+        tcpade.remove(pipe)
+        torch._dynamo.reset()
