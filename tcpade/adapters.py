@@ -555,6 +555,10 @@ class _RootHook(ModelHook):
 
     @torch.compiler.disable
     def after(self, module, args, kwargs, output):
+        if self.lock.owner != threading.get_ident():
+            # ``before`` raised and let the lock go (or never ran): the call state may already be
+            # another thread's call.
+            return
         st = self.call
         try:
             if output is not None:  # None: the forward raised (this hook is always called)
