@@ -39,11 +39,11 @@ GENERATED = os.path.join(HERE, "build", "generated")
 
 
 def generate_layout_header() -> str:
-    """Write tcpade_layout.h (the C++ view of tcpade/layout.py) into build/generated.
+    """Write tcpade_layout.h (the C++ view of tcpade/core/layout.py) into build/generated.
 
     layout.py is plain Python, run here on its own (tcpade itself needs torch). The file is
     rewritten only when its text changes, so an unchanged layout does not force a rebuild."""
-    text = runpy.run_path(os.path.join(HERE, "tcpade", "layout.py"))["c_header"]()
+    text = runpy.run_path(os.path.join(HERE, "tcpade", "core", "layout.py"))["c_header"]()
     os.makedirs(GENERATED, exist_ok=True)
     path = os.path.join(GENERATED, "tcpade_layout.h")
     old = open(path).read() if os.path.exists(path) else None

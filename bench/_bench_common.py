@@ -28,7 +28,7 @@ import torch
 
 from tcpade import coef as K
 from tcpade import ops, reference
-from tcpade.layout import PAPER
+from tcpade.core.layout import PAPER
 
 # ------------------------------------------------------------------ models and their shapes
 # Constructor arguments of the diffusers transformers as in the published checkpoints'
@@ -196,7 +196,7 @@ def make_inputs(case: Case, shape, dtype, device, seed=0) -> Inputs:
 
 
 # ------------------------------------------------------------- the same math, eager torch
-# tcpade.reference's own math, called with the slot order and the coefficients as Python
+# tcpade.core.reference's own math, called with the slot order and the coefficients as Python
 # values, so that it neither reads a device tensor back nor graph-breaks: a fair input for
 # torch.compile and for CUDA-graph capture.
 
@@ -214,9 +214,9 @@ def math_predict(h_in, ring, slots: tuple, cf: tuple, h_prev, variant: str, stor
 # whole-tensor norms read back to the host, and the predictor's fallbacks decided by host-side
 # checks of the whole tensor (torch.isfinite(...).all() -> a sync each). This is deliberately
 # a second copy of the paper predictor: the published code's SEQUENCE of separate tensor ops
-# (the unfused baseline the kernels are timed against). Its constants are tcpade.layout.PAPER
-# (tcpade.reference.paper_pade is the same formula fused differently); tests/test_bench.py
-# checks that it predicts what tcpade.reference predicts on finite data (where its
+# (the unfused baseline the kernels are timed against). Its constants are tcpade.core.layout.PAPER
+# (tcpade.core.reference.paper_pade is the same formula fused differently); tests/test_bench.py
+# checks that it predicts what tcpade.core.reference predicts on finite data (where its
 # whole-tensor fallbacks do not trigger).
 
 

@@ -4,7 +4,7 @@ For each storage dtype and each op (update, update with probe, predict per varia
 store=False and write_out=True; paper with h_prev and its default input correction) this times
 
 * C++    : tcpade._C called directly with data_ptr()s (default OpenMP thread count);
-* torch  : tcpade.reference.update / predict with compute_dtype=float32, i.e. the same
+* torch  : tcpade.core.reference.update / predict with compute_dtype=float32, i.e. the same
            math as separate eager torch ops (torch.set_num_threads(2) unless --threads);
 * copy   : dst.copy_(src) on buffers sized so that the copy moves (reads + writes) the
            same number of bytes the kernel must move, the memory-bandwidth ceiling.

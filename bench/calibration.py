@@ -43,7 +43,7 @@ from quality import eval_set
 
 import tcpade
 from tcpade import metrics, schedules, zoo
-from tcpade.config import TCPadeConfig
+from tcpade.policy.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 CAL_SEEDS = (0, 1, 2, 3)
@@ -422,7 +422,7 @@ def resweep(name, T, sweeps, log, add=()):
     records the extra search."""
     import dataclasses
 
-    from tcpade.calibrate import save
+    from tcpade.tools.calibrate import save
 
     torch.manual_seed(0)
     old = tcpade.calibrate.shipped(name, T)
@@ -515,7 +515,7 @@ def main(argv=None):
             schedules.clear(shipped=False)
             if args.search_only:
                 if not args.no_ship:
-                    from tcpade.calibrate import save
+                    from tcpade.tools.calibrate import save
 
                     save(schedules.SHIPPED, *shipped)
                 continue
@@ -532,7 +532,7 @@ def main(argv=None):
                 json.dump(costs, f, indent=1)
             report(rows, costs, meta, os.path.join(args.out, "calibration.md"))
             if not args.no_ship:
-                from tcpade.calibrate import save
+                from tcpade.tools.calibrate import save
 
                 save(schedules.SHIPPED, *shipped)
     print(f"wrote {os.path.join(args.out, 'calibration.md')}", flush=True)

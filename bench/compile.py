@@ -25,7 +25,7 @@ and recompiles logged in warm-up and in the steady loops, graph breaks, computed
 block-stack passes, the Runtime's host waits per loop, and on CUDA the synchronising
 calls per loop that ``torch.cuda.set_sync_debug_mode`` reports.
 
-Sizes: ``tiny`` (CPU: ``tcpade.tiny``'s models, 2-3 blocks; compile time dominates, the
+Sizes: ``tiny`` (CPU: ``tcpade.tools.tiny``'s models, 2-3 blocks; compile time dominates, the
 per-step numbers are Python/launch overhead) or ``full`` (the published configs:
 FLUX.1-dev at 1024x1024 bf16, Wan2.1-1.3B at 480x832x33 frames bf16, DiT-XL/2 at 256x256
 with CFG batch 2; random weights).
@@ -53,7 +53,8 @@ import torch
 from _bench_common import DIT_XL_2, FLUX_DEV, WAN_1_3B, cpu_name
 
 import tcpade
-from tcpade import TCPadeConfig, tiny
+from tcpade import TCPadeConfig
+from tcpade.tools import tiny
 
 STEPS = 20
 
@@ -114,7 +115,7 @@ def build(family: str, size: str, device: str, dtype):
 
 
 def blocks(family, model):
-    from tcpade import adapters
+    from tcpade.integrations import adapters
 
     return [b for _, b in adapters.find_adapter(model).stack(model)]
 

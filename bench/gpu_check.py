@@ -49,7 +49,7 @@ import torch
 
 from tcpade import coef as K
 from tcpade import ops, reference
-from tcpade.layout import SUMS
+from tcpade.core.layout import SUMS
 
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 CHECK_SHAPES = [(1, 7, 33), (2, 37, 1001), (3, 5, 4099)]  # odd: no multiple of a block or vector width
@@ -350,7 +350,7 @@ def _sync(device):
 
 def sample_loop(model, spec: Model, kwargs, latents0, device, steps=STEPS):
     """One denoising run; returns (wall s, [(branch, k, call ms)], final latents)."""
-    from tcpade import adapters
+    from tcpade.integrations import adapters
 
     sched = spec.scheduler()
     sched.set_timesteps(steps, device=device)
@@ -402,7 +402,7 @@ def _peak(device):
 def _warm_ops(h_shape, dtype, device, config):
     """Compile (Triton JIT) tcpade's kernels for this shape and config outside the timed
     loops: a History on a tensor of the model's h_in shape runs every op the Runtime will."""
-    from tcpade.history import History
+    from tcpade.core.history import History
 
     gamma = config.input_correction if config.input_correction is not None else K.default_gamma(config.predictor)
     h = History(nslots=config.history_slots, keep_prev_input=gamma != 0.0)

@@ -28,8 +28,8 @@ from _bench_common import cpu_name
 from quality import eval_set
 
 from tcpade import metrics, zoo
-from tcpade.calibrate import shipped
-from tcpade.config import TCPadeConfig
+from tcpade.tools.calibrate import shipped
+from tcpade.policy.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 MODELS = ("flux-digits", "wan-digits", "dit-faces", "flux-shapes", "dit-photos", "flux-photos")

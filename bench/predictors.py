@@ -33,8 +33,8 @@ from _bench_common import cpu_name
 from quality import eval_set
 
 from tcpade import metrics, schedules, zoo
-from tcpade.calibrate import shipped
-from tcpade.config import TCPadeConfig
+from tcpade.tools.calibrate import shipped
+from tcpade.policy.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 PREDICTORS = ("rational", "linear", "reuse", "paper", "auto")

@@ -20,7 +20,7 @@ same way:
   its reciprocal. For tcpade this is exactly computed calls / all calls.
 * wall: the full run's wall time over the method's, both measured in this process on this
   CPU (a shared 2-core VM: noisy, the MAC ratio is the dependable one).
-* PSNR and SSIM (tcpade.metrics, data range [-1, 1]) against the full run of the same seed,
+* PSNR and SSIM (tcpade.tools.metrics, data range [-1, 1]) against the full run of the same seed,
   averaged over samples (clips: over frames).
 * acc: the share of samples (frames) a small classifier trained on the same data assigns to
   the requested class; FD: Frechet distance between its hidden features (top 10 principal
@@ -55,7 +55,7 @@ from peers import levels
 
 import tcpade
 from tcpade import metrics, zoo
-from tcpade.config import TCPadeConfig
+from tcpade.policy.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 TCPADE = "tcpade"

@@ -3,7 +3,7 @@
     python bench/soak.py                      # 500 calls, 2 threads x 40 calls, 200 calls with faults
     python bench/soak.py --calls 40 --faults 20 --max-steps 16 --pool 0   # about the size tests/test_serving.py runs
 
-Soak. A server holds one tiny FLUX pipeline (``tcpade.tiny``, random weights, true CFG) per
+Soak. A server holds one tiny FLUX pipeline (``tcpade.tools.tiny``, random weights, true CFG) per
 preset (fast, slow, adaptive), tcpade applied once to each. Each call is a seeded random request:
 step count 4..``--max-steps``, resolution, images per prompt, CFG on or off, preset, seed. Every
 call's output and decisions are compared, bit for bit, with a fresh run of the same request (a
@@ -41,7 +41,7 @@ import torch
 
 import tcpade
 from tcpade import TCPadeConfig
-from tcpade.tiny import TXT, flux_pipeline
+from tcpade.tools.tiny import TXT, flux_pipeline
 
 PRESETS = {"fast": TCPadeConfig.fast, "slow": TCPadeConfig.slow, "adaptive": TCPadeConfig.adaptive}
 SIZES = (16, 24, 32)
@@ -68,7 +68,7 @@ def draw(rng: random.Random, max_steps: int = 50) -> Request:
 
 
 def _embeds():
-    """The prompt embeddings of ``tcpade.tiny.flux_pipeline`` (the same generator draws)."""
+    """The prompt embeddings of ``tcpade.tools.tiny.flux_pipeline`` (the same generator draws)."""
     g = torch.Generator().manual_seed(1)
     pe, pp = torch.randn(1, TXT, 32, generator=g), torch.randn(1, 32, generator=g)
     ne, npp = torch.randn(1, TXT, 32, generator=g), torch.randn(1, 32, generator=g)

@@ -1,8 +1,8 @@
 // tcpade._C: the CPU backend of tcpade's two fused ops (update, predict).
 //
-// The math is specified exactly by tcpade/reference.py (functions update and predict,
+// The math is specified exactly by tcpade/core/reference.py (functions update and predict,
 // compute_dtype=float32). The shared tables (the sums' and coefficients' positions, the
-// variant codes, the paper's constants) come from tcpade/layout.py through the header
+// variant codes, the paper's constants) come from tcpade/core/layout.py through the header
 // tcpade_layout.h, which setup.py generates from it at build time. Every value is
 // loaded from its storage dtype, all arithmetic is float32, and the result is rounded
 // to the storage dtype only at the store. Sums are accumulated in double per thread and
@@ -47,7 +47,7 @@ static inline int omp_get_thread_num() { return 0; }
 #include <type_traits>
 #include <vector>
 
-#include "tcpade_layout.h"  // generated from tcpade/layout.py (setup.py)
+#include "tcpade_layout.h"  // generated from tcpade/core/layout.py (setup.py)
 
 namespace py = pybind11;
 
@@ -228,17 +228,17 @@ py::list py_predict(uintptr_t h_in, uintptr_t ring, std::vector<int64_t> slots, 
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
-    mod.doc() = "tcpade CPU kernels (C++/OpenMP): fused update and predict, see tcpade/reference.py";
+    mod.doc() = "tcpade CPU kernels (C++/OpenMP): fused update and predict, see tcpade/core/reference.py";
     mod.def("update", &py_update, py::arg("h_in"), py::arg("h_out"), py::arg("ring"), py::arg("slots"),
             py::arg("h_prev"), py::arg("rows"), py::arg("C"), py::arg("nslot"), py::arg("dtype"),
             py::arg("probe"),
-            "Write R = h_out - h_in into ring slot slots[nslot-1]; return the sums (tcpade.layout.SUMS).");
+            "Write R = h_out - h_in into ring slot slots[nslot-1]; return the sums (tcpade.core.layout.SUMS).");
     mod.def("predict", &py_predict, py::arg("h_in"), py::arg("ring"), py::arg("slots"), py::arg("coef"),
             py::arg("h_prev"), py::arg("out"), py::arg("rows"), py::arg("C"), py::arg("nslot"),
             py::arg("dtype"), py::arg("variant"), py::arg("store"),
-            "Predict R_eff (variant: the code of tcpade.layout.VARIANT_TABLE), optionally write h_out = "
+            "Predict R_eff (variant: the code of tcpade.core.layout.VARIANT_TABLE), optionally write h_out = "
             "h_in + R_eff (out != 0; a non-finite element becomes h_in + R1) and store R_eff in "
-            "slots[nslot-1]; return the sums (tcpade.layout.SUMS).");
+            "slots[nslot-1]; return the sums (tcpade.core.layout.SUMS).");
     mod.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP max threads.");
     mod.def(
         "layout",
@@ -249,7 +249,7 @@ PYBIND11_MODULE(_C, mod) {
 #undef TC_PUT
             return d;
         },
-        "The tables compiled into the kernels (tcpade.layout.compiled_layout() of the build's layout.py).");
+        "The tables compiled into the kernels (tcpade.core.layout.compiled_layout() of the build's layout.py).");
     mod.def("isa", []() { return std::string(isa().name); },
             "Instruction set of the kernels in use: sse2, avx2 or avx512 (TCPADE_CPU_ISA=sse2|avx2 lowers it).");
 }

@@ -30,6 +30,8 @@ __all__ = [
     "StepRecord",
     "TCPadeConfig",
     "coef",
+    "distributed",
+    "metrics",
     "ops",
     "reference",
     "schedules",
@@ -38,28 +40,37 @@ __all__ = [
 ]
 
 
-_SUBMODULES = ("coef", "ops", "reference", "schedules")
+# Short public names of modules that live in the layer subpackages (core < policy <
+# integrations < tools; see docs/architecture.md).
+_SUBMODULES = {
+    "coef": "core.coef",
+    "ops": "core.ops",
+    "reference": "core.reference",
+    "schedules": "policy.schedules",
+    "distributed": "integrations.distributed",
+    "metrics": "tools.metrics",
+}
 # public name -> the module that defines it
 _NAMES = {
-    "Summary": "api",
-    "apply": "api",
-    "remove": "api",
-    "runtime": "api",
-    "summary": "api",
-    "sample": "sampling",
-    "History": "history",
-    "Runtime": "policy",
-    "StepRecord": "policy",
-    "TCPadeConfig": "config",
-    "tsi_from_sums": "reference",
+    "Summary": "integrations.api",
+    "apply": "integrations.api",
+    "remove": "integrations.api",
+    "runtime": "integrations.api",
+    "summary": "integrations.api",
+    "sample": "integrations.sampling",
+    "History": "core.history",
+    "Runtime": "policy.runtime",
+    "StepRecord": "policy.runtime",
+    "TCPadeConfig": "policy.config",
+    "tsi_from_sums": "core.reference",
 }
 
 
 def _load():
     import importlib
 
-    for sub in _SUBMODULES:
-        globals()[sub] = importlib.import_module(f".{sub}", __name__)
+    for short, sub in _SUBMODULES.items():
+        globals()[short] = importlib.import_module(f".{sub}", __name__)
     for name, sub in _NAMES.items():
         globals()[name] = getattr(importlib.import_module(f".{sub}", __name__), name)
 
@@ -67,14 +78,14 @@ def _load():
 def __getattr__(name):
     if name == "calibrate":
         # A callable module (the schedule search, save/load, its CLI), imported on first use so
-        # that ``python -m tcpade.calibrate`` does not find it imported already.
+        # that ``tcpade calibrate`` does not find it imported already.
         import importlib
 
-        return importlib.import_module(".calibrate", __name__)
+        return importlib.import_module(".tools.calibrate", __name__)
     if name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     if name in _NAMES:
         _load()
         return globals()[name]

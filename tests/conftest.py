@@ -18,7 +18,7 @@ assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1" 
 
 import pytest  # noqa: E402
 
-from tcpade import ops  # noqa: E402
+from tcpade import ops  # noqa: E402  # noqa: E402
 
 
 def backend_cases():

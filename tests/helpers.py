@@ -100,7 +100,7 @@ def synthetic_run(cfg, T, branches=("default",), nan_at=None, stop_at=None, rt=N
                   shape=SYNTH_SHAPE):  # fmt: skip
     """T steps of the synthetic stack through a Runtime's decide / finish, as the hooks call
     them. Returns (runtime, passes per branch, relative errors of the skipped steps, outputs)."""
-    from tcpade.policy import Runtime
+    from tcpade.policy.runtime import Runtime
 
     rt = rt or Runtime(cfg)
     rt.set_steps(T)
@@ -135,7 +135,7 @@ def synthetic_run(cfg, T, branches=("default",), nan_at=None, stop_at=None, rt=N
 
 # ---------------------------------------------------------------------- hooked diffusers models
 def blocks_of(model):
-    from tcpade import adapters
+    from tcpade.integrations import adapters
 
     return adapters.find_adapter(model).stack(model)
 
@@ -191,12 +191,12 @@ RULE_FAST = dict(RULE_SLOW, warmup=2, final_steps=0)
 
 
 def rule_slow(**overrides):
-    from tcpade.config import TCPadeConfig
+    from tcpade.policy.config import TCPadeConfig
 
     return TCPadeConfig(**{**RULE_SLOW, **overrides})
 
 
 def rule_fast(**overrides):
-    from tcpade.config import TCPadeConfig
+    from tcpade.policy.config import TCPadeConfig
 
     return TCPadeConfig(**{**RULE_FAST, **overrides})

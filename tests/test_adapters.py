@@ -1,4 +1,4 @@
-"""tcpade.adapters on tiny random-weight diffusers transformers (no downloads).
+"""tcpade.integrations.adapters on tiny random-weight diffusers transformers (no downloads).
 
 For each supported family (FLUX, Wan, DiT, SD3):
 1. a controller that always computes leaves the output bit-identical and sees h_in/h_out of the
@@ -18,10 +18,10 @@ pytest.importorskip("diffusers")
 from diffusers import UNet2DModel  # noqa: E402
 from helpers import BlockBodyCounter, blocks_of  # noqa: E402
 
-from tcpade import adapters  # noqa: E402
-from tcpade.tiny import FAMILIES, TXT  # noqa: E402, F401  (TXT: the text tokens of the tiny models)
-from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
-from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
+from tcpade.integrations import adapters  # noqa: E402
+from tcpade.tools.tiny import FAMILIES, TXT  # noqa: E402, F401  (TXT: the text tokens of the tiny models)
+from tcpade.tools.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tools.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 NCALLS = 3
 
@@ -161,7 +161,7 @@ def test_unsupported_models_raise_type_error():
             "SD3Transformer2DModel",
         ):
             assert cls in msg
-        assert "recipe" in msg and "tcpade/adapters.py" in msg
+        assert "recipe" in msg and "tcpade/integrations/adapters.py" in msg
         assert not adapters.is_attached(model)
 
 
@@ -304,7 +304,7 @@ def test_block_specs_come_from_diffusers_registry():
     from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock
     from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 
-    from tcpade import families
+    from tcpade.integrations import families
 
     flux = families.registry_block(FluxSingleTransformerBlock)
     assert (flux.hidden_arg, flux.image_index, flux.encoder_index) == ("hidden_states", 1, 0)

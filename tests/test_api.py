@@ -15,12 +15,12 @@ pytest.importorskip("diffusers")
 from helpers import BlockBodyCounter, rule_fast, rule_slow  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402
-from tcpade.tiny import FAMILIES  # noqa: E402
-from tcpade.tiny import dit_pipeline as _dit_pipeline  # noqa: E402
-from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
-from tcpade.tiny import sd3_pipeline as _sd3_pipeline  # noqa: E402
-from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402  # noqa: E402
+from tcpade.tools.tiny import FAMILIES  # noqa: E402
+from tcpade.tools.tiny import dit_pipeline as _dit_pipeline  # noqa: E402
+from tcpade.tools.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tools.tiny import sd3_pipeline as _sd3_pipeline  # noqa: E402
+from tcpade.tools.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 PIPELINES = {"wan": (_wan_pipeline, ("cond", "uncond")), "flux": (_flux_pipeline, ("cond", "uncond")),
              "dit": (_dit_pipeline, ("default",)), "sd3": (_sd3_pipeline, ("default",))}  # fmt: skip

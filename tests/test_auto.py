@@ -15,11 +15,11 @@ import torch
 from helpers import SHAPES, gen, perm_slots, randn, smooth_ring, synthetic_run
 
 from tcpade import coef as K
-from tcpade import layout as L
+from tcpade.core import layout as L
 from tcpade import ops, reference
-from tcpade.config import TCPadeConfig
-from tcpade.history import History
-from tcpade.policy import _choice_mask
+from tcpade.policy.config import TCPadeConfig
+from tcpade.core.history import History
+from tcpade.policy.runtime import _choice_mask
 
 TIMES = [0.61, 0.74, 0.93]
 T_TARGET = 0.45

@@ -1,7 +1,7 @@
 """The benchmark scripts: their math is the library's math, and their CPU / dry modes run.
 
 * the "same math" contenders (eager and torch.compile) of bench/_bench_common.py equal
-  tcpade.reference, and the published code's unfused sequence computes the paper predictor
+  tcpade.core.reference, and the published code's unfused sequence computes the paper predictor
   and TSI that the reference does (on finite data), so the timings compare like with like;
 * the hidden-state shapes come out of the real configs as the README states them;
 * bench_predict.py's CPU mode, bench_cpu.py --quick and gpu_check.py --dry (every section:
@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import _bench_common as B  # noqa: E402
 
-from tcpade import coef as K  # noqa: E402
-from tcpade import reference  # noqa: E402
+from tcpade import coef as K  # noqa: E402  # noqa: E402
+from tcpade import reference  # noqa: E402  # noqa: E402
 
 
 def _run(args, timeout=300):
@@ -46,7 +46,7 @@ def test_shapes_from_the_real_configs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bench_math_equals_reference(dtype):
-    """Eager/compiled contenders vs tcpade.reference (both fp32 arithmetic): the same math,
+    """Eager/compiled contenders vs tcpade.core.reference (both fp32 arithmetic): the same math,
     so equal to fp32 rounding (1e-5 relative: a few roundings of O(1) values)."""
     shape = (2, 5, 33)
     for case in B.ALL_CASES.values():
@@ -73,7 +73,7 @@ def test_bench_math_equals_reference(dtype):
 
 def test_published_sequence_computes_the_paper_math():
     """The published-style sequence (list history, host-side checks) predicts what
-    tcpade.reference's paper variant predicts with the paper's store + input correction,
+    tcpade.core.reference's paper variant predicts with the paper's store + input correction,
     and its TSI is tsi_from_sums of the update sums."""
     shape = (1, 16, 48)
     case = B.ALL_CASES["paper+"]

@@ -16,8 +16,9 @@ import torch
 from families import PIPELINES, TINY, TXT, _embeds
 
 import tcpade
-from tcpade import metrics, schedules, tiny, zoo
-from tcpade.config import TCPadeConfig
+from tcpade import metrics, schedules, zoo
+from tcpade.tools import tiny
+from tcpade.policy.config import TCPadeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,8 +231,8 @@ def test_calibrate_a_pipeline_on_its_latents(family, ndim, branches, registry):
 
 def test_lead_without_torch_matches_schedules():
     """The command line checks pass counts against the lead without importing torch."""
-    from tcpade.calibrate import _lead
-    from tcpade.coef import PREDICTORS
+    from tcpade.tools.calibrate import _lead
+    from tcpade.core.coef import PREDICTORS
 
     assert {p: _lead(p) for p in PREDICTORS} == {p: schedules.min_leading(p) for p in PREDICTORS}
 
@@ -261,7 +262,7 @@ def test_add_cli_registers_a_subcommand():
     cal_module.add_cli(p.add_subparsers(dest="cmd"))
     args = p.parse_args(["calibrate", "flux-digits", "--passes", "7", "--steps", "20"])
     assert args.func is cal_module.run_cli and args.passes == "7" and args.speedup is None
-    from tcpade.cli import UsageError
+    from tcpade.tools.cli import UsageError
 
     with pytest.raises(UsageError, match="--passes must be comma-separated integers, got '7,x'"):
         cal_module.run_cli(p.parse_args(["calibrate", "flux-digits", "--passes", "7,x"]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tcpade
-from tcpade import cli
+from tcpade.tools import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ HELPS = [["--help"], ["demo", "--help"], ["bench", "--help"], ["calibrate", "--h
 @pytest.mark.parametrize("args", HELPS)
 def test_help_and_version_import_no_torch(args):
     code = (
-        "import sys, time; t0 = time.perf_counter(); from tcpade.cli import main\n"
+        "import sys, time; t0 = time.perf_counter(); from tcpade.tools.cli import main\n"
         f"try:\n    rc = main({args!r})\nexcept SystemExit as e:\n    rc = e.code\nassert rc in (0, None), rc\n"
         "heavy = [m for m in ('torch', 'diffusers', 'numpy', 'matplotlib') if m in sys.modules]\n"
         "print('HEAVY', heavy, 'SECONDS', round(time.perf_counter() - t0, 3))"
@@ -72,7 +72,7 @@ def test_python_m_tcpade_help_imports_no_torch(args):
                           text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.startswith("usage: tcpade"), proc.stderr[-2000:]
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
-    assert "tcpade.cli" in imported and not {m for m in imported if m.split(".")[0] == "torch"}, sorted(imported)
+    assert "tcpade.tools.cli" in imported and not {m for m in imported if m.split(".")[0] == "torch"}, sorted(imported)
 
 
 def _help(args, capsys):
@@ -254,7 +254,7 @@ def test_subcommand_table_is_the_one_extension_point():
 def test_missing_extra_is_one_line_naming_the_extra(tmp_path, command, missing, extra):
     # The module is made unimportable (None in sys.modules), as on an install without the extra.
     args = ["demo", "--repeats", "1", "--steps", "2"] if command == "demo" else ["bench", "flux-digits"]
-    code = f"import sys; sys.modules[{missing!r}] = None\nfrom tcpade.cli import main\nsys.exit(main({args!r}))"
+    code = f"import sys; sys.modules[{missing!r}] = None\nfrom tcpade.tools.cli import main\nsys.exit(main({args!r}))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -282,7 +282,7 @@ def test_progress_bar_only_when_asked_or_on_a_terminal():
 
 
 def test_config_specs():
-    from tcpade.bench import parse_config
+    from tcpade.tools.bench import parse_config
 
     assert parse_config("fast") == tcpade.TCPadeConfig.fast()
     assert parse_config("fast:interval=3") == tcpade.TCPadeConfig.fast(interval=3)
@@ -304,7 +304,7 @@ def tiny_class_pipeline():
     """A tiny random-weight DiTPipeline (class-conditional, batched CFG), built from configs."""
     from diffusers import DDIMScheduler, DiTPipeline
 
-    from tcpade import tiny
+    from tcpade.tools import tiny
 
     return DiTPipeline(transformer=tiny.transformer("dit"), vae=tiny.tiny_vae(8), scheduler=DDIMScheduler())
 
@@ -351,7 +351,7 @@ def tiny_prompt_pipeline():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-    from tcpade import tiny
+    from tcpade.tools import tiny
 
     torch.manual_seed(0)
     words = "a red fox in the snow lighthouse at dusk".split()

@@ -6,12 +6,12 @@ import struct
 import pytest
 
 from tcpade import coef as K
-from tcpade import layout as L
+from tcpade.core import layout as L
 
 
 def test_kernel_constants_come_from_the_tables():
     """The Triton kernels' compile-time constants are the tables' values (they are read from
-    tcpade.layout / tcpade.coef at import: this guards the reading, not a copy)."""
+    tcpade.core.layout / tcpade.core.coef at import: this guards the reading, not a copy)."""
     pytest.importorskip("triton")
     P = importlib.import_module("tcpade.kernels.predict")
     C = importlib.import_module("tcpade.kernels._common")
@@ -29,7 +29,7 @@ def test_kernel_constants_come_from_the_tables():
 
 
 def test_native_was_built_from_these_tables():
-    """The extension's compiled-in tables equal tcpade.layout's (a stale build fails here)."""
+    """The extension's compiled-in tables equal tcpade.core.layout's (a stale build fails here)."""
     from tcpade import ops
 
     if not ops.native_available():

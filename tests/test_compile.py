@@ -1,6 +1,6 @@
 """torch.compile of transformers with tcpade applied, with ``fullgraph=True``.
 
-For the tiny random-weight FLUX, Wan, DiT and SD3 transformers (``tcpade.tiny``), with the
+For the tiny random-weight FLUX, Wan, DiT and SD3 transformers (``tcpade.tools.tiny``), with the
 ``slow`` preset (9 of 20 steps computed), compiled two ways after ``tcpade.apply``:
 
 * ``regional``: ``transformer.compile_repeated_blocks(fullgraph=True)`` (diffusers' regional
@@ -33,8 +33,8 @@ from helpers import BlockBodyCounter, blocks_of
 pytest.importorskip("diffusers")
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402
-from tcpade.tiny import FAMILIES, CompileCount  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402  # noqa: E402
+from tcpade.tools.tiny import FAMILIES, CompileCount  # noqa: E402
 
 STEPS = 20
 SLOW_COMPUTED = [0, 1, 3, 6, 9, 12, 15, 18]  # slow(): 8 of 20, the spaced rule (no calibrated schedule)
@@ -185,7 +185,7 @@ def test_pipeline_with_cfg_branches_under_regional_fullgraph():
     """A FLUX pipeline with true CFG (cond / uncond calls, one history each) under
     compile_repeated_blocks(fullgraph=True): the second run compiles nothing, and gives the
     eager run's latents and decisions."""
-    from tcpade.tiny import flux_pipeline
+    from tcpade.tools.tiny import flux_pipeline
 
     pipe, generate = flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -215,7 +215,7 @@ def test_auto_predictor_under_fullgraph_compile(mode, monkeypatch):
     (The tiny random models always choose rational; the device choice is flipped to linear at every
     other computed step here, the same in the eager and the compiled runs.)"""
     from tcpade import coef as K
-    from tcpade import policy
+    from tcpade.policy import runtime as policy
 
     real, calls = policy._choice_mask, []
 

@@ -46,8 +46,9 @@ pytest.importorskip("diffusers")
 import families as F  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig, tiny  # noqa: E402
-from tcpade.tiny import CompileCount  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402
+from tcpade.tools import tiny  # noqa: E402
+from tcpade.tools.tiny import CompileCount  # noqa: E402
 
 STEPS = 10
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -113,7 +114,7 @@ def _compile(pipe, form):
     elif getattr(pipe.transformer, "_repeated_blocks", None):
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     else:  # DiT in diffusers 0.42.1: no _repeated_blocks; compile the blocks as that method would
-        for _, block in tcpade.adapters.find_adapter(pipe.transformer).stack(pipe.transformer):
+        for _, block in tcpade.integrations.adapters.find_adapter(pipe.transformer).stack(pipe.transformer):
             block.compile(fullgraph=True)
 
 

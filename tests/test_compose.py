@@ -11,10 +11,10 @@ pytest.importorskip("diffusers")
 
 from helpers import rule_fast, rule_slow  # noqa: E402
 
-from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tools.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 import tcpade
-from tcpade.config import _CHECKS, ConfigTypeError, TCPadeConfig
-from tcpade.policy import Runtime
+from tcpade.policy.config import _CHECKS, ConfigTypeError, TCPadeConfig
+from tcpade.policy.runtime import Runtime
 
 # A value of the wrong type for every field (a str where a number goes, a number where a str
 # or a bool goes, a float where an int goes, a bool where an int goes).

@@ -31,11 +31,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from tcpade.tiny import TXT  # noqa: E402
-from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
+from tcpade.tools.tiny import TXT  # noqa: E402
+from tcpade.tools.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402  # noqa: E402
 
 WORLD = 2
 # The error policy at a tolerance the random-weight Wan trajectory meets at some steps
@@ -95,7 +95,7 @@ def _own_sharding(rank=None):
     from helpers import truth as _truth
 
     from tcpade import distributed as tdist
-    from tcpade.policy import Runtime
+    from tcpade.policy.runtime import Runtime
 
     rt = Runtime(TCPadeConfig(tolerance=0.05))
     rt.set_steps(20)

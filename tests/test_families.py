@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import tcpade  # noqa: E402
-from tcpade import adapters  # noqa: E402
+from tcpade.integrations import adapters  # noqa: E402
 
 from families import PIPELINES, TINY  # noqa: E402
 from helpers import rule_slow  # noqa: E402

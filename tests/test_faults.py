@@ -19,11 +19,11 @@ pytest.importorskip("diffusers")
 
 from helpers import BlockBodyCounter, rule_fast, rule_slow  # noqa: E402
 
-from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
-from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
+from tcpade.tools.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tools.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402  # noqa: E402
 
 STEPS = 12
 SLOW12 = [0, 1, 2, 3, 4, 8, 11]  # the slow preset's computed calls at T = 12 (test_api.py)
@@ -224,7 +224,7 @@ def test_two_pipelines_in_one_process():
 
 def _generate_in_model_dtype(pipe, steps):
     """_flux_pipeline's call, with the prompt embeddings on the transformer's device and dtype."""
-    from tcpade.tiny import TXT
+    from tcpade.tools.tiny import TXT
 
     dtype, device = pipe.transformer.dtype, pipe.transformer.device
     g = torch.Generator().manual_seed(1)
@@ -283,7 +283,7 @@ def test_unsupported_model_error_names_models_and_recipe():
     msg = str(info.value)
     for name in ("FluxTransformer2DModel", "WanTransformer3DModel", "DiTTransformer2DModel", "SD3Transformer2DModel"):
         assert name in msg
-    assert "adapter recipe" in msg and "tcpade/adapters.py" in msg
+    assert "adapter recipe" in msg and "tcpade/integrations/adapters.py" in msg
 
 
 class _Answers:
@@ -304,8 +304,8 @@ class _Answers:
 def test_prediction_on_another_device_or_shape_is_refused():
     """The Runtime's tensors must follow h_in; a controller answering with a tensor on
     another device (or shape) is refused with both named, and the next call is clean."""
-    from tcpade import adapters
-    from tcpade.tiny import FAMILIES
+    from tcpade.integrations import adapters
+    from tcpade.tools.tiny import FAMILIES
 
     model, inputs, _ = FAMILIES["wan"]()
 

@@ -42,8 +42,8 @@ from hypothesis import strategies as st
 
 from tcpade import coef as K
 from tcpade import ops, reference
-from tcpade.config import TCPadeConfig
-from tcpade.policy import Runtime
+from tcpade.policy.config import TCPadeConfig
+from tcpade.policy.runtime import Runtime
 
 # The Triton interpreter reduces in numpy, which warns on the NaN/Inf injected here on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -106,7 +106,8 @@ pytest.importorskip("diffusers")
 from helpers import rule_fast, rule_slow  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig, coef, ops, tiny, zoo  # noqa: E402
+from tcpade import TCPadeConfig, coef, ops, zoo  # noqa: E402
+from tcpade.tools import tiny  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "presets.json"
 CONFIGS = {"rule-slow": rule_slow, "rule-fast": rule_fast, "paper": TCPadeConfig.paper,

@@ -9,7 +9,7 @@ from helpers import gen, randn
 
 from tcpade import History, reference
 from tcpade import coef as K
-from tcpade.history import Sums, SumValues
+from tcpade.core.history import Sums, SumValues
 
 
 def test_ring_rotation_and_times(backend):

@@ -20,7 +20,8 @@ import torch
 pytest.importorskip("diffusers")
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig, kernels, ops, tiny  # noqa: E402
+from tcpade import TCPadeConfig, kernels, ops  # noqa: E402
+from tcpade.tools import tiny  # noqa: E402
 
 pytestmark = pytest.mark.skipif("triton" not in ops.available_backends("cpu"), reason="needs triton")
 CONVERSIONS = ("__float__", "__int__", "__bool__", "__index__", "item", "tolist", "numpy", "cpu")

@@ -1,4 +1,4 @@
-"""tcpade.metrics against scikit-image (the reference implementation of PSNR and SSIM)."""
+"""tcpade.tools.metrics against scikit-image (the reference implementation of PSNR and SSIM)."""
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ output and runs nothing of the transformer.
   bit for bit (0 + R1), in the structure the call asked for (``return_dict`` True or False),
   and no submodule of the transformer runs on it; Z-Image is refused at ``apply``;
 * the rational and linear predictors on FLUX: each skipped output against the float64
-  reference of the same extrapolation of the computed outputs (``tcpade.reference``);
+  reference of the same extrapolation of the computed outputs (``tcpade.core.reference``);
 * every pipeline variant (CFG as two calls or batched, img2img, Kontext, Wan2.2's two experts):
   the same calls computed as at block level, ``remove`` restoring the baseline; an input of
   another shape on a planned skip is computed, not predicted;
@@ -20,10 +20,10 @@ import torch
 pytest.importorskip("diffusers")
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402
-from tcpade import coef as K  # noqa: E402
-from tcpade import reference  # noqa: E402
-from tcpade.tiny import FAMILIES, CompileCount  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402  # noqa: E402
+from tcpade import coef as K  # noqa: E402  # noqa: E402
+from tcpade import reference  # noqa: E402  # noqa: E402
+from tcpade.tools.tiny import FAMILIES, CompileCount  # noqa: E402
 
 from families import PIPELINES, TINY  # noqa: E402
 from helpers import assert_close  # noqa: E402
@@ -91,7 +91,7 @@ def test_list_output_family_is_refused_at_apply():
     tiny = TINY["zimage"]()
     with pytest.raises(TypeError, match=r"level='output' cannot predict ZImageTransformer2DModel's output"):
         tcpade.apply(tiny.model, TCPadeConfig.fast(level="output"), num_steps=20)
-    assert not tcpade.adapters.is_attached(tiny.model)
+    assert not tcpade.integrations.adapters.is_attached(tiny.model)
     tcpade.apply(tiny.model, TCPadeConfig.fast(), num_steps=20)  # block level runs it
     tcpade.remove(tiny.model)
 

@@ -14,8 +14,8 @@ from helpers import SYNTH_SHAPE, flow_sigmas, rule_fast, rule_slow
 from helpers import synthetic_run as run
 from helpers import truth as _truth
 
-from tcpade.config import TCPadeConfig
-from tcpade.policy import Runtime
+from tcpade.policy.config import TCPadeConfig
+from tcpade.policy.runtime import Runtime
 
 SHAPE = SYNTH_SHAPE
 

@@ -7,7 +7,7 @@ import torch
 from helpers import DTYPE_IDS, DTYPES, SHAPES, assert_close, gen, perm_slots, randn, smooth_ring
 
 from tcpade import coef as K
-from tcpade import layout as L
+from tcpade.core import layout as L
 from tcpade import ops, reference
 
 NONFINITE = L.SUMS.index("nonfinite")

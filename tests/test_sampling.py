@@ -25,13 +25,14 @@ pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from helpers import BlockBodyCounter, rule_fast, rule_slow  # noqa: E402
-from tcpade.tiny import FAMILIES, TXT  # noqa: E402
-from tcpade.tiny import dit_pipeline as _dit_pipeline  # noqa: E402
-from tcpade.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
-from tcpade.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
+from tcpade.tools.tiny import FAMILIES, TXT  # noqa: E402
+from tcpade.tools.tiny import dit_pipeline as _dit_pipeline  # noqa: E402
+from tcpade.tools.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
+from tcpade.tools.tiny import wan_pipeline as _wan_pipeline  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig, adapters  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402
+from tcpade.integrations import adapters  # noqa: E402
 
 
 def _capture_calls(model):

@@ -13,8 +13,8 @@ from helpers import flow_sigmas, rule_fast, rule_slow
 
 import tcpade
 from tcpade import schedules
-from tcpade.config import TCPadeConfig
-from tcpade.policy import Runtime
+from tcpade.policy.config import TCPadeConfig
+from tcpade.policy.runtime import Runtime
 
 SHAPE = (1, 8, 16)
 

@@ -18,8 +18,8 @@ pytest.importorskip("diffusers")
 import soak  # noqa: E402  (bench/soak.py)
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402
-from tcpade.api import PipelineBusyError  # noqa: E402
+from tcpade import TCPadeConfig  # noqa: E402  # noqa: E402
+from tcpade.integrations.api import PipelineBusyError  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -6,8 +6,8 @@ from helpers import rule_fast, rule_slow
 from helpers import synthetic_run as run  # the synthetic block stack
 
 import tcpade
-from tcpade.config import TCPadeConfig
-from tcpade.policy import Runtime
+from tcpade.policy.config import TCPadeConfig
+from tcpade.policy.runtime import Runtime
 
 
 def test_summary_table_lists_decisions_per_branch():

@@ -7,7 +7,7 @@ import torch
 from helpers import DTYPE_IDS, DTYPES, SHAPES, assert_close, gen, perm_slots, randn, smooth_ring
 
 from tcpade import ops, reference, tsi_from_sums
-from tcpade.layout import NSUMS, SUMS
+from tcpade.core.layout import NSUMS, SUMS
 
 NONFINITE = SUMS.index("nonfinite")
 

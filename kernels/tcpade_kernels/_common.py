@@ -7,9 +7,9 @@ import os
 import triton
 import triton.language as tl
 
-from tcpade import layout as L
+from tcpade.core import layout as L
 
-# The sums every history write returns (tcpade.layout.SUMS): their count, each one's
+# The sums every history write returns (tcpade.core.layout.SUMS): their count, each one's
 # position, and the power-of-two width of the in-register vector they are gathered in.
 # Globals read inside @triton.jit must be tl.constexpr.
 NSUMS = L.NSUMS

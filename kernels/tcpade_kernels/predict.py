@@ -3,7 +3,7 @@
 One memory pass: reads h_in (and h_prev), the residuals the variant needs, writes h_out
 and optionally R_eff into the history ring with its TSI sums (the paper's history rule,
 or a probe prediction for the error policy). The per-step scalars come in as a tensor
-(tcpade.coef), so a new step is new tensor values, not a new compilation.
+(tcpade.core.coef), so a new step is new tensor values, not a new compilation.
 
 Two kernels share one epilogue:
 * ``_predict_ew_kernel``: elementwise variants (paper, reuse, linear) over a flat range.
@@ -12,7 +12,7 @@ Two kernels share one epilogue:
   row is walked twice: pass 1 reduces the shared-denominator fit, pass 2 re-reads the row
   (from cache) and writes. A row is owned by one program, so the fit of a row is complete
   before any element of it is written (the write slot may be R3's own slot).
-Semantics: tcpade.reference.predict.
+Semantics: tcpade.core.reference.predict.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tcpade import coef as K
-from tcpade import layout as L
+from tcpade.core import coef as K
+from tcpade.core import layout as L
 
 from ._common import NSUMS, NSUMS_C, S_D11, S_D12, S_D22, S_NONFINITE, S_R2, SUMS_PAD
 from ._common import flat_block, interpreting, isfinite, load_slot, needs_int64, program_index, to_storage
 
-# Everything below comes from tcpade.layout / tcpade.coef: the coefficient indices, the
+# Everything below comes from tcpade.core.layout / tcpade.core.coef: the coefficient indices, the
 # variant codes, the paper's constants. Globals read inside @triton.jit must be
 # tl.constexpr (the interpreter does not check; tests/aot_compile.py does).
 _c = tl.constexpr
@@ -48,7 +48,7 @@ P_BETA_S, P_BETA_0, P_FB1 = _c(_P.beta_s), _c(_P.beta_0), _c(_P.fb1)
 
 @triton.jit
 def _paper_main(r1, r2, ring_ptr, s3, s4, offs, slot_stride, mask, coef_ptr, NSLOT: tl.constexpr):
-    """tcpade.reference.paper_pade and the two fallbacks of _paper_main, elementwise."""
+    """tcpade.core.reference.paper_pade and the two fallbacks of _paper_main, elementwise."""
     # (Tensor first in each product with a table constant: the interpreter cannot multiply
     # a constexpr by a tensor. IEEE products commute, so the bits are those of the reference.)
     d = tl.abs(r1 - r2)
@@ -99,7 +99,7 @@ def _epilogue(
     """Input-change correction, stores, and this tile's partial sums added to ``acc``.
 
     A non-finite element of h_out is written as h_in + R1 instead, R1 where finite and 0
-    where not (tcpade.ops.predict);
+    where not (tcpade.core.ops.predict);
     the nonfinite sum counts the raw predictions that were not finite."""
     x = x_raw.to(tl.float32)
     if HAS_PREV:
@@ -388,7 +388,7 @@ def predict(
     num_warps: Optional[int] = None,
     block_c: Optional[int] = None,
 ):
-    """Launch the predict kernel; inputs are validated by tcpade.ops. Returns (out, sums).
+    """Launch the predict kernel; inputs are validated by tcpade.core.ops. Returns (out, sums).
 
     ``block`` (elements per program; for rational, BLOCK_R * BLOCK_C) and ``num_warps``
     override the launch shape (benchmarks sweep them); ``block_c`` forces the rational

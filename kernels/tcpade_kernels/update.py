@@ -2,10 +2,10 @@
 
 One memory pass: reads h_in, h_out, R1, R2 (and the probe in the write slot), writes R
 (and h_prev <- h_in when a previous-input buffer is kept). Each program reduces its block
-in fp32 and writes its partial sums (tcpade.layout.SUMS); the launcher adds the partials with one torch.sum on
+in fp32 and writes its partial sums (tcpade.core.layout.SUMS); the launcher adds the partials with one torch.sum on
 the device (one small launch; fp32 over <= a few thousand partials is exact to ~1e-7
 relative), so the result is deterministic (no atomics) and independent of scheduling.
-Semantics: tcpade.reference.update.
+Semantics: tcpade.core.reference.update.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def update(
     block: Optional[int] = None,
     num_warps: Optional[int] = None,
 ) -> torch.Tensor:
-    """Launch the update kernel; inputs are validated by tcpade.ops. Returns the fp32 sums.
+    """Launch the update kernel; inputs are validated by tcpade.core.ops. Returns the fp32 sums.
 
     ``block`` / ``num_warps`` override the launch shape (benchmarks sweep them).
     """

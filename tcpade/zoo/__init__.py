@@ -226,7 +226,7 @@ class ZooModel(nn.Module):
                guidance_scale: Optional[float] = None, return_summary: bool = False):  # fmt: skip
         """Images (B, *sample_shape) in [-1, 1] through ``tcpade.sample`` (the diffusers loop);
         ``config=None`` is full computation, or whatever cache is enabled on the transformer."""
-        from ..sampling import sample
+        from ..integrations.sampling import sample
 
         g = self.spec.guidance_scale if guidance_scale is None else guidance_scale
         labels = torch.as_tensor(labels, dtype=torch.int64)

@@ -30,7 +30,7 @@ from .cli import Progress, UsageError, require, zoo_names
 
 PRESETS = ("adaptive", "slow", "fast", "paper")
 
-# UsageError (tcpade.cli's, a ValueError): a bad target, prompt or label for ``tcpade bench``,
+# UsageError (tcpade.tools.cli's, a ValueError): a bad target, prompt or label for ``tcpade bench``,
 # shown as one line naming the flag, exit status 2, no traceback.
 
 
@@ -50,7 +50,7 @@ def _value(text: str):
 
 def parse_config(spec: str):
     """``"[preset:]key=value,..."`` or ``"preset"`` -> TCPadeConfig (its own errors name the field)."""
-    from .config import TCPadeConfig
+    from ..policy.config import TCPadeConfig
 
     spec = spec.strip()
     preset, _, rest = spec.rpartition(":") if ":" in spec else ("", "", spec)
@@ -86,7 +86,7 @@ class ZooTarget:
     """A zoo model: one batched call of ``ZooModel.sample`` per method."""
 
     def __init__(self, name, labels, seeds):
-        from . import zoo
+        from .. import zoo
 
         nc = zoo.SPECS[name].num_classes
         try:
@@ -189,21 +189,21 @@ class PipelineTarget:
         return x * 2 - 1
 
     def run(self, cfg, steps):
-        import tcpade
+        from ..integrations import api
 
         if cfg is not None:
-            tcpade.apply(self.pipe, cfg)
+            api.apply(self.pipe, cfg)
         images, passes, calls = [], [], []
         try:
             for cond, seed in self.items:
                 images.append(self._call(cond, seed, steps))
                 if cfg is not None:
-                    s = tcpade.summary(self.pipe)
+                    s = api.summary(self.pipe)
                     passes.append(max(len(s.computed(b)) for b in s.branches))
                     calls.append(max(len(r) for r in s.branches.values()))
         finally:
             if cfg is not None:
-                tcpade.remove(self.pipe)
+                api.remove(self.pipe)
         return self.torch.cat(images), passes, calls
 
 
@@ -261,7 +261,8 @@ def run(target, *, prompts=(), labels=(), seeds=(0,), steps=20, configs=None, ou
     """Run the benchmark; returns the table rows (dicts) it printed."""
     import torch
 
-    from . import metrics, zoo
+    from . import metrics
+    from .. import zoo
 
     if threads:
         torch.set_num_threads(threads)

@@ -36,7 +36,7 @@ The loop is the one diffusers' pipelines run, with their conventions, so that wi
   and ``guidance_scale != 1`` a second call with ``**uncond``, combined as
   ``uncond + guidance_scale * (cond - uncond)`` (classifier-free guidance as separate calls, the
   way FLUX / Wan pipelines do it; batch the branches yourself into ``cond`` for one call). The
-  calls run inside the cache context "cond" / "uncond" (``tcpade.adapters.cache_context``, which
+  calls run inside the cache context "cond" / "uncond" (``tcpade.integrations.adapters.cache_context``, which
   also works for DiT / SD3), so tcpade keeps one residual history per branch.
 * a model output with twice the latent channels (dim 1) is a learned-sigma model (DiT): the
   first half is the prediction.
@@ -68,7 +68,7 @@ from typing import Optional
 import torch
 
 from . import api
-from .config import TCPadeConfig
+from ..policy.config import TCPadeConfig
 
 __all__ = ["sample"]
 
@@ -254,7 +254,7 @@ def sample(
     if adapters.is_attached(transformer):
         try:
             rt = api.runtime(transformer)
-        except RuntimeError:  # hooks attached through tcpade.adapters with a custom controller
+        except RuntimeError:  # hooks attached through tcpade.integrations.adapters with a custom controller
             rt = None
         if rt is not None:
             if config is not None and config != rt.config:

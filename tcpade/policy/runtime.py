@@ -36,7 +36,7 @@ Policies (TCPadeConfig.policy):
   the tolerance like an ODE solver's step: e <= tol/2 -> one step longer, e <= tol -> the
   same (at least one), e <= 2 tol -> one shorter, else none; capped by max_skips.
 
-Predictor "auto" (``tcpade.layout.CHOOSERS``): every computed call with enough history
+Predictor "auto" (``tcpade.core.layout.CHOOSERS``): every computed call with enough history
 probes the rational prediction of itself (one memory pass), and the update's sums give the
 error the linear extrapolation would have made, ||d2 + lam1 d1||^2 with d1 = R1 - R2,
 d2 = R - R1 and lam1 the linear weight on R2 (no pass of its own). The next skipped calls of
@@ -66,11 +66,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import coef as K
-from . import layout as L
+from ..core import coef as K
+from ..core import layout as L
 from .config import TCPadeConfig
-from .history import History, Sums, coef_to_device
-from .reference import tsi_from_sums
+from ..core.history import History, Sums, coef_to_device
+from ..core.reference import tsi_from_sums
 
 log = logging.getLogger(__name__)
 

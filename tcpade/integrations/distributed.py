@@ -5,7 +5,7 @@ the transformer blocks on it and exchanges keys/values inside attention. Each ra
 tcpade history then sees only its slice, so its TSI sums, probe error and non-finite
 count are partial: decided separately, one rank could skip a step while another runs the
 blocks, and the collectives inside attention would pair up wrongly or hang. Here the sums
-of each history write and prediction (``tcpade.history.Sums``: sums over elements, a
+of each history write and prediction (``tcpade.core.history.Sums``: sums over elements, a
 count) are summed over the ranks through the Runtime's one hook for it,
 ``Runtime.reduce``, so every rank reads the sums of the whole sequence and takes the same
 decision at every step. (A fixed schedule reads no sums to decide; the reduction then keeps
@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .policy import Runtime, attached_runtime
+from ..policy.runtime import Runtime, attached_runtime
 
 __all__ = ["context_parallel_group", "follow_context_parallel", "reduce_sums", "shard"]
 

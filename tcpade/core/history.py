@@ -20,7 +20,7 @@ Device work and host bookkeeping are separate calls: ``record`` / ``predict`` ru
 fused ops on tensors only (``predict`` is traced inside compiled block regions), and
 ``advance`` moves the host mirror (and rolls ``slots``) after a write; nothing here waits
 for the device. Each write's sums come back as a device tensor; ``Sums`` carries them to
-the host, read by name (``tcpade.layout.SUMS``), only when something asks for them.
+the host, read by name (``tcpade.core.layout.SUMS``), only when something asks for them.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class History:
         return self.times[:3]
 
     def coef_values(self, variant: str, stage: str, t_target: float, **kw) -> list:
-        """The coefficients (host floats) of a prediction at ``t_target`` (``tcpade.coef.build_coef``)."""
+        """The coefficients (host floats) of a prediction at ``t_target`` (``tcpade.core.coef.build_coef``)."""
         if not self.has_prev:
             kw["gamma"] = 0.0  # no previous input stored: no input-change correction
         return K.build_coef(variant, stage, self.recent_times(), t_target, self.count, self.nslots, **kw)

@@ -2,7 +2,7 @@
 
 This module is plain Python (no torch): ``setup.py`` runs it to generate the C++ header of
 the extension (``c_header``), the Triton kernels read its values as compile-time
-constants, and the torch reference and ``tcpade.coef`` import it. Nothing here is copied
+constants, and the torch reference and ``tcpade.core.coef`` import it. Nothing here is copied
 by hand into another file; ``tests/test_coef.py`` checks that a built extension was built
 from this version of the tables.
 
@@ -15,7 +15,7 @@ from this version of the tables.
   - ``r2``: ||R||^2 of the residual written (of the prediction, for predict);
   - ``nonfinite``: the count of non-finite values written or predicted.
 
-* ``COEF``: the per-step scalars of one prediction (built by ``tcpade.coef.build_coef``).
+* ``COEF``: the per-step scalars of one prediction (built by ``tcpade.core.coef.build_coef``).
 * ``PAPER``: the published method's constants.
 * ``VARIANTS``: the predictors, each with the code the kernels switch on and the
   defaults that depend on it.
@@ -153,7 +153,7 @@ def _c_float(x: float) -> str:
 def c_header() -> str:
     """The C++ header of these tables (written by setup.py into the extension's build)."""
     lines = [
-        "// Generated from tcpade/layout.py by setup.py. Do not edit: change tcpade/layout.py.",
+        "// Generated from tcpade/core/layout.py by setup.py. Do not edit: change tcpade/core/layout.py.",
         "#pragma once",
         "namespace tcl {",
         f"constexpr int NSUMS = {NSUMS};",

@@ -27,9 +27,9 @@ import time
 
 # (name, module, one-line help). Add a subcommand here: one line.
 SUBCOMMANDS = [
-    ("demo", "tcpade.demo", "full computation vs tcpade's presets on a trained model shipped with tcpade"),
-    ("bench", "tcpade.bench", "full computation vs presets/configs on your diffusers pipeline or a zoo model"),
-    ("calibrate", "tcpade.calibrate", "search which steps to compute for a model, once, and save the schedules"),
+    ("demo", "tcpade.tools.demo", "full computation vs tcpade's presets on a trained model shipped with tcpade"),
+    ("bench", "tcpade.tools.bench", "full computation vs presets/configs on your diffusers pipeline or a zoo model"),
+    ("calibrate", "tcpade.tools.calibrate", "search which steps to compute for a model, once, and save the schedules"),
 ]
 
 # Third-party modules a subcommand may need, and the extra that installs them.
@@ -114,7 +114,7 @@ def writable_folder(path: str, flag: str) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

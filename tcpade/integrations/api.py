@@ -27,9 +27,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import distributed, schedules
-from .config import TCPadeConfig
-from .policy import RUNTIME_ATTR, Runtime, StepRecord, attached_runtime
+from . import distributed
+from ..policy import schedules
+from ..policy.config import TCPadeConfig
+from ..policy.runtime import RUNTIME_ATTR, Runtime, StepRecord, attached_runtime
 
 
 def _adapters():
@@ -308,7 +309,7 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
         if other is not None:
             raise RuntimeError(f"{other} is enabled on this {type(module).__name__}: two caches cannot run at once; "
                                f"{_DISABLE[other]} before tcpade.apply")  # fmt: skip
-    # A budget takes this model's calibrated schedules from the registry (tcpade.schedules).
+    # A budget takes this model's calibrated schedules from the registry (tcpade.policy.schedules).
     config = schedules.resolve(config or TCPadeConfig(), transformer)
     # T and the step's time come from the scheduler of the pipeline that is calling: the one given
     # here, or one derived from it (from_pipe: its own scheduler), found per call (_Caller).

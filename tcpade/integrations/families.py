@@ -167,7 +167,7 @@ FAMILIES: Dict[str, Family] = {
         control_args=("block_controlnet_hidden_states",),
         after_stack="norm_out(image, embedded timestep, temb), proj_out",
     ),
-    # No CacheMixin: the branch is "default" unless tcpade.adapters.cache_context is used.
+    # No CacheMixin: the branch is "default" unless tcpade.integrations.adapters.cache_context is used.
     "DiTTransformer2DModel": _f(
         "dit", ("transformer_blocks",), ("DiTPipeline",), cfg=BATCHED,
         after_stack="transformer_blocks[0].norm1.emb (a submodule, not the block's forward), norm_out, "

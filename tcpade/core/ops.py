@@ -6,7 +6,7 @@ Two ops, one per hot path:
 * ``torch.ops.tcpade.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
   -> (h_out, sums)``
 
-Semantics are those of :mod:`tcpade.reference`. Both mutate ``ring`` (and ``h_prev``)
+Semantics are those of :mod:`tcpade.core.reference`. Both mutate ``ring`` (and ``h_prev``)
 in place, as declared in their schemas, and have fake implementations so they trace
 under ``torch.compile(fullgraph=True)`` without a graph break.
 
@@ -51,7 +51,7 @@ def _load_native():
             warnings.warn("TCPADE_NO_NATIVE=1: tcpade uses the torch reference on CPU", stacklevel=3)
         else:
             try:
-                from . import _C
+                from .. import _C
 
                 _native = _C
             except ImportError as exc:
@@ -190,15 +190,15 @@ def update(
     h_prev: Optional[torch.Tensor],
     probe: bool,
 ) -> torch.Tensor:
-    """Write R = h_out - h_in into the write slot; return the fp32 sums (``tcpade.layout.SUMS``).
+    """Write R = h_out - h_in into the write slot; return the fp32 sums (``tcpade.core.layout.SUMS``).
 
-    Semantics: ``tcpade.reference.update``."""
+    Semantics: ``tcpade.core.reference.update``."""
     _check_update(h_in, h_out, ring, slots, h_prev)
     h_in = h_in.contiguous()
     h_out = h_out.contiguous()
     backend = _resolve(h_in)
     if backend == "triton":
-        from . import kernels
+        from .. import kernels
 
         return kernels.update(h_in, h_out, ring, slots, h_prev, probe)
     vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None
@@ -260,12 +260,12 @@ def predict(
     predictions that were not finite: the host learns of a fallback from the sums after
     the run, and never has to wait for them to keep h_out finite. A stored or probed
     prediction (``store``) is written as predicted and counted the same way. All other
-    semantics: ``tcpade.reference.predict``."""
+    semantics: ``tcpade.core.reference.predict``."""
     _check_predict(h_in, ring, slots, coef, h_prev, variant)
     h_in = h_in.contiguous()
     backend = _resolve(h_in)
     if backend == "triton":
-        from . import kernels
+        from .. import kernels
 
         return kernels.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
     vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None

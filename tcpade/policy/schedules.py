@@ -28,8 +28,8 @@ import logging
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
-from . import coef as K
-from . import layout as L
+from ..core import coef as K
+from ..core import layout as L
 
 log = logging.getLogger(__name__)
 

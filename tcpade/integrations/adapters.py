@@ -61,12 +61,12 @@ the transformer concatenated to it between the lists (FLUX.2, Chroma, HiDream). 
 never predicted separately: where the blocks carry text next to the image stream, the stack
 leaves with the text stream that entered it, which is harmless for every supported family
 because what follows the stack uses the image tokens only (checked per family by the
-self-check in tests/test_families.py; ``tcpade.families.FAMILIES`` says what runs after the
+self-check in tests/test_families.py; ``tcpade.integrations.families.FAMILIES`` says what runs after the
 stack). Where the stream is a joint image+text sequence (Z-Image, Lumina2) it is predicted whole.
 
 Recipe: adding a model family
 -----------------------------
-The tables live in ``tcpade/families.py``; ``SUPPORTED`` below is built from them.
+The tables live in ``tcpade/integrations/families.py``; ``SUPPORTED`` below is built from them.
 
 1. ``families.FAMILIES[transformer class name]``: a ``Family`` with ``stacks``, the names of the
    ``nn.ModuleList`` attributes that form the block stack, in the order the transformer's
@@ -118,7 +118,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from . import families
-from .config import LEVELS
+from ..policy.config import LEVELS
 from .families import BlockSpec
 
 __all__ = [
@@ -232,8 +232,8 @@ class Adapter:
         if spec is None:
             raise TypeError(
                 f"tcpade adapter {self.name!r}: block class {type(block).__name__} is neither in diffusers' "
-                "TransformerBlockRegistry nor in tcpade.families.OWN_BLOCKS; the installed diffusers does not "
-                "match this adapter (see the recipe in tcpade/adapters.py's docstring)."
+                "TransformerBlockRegistry nor in tcpade.integrations.families.OWN_BLOCKS; the installed diffusers does not "
+                "match this adapter (see the recipe in tcpade/integrations/adapters.py's docstring)."
             )
         names = _param_names(type(block).forward)
         for arg in (spec.hidden_arg, spec.encoder_arg):
@@ -258,9 +258,9 @@ class Adapter:
         return out
 
 
-# One adapter per transformer class of tcpade.families.FAMILIES (the stack lists, the timestep and
+# One adapter per transformer class of tcpade.integrations.families.FAMILIES (the stack lists, the timestep and
 # control arguments, what runs after the stack); the block specs come from diffusers'
-# TransformerBlockRegistry and tcpade.families.OWN_BLOCKS.
+# TransformerBlockRegistry and tcpade.integrations.families.OWN_BLOCKS.
 SUPPORTED: Dict[str, Adapter] = {
     cls: Adapter(f.name, f.stacks, timestep_arg=f.timestep_arg, control_args=f.control_args, notes=f.after_stack,
                  list_output=f.list_output)
@@ -280,8 +280,8 @@ def find_adapter(transformer) -> Adapter:
             return SUPPORTED[base.__name__]
     raise TypeError(
         f"tcpade has no adapter for {cls.__name__}. Supported transformers: {', '.join(sorted(SUPPORTED))}. "
-        "To add a model family, follow the adapter recipe in the docstring of tcpade/adapters.py "
-        "and register it in tcpade.adapters.SUPPORTED."
+        "To add a model family, follow the adapter recipe in the docstring of tcpade/integrations/adapters.py "
+        "and register it in tcpade.integrations.adapters.SUPPORTED."
     )
 
 
@@ -783,7 +783,7 @@ def attach(transformer, controller: Controller) -> None:
     adapter = find_adapter(module)
     if is_attached(module):
         raise RuntimeError(
-            f"tcpade hooks are already attached to this {type(module).__name__}; call tcpade.adapters.detach() first"
+            f"tcpade hooks are already attached to this {type(module).__name__}; call tcpade.integrations.adapters.detach() first"
         )
     if getattr(module, "_cache_config", None) is not None:
         raise RuntimeError(

@@ -24,7 +24,7 @@ import torch
 from . import layout as L
 from .layout import NCOEF, PAPER, STAGES, VARIANTS
 
-# Index of each scalar inside the coefficient vector (named in tcpade.layout.COEF).
+# Index of each scalar inside the coefficient vector (named in tcpade.core.layout.COEF).
 W_MAIN, C1, C2, GAMMA = (L.COEF.index(n) for n in ("w_main", "c1", "c2", "gamma"))
 LAM1, LAM2 = L.COEF.index("lam1"), L.COEF.index("lam2")
 ALP0, ALP1, ALP2 = (L.COEF.index(f"alp{i}") for i in range(3))
@@ -32,7 +32,7 @@ TAU0, TAU1, TAU2 = (L.COEF.index(f"tau{i}") for i in range(3))
 BMAX, KAPPA = L.COEF.index("bmax"), L.COEF.index("kappa")
 WAVG = L.COEF.index("wavg0")  # 4 consecutive slots
 
-# Views of the variant table (tcpade.layout.VARIANT_TABLE) under the names callers use.
+# Views of the variant table (tcpade.core.layout.VARIANT_TABLE) under the names callers use.
 MIN_HISTORY = {v.name: v.min_history for v in L.VARIANT_TABLE.values()}
 MIN_HISTORY.update({n: max(MIN_HISTORY[c] for c in cands) for n, cands in L.CHOOSERS.items()})
 PREDICTORS = L.PREDICTORS

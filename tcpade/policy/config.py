@@ -22,7 +22,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from . import coef as K
+from ..core import coef as K
 from . import schedules as S
 
 POLICIES = ("tsi", "error")
@@ -171,7 +171,7 @@ class TCPadeConfig:
     passes: Optional[int] = None
     """A compute budget (``budget(passes=K)``): exactly min(K, T) computed steps per branch at
     any T, placed by the model's calibrated schedule when one matches, else the spaced rule
-    (tcpade.schedules). >= the predictor's minimum history (2; reuse 1). Fewer = faster."""
+    (tcpade.policy.schedules). >= the predictor's minimum history (2; reuse 1). Fewer = faster."""
 
     speedup: Optional[float] = None
     """A compute budget as a ratio (``budget(speedup=S)``): round(T / S) passes, at least the
@@ -297,7 +297,7 @@ class TCPadeConfig:
         ``speedup``)), with the rational predictor. Placement: the model's calibrated schedule
         for (T, passes) when the registry holds one (shipped for the zoo, or ``tcpade.calibrate``),
         else the spaced rule (steps 0 and 1, then evenly spaced, the last step predicted;
-        tcpade.schedules.spaced). ``tcpade.summary`` says which was used."""
+        tcpade.policy.schedules.spaced). ``tcpade.summary`` says which was used."""
         if (passes is None) == (speedup is None):
             raise ValueError("TCPadeConfig.budget takes exactly one of passes=K or speedup=S")
         base = dict(predictor="rational", passes=passes, speedup=speedup)

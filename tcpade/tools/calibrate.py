@@ -16,7 +16,7 @@ schedules by their mean PSNR against it (one sampling run of every input per can
 Three searches:
 
 * ``method="refine"`` (the default): for each requested pass count K, the best of the evenly
-  spaced schedules with K passes (``tcpade.schedules.even_family``, the spaced rule among them),
+  spaced schedules with K passes (``tcpade.policy.schedules.even_family``, the spaced rule among them),
   then hill climbing: move one computed step a step earlier or later, keep the move when the
   PSNR rises, until a sweep over every step changes nothing (``sweeps``, default 2). It can only
   improve on the spaced rule on the calibration inputs, and costs about 2K runs per sweep.
@@ -40,7 +40,7 @@ What can be calibrated:
   ``tcpade.sample`` kwargs (``latents`` in the transformer's layout, ``cond``, ``uncond``,
   ``guidance_scale``, ``timestep_scale``, ...).
 
-Candidates are scored by PSNR (``tcpade.metrics.psnr``), which takes any layout: images,
+Candidates are scored by PSNR (``tcpade.tools.metrics.psnr``), which takes any layout: images,
 clips, packed or video latents. The data range is 2 for the zoo (images in [-1, 1]), 1 for
 decoded pipeline outputs (``output_type`` "pt", "np" or "pil": in [0, 1]), and the full
 computation's value range (max - min) for latents and bare transformers. SSIM is not used.
@@ -51,7 +51,7 @@ pass each and are not counted); ``Calibration.runs`` / ``.calls`` / ``.seconds``
 
 This module is callable: ``tcpade.calibrate(...)`` is ``tcpade.calibrate.calibrate(...)``.
 Command line: ``tcpade calibrate MODEL --steps 20 --passes 7 --out schedules.json`` (or
-``python -m tcpade.calibrate ...``). Importing it imports no torch (the search imports it
+``python -m tcpade calibrate ...``). Importing it imports no torch (the search imports it
 when it runs), so ``tcpade calibrate --help`` answers at once.
 """
 
@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 if TYPE_CHECKING:  # imported where used: ``tcpade calibrate --help`` must not import torch
     import torch
 
-    from .config import TCPadeConfig
+    from ..policy.config import TCPadeConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class _PipelineRunner(_Runner):
     def run(self, config):
         import torch
 
-        from . import api
+        from ..integrations import api
 
         outs, calls, branches = [], 0, 1
         api.apply(self.pipe, config)
@@ -149,7 +149,7 @@ class _TransformerRunner(_Runner):
     def run(self, config):
         import torch
 
-        from .sampling import sample
+        from ..integrations.sampling import sample
 
         outs, calls, branches = [], 0, 1
         for kw in self.inputs:
@@ -199,7 +199,7 @@ def _runner(target, inputs, steps, noise_scheduler):
 class Calibration:
     """The result of a search: nested schedules per pass count and their calibration PSNR."""
 
-    model: str  # tcpade.schedules.model_key of the transformer
+    model: str  # tcpade.policy.schedules.model_key of the transformer
     predictor: str
     steps: int
     schedules: Dict[int, Tuple[int, ...]]  # passes -> computed steps
@@ -221,7 +221,7 @@ class Calibration:
 
     def config(self, passes: Optional[int] = None, **overrides) -> "TCPadeConfig":
         """A fixed-schedule config with this calibration's schedule for ``passes`` (default: requested)."""
-        from .config import TCPadeConfig
+        from ..policy.config import TCPadeConfig
 
         base = dict(predictor=self.predictor, schedule=self.schedule(passes), schedule_steps=self.steps)
         base.update(overrides)
@@ -232,8 +232,8 @@ class Calibration:
         return sorted(self.psnr.items(), reverse=True)
 
     def register(self) -> None:
-        """Make the budget presets use these schedules on this model (tcpade.schedules registry)."""
-        from . import schedules as S
+        """Make the budget presets use these schedules on this model (tcpade.policy.schedules registry)."""
+        from ..policy import schedules as S
 
         S.register(self.model, self.predictor, self.steps, self.schedules, self.psnr)
 
@@ -260,7 +260,7 @@ class Calibration:
 def save(path: str, *results: Calibration) -> None:
     """Write calibrations to a JSON file, merged with the file's entries (same model, predictor and
     T replaced)."""
-    from . import schedules as S
+    from ..policy import schedules as S
 
     entries = []
     if os.path.exists(path):
@@ -280,7 +280,7 @@ def save(path: str, *results: Calibration) -> None:
 
 def load(path: str, register: bool = True) -> List[Calibration]:
     """The calibrations of a JSON file (``register``: the budget presets use them from now on)."""
-    from . import schedules as S
+    from ..policy import schedules as S
 
     with open(path) as f:
         out = [Calibration.from_json(e) for e in S.entries_from_json(json.load(f))]
@@ -292,7 +292,7 @@ def load(path: str, register: bool = True) -> List[Calibration]:
 
 def shipped(name: str, steps: int, predictor: str = "rational") -> Optional[Calibration]:
     """The zoo's shipped calibration of model ``name`` at ``steps`` steps (not registered), or None."""
-    from . import schedules as S
+    from ..policy import schedules as S
 
     return next((c for c in load(S.SHIPPED, register=False)
                  if c.name == name and c.steps == steps and c.predictor == predictor), None)  # fmt: skip
@@ -345,17 +345,17 @@ def calibrate(
     inputs: (seed, label) pairs / seeds (zoo), call kwargs (pipeline), ``tcpade.sample`` kwargs
     (transformer). predictor and ``config_overrides``: the TCPadeConfig the schedules run with.
     start: the schedule the removal starts from (default: every step). A coarser start (e.g.
-    ``tcpade.schedules.spaced(50, 30)``) makes a long run's search several times cheaper; the
+    ``tcpade.policy.schedules.spaced(50, 30)``) makes a long run's search several times cheaper; the
     curve then begins at its pass count.
     passes: one pass count or several (refine searches each; greedy / lazy go down to the
     smallest and keep every count on the way), each in [lead, steps], lead being the steps
-    every schedule computes first (``tcpade.schedules.min_leading(predictor)``: 2; reuse 1).
+    every schedule computes first (``tcpade.policy.schedules.min_leading(predictor)``: 2; reuse 1).
     sweeps: refine's hill-climbing sweeps per count.
     Returns a :class:`Calibration` (``passes``: the smallest requested count).
     """
     from . import metrics
-    from . import schedules as S
-    from .config import TCPadeConfig
+    from ..policy import schedules as S
+    from ..policy.config import TCPadeConfig
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"tcpade.calibrate: steps must be an int >= 1, got {steps!r}")
@@ -415,7 +415,7 @@ def calibrate(
 def _remove(score, steps, target_passes, lead, method, start, predictor, progress, counters):
     """Greedy removal (exact or lazy) from ``start`` (default every step) down to ``target_passes``."""
     from . import metrics
-    from . import schedules as S
+    from ..policy import schedules as S
 
     try:
         current = list(range(steps)) if start is None else list(S.check_schedule(start, steps, predictor, "start"))
@@ -456,7 +456,7 @@ def _refine(score, steps, targets, lead, sweeps, progress):
     """Per pass count: the best evenly spaced schedule on the calibration inputs, then hill
     climbing: move one computed step a step earlier or later, keep the move if the PSNR rises,
     until a sweep over every step changes nothing (or ``sweeps`` sweeps)."""
-    from . import schedules as S
+    from ..policy import schedules as S
 
     path, curve = {}, {}
     bar = _Progress(len(targets), progress, f"tcpade.calibrate T={steps}")
@@ -505,8 +505,8 @@ Pass counts must be in [lead, --steps]: a schedule always computes its first `le
 
 
 def _lead(predictor: str) -> int:
-    """``tcpade.schedules.min_leading(predictor)`` without importing torch (tcpade.layout is plain Python)."""
-    from . import layout as L
+    """``tcpade.policy.schedules.min_leading(predictor)`` without importing torch (tcpade.core.layout is plain Python)."""
+    from ..core import layout as L
 
     return max(L.VARIANT_TABLE[v].min_history for v in L.CHOOSERS.get(predictor, (predictor,)))
 
@@ -522,7 +522,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    from . import layout as L
+    from ..core import layout as L
     from .cli import zoo_names
 
     p.add_argument("model", metavar="MODEL",
@@ -555,7 +555,7 @@ def _check_out(path: str) -> None:
     if not os.path.isdir(parent):
         raise UsageError(f"--out: folder {parent!r} does not exist")
     if os.path.exists(path):  # merged into at the end: refuse a file that is not ours now, not after the search
-        from . import schedules as S
+        from ..policy import schedules as S
 
         try:
             with open(path) as f:
@@ -616,7 +616,7 @@ def _pipeline(path: str, prompts, labels, seeds):
 
 def run_cli(args) -> int:
     """Run the ``calibrate`` subcommand from parsed arguments; returns the exit status. A bad
-    value raises ``tcpade.cli.UsageError`` (one line naming the flag) before any model loads."""
+    value raises ``tcpade.tools.cli.UsageError`` (one line naming the flag) before any model loads."""
     from .cli import UsageError, at_least, int_list, zoo_names
     from .cli import seeds as parse_seeds
 
@@ -655,7 +655,7 @@ def run_cli(args) -> int:
     if folder:
         target, inputs = _pipeline(args.model, args.prompt, labels, seeds)
     else:
-        from . import zoo
+        from .. import zoo
 
         n = zoo.SPECS[args.model].num_classes
         labels = labels if labels is not None else [i % n for i in range(len(seeds))]
@@ -677,10 +677,10 @@ def run_cli(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m tcpade.calibrate ARGS``: the ``tcpade calibrate`` command line."""
+    """``python -m tcpade.tools.calibrate ARGS``: the ``tcpade calibrate`` command line."""
     from .cli import ArgumentParser, UsageError
 
-    p = ArgumentParser(prog="python -m tcpade.calibrate", description=_DESCRIPTION,
+    p = ArgumentParser(prog="tcpade calibrate", description=_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _arguments(p)
     args = p.parse_args(argv)

@@ -42,8 +42,9 @@ def _grid(rows, path, names):
 def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0, threads=1, progress=None):
     import torch
 
-    from . import metrics, zoo
-    from .config import TCPadeConfig
+    from . import metrics
+    from .. import zoo
+    from ..policy.config import TCPadeConfig
 
     # One thread: the model is small (a 20-step run of 20 samples is ~0.3 s), and on a shared
     # machine OpenMP threads that spin-wait for a busy core cost more than they bring.

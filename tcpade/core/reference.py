@@ -10,10 +10,10 @@ Shared conventions (identical in every backend):
 * ``ring``: (S, *h.shape) residual history, S >= 3 slots. ``slots``: int tensor (S,)
   with slots[0] = slot of R1 (newest), slots[1] = R2, slots[2] = R3, ...,
   slots[S-1] = the write slot (for S = 3 this is R3's slot, overwritten by a write).
-* ``coef``: the per-step scalars of :mod:`tcpade.coef`.
+* ``coef``: the per-step scalars of :mod:`tcpade.core.coef`.
 * ``h_prev``: optional buffer holding the previous call's h_in; read for the
   input-change correction, then overwritten with the current h_in.
-* Returned ``sums`` (float32, ``tcpade.layout.SUMS`` in that order), with d1 = R1 - R2
+* Returned ``sums`` (float32, ``tcpade.core.layout.SUMS`` in that order), with d1 = R1 - R2
   and d2 = R_new - R1 taken over the old R1, R2 and the newly written residual R_new:
     d11 = sum d1^2, d22 = sum d2^2, d12 = sum d1*d2      (the TSI, docs/method.md section 3)
     err2 = sum (P - R_new)^2    (P: probe prediction in the write slot; 0 without)
@@ -100,7 +100,7 @@ def update(
 
 def paper_pade(r1, r2, P=PAPER):
     """The paper's [2/1] form with its trust region (docs/method.md section 2), before the
-    fallbacks; the constants are ``tcpade.layout.PAPER``'s. The published curvature flag c
+    fallbacks; the constants are ``tcpade.core.layout.PAPER``'s. The published curvature flag c
     is always 1 (its test compares the TSI, at most 1, with 1.4): den = 1 - den_a * s."""
     d = (r1 - r2).abs()
     mag = 0.5 * (r1.abs() + r2.abs())
@@ -162,7 +162,7 @@ def _rational_main(r1, r2, r3, cf, cd, rows_shape):
 def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper", store=False, write_out=True,
                  cd=torch.float32):
     """``predict`` with the slot order as Python ints and ``cf`` any sequence indexed by
-    the tcpade.coef positions (a tensor, or Python floats: then nothing is read back to the
+    the tcpade.core.coef positions (a tensor, or Python floats: then nothing is read back to the
     host and this traces under torch.compile as it is). Returns (h_out or None, sums)."""
     code = K.check_variant(variant)
     nslot = ring.shape[0]
