@@ -4,7 +4,8 @@
     python bench/quality.py --quick         # one model, 20 steps, a few methods per group (CI)
     python bench/quality.py --models flux-digits --steps 20 --samples 10
     python bench/quality.py --steps 50 --merge   # add 50-step rows to the CSVs, keep the other step counts
-    python bench/quality.py --report-only   # re-render the report and plots from the CSVs
+    python bench/quality.py --report-only   # re-render the report, SUMMARY.md and plots from the CSVs
+    python bench/quality.py --summary-only  # regenerate SUMMARY.md alone from the CSVs (runs nothing)
 
 For each zoo model (tcpade/zoo) and step count, over a fixed set of seeds and class labels:
 full computation; tcpade's presets (the PRESETS table) and every predictor x policy
@@ -27,11 +28,13 @@ same way:
   components) of the samples and of the training data (like FID, with a classifier trained
   on our data instead of Inception).
 
-Writes bench/results/quality.md: first the presets' margins (for every model and step count,
-the best preset against the best peer at 2x, 2.5x and 2.9x, at 50 steps also 3x and 4x; goal
->= 2 dB, every miss listed), then per model the best sweep point against the best peer, the
-presets' place on the front, which predictor x policy wins where and every run; and
-quality_<model>.csv and pareto_<model>.png.
+Writes bench/results/SUMMARY.md (one page: the presets' margins per model and step count, the Pareto
+plots, the calibration and predictor headlines, each with its command) and quality.md: first the
+presets' margins (for every model and step count, the best preset against the best peer at 2x, 2.5x
+and 2.9x, at 50 steps also 3x and 4x; goal >= 2 dB, every miss marked), then per model the best
+sweep point against the best peer, the presets' place on the front and which predictor x policy
+wins where; every run is in quality_<model>.csv (not repeated in the markdown); and
+pareto_<model>.png.
 """
 
 from __future__ import annotations
@@ -319,16 +322,23 @@ def front_table(rows, steps):
 GOAL_DB = 2.0
 
 
+def preset_points(rows, steps):
+    """(level tag, best preset row or None, best peer row or None) at each level of this step count."""
+    rows = [r for r in rows if r["steps"] == steps]
+    out = []
+    for level, tag in levels(steps):
+        ours = best_at(rows, lambda g: g == PRESET_GROUP, level)
+        peers = [r for r in (best_at(rows, lambda g, p=p: g == p, level) for p in peer_groups(rows)) if r is not None]
+        out.append((tag, ours, max(peers, key=lambda r: r["psnr"], default=None)))
+    return out
+
+
 def preset_margins(rows, name, steps):
     """The best preset (PRESETS, as a user takes them) against the best peer at each level of this step
     count: table rows ``| model | steps | level | preset | peer | margin | verdict |`` and one line per miss.
     A level no preset reaches, or where the margin is under GOAL_DB, is a miss."""
-    rows = [r for r in rows if r["steps"] == steps]
     lines, misses = [], []
-    for level, tag in levels(steps):
-        ours = best_at(rows, lambda g: g == PRESET_GROUP, level)
-        peers = [r for r in (best_at(rows, lambda g, p=p: g == p, level) for p in peer_groups(rows)) if r is not None]
-        peer = max(peers, key=lambda r: r["psnr"], default=None)
+    for tag, ours, peer in preset_points(rows, steps):
         peer_cell = "no peer reaches it" if peer is None else f"{peer['psnr']:.2f} ({peer['label']}, x{peer['speedup']:.2f})"
         if ours is None:
             lines.append(f"| {name} | {steps} | {tag} | no preset reaches it | {peer_cell} | - | **miss** |")
@@ -501,6 +511,11 @@ def write_report(out_dir, suffix, meta, results):
     report = [
         "# Quality against compute: tcpade and its peers on the zoo's trained models",
         "",
+        f"The one-page summary (margins, Pareto plots, calibration and predictor headlines): "
+        f"[SUMMARY{suffix}.md](SUMMARY{suffix}.md). "
+        f"Every run (method, knobs, passes, MAC and wall speedup, PSNR, SSIM, acc, FD): `quality_<model>{suffix}.csv`; "
+        "this report is generated from those CSVs (`python bench/quality.py --report-only`).",
+        "",
         f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); torch {meta['torch']}, "
         f"tcpade {meta['tcpade']}; {meta['date']}. Command: `{' ; '.join(meta.get('commands', [meta.get('command', '?')]))}`."
         + (f" {meta['note']}" if meta.get("note") else ""),
@@ -524,7 +539,7 @@ def write_report(out_dir, suffix, meta, results):
                "The best of the presets (" + ", ".join(f"`{label}`" for label, _ in PRESETS) + ", as a user takes "
                "them: no sweep point) that reaches the level, against the best peer method (any knob setting of any "
                "peer) that reaches it; levels are speedups in block MACs (2.9x: 7 of 20 passes).", ""] + table
-    report += ["", f"Misses: {len(misses)} of {len(table) - 2}."] + [f"- {m}" for m in misses]
+    report += ["", f"Misses (marked in the table): {len(misses)} of {len(table) - 2}."]
     own, own_miss = ["| model | steps | preset | tcpade's best at no less speedup | within "
                      f"{FRONT_SLACK_DB:g} dB |", "|---|---|---|---|---|"], []  # fmt: skip
     for name, rows in results.items():
@@ -536,13 +551,13 @@ def write_report(out_dir, suffix, meta, results):
                f"Each preset against the best tcpade run (any sweep point, any predictor, policy or budget) with at "
                f"least its speedup; goal: within {FRONT_SLACK_DB:g} dB (`paper` is left out: it is the published "
                "method, kept for fidelity).", ""] + own
-    report += ["", f"Off the front: {len(own_miss)} of {len(own) - 2}."] + [f"- {m}" for m in own_miss]
+    report += ["", f"Off the front (**no** in the table): {len(own_miss)} of {len(own) - 2}."]
     all_ok = {}
     for name, rows in results.items():
         acc = meta.get("judges", {}).get(name)
         report += ["", f"## {name}", "", (f"Judge classifier: train accuracy {acc:.3f}; " if acc is not None else "")
                    + f"{_samples_text(meta, name)} samples per method. Plot: `pareto_{name}{suffix}.png`;"
-                   f" every run: `quality_{name}{suffix}.csv`."]  # fmt: skip
+                   f" every run (one row each, not repeated here): `quality_{name}{suffix}.csv`."]  # fmt: skip
         for steps in sorted({r["steps"] for r in rows}):
             lines, verdicts = front_table(rows, steps)
             all_ok[(name, steps)] = all(verdicts)
@@ -553,13 +568,6 @@ def write_report(out_dir, suffix, meta, results):
             report += ["", "Best PSNR per predictor/policy at each level:", ""] + combo_table(rows, steps)
             if steps == 20:
                 report += ["", "Equal schedule, predictor against predictor:", ""] + equal_schedule_table(rows)
-            report += ["", "All runs (sorted by speedup):", "",
-                       "| method | passes | speedup (MACs) | wall speedup | PSNR | SSIM | acc | FD |",
-                       "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            for r in sorted((r for r in rows if r["steps"] == steps), key=lambda r: (r["speedup"], -r["psnr"])):
-                report.append(f"| {r['label']} | {r.get('passes', '')} | {r['speedup']:.2f} | "
-                              f"{r['wall_speedup']:.2f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['acc']:.3f} | "
-                              f"{r['fd']:.2f} |")  # fmt: skip
     report += ["", "## Best sweep point: >= 2 dB over every peer at every level", ""]
     for (name, steps), ok in all_ok.items():
         report.append(f"- {name}, {steps} steps: {'met' if ok else 'NOT met'}")
@@ -567,6 +575,195 @@ def write_report(out_dir, suffix, meta, results):
     with open(path, "w") as f:
         f.write("\n".join(report) + "\n")
     return path, all_ok
+
+
+# ------------------------------------------------------------------------------------------- summary
+SUMMARY_COMMAND = "python bench/quality.py --summary-only"
+
+
+def _header_line(md_path):
+    """(machine and date, command text) from the ``Machine: ... Command: ...`` line a bench report opens with.
+    The command text runs to the first full stop outside backticks and brackets; it keeps its backticks."""
+    with open(md_path) as f:
+        for line in f:
+            m = re.match(r"Machine: (.*?)\. Command: ", line)
+            if not m:
+                continue
+            rest, tick, depth = line[m.end() :].rstrip("\n"), False, 0
+            for i, ch in enumerate(rest):
+                tick = not tick if ch == "`" else tick
+                depth += 0 if tick else (ch == "(") - (ch == ")")
+                if ch == "." and not tick and depth == 0 and rest[i + 1 : i + 2] in ("", " "):
+                    return m.group(1), rest[:i]
+            return m.group(1), rest
+    return "?", "?"
+
+
+def _cell(margin, label, goal):
+    """A margin cell: misses in bold, never left out."""
+    if margin is None:
+        return label
+    text = f"{margin:+.2f} ({label})"
+    return text if margin >= goal else f"**{text} miss**"
+
+
+def _summary_margins(results):
+    """The presets' margins as one row per (model, steps) and one column per level."""
+    tags = list(dict.fromkeys(tag for rows in results.values() for t in sorted({r["steps"] for r in rows})
+                              for _, tag in levels(t)))  # fmt: skip
+    lines = ["| model | steps | " + " | ".join(tags) + " |", "|---|---" + "|---" * len(tags) + "|"]
+    met = total = 0
+    for name, rows in results.items():
+        for steps in sorted({r["steps"] for r in rows}):
+            cells = dict.fromkeys(tags, "")
+            for tag, ours, peer in preset_points(rows, steps):
+                total += 1
+                if ours is None:
+                    cells[tag] = "**no preset reaches it**"
+                elif peer is None:
+                    cells[tag] = f"met, no peer ({ours['label']})"
+                    met += 1
+                else:
+                    margin = ours["psnr"] - peer["psnr"]
+                    cells[tag] = _cell(margin, ours["label"], GOAL_DB)
+                    met += margin >= GOAL_DB
+            lines.append(f"| {name} | {steps} | " + " | ".join(cells.values()) + " |")
+    return lines, met, total
+
+
+def _summary_calibration(out_dir):
+    """Calibrated schedule minus the best peer at each pass count from 2x to 3.3x (calibration.csv, the
+    rule of bench/calibration.py's report): one table per step count, a row per model."""
+    rows = []
+    with open(os.path.join(out_dir, "calibration.csv")) as f:
+        for r in csv.DictReader(f):
+            if r["method"] in ("calibrated", "best peer"):
+                rows.append(dict(model=r["model"], steps=int(r["steps"]), K=int(r["K"]), method=r["method"],
+                                 psnr=float(r["psnr"])))  # fmt: skip
+    lines, met, total = [], 0, 0
+    for T in sorted({r["steps"] for r in rows}):
+        ks = sorted({r["K"] for r in rows if r["steps"] == T and r["method"] == "calibrated"
+                     and 2 * r["K"] <= T and T / r["K"] <= 10 / 3 + 1e-6}, reverse=True)  # fmt: skip
+        lines += ["", f"{T} steps, margin in dB at each pass count:", "",
+                  "| model | " + " | ".join(f"{k} of {T} (x{T / k:.2f})" for k in ks) + " |",
+                  "|---" * (len(ks) + 1) + "|"]  # fmt: skip
+        for name in dict.fromkeys(r["model"] for r in rows if r["steps"] == T):
+            get = {(r["K"], r["method"]): r for r in rows if r["model"] == name and r["steps"] == T}
+            cells = []
+            for k in ks:
+                c, p = get.get((k, "calibrated")), get.get((k, "best peer"))
+                if c is None:
+                    cells.append("")
+                    continue
+                total += 1
+                if p is None:
+                    cells.append("no peer reaches it")
+                    continue
+                m = c["psnr"] - p["psnr"]
+                met += m >= 2.0
+                cells.append(f"{m:+.2f}" if m >= 2.0 else f"**{m:+.2f} miss**")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines, met, total
+
+
+PREDICTOR_FIXED = ("rational", "linear", "reuse", "paper")
+
+
+def _summary_predictors(out_dir):
+    """The online choice (auto) against the best fixed predictor on the same schedule (predictors.csv, the rule
+    of bench/predictors.py's report): a row per model and step count."""
+    get = {}
+    with open(os.path.join(out_dir, "predictors.csv")) as f:
+        for r in csv.DictReader(f):
+            key = (r["model"], int(r["steps"]), int(r["K"]), r["schedule_kind"])
+            get.setdefault(key, {})[r["predictor"]] = float(r["psnr"])
+    per = {}
+    for (name, T, K, kind), ps in get.items():
+        best = max(PREDICTOR_FIXED, key=lambda p: ps[p])
+        per.setdefault((name, T), []).append((ps["auto"] - ps[best], best, K, kind))
+    lines = ["| model | steps | auto within 0.5 dB (schedules) | worst auto - best fixed | "
+             "best fixed predictor (schedules) |", "|---|---|---|---|---|"]  # fmt: skip
+    met = total = 0
+    for (name, T), vs in per.items():
+        ok = sum(d >= -0.5 for d, *_ in vs)
+        met, total = met + ok, total + len(vs)
+        d, best, K, kind = min(vs)
+        worst = f"{d:+.2f} ({K} passes, {kind}, vs {best})"
+        wins = {}
+        for _, b, *_ in vs:
+            wins[b] = wins.get(b, 0) + 1
+        lines.append(f"| {name} | {T} | {f'{ok} of {len(vs)}' if ok == len(vs) else f'**{ok} of {len(vs)}**'} | "
+                     f"{worst if d >= -0.5 else f'**{worst}**'} | "
+                     + ", ".join(f"{p} {n}" for p, n in sorted(wins.items())) + " |")  # fmt: skip
+    return lines, met, total
+
+
+def render_summary(out_dir, suffix, meta, results):
+    """SUMMARY<suffix>.md: one page from the CSVs in ``out_dir`` (quality_<model>.csv, and where present
+    calibration.csv / predictors.csv with the machine and command lines of their reports)."""
+    cmds = meta.get("commands", [meta.get("command", "?")])
+    margins, met, total = _summary_margins(results)
+    lines = [
+        "# Benchmark summary: tcpade against its peers on the zoo models",
+        "",
+        f"Generated from the CSVs in this folder by `{SUMMARY_COMMAND}` (runs nothing; "
+        "tests/test_bench.py checks that it reproduces this file exactly). PSNR in dB against the full computation "
+        "of the same seed; compute = block-Linear multiply-accumulates that ran / the full run's, speedup = its "
+        f"reciprocal. Details: [quality{suffix}.md](quality{suffix}.md) (generated from the same CSVs); every run: "
+        f"`quality_<model>{suffix}.csv` (linked under each plot).",
+        "",
+        f"## The presets against the best peer at the same compute (goal: >= {GOAL_DB:g} dB)",
+        "",
+        "Cell: the best preset (" + ", ".join(f"`{label}`" for label, _ in PRESETS) + ", as a user takes them) "
+        "that reaches the level, minus the best peer (any knob setting of any peer method) that reaches it, in dB; "
+        "the preset in brackets. **Bold: a miss** (under the goal, or no preset reaches the level). Levels are "
+        "speedups in block MACs (2.9x: 7 of 20 passes); 3x and 4x only at 50 steps. Which peer, and both PSNRs: "
+        f"the first table of [quality{suffix}.md](quality{suffix}.md).",
+        "",
+    ] + margins + [
+        "",
+        f"Goal met at {met} of {total} points; {total - met} misses.",
+        "",
+        f"Data: `quality_<model>{suffix}.csv`. Machine: {meta.get('machine', '?')}, {meta.get('threads', '?')} torch "
+        f"thread(s); torch {meta.get('torch', '?')}, tcpade {meta.get('tcpade', '?')}; {meta.get('date', '?')} "
+        f"(`quality_meta{suffix}.json`). The commands, in order (later rows replace earlier ones of the same "
+        "model, step count and method group):",
+        "",
+    ] + [f"{i}. `{c}`" for i, c in enumerate(cmds, 1)]  # fmt: skip
+    lines += ["", "## Pareto plots", "",
+              "PSNR against speedup in block MACs for every run, per model, one panel per step count; solid line: "
+              "tcpade's front, dashed: the peers'; dotted verticals: the levels above. Same runs as the table.",
+              ""]  # fmt: skip
+    for name in results:
+        lines += [f"![{name}: PSNR against speedup](pareto_{name}{suffix}.png)", "",
+                  f"{name}: every run in [quality_{name}{suffix}.csv](quality_{name}{suffix}.csv).", ""]  # fmt: skip
+    if not suffix and os.path.exists(os.path.join(out_dir, "calibration.csv")):
+        where, cmd = _header_line(os.path.join(out_dir, "calibration.md"))
+        cal, cmet, ctotal = _summary_calibration(out_dir)
+        lines += ["## Calibrated schedules against the best peer (goal: >= 2 dB)", "",
+                  "The model's calibrated schedule (rational predictor, searched on inputs the evaluation does not "
+                  "use) minus the best peer with at least the same speedup. **Bold: a miss.** Details: "
+                  "[calibration.md](calibration.md)."] + cal  # fmt: skip
+        lines += ["", f"Goal met at {cmet} of {ctotal} points. Data: [calibration.csv](calibration.csv). "
+                  f"Machine: {where}. Command: {cmd}.", ""]  # fmt: skip
+    if not suffix and os.path.exists(os.path.join(out_dir, "predictors.csv")):
+        where, cmd = _header_line(os.path.join(out_dir, "predictors.md"))
+        pred, pmet, ptotal = _summary_predictors(out_dir)
+        lines += ["## The online predictor choice against the best fixed predictor (goal: within 0.5 dB)", "",
+                  "Per model and step count, over its schedules (calibrated and spaced rule at each pass count): "
+                  "how often `auto` is within 0.5 dB of the best of rational, linear, reuse and paper on the same "
+                  "schedule, and its worst shortfall. **Bold: misses.** Details: [predictors.md](predictors.md).",
+                  ""] + pred  # fmt: skip
+        lines += ["", f"Within 0.5 dB on {pmet} of {ptotal} schedules. Data: [predictors.csv](predictors.csv). "
+                  f"Machine: {where}. Command: {cmd}.", ""]  # fmt: skip
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_summary(out_dir, suffix, meta, results):
+    path = os.path.join(out_dir, f"SUMMARY{suffix}.md")
+    with open(path, "w") as f:
+        f.write(render_summary(out_dir, suffix, meta, results))
+    return path
 
 
 def _samples_text(meta, name):
@@ -590,15 +787,18 @@ def main(argv=None):
     p.add_argument("--out", default=OUT)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     p.add_argument("--report-only", action="store_true", help="re-render the report and plots from the CSVs in --out")
+    p.add_argument("--summary-only", action="store_true", help="regenerate SUMMARY.md alone from the CSVs in --out "
+                   "(and quality_meta.json, calibration.csv, predictors.csv); runs nothing, draws nothing")  # fmt: skip
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if not args.summary_only:  # (it runs nothing; and in a test process it should not change torch's threads)
+        torch.set_num_threads(args.threads)
     suffix = "_quick" if args.quick else ""
     csv_path = lambda name: os.path.join(args.out, f"quality_{name}{suffix}.csv")
     if args.models:
         names = args.models.split(",")
     elif args.quick:
         names = ["flux-digits"]
-    elif args.report_only:
+    elif args.report_only or args.summary_only:
         names = [n for n in zoo.names() if os.path.exists(csv_path(n))]
     else:
         names = zoo.names()
@@ -613,10 +813,14 @@ def main(argv=None):
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old_meta = json.load(f)
-    if args.report_only:
+    if args.report_only or args.summary_only:
         meta = old_meta
         for name in names:
             results[name] = read_csv(csv_path(name))
+        if args.summary_only:
+            path = write_summary(args.out, suffix, meta, results)
+            print(f"wrote {path}", flush=True)
+            return None
     else:
         command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = dict(machine=cpu_name(), threads=args.threads, torch=torch.__version__, tcpade=tcpade.__version__,
@@ -652,6 +856,7 @@ def main(argv=None):
         pareto_plot(rows, name, os.path.join(args.out, f"pareto_{name}{suffix}.png"))
     path, all_ok = write_report(args.out, suffix, meta, results)
     print(f"\nwrote {path}", flush=True)
+    print(f"wrote {write_summary(args.out, suffix, meta, results)}", flush=True)
     return all_ok
 
 

@@ -181,9 +181,52 @@ def test_quality_report_and_eval_set(tmp_path):
     path, _ = quality.write_report(str(tmp_path), "", meta, rows)
     text = open(path).read()
     assert "Reduced run." in text and "10 at 20 steps samples per method" in text
-    assert "## The presets against the best peer" in text and "Misses: 3 of 3." in text
+    assert "## The presets against the best peer" in text and "Misses (marked in the table): 3 of 3." in text
     assert "| flux-digits | 20 | 2x | 40.00 (fast, x2.90) | 39.00 (mask 7/20 w=3 DMD6, x2.90) | +1.00 dB | **miss** |" in text
+    assert "All runs" not in text  # every run is in the CSV, not repeated in the markdown
+    summary = quality.render_summary(str(tmp_path), "", meta, rows)
+    assert "| flux-digits | 20 | **+1.00 (fast) miss** | **+1.00 (fast) miss** | **+1.00 (fast) miss** |" in summary
+    assert "Goal met at 0 of 3 points; 3 misses." in summary and "1. `python bench/quality.py x`" in summary
+    assert "![flux-digits: PSNR against speedup](pareto_flux-digits.png)" in summary
     seeds, labels = quality.eval_set("flux-digits", False, samples=7)
     assert labels == list(range(7)) and len(seeds) == 7  # classes in turn
     assert quality.eval_set("dit-faces", False)[1][:4] == [0, 1, 0, 1]
     assert [label for label, _ in quality.PRESETS] == ["slow", "fast", "paper", "adaptive"]
+
+
+def test_quality_summary_reproduces_the_committed_page(tmp_path):
+    """bench/results/SUMMARY.md and quality.md are generated from the committed CSVs (and quality_meta.json,
+    and the machine / command lines of calibration.md and predictors.md): ``--summary-only`` and the report
+    writer reproduce them byte for byte, so neither page can drift from the data; the summary's counts agree
+    with the reports it summarises, and every miss is in it."""
+    import re
+    import shutil
+
+    import quality
+
+    res = ROOT / "bench" / "results"
+    names = [p.name for p in res.glob("quality_*.csv")] + ["quality_meta.json", "calibration.csv", "calibration.md",
+                                                            "predictors.csv", "predictors.md"]  # fmt: skip
+    for name in names:
+        shutil.copy(res / name, tmp_path / name)
+    quality.main(["--summary-only", "--out", str(tmp_path)])
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert summary == (res / "SUMMARY.md").read_text(), "run: python bench/quality.py --summary-only"
+    meta = json.loads((res / "quality_meta.json").read_text())
+    results = {n: quality.read_csv(str(res / f"quality_{n}.csv")) for n in quality.zoo.names()
+               if (res / f"quality_{n}.csv").exists()}  # fmt: skip
+    quality.write_report(str(tmp_path), "", meta, results)
+    report = (tmp_path / "quality.md").read_text()
+    assert report == (res / "quality.md").read_text(), "run: python bench/quality.py --report-only"
+    # every miss of quality.md's margins table is a bold miss cell of the summary
+    n_miss, n_all = map(int, re.search(r"Misses \(marked in the table\): (\d+) of (\d+)\.", report).groups())
+    cells = [c for line in summary.split("## Pareto")[0].splitlines() if line.startswith("| ") and "|---" not in line
+             for c in line.strip("|").split("|")[2:]]  # fmt: skip
+    assert sum("miss" in c or "no preset" in c for c in cells) == n_miss
+    assert f"Goal met at {n_all - n_miss} of {n_all} points; {n_miss} misses." in summary
+    cal = re.search(r"Met at (\d+) of (\d+) points\.", (res / "calibration.md").read_text()).groups()
+    assert "Goal met at {} of {} points.".format(*cal) in summary
+    pred = re.search(r"on (\d+) of (\d+) schedules", (res / "predictors.md").read_text()).groups()
+    assert "Within 0.5 dB on {} of {} schedules.".format(*pred) in summary
+    for png in re.findall(r"\]\((pareto_[^)]+\.png)\)", summary):
+        assert (res / png).exists(), png
