@@ -91,7 +91,7 @@ def _caller_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the first frame outside torch,
     diffusers and tcpade (the user's line that called the pipeline or the transformer)."""
     dirs = tuple(os.path.dirname(os.path.abspath(sys.modules[n].__file__)) + os.sep
-                 for n in ("torch", "diffusers", __package__) if n in sys.modules)  # fmt: skip
+                 for n in ("torch", "diffusers", __package__.split(".")[0]) if n in sys.modules)  # fmt: skip
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
         frame, level = frame.f_back, level + 1

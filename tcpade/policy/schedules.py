@@ -50,7 +50,7 @@ __all__ = [
     "spaced",
 ]
 
-SHIPPED = os.path.join(os.path.dirname(__file__), "zoo", "schedules.json")
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo", "schedules.json")
 # The spaced rule: steps 0..SPACED_WARMUP-1 (at least the predictor's minimum history), and its
 # last computed step SPACED_END steps before the end of the run.
 SPACED_WARMUP = 2
