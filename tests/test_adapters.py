@@ -312,17 +312,17 @@ def test_block_specs_come_from_diffusers_registry():
     assert families.registry_block(ZImageTransformerBlock).hidden_arg == "hidden_states"  # the registry's
     assert families.OWN_BLOCKS["Flux2SingleTransformerBlock"].tokens == "last"
     assert families.registry_block(Flux2SingleTransformerBlock).tokens == "all"
-    # Every family's stack lists exist in its class's __init__ and every block there has a spec.
-    for cls_name, fam in families.FAMILIES.items():
-        assert adapters.SUPPORTED[cls_name].stacks == fam.stacks
+    assert adapters.SUPPORTED is families.FAMILIES  # one table, one class: Family
 
 
 def test_unknown_block_class_raises_type_error():
     model = torch.nn.Module()
     model.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
-    adapter = adapters.Adapter("x", ("blocks",))
+    family = adapters.Family("x", ("blocks",))
     with pytest.raises(TypeError, match="TransformerBlockRegistry"):
-        adapter.spec_for(model.blocks[0])
+        family.spec_for(model.blocks[0])
+    with pytest.raises(ValueError, match="stacks"):
+        adapters.Family("x", ())
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ stack). Where the stream is a joint image+text sequence (Z-Image, Lumina2) it is
 
 Recipe: adding a model family
 -----------------------------
-The tables live in ``tcpade/integrations/families.py``; ``SUPPORTED`` below is built from them.
+The tables live in ``tcpade/integrations/families.py`` (``SUPPORTED`` below is ``FAMILIES``).
 
 1. ``families.FAMILIES[transformer class name]``: a ``Family`` with ``stacks``, the names of the
    ``nn.ModuleList`` attributes that form the block stack, in the order the transformer's
@@ -74,8 +74,8 @@ The tables live in ``tcpade/integrations/families.py``; ``SUPPORTED`` below is b
    refiner lists that run on the text or the image alone before the stack, like Z-Image's
    ``noise_refiner``); ``timestep_arg``, the name of the ``forward``'s timestep parameter;
    ``control_args``, the ``forward`` parameters that carry block-level ControlNet residuals;
-   ``pipelines``, ``cfg`` (``"separate"`` / ``"batched"`` / ``"none"``) and ``after_stack`` as
-   documentation.
+   ``list_output`` if it returns one tensor per image. A comment at the entry says what the
+   ``forward`` does after the stack; ``docs/models.md`` gets a row (pipelines, CFG form, tests).
 2. The block classes: if diffusers' ``TransformerBlockRegistry`` registers them (which argument
    is the stream, which return index is the image / text stream) nothing is needed. Otherwise,
    or where the registry is wrong for tcpade's use, add a ``BlockSpec`` to
@@ -109,22 +109,23 @@ import contextlib
 import inspect
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.context_parallel import ContextParallelSplitHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from . import families
 from ..policy.config import LEVELS
-from .families import BlockSpec
+from . import families
+from .families import BlockSpec, Family
 
 __all__ = [
-    "Adapter",
     "BlockSpec",
     "Controller",
+    "Family",
     "SUPPORTED",
     "attach",
     "cache_context",
@@ -169,13 +170,11 @@ class Controller(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------
-# Adapters: which modules form the stack, where h_in and h_out live.
+# Families (tcpade.integrations.families): which modules form the stack, where h_in and h_out live.
 # --------------------------------------------------------------------------------------------------
 
 
-def _param_names(fn) -> List[str]:
-    names = list(inspect.signature(fn).parameters.keys())
-    return names[1:] if names and names[0] == "self" else names
+_param_names = families.param_names
 
 
 class _ArgReader:
@@ -207,73 +206,30 @@ class _ArgReader:
         return args, kwargs
 
 
-@dataclass(frozen=True)
-class Adapter:
-    """How tcpade finds h_in and h_out in one transformer family. See the module docstring.
-
-    blocks: specs for block classes (by class name) that override ``families.block_spec``.
-    control_args: the transformer ``forward``'s arguments that carry block-level control
-        residuals; a call that gets any of them is computed (reason "control").
-    """
-
-    name: str
-    stacks: Tuple[str, ...]
-    blocks: Dict[str, BlockSpec] = field(default_factory=dict)
-    timestep_arg: str = "timestep"
-    control_args: Tuple[str, ...] = ()
-    notes: str = ""
-    list_output: bool = False  # forward returns a list of tensors (Z-Image): no output level
-
-    def spec_for(self, block: torch.nn.Module) -> BlockSpec:
-        for cls in type(block).__mro__:
-            if cls.__name__ in self.blocks:
-                return self.blocks[cls.__name__]
-        spec = families.block_spec(block)
-        if spec is None:
-            raise TypeError(
-                f"tcpade adapter {self.name!r}: block class {type(block).__name__} is neither in diffusers' "
-                "TransformerBlockRegistry nor in tcpade.integrations.families.OWN_BLOCKS; the installed diffusers does not "
-                "match this adapter (see the recipe in tcpade/integrations/adapters.py's docstring)."
-            )
-        names = _param_names(type(block).forward)
-        for arg in (spec.hidden_arg, spec.encoder_arg):
-            if arg is not None and arg not in names:
-                raise TypeError(
-                    f"tcpade adapter {self.name!r}: {type(block).__name__}.forward has no parameter {arg!r} "
-                    f"(its parameters: {names}); the installed diffusers does not match this adapter"
-                )
-        return spec
-
-    def stack(self, transformer: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
-        out = []
-        for list_name in self.stacks:
-            blocks = getattr(transformer, list_name, None)
-            if not isinstance(blocks, torch.nn.ModuleList):
-                raise TypeError(
-                    f"tcpade adapter {self.name!r}: {type(transformer).__name__}.{list_name} is not a ModuleList"
-                )
-            out.extend((f"{list_name}.{i}", b) for i, b in enumerate(blocks))
-        if not out:
-            raise TypeError(f"tcpade adapter {self.name!r}: {type(transformer).__name__} has no transformer blocks")
-        return out
+# The families tcpade supports, by transformer class name (``families.FAMILIES``): the stack lists,
+# the timestep and control arguments; the block specs come from diffusers' TransformerBlockRegistry
+# and ``families.OWN_BLOCKS``.
+SUPPORTED: Dict[str, Family] = families.FAMILIES
 
 
-# One adapter per transformer class of tcpade.integrations.families.FAMILIES (the stack lists, the timestep and
-# control arguments, what runs after the stack); the block specs come from diffusers'
-# TransformerBlockRegistry and tcpade.integrations.families.OWN_BLOCKS.
-SUPPORTED: Dict[str, Adapter] = {
-    cls: Adapter(f.name, f.stacks, timestep_arg=f.timestep_arg, control_args=f.control_args, notes=f.after_stack,
-                 list_output=f.list_output)
-    for cls, f in families.FAMILIES.items()
-}
+# diffusers keeps a module's HookRegistry in this attribute and has no public way to ask whether a
+# module has one without creating it (``HookRegistry.check_if_exists_or_initialize`` creates it);
+# detach deletes the attribute where attach created it, so the module is left as it was.
+# tests/test_diffusers_internals.py fails by name if diffusers renames it.
+_REGISTRY_ATTR = "_diffusers_hook"
+
+
+def _registry_of(module: torch.nn.Module) -> Optional[HookRegistry]:
+    """The module's diffusers HookRegistry, or None (none is created)."""
+    return getattr(module, _REGISTRY_ATTR, None)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "_orig_mod", module)  # torch.compile'd module -> the module it wraps
 
 
-def find_adapter(transformer) -> Adapter:
-    """The adapter for this transformer's class (or a base class of it)."""
+def find_adapter(transformer) -> Family:
+    """The family of this transformer's class (or of a base class of it): where its stack is."""
     cls = type(_unwrap(transformer))
     for base in cls.__mro__:
         if base.__name__ in SUPPORTED:
@@ -281,7 +237,7 @@ def find_adapter(transformer) -> Adapter:
     raise TypeError(
         f"tcpade has no adapter for {cls.__name__}. Supported transformers: {', '.join(sorted(SUPPORTED))}. "
         "To add a model family, follow the adapter recipe in the docstring of tcpade/integrations/adapters.py "
-        "and register it in tcpade.integrations.adapters.SUPPORTED."
+        "and add it to tcpade.integrations.families.FAMILIES."
     )
 
 
@@ -473,6 +429,9 @@ class _RootHook(ModelHook):
     reaches the controller.
     """
 
+    # The flag diffusers' hooks declare themselves stateful with (a private name, the only way:
+    # ``cache_context`` and ``reset_stateful_hooks`` visit the hooks that set it).
+    # tests/test_diffusers_internals.py fails by name if diffusers stops reading it.
     _is_stateful = True
 
     def __init__(self, state: _CallState, timestep_reader: _ArgReader, controls=(), inputs=None, return_dict=None):
@@ -740,7 +699,7 @@ class _BlockHook(ModelHook):
 
 
 def _root_hook(module: torch.nn.Module) -> Optional[_RootHook]:
-    registry = getattr(module, "_diffusers_hook", None)
+    registry = _registry_of(module)
     return None if registry is None else registry.get_hook(ROOT_HOOK)
 
 
@@ -749,21 +708,18 @@ def is_attached(transformer) -> bool:
     module = _unwrap(transformer)
     if _root_hook(module) is not None:
         return True
-    return any(
-        getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook(BLOCK_HOOK) is not None
-        for m in module.modules()
-    )
+    return any((r := _registry_of(m)) is not None and r.get_hook(BLOCK_HOOK) is not None for m in module.modules())
 
 
 def _register(module: torch.nn.Module, hook: ModelHook, name: str, installed: List[_Installed]) -> None:
-    created = not hasattr(module, "_diffusers_hook")
+    created = _registry_of(module) is None
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
     installed.append(_Installed(module, created))
 
 
 def _unregister(entry: _Installed, name: str) -> None:
     module = entry.module
-    registry = getattr(module, "_diffusers_hook", None)
+    registry = _registry_of(module)
     if registry is None:
         return
     registry.remove_hook(name, recurse=False)
@@ -774,7 +730,7 @@ def _unregister(entry: _Installed, name: str) -> None:
     if getattr(fwd, "__self__", None) is module and getattr(fwd, "__func__", None) is type(module).forward:
         del module.forward  # registry restored the bound method as an instance attribute
     if entry.created_registry:
-        del module._diffusers_hook
+        delattr(module, _REGISTRY_ATTR)
 
 
 def attach(transformer, controller: Controller) -> None:
@@ -783,7 +739,8 @@ def attach(transformer, controller: Controller) -> None:
     adapter = find_adapter(module)
     if is_attached(module):
         raise RuntimeError(
-            f"tcpade hooks are already attached to this {type(module).__name__}; call tcpade.integrations.adapters.detach() first"
+            f"tcpade hooks are already attached to this {type(module).__name__}; call "
+            "tcpade.integrations.adapters.detach() first"
         )
     if getattr(module, "_cache_config", None) is not None:
         raise RuntimeError(
@@ -794,8 +751,8 @@ def attach(transformer, controller: Controller) -> None:
     blocks = adapter.stack(module)
     specs = [adapter.spec_for(b) for _, b in blocks]
     for name, block in blocks:
-        registry = getattr(block, "_diffusers_hook", None)
-        if registry is not None and any(h.startswith("cp_input---") for h in registry.hooks):
+        registry = _registry_of(block)
+        if registry is not None and any(isinstance(h, ContextParallelSplitHook) for h in registry.hooks.values()):
             # diffusers runs the hook registered last outermost: ours would see the unsplit sequence.
             raise RuntimeError(
                 f"diffusers' context parallelism splits the inputs of {name}, a block tcpade hooks: call "
@@ -832,7 +789,7 @@ def attach(transformer, controller: Controller) -> None:
         blocks[0][1].register_forward_hook(hooks[0].after_block, with_kwargs=True),
     ]
     # Hooks were added below the transformer: rebuild diffusers' cached list of child registries.
-    module._diffusers_hook.invalidate_child_registries_cache()
+    _registry_of(module).invalidate_child_registries_cache()
 
 
 def detach(transformer) -> None:
@@ -848,10 +805,10 @@ def detach(transformer) -> None:
         _unregister(entries[-1], ROOT_HOOK)
     # Stray block hooks (e.g. an interrupted attach): remove them too.
     for m in module.modules():
-        registry = getattr(m, "_diffusers_hook", None)
+        registry = _registry_of(m)
         if registry is not None and registry.get_hook(BLOCK_HOOK) is not None:
             _unregister(_Installed(m, created_registry=False), BLOCK_HOOK)
-    registry = getattr(module, "_diffusers_hook", None)
+    registry = _registry_of(module)
     if registry is not None:
         registry.invalidate_child_registries_cache()
 
@@ -859,16 +816,20 @@ def detach(transformer) -> None:
 @contextlib.contextmanager
 def cache_context(transformer, name: str, **kwargs) -> Iterator[None]:
     """``transformer.cache_context(name)`` for any transformer, also those without diffusers' CacheMixin
-    (DiT, SD3 in diffusers 0.42.1): inside it, the controller sees ``branch == name``."""
+    (DiT, SD3 in diffusers 0.42.1): inside it, the controller sees ``branch == name``. Without
+    CacheMixin it sets the context of tcpade's own hook only (through its ``StateManager``'s
+    ``set_context``), in this thread; on a transformer without tcpade hooks it does nothing."""
     module = _unwrap(transformer)
     if hasattr(module, "cache_context"):
         with module.cache_context(name, **kwargs):
             yield
         return
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-    _set_cache_context(module, CacheContext(name, **kwargs))
+    root = _root_hook(module)
+    if root is None:  # no tcpade hooks: nothing reads the context
+        yield
+        return
+    root.state_manager.set_context(CacheContext(name, **kwargs))
     try:
         yield
     finally:
-        _set_cache_context(module, None)
+        root.state_manager.set_context(None)

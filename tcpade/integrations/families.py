@@ -2,12 +2,14 @@
 
 Two tables, both keyed by class name:
 
-* ``FAMILIES``: per transformer class, the ``nn.ModuleList`` attributes that form the block
-  stack in the order its ``forward`` runs them, the name of its timestep argument, the
-  arguments that carry block-level control residuals (ControlNet: a call that gets them is
-  always computed, because a skipped call would drop them), the pipelines that drive it, how
-  those pipelines run classifier-free guidance, and what the transformer does after the
-  stack (read from its ``forward``; the self-check in ``tests/test_families.py`` proves it).
+* ``FAMILIES``: per transformer class, a ``Family``: the ``nn.ModuleList`` attributes that
+  form the block stack in the order its ``forward`` runs them, the name of its timestep
+  argument, the arguments that carry block-level control residuals (ControlNet: a call that
+  gets them is always computed, because a skipped call would drop them) and whether it
+  returns a list. A comment at each entry says what the transformer does after the stack
+  (read from its ``forward``; the self-check in ``tests/test_families.py`` proves it); the
+  pipelines that drive each class and their classifier-free guidance forms are in
+  ``docs/models.md``. ``Family.stack`` lists a model's blocks, ``Family.spec_for`` checks one.
 * the block specs: where a block's image stream is among its inputs and outputs. They come
   from diffusers' own metadata, ``diffusers.hooks._helpers.TransformerBlockRegistry`` (the
   table diffusers' FirstBlockCache uses), for every registered block class; ``OWN_BLOCKS``
@@ -29,151 +31,13 @@ predicted image passes through them).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["FAMILIES", "OWN_BLOCKS", "BlockSpec", "Family", "block_spec", "registry_block"]
-
-# "separate": the pipeline calls the transformer once per CFG branch, inside
-# ``transformer.cache_context("cond" / "uncond")``: one history per branch.
-# "batched": one call with cond and uncond stacked on the batch (one history for both).
-# "none": no classifier-free guidance (guidance distilled into the model, or not used).
-SEPARATE, BATCHED, NONE = "separate", "batched", "none"
-
-
-@dataclass(frozen=True)
-class Family:
-    """One transformer class: see the module docstring."""
-
-    name: str
-    stacks: Tuple[str, ...]
-    pipelines: Tuple[str, ...] = ()
-    cfg: str = SEPARATE
-    timestep_arg: str = "timestep"
-    control_args: Tuple[str, ...] = ()
-    after_stack: str = ""
-    list_output: bool = False  # forward returns one tensor per image (a list): level="output" cannot predict it
-
-
-def _f(name, stacks, pipelines, cfg=SEPARATE, timestep_arg="timestep", control_args=(), after_stack="",
-       list_output=False):  # fmt: skip
-    return Family(name, tuple(stacks), tuple(pipelines), cfg, timestep_arg, tuple(control_args), after_stack,
-                  list_output)  # fmt: skip
-
-
-_DOUBLE_SINGLE = ("transformer_blocks", "single_transformer_blocks")
-
-FAMILIES: Dict[str, Family] = {
-    "FluxTransformer2DModel": _f(
-        "flux", _DOUBLE_SINGLE,
-        ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline",
-         "FluxKontextInpaintPipeline", "FluxFillPipeline", "FluxControlNetPipeline"),
-        control_args=("controlnet_block_samples", "controlnet_single_block_samples"),
-        after_stack="norm_out(image, temb), proj_out; the text stream is dropped",
-    ),
-    "Flux2Transformer2DModel": _f(
-        "flux2", _DOUBLE_SINGLE, ("Flux2Pipeline",), cfg=NONE,
-        after_stack="between the lists: cat(text, image); after: the text part is sliced off, norm_out, proj_out",
-    ),
-    "QwenImageTransformer2DModel": _f(
-        "qwenimage", ("transformer_blocks",),
-        ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
-         "QwenImageControlNetPipeline"),
-        control_args=("controlnet_block_samples",),
-        after_stack="norm_out(image, temb), proj_out",
-    ),
-    "WanTransformer3DModel": _f(
-        "wan", ("blocks",), ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
-        after_stack="norm_out, proj_out on the image tokens (the text is a cross-attention input)",
-    ),
-    "HunyuanVideoTransformer3DModel": _f(
-        "hunyuanvideo", _DOUBLE_SINGLE, ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"), cfg=NONE,
-        after_stack="norm_out(image, temb), proj_out; both lists take and return (image, text) separately",
-    ),
-    "HunyuanVideo15Transformer3DModel": _f(
-        "hunyuanvideo15", ("transformer_blocks",),
-        ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
-        after_stack="norm_out(image, temb), proj_out",
-    ),
-    "HunyuanImageTransformer2DModel": _f(
-        "hunyuanimage", _DOUBLE_SINGLE, ("HunyuanImagePipeline",),
-        after_stack="norm_out(image, temb), proj_out",
-    ),
-    "LTXVideoTransformer3DModel": _f(
-        "ltx", ("transformer_blocks",), ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
-        cfg=BATCHED, after_stack="norm_out, scale/shift from the timestep embedding, proj_out",
-    ),
-    "ZImageTransformer2DModel": _f(
-        "zimage", ("layers",), ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline"),
-        cfg=BATCHED, timestep_arg="t", control_args=("controlnet_block_samples",),
-        after_stack="the final layer on the joint (image, text) sequence, then unpatchify of the image part; "
-        "noise_refiner and context_refiner run before the stack",
-        list_output=True,
-    ),
-    "CogView4Transformer2DModel": _f(
-        "cogview4", ("transformer_blocks",), ("CogView4Pipeline",),
-        after_stack="norm_out(image, temb), proj_out",
-    ),
-    "CogVideoXTransformer3DModel": _f(
-        "cogvideox", ("transformer_blocks",), ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline"),
-        cfg=BATCHED, after_stack="norm_final on cat(text, image) (1.0) or image (1.5), then the image part; "
-        "norm_out, proj_out",
-    ),
-    "MochiTransformer3DModel": _f(
-        "mochi", ("transformer_blocks",), ("MochiPipeline",),
-        after_stack="norm_out(image, temb), proj_out",
-    ),
-    # `skip_layers` (skip-layer guidance) makes the model not call some blocks: the decision is
-    # taken in whichever hooked block runs first, and end() is called from the root hook if the
-    # last block was one of the skipped ones. SD3Transformer2DModel has no CacheMixin: the
-    # pipeline's batched call is branch "default", its skip-layer call at the same timestep
-    # "default.2".
-    "SD3Transformer2DModel": _f(
-        "sd3", ("transformer_blocks",),
-        ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
-         "StableDiffusion3ControlNetPipeline"),
-        cfg=BATCHED, control_args=("block_controlnet_hidden_states",),
-        after_stack="norm_out(image, temb), proj_out",
-    ),
-    "PixArtTransformer2DModel": _f(
-        "pixart", ("transformer_blocks",), ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), cfg=BATCHED,
-        after_stack="norm_out, scale/shift from the embedded timestep, proj_out",
-    ),
-    "SanaTransformer2DModel": _f(
-        "sana", ("transformer_blocks",), ("SanaPipeline", "SanaSprintPipeline", "SanaControlNetPipeline"),
-        cfg=BATCHED, control_args=("controlnet_block_samples",),
-        after_stack="norm_out(image, embedded timestep), proj_out",
-    ),
-    "ChromaTransformer2DModel": _f(
-        "chroma", _DOUBLE_SINGLE, ("ChromaPipeline", "ChromaImg2ImgPipeline"),
-        control_args=("controlnet_block_samples", "controlnet_single_block_samples"),
-        after_stack="between the lists: cat(text, image); after: the text part is sliced off, norm_out, proj_out",
-    ),
-    "Lumina2Transformer2DModel": _f(
-        "lumina2", ("layers",), ("Lumina2Pipeline",), cfg=SEPARATE,
-        after_stack="norm_out on the joint (text, image) sequence, then unpatchify of the image part; "
-        "context_refiner and noise_refiner run before the stack",
-    ),
-    "HiDreamImageTransformer2DModel": _f(
-        "hidream", ("double_stream_blocks", "single_stream_blocks"), ("HiDreamImagePipeline",), cfg=BATCHED,
-        timestep_arg="timesteps",
-        after_stack="between the lists: cat(image, text); after: the image part, final_layer, unpatchify",
-    ),
-    "CosmosTransformer3DModel": _f(
-        "cosmos", ("transformer_blocks",), ("CosmosTextToWorldPipeline", "Cosmos2TextToImagePipeline",
-                                            "Cosmos2VideoToWorldPipeline"),
-        control_args=("block_controlnet_hidden_states",),
-        after_stack="norm_out(image, embedded timestep, temb), proj_out",
-    ),
-    # No CacheMixin: the branch is "default" unless tcpade.integrations.adapters.cache_context is used.
-    "DiTTransformer2DModel": _f(
-        "dit", ("transformer_blocks",), ("DiTPipeline",), cfg=BATCHED,
-        after_stack="transformer_blocks[0].norm1.emb (a submodule, not the block's forward), norm_out, "
-        "proj_out_1/2",
-    ),
-}
+__all__ = ["FAMILIES", "OWN_BLOCKS", "BlockSpec", "Family", "block_spec", "param_names", "registry_block"]
 
 
 @dataclass(frozen=True)
@@ -263,14 +127,17 @@ OWN_BLOCKS: Dict[str, BlockSpec] = {
 def registry_block(cls) -> Optional[BlockSpec]:
     """The BlockSpec diffusers' TransformerBlockRegistry gives for block class ``cls`` (or a base
     class of it), or None if it is not registered."""
+    # diffusers exports the registry from a private module only (diffusers.hooks._helpers, the
+    # table its FirstBlockCache uses); its public ``get`` raises ValueError for an unregistered
+    # class. tests/test_diffusers_internals.py fails by name if either changes.
     try:
         from diffusers.hooks._helpers import TransformerBlockRegistry
     except ImportError:  # an older diffusers without the registry
         return None
-    TransformerBlockRegistry._register()
     for base in cls.__mro__:
-        meta = TransformerBlockRegistry._registry.get(base)
-        if meta is None:
+        try:
+            meta = TransformerBlockRegistry.get(base)
+        except ValueError:  # not registered
             continue
         if meta.return_encoder_hidden_states_index is None:
             # Registered with no text output: the block returns the image stream as a tensor.
@@ -290,3 +157,132 @@ def block_spec(block) -> Optional[BlockSpec]:
         if base.__name__ in OWN_BLOCKS:
             return OWN_BLOCKS[base.__name__]
     return registry_block(type(block))
+
+
+def param_names(fn) -> List[str]:
+    """The parameter names of a ``forward`` (without ``self``)."""
+    names = list(inspect.signature(fn).parameters.keys())
+    return names[1:] if names and names[0] == "self" else names
+
+
+@dataclass(frozen=True)
+class Family:
+    """One transformer class tcpade hooks: where its block stack is and how its calls are read.
+
+    name: the family's short name (in error messages and tests).
+    stacks: the ``nn.ModuleList`` attributes that form the block stack, in the order the
+        transformer's ``forward`` runs them.
+    timestep_arg: the ``forward`` parameter holding the timestep.
+    control_args: the ``forward`` parameters that carry block-level control residuals; a call
+        that gets any of them is computed (reason "control").
+    list_output: the ``forward`` returns one tensor per image (a list): ``level="output"``
+        cannot predict it, ``attach`` refuses it.
+    """
+
+    name: str
+    stacks: Tuple[str, ...]
+    timestep_arg: str = "timestep"
+    control_args: Tuple[str, ...] = ()
+    list_output: bool = False
+
+    def __post_init__(self):
+        if not self.stacks or not all(isinstance(s, str) and s for s in self.stacks):
+            raise ValueError(f"tcpade family {self.name!r}: stacks must be a non-empty tuple of attribute names, "
+                             f"got {self.stacks!r}")  # fmt: skip
+
+    def spec_for(self, block: torch.nn.Module) -> BlockSpec:
+        """The spec of one block of the stack (``block_spec``), checked against its ``forward``."""
+        spec = block_spec(block)
+        if spec is None:
+            raise TypeError(
+                f"tcpade family {self.name!r}: block class {type(block).__name__} is neither in diffusers' "
+                "TransformerBlockRegistry nor in tcpade.integrations.families.OWN_BLOCKS; the installed diffusers "
+                "does not match this family (see the recipe in tcpade/integrations/adapters.py's docstring)."
+            )
+        names = param_names(type(block).forward)
+        for arg in (spec.hidden_arg, spec.encoder_arg):
+            if arg is not None and arg not in names:
+                raise TypeError(
+                    f"tcpade family {self.name!r}: {type(block).__name__}.forward has no parameter {arg!r} "
+                    f"(its parameters: {names}); the installed diffusers does not match this family"
+                )
+        return spec
+
+    def stack(self, transformer: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
+        """The blocks of the stack, in the order they run, with their qualified names."""
+        out = []
+        for list_name in self.stacks:
+            blocks = getattr(transformer, list_name, None)
+            if not isinstance(blocks, torch.nn.ModuleList):
+                raise TypeError(
+                    f"tcpade family {self.name!r}: {type(transformer).__name__}.{list_name} is not a ModuleList"
+                )
+            out.extend((f"{list_name}.{i}", b) for i, b in enumerate(blocks))
+        if not out:
+            raise TypeError(f"tcpade family {self.name!r}: {type(transformer).__name__} has no transformer blocks")
+        return out
+
+
+_DOUBLE_SINGLE = ("transformer_blocks", "single_transformer_blocks")
+FAMILIES: Dict[str, Family] = {
+    # After the stack: norm_out(image, temb), proj_out; the text stream is dropped.
+    "FluxTransformer2DModel": Family(
+        "flux", _DOUBLE_SINGLE, control_args=("controlnet_block_samples", "controlnet_single_block_samples")
+    ),
+    # Between the lists: cat(text, image); after: the text part is sliced off, norm_out, proj_out.
+    "Flux2Transformer2DModel": Family("flux2", _DOUBLE_SINGLE),
+    # After: norm_out(image, temb), proj_out.
+    "QwenImageTransformer2DModel": Family(
+        "qwenimage", ("transformer_blocks",), control_args=("controlnet_block_samples",)
+    ),
+    # After: norm_out, proj_out on the image tokens (the text is a cross-attention input).
+    "WanTransformer3DModel": Family("wan", ("blocks",)),
+    # After: norm_out(image, temb), proj_out; both lists take and return (image, text) separately.
+    "HunyuanVideoTransformer3DModel": Family("hunyuanvideo", _DOUBLE_SINGLE),
+    # After: norm_out(image, temb), proj_out.
+    "HunyuanVideo15Transformer3DModel": Family("hunyuanvideo15", ("transformer_blocks",)),
+    # After: norm_out(image, temb), proj_out.
+    "HunyuanImageTransformer2DModel": Family("hunyuanimage", _DOUBLE_SINGLE),
+    # After: norm_out, scale/shift from the timestep embedding, proj_out.
+    "LTXVideoTransformer3DModel": Family("ltx", ("transformer_blocks",)),
+    # noise_refiner and context_refiner run before the stack; after it: the final layer on the joint
+    # (image, text) sequence, then unpatchify of the image part, one tensor per image.
+    "ZImageTransformer2DModel": Family(
+        "zimage", ("layers",), timestep_arg="t", control_args=("controlnet_block_samples",), list_output=True
+    ),
+    # After: norm_out(image, temb), proj_out.
+    "CogView4Transformer2DModel": Family("cogview4", ("transformer_blocks",)),
+    # After: norm_final on cat(text, image) (1.0) or image (1.5), then the image part; norm_out, proj_out.
+    "CogVideoXTransformer3DModel": Family("cogvideox", ("transformer_blocks",)),
+    # After: norm_out(image, temb), proj_out.
+    "MochiTransformer3DModel": Family("mochi", ("transformer_blocks",)),
+    # After: norm_out(image, temb), proj_out.
+    # `skip_layers` (skip-layer guidance) makes the model not call some blocks: the decision is
+    # taken in whichever hooked block runs first, and end() is called from the root hook if the
+    # last block was one of the skipped ones. SD3Transformer2DModel has no CacheMixin: the
+    # pipeline's batched call is branch "default", its skip-layer call at the same timestep
+    # "default.2".
+    "SD3Transformer2DModel": Family("sd3", ("transformer_blocks",), control_args=("block_controlnet_hidden_states",)),
+    # After: norm_out, scale/shift from the embedded timestep, proj_out.
+    "PixArtTransformer2DModel": Family("pixart", ("transformer_blocks",)),
+    # After: norm_out(image, embedded timestep), proj_out.
+    "SanaTransformer2DModel": Family("sana", ("transformer_blocks",), control_args=("controlnet_block_samples",)),
+    # Between the lists: cat(text, image); after: the text part is sliced off, norm_out, proj_out.
+    "ChromaTransformer2DModel": Family(
+        "chroma", _DOUBLE_SINGLE, control_args=("controlnet_block_samples", "controlnet_single_block_samples")
+    ),
+    # context_refiner and noise_refiner run before the stack; after it: norm_out on the joint
+    # (text, image) sequence, then unpatchify of the image part.
+    "Lumina2Transformer2DModel": Family("lumina2", ("layers",)),
+    # Between the lists: cat(image, text); after: the image part, final_layer, unpatchify.
+    "HiDreamImageTransformer2DModel": Family(
+        "hidream", ("double_stream_blocks", "single_stream_blocks"), timestep_arg="timesteps"
+    ),
+    # After: norm_out(image, embedded timestep, temb), proj_out.
+    "CosmosTransformer3DModel": Family(
+        "cosmos", ("transformer_blocks",), control_args=("block_controlnet_hidden_states",)
+    ),
+    # No CacheMixin: the branch is "default" unless tcpade.integrations.adapters.cache_context is used.
+    # After: transformer_blocks[0].norm1.emb (a submodule, not the block's forward), norm_out, proj_out_1/2.
+    "DiTTransformer2DModel": Family("dit", ("transformer_blocks",)),
+}
