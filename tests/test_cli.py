@@ -14,6 +14,7 @@ import pytest
 
 import tcpade
 from tcpade.tools import cli
+from tcpade.tools.args import ZOO_MODELS, Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +87,8 @@ def test_help_texts_match_the_code(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")
 
     # the zoo's models, known without importing torch
-    assert cli.ZOO_MODELS == {n: "images" if len(s.sample_shape) == 3 else "clips" for n, s in zoo.SPECS.items()}
-    assert list(cli.ZOO_MODELS) == zoo.names()
+    assert ZOO_MODELS == {n: "images" if len(s.sample_shape) == 3 else "clips" for n, s in zoo.SPECS.items()}
+    assert list(ZOO_MODELS) == zoo.names()
     demo = _help(["demo"], capsys)
     images = [n for n, s in zoo.SPECS.items() if len(s.sample_shape) == 3]
     assert f"a zoo image model: {', '.join(images)} (default flux-digits; wan-digits makes clips" in demo
@@ -248,6 +249,25 @@ def test_subcommand_table_is_the_one_extension_point():
         assert callable(mod.add_cli) and callable(mod.run_cli) and help_line
 
 
+def test_no_tools_module_imports_cli():
+    """cli imports the subcommands; they, and every other tools module, import tcpade.tools.args
+    for what they share, never cli (no import cycle)."""
+    import ast
+
+    tools = ROOT / "tcpade" / "tools"
+    for path in tools.glob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                base = ("tcpade.tools." if node.level == 1 else "") + (node.module or "")
+                names = [base] + [f"{base}.{a.name}" if node.module else f"tcpade.tools.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            assert "tcpade.tools.cli" not in names, f"{path.name} imports tcpade.tools.cli"
+
+
 @pytest.mark.parametrize("command, missing, extra", [("demo", "diffusers", "demo"), ("demo", "PIL", "demo"),
                                                      ("demo", "safetensors", "demo"),
                                                      ("bench", "matplotlib", "demo")])  # fmt: skip
@@ -268,14 +288,14 @@ def test_progress_bar_only_when_asked_or_on_a_terminal():
     import io
 
     out = io.StringIO()
-    bar = cli.Progress(3, "job", enabled=True, stream=out)
+    bar = Progress(3, "job", enabled=True, stream=out)
     for name in ("a", "b", "c"):
         bar.step(name)
     bar.close()
     text = out.getvalue()
     assert "\rjob [" in text and "3/3" in text and "#" * 24 in text
     quiet = io.StringIO()
-    bar = cli.Progress(3, "job", stream=quiet)  # a StringIO is not a terminal
+    bar = Progress(3, "job", stream=quiet)  # a StringIO is not a terminal
     bar.step("a")
     bar.close()
     assert quiet.getvalue() == ""

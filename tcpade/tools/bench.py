@@ -24,13 +24,15 @@ import csv
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
-from .cli import Progress, UsageError, require, zoo_names
+from .args import Progress, UsageError, at_least, int_list, require, writable_folder, zoo_names
+from .args import seeds as parse_seeds
+from .runner import PipelineRunner, ZooRunner, conditioning, load_pipeline
 
 PRESETS = ("adaptive", "slow", "fast", "paper")
 
-# UsageError (tcpade.tools.cli's, a ValueError): a bad target, prompt or label for ``tcpade bench``,
+# UsageError (tcpade.tools.args's, a ValueError): a bad target, prompt or label for ``tcpade bench``,
 # shown as one line naming the flag, exit status 2, no traceback.
 
 
@@ -80,131 +82,117 @@ class Result:
     passes: List[int] = field(default_factory=list)  # block-stack passes per call
     steps: List[int] = field(default_factory=list)  # transformer calls per branch, per call
     seconds: float = float("inf")
+    summary: object = None  # tcpade's summary of the last call (None: full computation)
 
 
-class ZooTarget:
-    """A zoo model: one batched call of ``ZooModel.sample`` per method."""
+def zoo_target(name, labels, seeds, steps):
+    """A zoo model's runner (one batched ``ZooModel.sample`` per method) for every (label, seed)
+    pair, with ``title``, ``items`` and ``captions`` set."""
+    from .. import zoo
 
-    def __init__(self, name, labels, seeds):
-        from .. import zoo
+    nc = zoo.SPECS[name].num_classes
+    try:
+        labels = [int(x) for x in labels] if labels else list(range(nc))
+    except ValueError:
+        raise UsageError(f"--labels: zoo model {name} takes class numbers, got {','.join(labels)}") from None
+    bad = [x for x in labels if not 0 <= x < nc]
+    if bad:
+        raise UsageError(f"--labels: {name} has classes 0..{nc - 1}, got {bad}")
+    items = [(lab, s) for lab in labels for s in seeds]
+    tgt = ZooRunner(zoo.load(name), [s for _, s in items], [lab for lab, _ in items], steps)
+    tgt.title = f"zoo model {name} ({type(tgt.model.transformer).__name__})"
+    tgt.items, tgt.captions = items, [f"{lab}/s{s}" for lab, s in items]
+    return tgt
 
-        nc = zoo.SPECS[name].num_classes
-        try:
-            labels = [int(x) for x in labels] if labels else list(range(nc))
-        except ValueError:
-            raise ValueError(f"--labels: zoo model {name} takes class numbers, got {','.join(labels)}") from None
-        bad = [x for x in labels if not 0 <= x < nc]
+
+def _to_images(x):
+    """A pipeline's ``output_type="np"`` output (NHWC images or NFHWC clips in [0, 1]) -> NCHW /
+    NCFHW in [-1, 1]."""
+    import torch
+
+    x = torch.as_tensor(x if not isinstance(x, list) else x[0]).float()
+    if x.ndim == 3:
+        x = x[None]
+    x = x.movedim(-1, 1) if x.ndim == 4 else x.permute(0, 4, 1, 2, 3)
+    return x * 2 - 1
+
+
+def pipeline_target(path, prompts, labels, seeds, device, dtype, call_kwargs, steps):
+    """A local diffusers pipeline's runner (one call per (prompt or label, seed)), with ``title``,
+    ``items`` and ``captions`` set."""
+    import inspect
+
+    pipe = load_pipeline(path, "TARGET", dtype=dtype, device=device)
+    name = type(pipe).__name__
+    kind = conditioning(pipe)
+    if kind == "labels":
+        if prompts:
+            raise UsageError(f"{name} takes class labels, not prompts: use --labels")
+        labels = labels or ["0"]
+        ids = [int(x) if x.lstrip("-").isdigit() else x for x in labels]
+        if any(isinstance(x, str) for x in ids):
+            known = getattr(pipe, "labels", None) or {}  # names through the pipeline's id2label
+            unknown = [x for x in labels if x not in known]
+            if unknown:
+                raise UsageError(f"--labels: {unknown} are not class numbers nor class names of {name} "
+                                 f"({len(known)} names)")  # fmt: skip
+            ids = pipe.get_label_ids(labels)
+        n = getattr(pipe.transformer.config, "num_embeds_ada_norm", None)
+        bad = [i for i in ids if i < 0 or (n is not None and i >= n)]
         if bad:
-            raise ValueError(f"--labels: {name} has classes 0..{nc - 1}, got {bad}")
-        self.model = zoo.load(name)
-        self.title = f"zoo model {name} ({type(self.model.transformer).__name__})"
-        self.items = [(lab, s) for lab in labels for s in seeds]
-        self.captions = [f"{lab}/s{s}" for lab, s in self.items]
+            raise UsageError(f"--labels: {name} has classes 0..{n - 1}, got {bad}" if n
+                             else f"--labels must be >= 0, got {bad}")  # fmt: skip
+        conds, names = [{"class_labels": [i]} for i in ids], [str(x) for x in labels]
+    elif kind == "prompt":
+        if labels:
+            raise UsageError(f"{name} takes prompts, not class labels: use --prompt")
+        prompts = prompts or ["a photograph of a red fox in the snow"]
+        conds, names = [{"prompt": p} for p in prompts], [p[:12] for p in prompts]
+    else:
+        raise UsageError(f"{name}.__call__ takes neither prompt nor class_labels")
+    params = inspect.signature(pipe.__call__).parameters
+    extra = {k: v for k, v in call_kwargs.items() if v is not None and k in params}
+    inputs = [dict(c, seed=s, output_type="np", **extra) for c in conds for s in seeds]
+    tgt = PipelineRunner(pipe, inputs, steps, _to_images)
+    tgt.title = f"pipeline {path} ({name}, {type(pipe.transformer).__name__})"
+    tgt.items = [(c, s) for c in conds for s in seeds]
+    tgt.captions = [f"{n}/s{s}" for n in names for s in seeds]
+    return tgt
 
-    def run(self, cfg, steps):
-        seeds, labels = [s for _, s in self.items], [lab for lab, _ in self.items]
-        if cfg is None:
-            return self.model.sample(seeds, labels, steps=steps), [], []
-        images, summ = self.model.sample(seeds, labels, steps=steps, config=cfg, return_summary=True)
-        return images, [max(len(summ.computed(b)) for b in summ.branches)], [max(len(r) for r in summ.branches.values())]
+
+def measure(tgt, methods, repeats, bar):
+    """Every (name, config) of ``methods`` on runner ``tgt`` ``repeats`` times, interleaved (every
+    method sees the same machine load), after a warm-up run (first-call costs stay out of the
+    timings); ``bar`` steps once per run. Returns {name: Result} with the best time of each."""
+    tgt.run(None)
+    bar.step("warm-up")
+    results = {}
+    for _ in range(repeats):
+        for name, cfg in methods:
+            t0 = time.perf_counter()
+            run = tgt.run(cfg)
+            dt = time.perf_counter() - t0
+            res = results.setdefault(name, Result(name, run.outputs, run.passes, run.steps,
+                                                  summary=run.summaries[-1]))  # fmt: skip
+            res.seconds = min(res.seconds, dt)
+            bar.step(name)
+    bar.close()
+    return results
 
 
-class PipelineTarget:
-    """A local diffusers pipeline: one call per (prompt or label, seed)."""
+def quality(r, ref):
+    """PSNR and SSIM of Result ``r`` against the full computation ``ref`` (inf and 1 for ref itself;
+    SSIM nan for images smaller than its 7x7 window)."""
+    from . import metrics
 
-    def __init__(self, path, prompts, labels, seeds, device, dtype, call_kwargs):
-        import inspect
-
-        import torch
-        from diffusers import DiffusionPipeline
-
-        from diffusers.utils import logging as diffusers_logging
-
-        try:  # loading bars would go to stderr; the table is the output
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
-        except ImportError:
-            pass
-        diffusers_logging.disable_progress_bar()
-        self.torch = torch
-        from diffusers.pipelines import pipeline_utils
-
-        # diffusers renamed torch_dtype to dtype (the old name warns); older versions know only torch_dtype.
-        key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-        try:
-            self.pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype}, local_files_only=True).to(device)
-        except ImportError:
-            raise
-        except Exception as exc:  # no model_index.json, a missing or broken component, ...
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(f"TARGET: cannot load a diffusers pipeline from {path!r}: {msg}") from None
-        if not isinstance(getattr(self.pipe, "transformer", None), torch.nn.Module):
-            raise ValueError(f"TARGET: {type(self.pipe).__name__} in {path!r} has no transformer")
-        self.pipe.set_progress_bar_config(disable=True)
-        self.device = device
-        self.title = f"pipeline {path} ({type(self.pipe).__name__}, {type(self.pipe.transformer).__name__})"
-        params = inspect.signature(self.pipe.__call__).parameters
-        if "class_labels" in params and "prompt" not in params:
-            if prompts:
-                raise ValueError(f"{type(self.pipe).__name__} takes class labels, not prompts: use --labels")
-            labels = labels or ["0"]
-            ids = [int(x) if x.lstrip("-").isdigit() else x for x in labels]
-            if any(isinstance(x, str) for x in ids):
-                known = getattr(self.pipe, "labels", None) or {}  # names through the pipeline's id2label
-                unknown = [x for x in labels if x not in known]
-                if unknown:
-                    raise ValueError(f"--labels: {unknown} are not class numbers nor class names of "
-                                     f"{type(self.pipe).__name__} ({len(known)} names)")  # fmt: skip
-                ids = self.pipe.get_label_ids(labels)
-            n = getattr(self.pipe.transformer.config, "num_embeds_ada_norm", None)
-            bad = [i for i in ids if i < 0 or (n is not None and i >= n)]
-            if bad:
-                raise ValueError(f"--labels: {type(self.pipe).__name__} has classes 0..{n - 1}, got {bad}" if n
-                                 else f"--labels must be >= 0, got {bad}")  # fmt: skip
-            conds = [{"class_labels": [i]} for i in ids]
-            names = [str(x) for x in labels]
-        elif "prompt" in params:
-            if labels:
-                raise ValueError(f"{type(self.pipe).__name__} takes prompts, not class labels: use --prompt")
-            prompts = prompts or ["a photograph of a red fox in the snow"]
-            conds = [{"prompt": p} for p in prompts]
-            names = [p[:12] for p in prompts]
-        else:
-            raise ValueError(f"{type(self.pipe).__name__}.__call__ takes neither prompt nor class_labels")
-        self.call_kwargs = {k: v for k, v in call_kwargs.items() if v is not None and k in params}
-        self.items = [(c, s) for c in conds for s in seeds]
-        self.captions = [f"{n}/s{s}" for n in names for s in seeds]
-
-    def _call(self, cond, seed, steps):
-        gen = self.torch.Generator(device="cpu").manual_seed(seed)
-        out = self.pipe(**cond, num_inference_steps=steps, generator=gen, output_type="np", **self.call_kwargs)
-        x = getattr(out, "images", None)
-        if x is None:
-            x = out.frames
-        x = self.torch.as_tensor(x if not isinstance(x, list) else x[0]).float()
-        if x.ndim == 3:
-            x = x[None]
-        x = x.movedim(-1, 1) if x.ndim == 4 else x.permute(0, 4, 1, 2, 3)  # NHWC -> NCHW, NFHWC -> NCFHW
-        return x * 2 - 1
-
-    def run(self, cfg, steps):
-        from ..integrations import api
-
-        if cfg is not None:
-            api.apply(self.pipe, cfg)
-        images, passes, calls = [], [], []
-        try:
-            for cond, seed in self.items:
-                images.append(self._call(cond, seed, steps))
-                if cfg is not None:
-                    s = api.summary(self.pipe)
-                    passes.append(max(len(s.computed(b)) for b in s.branches))
-                    calls.append(max(len(r) for r in s.branches.values()))
-        finally:
-            if cfg is not None:
-                api.remove(self.pipe)
-        return self.torch.cat(images), passes, calls
+    if r is ref:
+        return float("inf"), 1.0
+    psnr = float(metrics.psnr(r.images, ref.images).mean())
+    try:
+        ssim = float(metrics.ssim(r.images, ref.images).mean())
+    except ValueError:  # images smaller than SSIM's 7x7 window
+        ssim = float("nan")
+    return psnr, ssim
 
 
 def _grid(rows, captions, names, path):
@@ -242,7 +230,8 @@ def _plot(rows, path, title):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, label in ((axes[0], "wall", "wall-clock speedup (x)"), (axes[1], "fewer", "fewer block-stack passes (x)")):
+    axis_labels = ((axes[0], "wall", "wall-clock speedup (x)"), (axes[1], "fewer", "fewer block-stack passes (x)"))
+    for ax, key, label in axis_labels:
         for row in rows[1:]:
             ax.scatter([row[key]], [row["psnr"]], s=40)
             ax.annotate(row["method"], (row[key], row["psnr"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -261,43 +250,28 @@ def run(target, *, prompts=(), labels=(), seeds=(0,), steps=20, configs=None, ou
     """Run the benchmark; returns the table rows (dicts) it printed."""
     import torch
 
-    from . import metrics
     from .. import zoo
 
     if threads:
         torch.set_num_threads(threads)
     if configs is None:
         configs = [(p, parse_config(p)) for p in PRESETS[:3]]
-    try:
-        if os.path.isdir(target):
-            tgt = PipelineTarget(target, list(prompts), list(labels), list(seeds), device, getattr(torch, dtype),
-                                 call_kwargs or {})  # fmt: skip
-        elif target in zoo.names():
-            if prompts:
-                raise ValueError(f"zoo model {target} takes class labels, not prompts: use --labels")
-            tgt = ZooTarget(target, list(labels), list(seeds))
-        else:
-            raise ValueError(f"{target!r} is neither a pipeline folder nor a zoo model ({', '.join(zoo.names())})")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    if os.path.isdir(target):
+        tgt = pipeline_target(target, list(prompts), list(labels), list(seeds), device, getattr(torch, dtype),
+                              call_kwargs or {}, steps)  # fmt: skip
+    elif target in zoo.names():
+        if prompts:
+            raise UsageError(f"zoo model {target} takes class labels, not prompts: use --labels")
+        tgt = zoo_target(target, list(labels), list(seeds), steps)
+    else:
+        raise UsageError(f"{target!r} is neither a pipeline folder nor a zoo model ({', '.join(zoo.names())})")
     methods = [("full", None), *configs]
     bar = Progress(1 + repeats * len(methods), "tcpade bench", enabled=progress)
-    tgt.run(None, steps)  # warm-up: first-call costs stay out of the timings
-    bar.step("warm-up")
-    results = {}
-    for _ in range(repeats):  # interleaved: every method sees the same machine load
-        for name, cfg in methods:
-            t0 = time.perf_counter()
-            images, passes, calls = tgt.run(cfg, steps)
-            dt = time.perf_counter() - t0
-            res = results.setdefault(name, Result(name, images, passes, calls))
-            res.seconds = min(res.seconds, dt)
-            bar.step(name)
-    bar.close()
+    results = measure(tgt, methods, repeats, bar)
 
     ref = results["full"]
     rows = []
-    ncalls = len(tgt.items) if isinstance(tgt, PipelineTarget) else 1
+    ncalls = len(tgt.items) if isinstance(tgt, PipelineRunner) else 1
     print(f"tcpade bench: {tgt.title}; {len(tgt.items)} sample(s), {steps} steps, best of {repeats}, "
           f"{device} {dtype}, {torch.get_num_threads()} thread(s)")  # fmt: skip
     print(f"{'method':22s} {'passes':>8s} {'fewer passes':>13s} {'wall speedup':>13s} {'PSNR dB':>8s} {'SSIM':>7s}")
@@ -305,14 +279,7 @@ def run(target, *, prompts=(), labels=(), seeds=(0,), steps=20, configs=None, ou
         r = results[name]
         total = max(r.steps) if r.steps else steps
         passes = sum(r.passes) / len(r.passes) if r.passes else total
-        if r is ref:
-            psnr, ssim = float("inf"), 1.0
-        else:
-            psnr = float(metrics.psnr(r.images, ref.images).mean())
-            try:
-                ssim = float(metrics.ssim(r.images, ref.images).mean())
-            except ValueError:  # images smaller than SSIM's 7x7 window
-                ssim = float("nan")
+        psnr, ssim = quality(r, ref)
         row = dict(method=name, passes=passes, steps=total, fewer=total / passes, wall=ref.seconds / r.seconds,
                    psnr=psnr, ssim=ssim, seconds=r.seconds / ncalls)  # fmt: skip
         rows.append(row)
@@ -385,9 +352,6 @@ def _check_device(device: str) -> None:
 def run_cli(args) -> int:
     """Run ``tcpade bench`` from parsed arguments; a bad value raises UsageError (one line, exit 2)."""
     import math
-
-    from .cli import at_least, int_list, writable_folder
-    from .cli import seeds as parse_seeds
 
     # the checks that need no model, and no torch, first
     if args.steps < 2:

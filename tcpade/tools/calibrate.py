@@ -58,9 +58,7 @@ when it runs), so ``tcpade calibrate --help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import logging
 import math
 import os
 import re
@@ -75,92 +73,12 @@ if TYPE_CHECKING:  # imported where used: ``tcpade calibrate --help`` must not i
 
     from ..policy.config import TCPadeConfig
 
-log = logging.getLogger(__name__)
-
 __all__ = ["Calibration", "add_cli", "calibrate", "load", "main", "run_cli", "save", "shipped"]
 
 METHODS = ("refine", "lazy", "greedy")
 
 
 # ------------------------------------------------------------------------------------ targets
-class _Runner:
-    """Runs every calibration input once with a config (None: full computation) and returns
-    the outputs stacked, the transformer calls that computed the block stack, and the branches.
-    ``data_range``: the PSNR's (None: the full computation's value range)."""
-
-    data_range: Optional[float] = None
-    transformer: "torch.nn.Module"
-
-    def run(self, config: TCPadeConfig):
-        raise NotImplementedError
-
-
-class _ZooRunner(_Runner):
-    data_range = 2.0  # zoo images are in [-1, 1]
-
-    def __init__(self, model, inputs, steps):
-        pairs = [(int(x), 0) if not isinstance(x, (tuple, list)) else (int(x[0]), int(x[1])) for x in inputs]
-        self.model, self.steps = model, steps
-        self.seeds, self.labels = [p[0] for p in pairs], [p[1] for p in pairs]
-        self.transformer = model.transformer
-
-    def run(self, config):
-        images, summ = self.model.sample(self.seeds, self.labels, steps=self.steps, config=config, return_summary=True)
-        return images, sum(len(summ.computed(b)) for b in summ.branches), len(summ.branches)
-
-
-class _PipelineRunner(_Runner):
-    def __init__(self, pipe, inputs, steps):
-        self.pipe, self.steps, self.inputs = pipe, steps, [dict(kw) for kw in inputs]
-        self.transformer = pipe.transformer
-        # decoded outputs are in [0, 1]; latents are compared over their own range
-        kinds = {kw.get("output_type", "pt") for kw in self.inputs}
-        self.data_range = 1.0 if kinds <= {"pt", "np", "pil"} else None
-
-    def run(self, config):
-        import torch
-
-        from ..integrations import api
-
-        outs, calls, branches = [], 0, 1
-        api.apply(self.pipe, config)
-        try:
-            for kw in self.inputs:
-                kw = dict(kw)
-                if "seed" in kw:
-                    kw["generator"] = torch.Generator().manual_seed(int(kw.pop("seed")))
-                kw.setdefault("output_type", "pt")
-                out = self.pipe(**kw, num_inference_steps=self.steps, return_dict=False)[0]
-                outs.append(_as_tensor(out))
-                summ = api.summary(self.pipe)
-                calls += sum(len(summ.computed(b)) for b in summ.branches)
-                branches = len(summ.branches)
-        finally:
-            api.remove(self.pipe)
-        return torch.cat(outs), calls, branches
-
-
-class _TransformerRunner(_Runner):
-    def __init__(self, transformer, noise_scheduler, inputs, steps):
-        if noise_scheduler is None:
-            raise TypeError("tcpade.calibrate on a bare transformer needs noise_scheduler= (and tcpade.sample inputs)")
-        self.transformer, self.scheduler, self.steps, self.inputs = transformer, noise_scheduler, steps, list(inputs)
-
-    def run(self, config):
-        import torch
-
-        from ..integrations.sampling import sample
-
-        outs, calls, branches = [], 0, 1
-        for kw in self.inputs:
-            out, summ = sample(self.transformer, copy.deepcopy(self.scheduler), steps=self.steps, config=config,
-                               return_summary=True, progress=False, **kw)  # fmt: skip
-            outs.append(out.float())
-            calls += sum(len(summ.computed(b)) for b in summ.branches)
-            branches = len(summ.branches)
-        return torch.cat(outs), calls, branches
-
-
 def _as_tensor(out) -> "torch.Tensor":
     """A pipeline's output (tensor, array, PIL images, or a list of those per video) as a float tensor."""
     import numpy as np
@@ -179,16 +97,26 @@ def _as_tensor(out) -> "torch.Tensor":
 
 
 def _runner(target, inputs, steps, noise_scheduler):
+    """The runner (``tcpade.tools.runner``) of ``target`` on the calibration inputs, and the PSNR's
+    data range (None: the full computation's value range)."""
     import torch
+
+    from .runner import PipelineRunner, TransformerRunner, ZooRunner
 
     if not inputs:
         raise ValueError("tcpade.calibrate needs at least one calibration input")
     if hasattr(target, "spec") and hasattr(target, "sample") and hasattr(target, "transformer"):
-        return _ZooRunner(target, inputs, steps)
+        pairs = [(int(x), 0) if not isinstance(x, (tuple, list)) else (int(x[0]), int(x[1])) for x in inputs]
+        return ZooRunner(target, [p[0] for p in pairs], [p[1] for p in pairs], steps), 2.0  # images in [-1, 1]
     if isinstance(target, torch.nn.Module):
-        return _TransformerRunner(target, noise_scheduler, inputs, steps)
+        if noise_scheduler is None:
+            raise TypeError("tcpade.calibrate on a bare transformer needs noise_scheduler= (and tcpade.sample inputs)")
+        return TransformerRunner(target, noise_scheduler, inputs, steps), None
     if isinstance(getattr(target, "transformer", None), torch.nn.Module):
-        return _PipelineRunner(target, inputs, steps)
+        inputs = [{"output_type": "pt", **kw} for kw in inputs]
+        # decoded outputs are in [0, 1]; latents are compared over their own range
+        decoded = {kw["output_type"] for kw in inputs} <= {"pt", "np", "pil"}
+        return PipelineRunner(target, inputs, steps, _as_tensor), 1.0 if decoded else None
     raise TypeError(
         f"tcpade.calibrate expects a zoo model, a diffusers pipeline or a transformer, got {type(target).__name__}"
     )
@@ -299,28 +227,12 @@ def shipped(name: str, steps: int, predictor: str = "rational") -> Optional[Cali
 
 
 # ------------------------------------------------------------------------------------- search
-class _Progress:
-    def __init__(self, total: int, enabled: bool, desc: str):
-        self.bar = None
-        self.enabled = enabled
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
+def _bar(total: int, progress, steps: int):
+    """The search's progress bar (``tcpade.tools.args.Progress``): a step per pass count found;
+    ``progress`` True: when stdout is a terminal, False: none."""
+    from .args import Progress
 
-                self.bar = tqdm(total=total, desc=desc, unit="pass")
-            except ImportError:
-                pass
-
-    def update(self, passes: int, psnr: float, runs: int) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(passes=passes, psnr=f"{psnr:.2f}", runs=runs)
-        elif self.enabled:
-            log.info("tcpade.calibrate: %d passes, PSNR %.2f dB (%d runs)", passes, psnr, runs)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return Progress(total, f"tcpade.calibrate T={steps}", enabled=None if progress else False)
 
 
 def calibrate(
@@ -353,9 +265,9 @@ def calibrate(
     sweeps: refine's hill-climbing sweeps per count.
     Returns a :class:`Calibration` (``passes``: the smallest requested count).
     """
-    from . import metrics
     from ..policy import schedules as S
     from ..policy.config import TCPadeConfig
+    from . import metrics
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"tcpade.calibrate: steps must be an int >= 1, got {steps!r}")
@@ -379,21 +291,21 @@ def calibrate(
                          f"the first {lead} step(s); steps={steps}), got {outside}")  # fmt: skip
     targets = sorted({budget.budget_passes(steps)} | {TCPadeConfig(predictor=predictor, passes=p).budget_passes(steps)
                                                        for p in many})  # fmt: skip
-    runner = _runner(target, inputs, steps, noise_scheduler)
+    runner, data_range = _runner(target, inputs, steps, noise_scheduler)
 
     counters = dict(runs=0, calls=0)
 
     def execute(sched):
         cfg = TCPadeConfig(predictor=predictor, schedule=tuple(sched), schedule_steps=steps, **overrides)
-        out, calls, branches = runner.run(cfg)
+        run = runner.run(cfg)
         counters["runs"] += 1
-        counters["calls"] += calls
-        return out, branches
+        counters["calls"] += run.calls
+        return run.outputs, run.branches
 
     t0 = time.perf_counter()
     # Full computation through the same path (a schedule of every step: the model's own outputs).
     ref, branches = execute(range(steps))
-    data_range = runner.data_range or float(ref.max() - ref.min()) or 1.0
+    data_range = data_range or float(ref.max() - ref.min()) or 1.0
 
     def score(sched) -> float:
         out, _ = execute(sched)
@@ -414,8 +326,8 @@ def calibrate(
 
 def _remove(score, steps, target_passes, lead, method, start, predictor, progress, counters):
     """Greedy removal (exact or lazy) from ``start`` (default every step) down to ``target_passes``."""
-    from . import metrics
     from ..policy import schedules as S
+    from . import metrics
 
     try:
         current = list(range(steps)) if start is None else list(S.check_schedule(start, steps, predictor, "start"))
@@ -425,7 +337,7 @@ def _remove(score, steps, target_passes, lead, method, start, predictor, progres
         raise ValueError(f"tcpade.calibrate: start has {len(current)} passes, fewer than the {target_passes} asked for")
     path = {len(current): tuple(current)}
     curve = {len(current): metrics.PSNR_CAP if start is None else score(current)}
-    bar = _Progress(len(current) - target_passes, progress, f"tcpade.calibrate T={steps}")
+    bar = _bar(len(current) - target_passes, progress, steps)
     bound: Dict[int, Tuple[float, int]] = {}  # step -> (PSNR without it, size of the schedule it was measured at)
     try:
         while len(current) > target_passes:
@@ -446,7 +358,7 @@ def _remove(score, steps, target_passes, lead, method, start, predictor, progres
             bound.pop(best, None)
             path[len(current)] = tuple(current)
             curve[len(current)] = best_psnr
-            bar.update(len(current), best_psnr, counters["runs"])
+            bar.step(f"{len(current)} passes {best_psnr:.2f} dB")
     finally:
         bar.close()
     return path, curve
@@ -459,7 +371,7 @@ def _refine(score, steps, targets, lead, sweeps, progress):
     from ..policy import schedules as S
 
     path, curve = {}, {}
-    bar = _Progress(len(targets), progress, f"tcpade.calibrate T={steps}")
+    bar = _bar(len(targets), progress, steps)
     try:
         for k in sorted(targets, reverse=True):
             scored = [(score(c), c) for c in S.even_family(steps, k, lead)]
@@ -480,7 +392,7 @@ def _refine(score, steps, targets, lead, sweeps, progress):
                 if not moved:
                     break
             path[k], curve[k] = tuple(cur), best
-            bar.update(k, best, 0)
+            bar.step(f"{k} passes {best:.2f} dB")
     finally:
         bar.close()
     return path, curve
@@ -505,7 +417,8 @@ Pass counts must be in [lead, --steps]: a schedule always computes its first `le
 
 
 def _lead(predictor: str) -> int:
-    """``tcpade.policy.schedules.min_leading(predictor)`` without importing torch (tcpade.core.layout is plain Python)."""
+    """``tcpade.policy.schedules.min_leading(predictor)`` without importing torch (``tcpade.core.layout``
+    is plain Python)."""
     from ..core import layout as L
 
     return max(L.VARIANT_TABLE[v].min_history for v in L.CHOOSERS.get(predictor, (predictor,)))
@@ -523,7 +436,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     from ..core import layout as L
-    from .cli import zoo_names
+    from .args import zoo_names
 
     p.add_argument("model", metavar="MODEL",
                    help=f"a zoo model ({', '.join(zoo_names())}) or a local diffusers pipeline folder")  # fmt: skip
@@ -547,7 +460,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_out(path: str) -> None:
-    from .cli import UsageError
+    from .args import UsageError
 
     if os.path.isdir(path):
         raise UsageError(f"--out: {path!r} is a folder; give a JSON file")
@@ -567,29 +480,13 @@ def _check_out(path: str) -> None:
 
 def _pipeline(path: str, prompts, labels, seeds):
     """The pipeline in folder ``path`` and its calibration inputs (one per seed), or UsageError."""
-    import inspect
+    from .args import UsageError
+    from .runner import conditioning, load_pipeline
 
-    import torch
-
-    from .cli import UsageError
-
-    try:
-        from diffusers import DiffusionPipeline
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
-    except ImportError:
-        raise
-    except Exception as exc:  # no model_index.json, a missing or broken component, ...
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"MODEL: cannot load a diffusers pipeline from {path!r}: {msg}") from None
+    pipe = load_pipeline(path, "MODEL", what=" to calibrate")
     name = type(pipe).__name__
-    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
-        raise UsageError(f"MODEL: {name} in {path!r} has no transformer to calibrate")
-    pipe.set_progress_bar_config(disable=True)
-    params = inspect.signature(pipe.__call__).parameters
-    if "class_labels" in params and "prompt" not in params:
+    kind = conditioning(pipe)
+    if kind == "labels":
         if prompts:
             raise UsageError(f"--prompt: {name} takes class labels, not prompts: use --labels")
         labels = labels if labels is not None else [0]
@@ -601,7 +498,7 @@ def _pipeline(path: str, prompts, labels, seeds):
             raise UsageError(f"--labels: {name} has classes 0..{n - 1}, got {bad}" if n else
                              f"--labels must be >= 0, got {bad}")  # fmt: skip
         inputs = [dict(class_labels=[labels[i % len(labels)]], seed=s) for i, s in enumerate(seeds)]
-    elif "prompt" in params:
+    elif kind == "prompt":
         if labels is not None:
             raise UsageError(f"--labels: {name} takes prompts, not class labels: use --prompt")
         prompts = prompts or [""]
@@ -616,9 +513,9 @@ def _pipeline(path: str, prompts, labels, seeds):
 
 def run_cli(args) -> int:
     """Run the ``calibrate`` subcommand from parsed arguments; returns the exit status. A bad
-    value raises ``tcpade.tools.cli.UsageError`` (one line naming the flag) before any model loads."""
-    from .cli import UsageError, at_least, int_list, zoo_names
-    from .cli import seeds as parse_seeds
+    value raises ``tcpade.tools.args.UsageError`` (one line naming the flag) before any model loads."""
+    from .args import UsageError, at_least, int_list, zoo_names
+    from .args import seeds as parse_seeds
 
     # every check that needs no model first (and no torch until the --out check)
     lead = _lead(args.predictor)
@@ -664,7 +561,6 @@ def run_cli(args) -> int:
             raise UsageError(f"--labels: {args.model} has classes 0..{n - 1}, got {bad}")
         target = zoo.load(args.model)
         inputs = list(zip(seeds, labels))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     cal = calibrate(target, inputs, passes=passes, speedup=args.speedup, steps=args.steps,
                     predictor=args.predictor, method=args.method)  # fmt: skip
     cal.save(args.out)
@@ -678,7 +574,7 @@ def run_cli(args) -> int:
 
 def main(argv=None) -> int:
     """``python -m tcpade.tools.calibrate ARGS``: the ``tcpade calibrate`` command line."""
-    from .cli import ArgumentParser, UsageError
+    from .args import ArgumentParser, UsageError
 
     p = ArgumentParser(prog="tcpade calibrate", description=_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip

@@ -12,39 +12,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-from .cli import Progress, require, writable_folder, zoo_names
+from .args import Progress, UsageError, at_least, require, writable_folder, zoo_names
 
 # Imported by the ``tcpade`` command to build its parser: torch, diffusers and the zoo load
 # only when the demo runs.
 
 
-def _grid(rows, path, names):
-    """rows: list of image batches (N, C, H, W), C = 1 or 3, in [-1, 1] -> one PNG, a row per method."""
-    from PIL import Image, ImageDraw
-
-    scale, pad, label_w = 4, 2, 70
-    n, c, h, w = rows[0].shape
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    canvas = Image.new("L" if c == 1 else "RGB", (label_w + n * cell_w, len(rows) * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (batch, name) in enumerate(zip(rows, names)):
-        draw.text((4, r * cell_h + cell_h // 2 - 5), name, fill="black")
-        x = ((batch.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-        for i in range(n):
-            tile = Image.fromarray(x[i, 0] if c == 1 else x[i].transpose(1, 2, 0)).resize((w * scale, h * scale),
-                                                                                          Image.NEAREST)
-            canvas.paste(tile, (label_w + i * cell_w, r * cell_h))
-    canvas.save(path)
-
-
 def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0, threads=1, progress=None):
+    """The demo: ``tcpade bench``'s runner and timing on a zoo image model, with the demo's
+    inputs (every class twice, or five times with two classes) and table; returns
+    {method: bench.Result}."""
     import torch
 
-    from . import metrics
     from .. import zoo
-    from ..policy.config import TCPadeConfig
+    from . import bench
+    from .runner import ZooRunner
 
     # One thread: the model is small (a 20-step run of 20 samples is ~0.3 s), and on a shared
     # machine OpenMP threads that spin-wait for a busy core cost more than they bring.
@@ -58,47 +41,28 @@ def run(model_name="flux-digits", steps=20, out="tcpade-demo", repeats=3, seed=0
         raise ValueError(f"the demo draws images; {model_name!r} makes clips (use bench/quality.py for it)")
     labels = list(range(spec.num_classes)) * (2 if spec.num_classes > 2 else 5)
     seeds = [seed * 1000 + i for i in range(len(labels))]
-    methods = [("full", None), ("adaptive", TCPadeConfig.adaptive()), ("slow", TCPadeConfig.slow()),
-               ("fast", TCPadeConfig.fast())]  # fmt: skip
+    methods = [("full", None), *((p, bench.parse_config(p)) for p in ("adaptive", "slow", "fast"))]
 
     bar = Progress(1 + repeats * len(methods), f"tcpade demo: {model_name}", enabled=progress)
-    model.sample(seeds[:2], labels[:2], steps=steps)  # warm-up: first-call costs out of the timings
-    bar.step("warm-up")
-    results = {}
-    for _ in range(repeats):  # interleaved repeats, best of each: the ratios are measured side by side
-        for name, cfg in methods:
-            t0 = time.perf_counter()
-            if cfg is None:
-                images, summ = model.sample(seeds, labels, steps=steps), None
-            else:
-                images, summ = model.sample(seeds, labels, steps=steps, config=cfg, return_summary=True)
-            dt = time.perf_counter() - t0
-            prev = results.get(name)
-            results[name] = (images, summ, min(dt, prev[2]) if prev else dt)
-            bar.step(name)
-    bar.close()
-    ref, _, t_full = results["full"]
+    results = bench.measure(ZooRunner(model, seeds, labels, steps), methods, repeats, bar)
+    ref = results["full"]
     print(f"tcpade demo: {model_name} ({type(model.transformer).__name__}, "
           f"{sum(p.numel() for p in model.transformer.parameters()):,} parameters), {len(seeds)} samples, "
           f"{steps} steps, CPU {torch.get_num_threads()} thread(s)")  # fmt: skip
     print(f"{'method':9s} {'passes':>8s} {'fewer passes':>13s} {'wall speedup':>13s} {'PSNR dB':>8s} {'SSIM':>7s}")
     for name, _ in methods:
-        images, summ, dt = results[name]
-        if summ is None:
-            passes = steps
-            p, s = "inf", "1.0000"
-        else:
-            passes = max(len(summ.computed(b)) for b in summ.branches)
-            p = f"{float(metrics.psnr(images, ref).mean()):.2f}"
-            s = f"{float(metrics.ssim(images, ref).mean()):.4f}"
-        print(f"{name:9s} {passes:>5d}/{steps:<2d} {steps / passes:>12.2f}x {t_full / dt:>12.2f}x {p:>8s} {s:>7s}")
+        r = results[name]
+        passes = max(r.passes) if r.passes else steps
+        psnr, ssim = bench.quality(r, ref)
+        print(f"{name:9s} {passes:>5d}/{steps:<2d} {steps / passes:>12.2f}x {ref.seconds / r.seconds:>12.2f}x "
+              f"{psnr:>8.2f} {ssim:>7.4f}")  # fmt: skip
     os.makedirs(out, exist_ok=True)
     grid = os.path.join(out, "samples.png")
-    _grid([results[n][0] for n, _ in methods], grid, [n for n, _ in methods])
+    bench._grid([results[n].images for n, _ in methods], [str(lab) for lab in labels], [n for n, _ in methods], grid)
     tsi = os.path.join(out, "tsi_fast.png")
-    results["fast"][1].plot(tsi)
+    results["fast"].summary.plot(tsi)
     print(f"\nwrote {grid} (rows: {', '.join(n for n, _ in methods)}) and {tsi}")
-    print(results["fast"][1])
+    print(results["fast"].summary)
     return results
 
 
@@ -122,8 +86,6 @@ def add_cli(subparsers):
 
 def run_cli(args) -> int:
     """Run ``tcpade demo`` from parsed arguments; a bad value raises UsageError (one line, exit 2)."""
-    from .cli import UsageError, at_least
-
     if args.steps < 2:
         raise UsageError(f"--steps must be >= 2, got {args.steps}")
     at_least(args.repeats, 1, "--repeats")
@@ -136,10 +98,3 @@ def run_cli(args) -> int:
     require("diffusers", "safetensors", "PIL", "matplotlib")
     run(args.model, args.steps, args.out, args.repeats, threads=args.threads, progress=args.progress)
     return 0
-
-
-def main(argv=None) -> int:
-    """``tcpade demo ARGS``."""
-    from .cli import main as cli_main
-
-    return cli_main(["demo", *(argv or [])])
