@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import PIPELINES, TINY, TXT, _embeds
 
 import tcpade
 from tcpade import metrics, schedules, zoo
-from tcpade.tools import tiny
 from tcpade.policy.config import TCPadeConfig
+from tcpade.tools import tiny
+from tcpade.tools.tiny import FAMILY_PIPELINES as PIPELINES
+from tcpade.tools.tiny import TINY, TXT, _embeds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,7 +204,7 @@ def test_calibrate_a_bare_transformer_in_its_own_layout(family, ndim, registry):
 
 
 def _latent_inputs(family):
-    """Call kwargs of the tiny pipelines in tests/families.py (precomputed prompt embeddings)."""
+    """Call kwargs of the tiny pipelines of tcpade.tools.tiny.FAMILY_PIPELINES (precomputed prompt embeddings)."""
     if family == "flux":  # true CFG off: one branch; the output: packed latents (1, tokens, C)
         pe, pp = _embeds(1, (1, TXT, 16), (1, 16))
         return dict(prompt_embeds=pe, pooled_prompt_embeds=pp, height=8, width=8)
@@ -231,8 +232,8 @@ def test_calibrate_a_pipeline_on_its_latents(family, ndim, branches, registry):
 
 def test_lead_without_torch_matches_schedules():
     """The command line checks pass counts against the lead without importing torch."""
-    from tcpade.tools.calibrate import _lead
     from tcpade.core.coef import PREDICTORS
+    from tcpade.tools.calibrate import _lead
 
     assert {p: _lead(p) for p in PREDICTORS} == {p: schedules.min_leading(p) for p in PREDICTORS}
 
@@ -240,7 +241,7 @@ def test_lead_without_torch_matches_schedules():
 def test_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cal.json"
-    proc = subprocess.run([sys.executable, "-m", "tcpade.calibrate", "flux-digits", "--steps", "5", "--passes", "4,3",
+    proc = subprocess.run([sys.executable, "-m", "tcpade.tools.calibrate", "flux-digits", "--steps", "5", "--passes", "4,3",
                            "--seeds", "0", "--out", str(out), "--threads", "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -248,7 +249,7 @@ def test_command_line(tmp_path):
     (entry,) = json.loads(out.read_text())["entries"]
     assert entry["name"] == "flux-digits" and entry["steps"] == 5 and entry["method"] == "refine"
     assert sorted(entry["schedules"]) == ["3", "4"] and len(entry["schedules"]["3"]) == 3
-    bad = subprocess.run([sys.executable, "-m", "tcpade.calibrate", "no-such-model", "--passes", "3"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "tcpade.tools.calibrate", "no-such-model", "--passes", "3"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "neither a zoo model" in bad.stderr
 
@@ -262,7 +263,7 @@ def test_add_cli_registers_a_subcommand():
     cal_module.add_cli(p.add_subparsers(dest="cmd"))
     args = p.parse_args(["calibrate", "flux-digits", "--passes", "7", "--steps", "20"])
     assert args.func is cal_module.run_cli and args.passes == "7" and args.speedup is None
-    from tcpade.tools.cli import UsageError
+    from tcpade.tools.args import UsageError
 
     with pytest.raises(UsageError, match="--passes must be comma-separated integers, got '7,x'"):
         cal_module.run_cli(p.parse_args(["calibrate", "flux-digits", "--passes", "7,x"]))

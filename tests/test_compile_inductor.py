@@ -43,8 +43,6 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import families as F  # noqa: E402
-
 import tcpade  # noqa: E402
 from tcpade import TCPadeConfig  # noqa: E402
 from tcpade.tools import tiny  # noqa: E402
@@ -90,12 +88,12 @@ def variants():
 
 
 def _flux():
-    pipe, generate = F.flux_pipeline(layers=(2, 2))
+    pipe, generate = tiny.flux_family_pipeline(layers=(2, 2))
     return pipe, (lambda size: generate(STEPS, size=size)), [(16, 16), (8, 12)], ("cond", "uncond")
 
 
 def _wan():
-    pipe, generate = F.wan_pipeline()
+    pipe, generate = tiny.wan_family_pipeline()
     return pipe, (lambda size: generate(STEPS, size=size)), [32, 48], ("cond", "uncond")
 
 

@@ -22,7 +22,7 @@ pytest.importorskip("diffusers")
 import tcpade  # noqa: E402
 from tcpade.integrations import adapters  # noqa: E402
 
-from families import PIPELINES, TINY  # noqa: E402
+from tcpade.tools.tiny import FAMILY_PIPELINES as PIPELINES, TINY  # noqa: E402
 from helpers import rule_slow  # noqa: E402
 
 # fast(): a budget of 7 of 20 passes; a random model has no calibrated schedule: the spaced rule.

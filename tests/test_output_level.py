@@ -25,7 +25,7 @@ from tcpade import coef as K  # noqa: E402  # noqa: E402
 from tcpade import reference  # noqa: E402  # noqa: E402
 from tcpade.tools.tiny import FAMILIES, CompileCount  # noqa: E402
 
-from families import PIPELINES, TINY  # noqa: E402
+from tcpade.tools.tiny import FAMILY_PIPELINES as PIPELINES, TINY  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 
