@@ -41,7 +41,7 @@ import torch
 
 import tcpade
 from tcpade import TCPadeConfig
-from tcpade.tools.tiny import TXT, flux_pipeline
+from tcpade.tools.tiny import flux_embeds, flux_pipeline
 
 PRESETS = {"fast": TCPadeConfig.fast, "slow": TCPadeConfig.slow, "adaptive": TCPadeConfig.adaptive}
 SIZES = (16, 24, 32)
@@ -67,15 +67,7 @@ def draw(rng: random.Random, max_steps: int = 50) -> Request:
                    cfg=rng.random() < 0.7, preset=rng.choice(sorted(PRESETS)), seed=rng.randrange(2**31))  # fmt: skip
 
 
-def _embeds():
-    """The prompt embeddings of ``tcpade.tools.tiny.flux_pipeline`` (the same generator draws)."""
-    g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, TXT, 32, generator=g), torch.randn(1, 32, generator=g)
-    ne, npp = torch.randn(1, TXT, 32, generator=g), torch.randn(1, 32, generator=g)
-    return pe, pp, ne, npp
-
-
-EMBEDS = _embeds()
+EMBEDS = flux_embeds()  # the prompt embeddings of flux_pipeline
 
 
 def new_pipeline(preset: Optional[str]):

@@ -201,6 +201,14 @@ def wan_pipeline():
     return pipe, generate
 
 
+def flux_embeds(dtype=torch.float32):
+    """``flux_pipeline``'s precomputed prompt embeddings: (prompt, pooled, negative, negative pooled)."""
+    g = torch.Generator().manual_seed(1)
+    pe, pp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
+    ne, npp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
+    return pe, pp, ne, npp
+
+
 def flux_pipeline(dtype=torch.float32):
     """A FluxPipeline; ``generate(steps, size=16, images=1)``: true CFG 2 (cond / uncond calls)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -210,9 +218,7 @@ def flux_pipeline(dtype=torch.float32):
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=model)  # fmt: skip
     if dtype != torch.float32:
         pipe.to(dtype)
-    g = torch.Generator().manual_seed(1)
-    pe, pp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
-    ne, npp = torch.randn(1, TXT, 32, generator=g).to(dtype), torch.randn(1, 32, generator=g).to(dtype)
+    pe, pp, ne, npp = flux_embeds(dtype)
 
     def generate(steps=4, size=16, images=1):
         return pipe(num_images_per_prompt=images, prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
