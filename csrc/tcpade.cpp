@@ -138,8 +138,8 @@ void check_common(int64_t rows, int64_t C, int dtype, uintptr_t h_in, uintptr_t 
     if (rows < 0 || C < 0) throw std::invalid_argument("tcpade._C: rows and C must be >= 0");
     if (C > INT32_MAX) throw std::invalid_argument("tcpade._C: the last dim C must be < 2^31");
     if (dtype < 0 || dtype > 2) throw std::invalid_argument("tcpade._C: dtype code must be 0, 1 or 2");
-    if (rows * C > 0 && (h_in == 0 || ring == 0))
-        throw std::invalid_argument("tcpade._C: h_in and ring must be given");
+    (void)h_in;  // h_in == 0: a zero input (the output level), never read
+    if (rows * C > 0 && ring == 0) throw std::invalid_argument("tcpade._C: ring must be given");
 }
 
 py::list to_list(const Sums& s) {
@@ -232,13 +232,14 @@ PYBIND11_MODULE(_C, mod) {
     mod.def("update", &py_update, py::arg("h_in"), py::arg("h_out"), py::arg("ring"), py::arg("slots"),
             py::arg("h_prev"), py::arg("rows"), py::arg("C"), py::arg("nslot"), py::arg("dtype"),
             py::arg("probe"),
-            "Write R = h_out - h_in into ring slot slots[nslot-1]; return the sums (tcpade.core.layout.SUMS).");
+            "Write R = h_out - h_in into ring slot slots[nslot-1] (h_in = 0: a zero input, R = h_out, h_prev "
+            "zeroed); return the sums (tcpade.core.layout.SUMS).");
     mod.def("predict", &py_predict, py::arg("h_in"), py::arg("ring"), py::arg("slots"), py::arg("coef"),
             py::arg("h_prev"), py::arg("out"), py::arg("rows"), py::arg("C"), py::arg("nslot"),
             py::arg("dtype"), py::arg("variant"), py::arg("store"),
             "Predict R_eff (variant: the code of tcpade.core.layout.VARIANT_TABLE), optionally write h_out = "
             "h_in + R_eff (out != 0; a non-finite element becomes h_in + R1) and store R_eff in "
-            "slots[nslot-1]; return the sums (tcpade.core.layout.SUMS).");
+            "slots[nslot-1] (h_in = 0: a zero input, not read); return the sums (tcpade.core.layout.SUMS).");
     mod.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP max threads.");
     mod.def(
         "layout",
@@ -378,7 +379,9 @@ Sums parallel_rows(int64_t rows, int64_t C, int64_t buf_floats, Body body) {
 }
 
 // ---------------------------------------------------------------- update
-template <class D, bool PROBE>
+// X: h_in is given; without it the input is zero (the output level): R = h_out (y - 0 is y,
+// bit for bit), no h_in is read, and h_prev (if kept) is zeroed.
+template <class D, bool PROBE, bool X>
 Sums update_impl(const typename D::S* hin, const typename D::S* hout, typename D::S* ring,
                  const std::vector<int64_t>& slots, typename D::S* hprev, int64_t rows, int64_t C) {
     using S = typename D::S;
@@ -388,7 +391,7 @@ Sums update_impl(const typename D::S* hin, const typename D::S* hout, typename D
     S* W = ring + slots.back() * n;
     return parallel_rows(rows, C, 0, [&](Sums& acc, int64_t i, float*) {
         const int64_t o = i * C;
-        const S* x = hin + o;
+        const S* x = X ? hin + o : nullptr;
         const S* y = hout + o;
         const S* r1 = R1 + o;
         const S* r2 = R2 + o;
@@ -397,7 +400,7 @@ Sums update_impl(const typename D::S* hin, const typename D::S* hout, typename D
         int cnt = 0;  // per row: C < 2^31 (checked at the binding)
 #pragma omp simd reduction(+ : a0, a1, a2, a3, a4, cnt)
         for (int64_t j = 0; j < C; ++j) {
-            const float r = D::ld(y[j]) - D::ld(x[j]);
+            const float r = X ? D::ld(y[j]) - D::ld(x[j]) : D::ld(y[j]);
             const float v1 = D::ld(r1[j]);
             const float d1 = v1 - D::ld(r2[j]);
             const float d2 = r - v1;
@@ -420,8 +423,19 @@ Sums update_impl(const typename D::S* hin, const typename D::S* hout, typename D
         acc[SUM_ERR2] += a3;
         acc[SUM_R2] += a4;
         acc[SUM_NONFINITE] += (double)cnt;
-        if (hprev != nullptr && hprev + o != x) std::memcpy(hprev + o, x, (size_t)C * sizeof(S));
+        if (hprev != nullptr && !X) std::memset(hprev + o, 0, (size_t)C * sizeof(S));  // +0 in every dtype
+        if (hprev != nullptr && X && hprev + o != x) std::memcpy(hprev + o, x, (size_t)C * sizeof(S));
     });
+}
+
+template <class D>
+Sums update_any(const typename D::S* hin, const typename D::S* hout, typename D::S* ring,
+                const std::vector<int64_t>& slots, typename D::S* hprev, int64_t rows, int64_t C, bool probe) {
+    if (hin == nullptr)
+        return probe ? update_impl<D, true, false>(hin, hout, ring, slots, hprev, rows, C)
+                     : update_impl<D, false, false>(hin, hout, ring, slots, hprev, rows, C);
+    return probe ? update_impl<D, true, true>(hin, hout, ring, slots, hprev, rows, C)
+                 : update_impl<D, false, true>(hin, hout, ring, slots, hprev, rows, C);
 }
 
 // ---------------------------------------------------------------- predict
@@ -504,17 +518,18 @@ template <class D>
 using FusedFn = int (*)(const typename D::S*, const typename D::S*, const typename D::S*, const typename D::S*,
                         const float*, typename D::S*, typename D::S*, const RowCoef&, int64_t, Sums&);
 
-// The fused pass over one row. x: h_in, hp: h_prev (GAMMA), m: paper's main (M_BUF),
-// w: the write slot (STORE), out: h_out (WOUT). Adds the row's sums to acc; returns (for
-// M_PAPER) the number of elements that need wavg, in which case the row must be redone.
-template <class D, int MAIN, bool GAMMA, bool STORE, bool WOUT>
+// The fused pass over one row. x: h_in (X; without it the input is zero and x is not read:
+// 0 + R_eff and 0 - h_prev round exactly as with a zero tensor), hp: h_prev (GAMMA), m: paper's
+// main (M_BUF), w: the write slot (STORE), out: h_out (WOUT). Adds the row's sums to acc;
+// returns (for M_PAPER) the number of elements that need wavg, in which case the row must be redone.
+template <class D, int MAIN, bool GAMMA, bool STORE, bool WOUT, bool X>
 TC_NO_TRAPS int fused_row(const typename D::S* x, const typename D::S* r1,
                                          const typename D::S* r2, const typename D::S* hp, const float* m,
                                          typename D::S* w, typename D::S* out, const RowCoef& k, int64_t C,
                                          Sums& acc) {
     using S = typename D::S;
     constexpr bool NEED_R2 = MAIN != M_REUSE || STORE;
-    constexpr bool NEED_X = GAMMA || WOUT;
+    constexpr bool NEED_X = X && (GAMMA || WOUT);
     const float c1 = k.c1, c2 = k.c2, w_main = k.w_main, g = k.g;
     const float lam1 = k.lam1, lam2 = k.lam2, lt1 = k.lt1, lt2 = k.lt2, b = k.b;
     static_assert(MAIN != M_PAPER || !STORE, "M_PAPER is for store=False only");
@@ -580,34 +595,40 @@ TC_NO_TRAPS int fused_row(const typename D::S* x, const typename D::S* r1,
     return nb;
 }
 
-template <class D, int MAIN>
+template <class D, int MAIN, bool X>
 FusedFn<D> pick_fused_for(bool gamma, bool store, bool wout) {
     if constexpr (MAIN == M_PAPER) {
         static constexpr FusedFn<D> tbl[4] = {
-            &fused_row<D, MAIN, false, false, false>, &fused_row<D, MAIN, false, false, true>,
-            &fused_row<D, MAIN, true, false, false>, &fused_row<D, MAIN, true, false, true>};
+            &fused_row<D, MAIN, false, false, false, X>, &fused_row<D, MAIN, false, false, true, X>,
+            &fused_row<D, MAIN, true, false, false, X>, &fused_row<D, MAIN, true, false, true, X>};
         return store ? nullptr : tbl[(gamma ? 2 : 0) + (wout ? 1 : 0)];
     } else {
         static constexpr FusedFn<D> tbl[8] = {
-            &fused_row<D, MAIN, false, false, false>, &fused_row<D, MAIN, false, false, true>,
-            &fused_row<D, MAIN, false, true, false>,  &fused_row<D, MAIN, false, true, true>,
-            &fused_row<D, MAIN, true, false, false>,  &fused_row<D, MAIN, true, false, true>,
-            &fused_row<D, MAIN, true, true, false>,   &fused_row<D, MAIN, true, true, true>,
+            &fused_row<D, MAIN, false, false, false, X>, &fused_row<D, MAIN, false, false, true, X>,
+            &fused_row<D, MAIN, false, true, false, X>,  &fused_row<D, MAIN, false, true, true, X>,
+            &fused_row<D, MAIN, true, false, false, X>,  &fused_row<D, MAIN, true, false, true, X>,
+            &fused_row<D, MAIN, true, true, false, X>,   &fused_row<D, MAIN, true, true, true, X>,
         };
         return tbl[(gamma ? 4 : 0) + (store ? 2 : 0) + (wout ? 1 : 0)];
     }
 }
 
-template <class D>
-FusedFn<D> pick_fused(int main, bool gamma, bool store, bool wout) {
+template <class D, bool X>
+FusedFn<D> pick_fused_x(int main, bool gamma, bool store, bool wout) {
     switch (main) {
-        case M_BUF: return pick_fused_for<D, M_BUF>(gamma, store, wout);
-        case M_PAPER: return pick_fused_for<D, M_PAPER>(gamma, store, wout);
-        case M_LINEAR: return pick_fused_for<D, M_LINEAR>(gamma, store, wout);
-        case M_RATIONAL: return pick_fused_for<D, M_RATIONAL>(gamma, store, wout);
-        case M_REUSE: return pick_fused_for<D, M_REUSE>(gamma, store, wout);
-        default: return pick_fused_for<D, M_BLEND>(gamma, store, wout);
+        case M_BUF: return pick_fused_for<D, M_BUF, X>(gamma, store, wout);
+        case M_PAPER: return pick_fused_for<D, M_PAPER, X>(gamma, store, wout);
+        case M_LINEAR: return pick_fused_for<D, M_LINEAR, X>(gamma, store, wout);
+        case M_RATIONAL: return pick_fused_for<D, M_RATIONAL, X>(gamma, store, wout);
+        case M_REUSE: return pick_fused_for<D, M_REUSE, X>(gamma, store, wout);
+        default: return pick_fused_for<D, M_BLEND, X>(gamma, store, wout);
     }
+}
+
+// x: h_in is given (false: a zero input, not read).
+template <class D>
+FusedFn<D> pick_fused(int main, bool gamma, bool store, bool wout, bool x) {
+    return x ? pick_fused_x<D, true>(main, gamma, store, wout) : pick_fused_x<D, false>(main, gamma, store, wout);
 }
 
 // Rational pass 1: the per-row reductions, then b1 (clamped, kappa-rescaled) as float32.
@@ -691,8 +712,10 @@ Sums predict_impl(const typename D::S* hin, typename D::S* ring, typename D::S* 
     // two passes are faster (bench/RESULTS.md).
     const bool paper_one_pass = std::is_same<D, F32>::value && main_kind == M_BUF && !store &&
                                 !(write_out && ((const void*)out == (const void*)hin || out == hprev));
-    const FusedFn<D> fused = pick_fused<D>(paper_one_pass ? (int)M_PAPER : main_kind, gamma, store, write_out);
-    const FusedFn<D> fused_buf = main_kind == M_BUF ? pick_fused<D>(M_BUF, gamma, store, write_out) : nullptr;
+    const bool has_x = hin != nullptr;  // false: a zero input (the output level), never read
+    const FusedFn<D> fused =
+        pick_fused<D>(paper_one_pass ? (int)M_PAPER : main_kind, gamma, store, write_out, has_x);
+    const FusedFn<D> fused_buf = main_kind == M_BUF ? pick_fused<D>(M_BUF, gamma, store, write_out, has_x) : nullptr;
 
     // h_out written in place over h_in while h_prev must receive the old h_in: keep a copy.
     const bool save_x = hprev != nullptr && hprev != hin && write_out && (const void*)out == (const void*)hin;
@@ -704,12 +727,13 @@ Sums predict_impl(const typename D::S* hin, typename D::S* ring, typename D::S* 
         const int64_t o = i * C;
         S* saved = save_x ? reinterpret_cast<S*>(m + mlen) : nullptr;
         if (save_x) std::memcpy(saved, hin + o, (size_t)C * sizeof(S));
+        const S* xr = has_x ? hin + o : nullptr;
         const S* hp = gamma ? hprev + o : nullptr;
         S* ho = write_out ? out + o : nullptr;
         RowCoef k = k0;
         Sums rs{};
         bool done = false;
-        if (paper_one_pass) done = fused(hin + o, R1 + o, R2 + o, hp, nullptr, W + o, ho, k, C, rs) == 0;
+        if (paper_one_pass) done = fused(xr, R1 + o, R2 + o, hp, nullptr, W + o, ho, k, C, rs) == 0;
         if (!done) {
             if (main_kind == M_BUF) {
                 // In chunks of PCH elements: the compute-bound main pass and the
@@ -728,8 +752,8 @@ Sums predict_impl(const typename D::S* hin, typename D::S* ring, typename D::S* 
                             m[j] = wv;
                         }
                     }
-                    fused_buf(hin + oc, R1 + oc, R2 + oc, hp ? hp + c0 : nullptr, m, W + oc, ho ? ho + c0 : nullptr,
-                              k, cn, rs);
+                    fused_buf(xr ? xr + c0 : nullptr, R1 + oc, R2 + oc, hp ? hp + c0 : nullptr, m, W + oc,
+                              ho ? ho + c0 : nullptr, k, cn, rs);
                 }
             } else {
                 if (main_kind == M_RATIONAL)
@@ -739,11 +763,13 @@ Sums predict_impl(const typename D::S* hin, typename D::S* ring, typename D::S* 
                               : rational_b1<D, false>(R3fit + o, R2 + o, R1 + o, alp0, alp1, alp2, at0, at1, at2,
                                                       k0.lt1, k0.lt2, bmax, kappa, C);
                 // All reads of R3 for this row are done: the write slot may be R3's.
-                fused(hin + o, R1 + o, R2 + o, hp, m, W + o, ho, k, C, rs);
+                fused(xr, R1 + o, R2 + o, hp, m, W + o, ho, k, C, rs);
             }
         }
         for (int q = 0; q < NSUMS; ++q) acc[q] += rs[q];
-        if (hprev != nullptr && hprev != hin)
+        if (hprev != nullptr && !has_x)
+            std::memset(hprev + o, 0, (size_t)C * sizeof(S));  // the zero input; +0 in every dtype
+        else if (hprev != nullptr && hprev != hin)
             std::memcpy(hprev + o, save_x ? saved : hin + o, (size_t)C * sizeof(S));
     });
 }
@@ -754,18 +780,15 @@ Sums run_update(int dtype, uintptr_t h_in, uintptr_t h_out, uintptr_t ring, cons
     switch (dtype) {
         case 0: {
             auto p = [](uintptr_t v) { return reinterpret_cast<float*>(v); };
-            return probe ? update_impl<F32, true>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C)
-                         : update_impl<F32, false>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C);
+            return update_any<F32>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C, probe);
         }
         case 1: {
             auto p = [](uintptr_t v) { return reinterpret_cast<uint16_t*>(v); };
-            return probe ? update_impl<BF16, true>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C)
-                         : update_impl<BF16, false>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C);
+            return update_any<BF16>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C, probe);
         }
         default: {
             auto p = [](uintptr_t v) { return reinterpret_cast<uint16_t*>(v); };
-            return probe ? update_impl<F16, true>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C)
-                         : update_impl<F16, false>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C);
+            return update_any<F16>(p(h_in), p(h_out), p(ring), slots, p(h_prev), rows, C, probe);
         }
     }
 }

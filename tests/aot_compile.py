@@ -38,6 +38,7 @@ def main():
             "n_elements": "i32",
             "slot_stride": "i32",
             "NSLOT": "constexpr",
+            "HAS_IN": "constexpr",
             "HAS_PREV": "constexpr",
             "PROBE": "constexpr",
             "BLOCK": "constexpr",
@@ -48,7 +49,9 @@ def main():
             compile_one(
                 U._update_kernel,
                 usig,
-                dict(NSLOT=3, HAS_PREV=prev, PROBE=probe, BLOCK=4096, EXACT_BF16=False, IDX64=prev),
+                # HAS_IN off (a zero input, the output level) with and without the probe
+                dict(NSLOT=3, HAS_IN=prev != probe, HAS_PREV=prev, PROBE=probe, BLOCK=4096, EXACT_BF16=False,
+                     IDX64=prev),  # fmt: skip
             )
         esig = {
             "h_in_ptr": p,
@@ -62,6 +65,7 @@ def main():
             "slot_stride": "i32",
             "NSLOT": "constexpr",
             "VARIANT": "constexpr",
+            "HAS_IN": "constexpr",
             "HAS_PREV": "constexpr",
             "STORE": "constexpr",
             "WRITE_OUT": "constexpr",
@@ -76,6 +80,7 @@ def main():
                 dict(
                     NSLOT=nslot,
                     VARIANT=variant,
+                    HAS_IN=nslot == 3,
                     HAS_PREV=True,
                     STORE=store,
                     WRITE_OUT=True,
@@ -96,6 +101,7 @@ def main():
             "n_cols": "i32",
             "slot_stride": "i32",
             "NSLOT": "constexpr",
+            "HAS_IN": "constexpr",
             "HAS_PREV": "constexpr",
             "STORE": "constexpr",
             "WRITE_OUT": "constexpr",
@@ -111,6 +117,7 @@ def main():
                 rsig,
                 dict(
                     NSLOT=3,
+                    HAS_IN=not store,
                     HAS_PREV=True,
                     STORE=store,
                     WRITE_OUT=write_out,
@@ -125,7 +132,7 @@ def main():
     compile_one(
         U._update_kernel,
         dict(usig, h_in_ptr="*bf16", h_out_ptr="*bf16", ring_ptr="*bf16", h_prev_ptr="*bf16"),
-        dict(NSLOT=3, HAS_PREV=False, PROBE=False, BLOCK=1024, EXACT_BF16=True, IDX64=False),
+        dict(NSLOT=3, HAS_IN=True, HAS_PREV=False, PROBE=False, BLOCK=1024, EXACT_BF16=True, IDX64=False),
     )
     return 0
 

@@ -23,7 +23,8 @@ def _inputs(device, dtype=torch.float32, shape=(2, 5, 33), nslot=3, seed=0):
 def test_opcheck_update(backend):
     device, _ = backend
     h_in, h_out, ring, slots, prev = _inputs(device)
-    for args in [(h_in, h_out, ring, slots, prev, True), (h_in, h_out, ring, slots, None, False)]:
+    for args in [(h_in, h_out, ring, slots, prev, True), (h_in, h_out, ring, slots, None, False),
+                 (None, h_out, ring, slots, prev, True), (None, h_out, ring, slots, None, False)]:  # fmt: skip
         torch.library.opcheck(torch.ops.tcpade.update.default, args)
 
 
@@ -34,6 +35,47 @@ def test_opcheck_predict(backend, variant):
     cf = K.coef_tensor(K.build_coef(variant, "middle", TIMES, 0.45, 3, 3), device)
     for store, write_out, p in [(True, True, prev), (False, True, None), (True, False, prev)]:
         torch.library.opcheck(torch.ops.tcpade.predict.default, (h_in, ring, slots, cf, p, variant, store, write_out))
+        torch.library.opcheck(torch.ops.tcpade.predict.default, (None, ring, slots, cf, p, variant, store, write_out))
+
+
+def _clone(*ts):
+    return [t.clone() if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_input_is_a_zero_input_bit_for_bit(backend, dtype):
+    """h_in=None (the output level) gives the numbers of an all-zero h_in in every backend and
+    variant, with and without h_prev, store and write_out: ring, h_prev, h_out and sums."""
+    device, name = backend
+    h_in, h_out, ring, slots, prev = _inputs(device, dtype)
+    zero = torch.zeros_like(h_in)
+    with ops.use_backend(name):
+        for p in (prev, None):
+            r0, p0, r1, p1 = _clone(ring, p, ring, p)
+            want = torch.ops.tcpade.update(zero, h_out, r0, slots, p0, True)
+            got = torch.ops.tcpade.update(None, h_out, r1, slots, p1, True)
+            assert torch.equal(got, want) and torch.equal(r1, r0)
+            assert p is None or torch.equal(p1, p0)
+            for variant in K.VARIANTS:
+                cf = K.coef_tensor(K.build_coef(variant, "late", TIMES, 0.45, 3, 3), device)
+                for store, write_out in ((True, True), (False, True), (True, False)):
+                    r0, p0, r1, p1 = _clone(ring, p, ring, p)
+                    want = torch.ops.tcpade.predict(zero, r0, slots, cf, p0, variant, store, write_out)
+                    got = torch.ops.tcpade.predict(None, r1, slots, cf, p1, variant, store, write_out)
+                    what = f"{variant} store={store} write_out={write_out} h_prev={p is not None}"
+                    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), what
+                    assert torch.equal(r1, r0) and (p is None or torch.equal(p1, p0)), what
+
+
+def test_no_input_checks_name_the_problem():
+    h_in, h_out, ring, slots, prev = _inputs("cpu")
+    cf = K.coef_tensor(K.build_coef("linear", "middle", TIMES, 0.45, 3, 3), "cpu")
+    with pytest.raises(ValueError, match="h_prev must have shape"):
+        ops.update(None, h_out, ring, slots, prev[:1], False)
+    with pytest.raises(ValueError, match="ring must have shape"):
+        ops.predict(None, ring[:2], slots[:2], cf, None, "linear", False, True)
+    with pytest.raises(TypeError, match="h_prev has dtype"):
+        ops.predict(None, ring, slots, cf, prev.double(), "linear", False, True)
 
 
 def _step(h_in, h_out, ring, slots, prev, coef):

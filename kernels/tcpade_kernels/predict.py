@@ -1,6 +1,8 @@
 """Fused predict pass: h_out = h_in + R_hat for a skipped step (docs/method.md sections 2, 4, 5).
 
 One memory pass: reads h_in (and h_prev), the residuals the variant needs, writes h_out
+(without h_in, ``HAS_IN`` off: a zero input, the output level, h_out = 0 + R_eff, nothing
+read for it)
 and optionally R_eff into the history ring with its TSI sums (the paper's history rule,
 or a probe prediction for the error policy). The per-step scalars come in as a tensor
 (tcpade.core.coef), so a new step is new tensor values, not a new compilation.
@@ -26,8 +28,23 @@ import triton.language as tl
 from tcpade.core import coef as K
 from tcpade.core import layout as L
 
-from ._common import NSUMS, NSUMS_C, S_D11, S_D12, S_D22, S_NONFINITE, S_R2, SUMS_PAD
-from ._common import flat_block, interpreting, isfinite, load_slot, needs_int64, program_index, to_storage
+from ._common import (
+    NSUMS,
+    NSUMS_C,
+    S_D11,
+    S_D12,
+    S_D22,
+    S_NONFINITE,
+    S_R2,
+    SUMS_PAD,
+    flat_block,
+    interpreting,
+    isfinite,
+    load_slot,
+    needs_int64,
+    program_index,
+    to_storage,
+)
 
 # Everything below comes from tcpade.core.layout / tcpade.core.coef: the coefficient indices, the
 # variant codes, the paper's constants. Globals read inside @triton.jit must be
@@ -83,7 +100,7 @@ def _epilogue(
     rhat,
     r1,
     r2,
-    x_raw,
+    x_raw,  # h_in as stored, or an fp32 zero block (a zero input)
     offs,
     mask,
     w_ptrs,
@@ -146,6 +163,7 @@ def _predict_ew_kernel(
     slot_stride,
     NSLOT: tl.constexpr,
     VARIANT: tl.constexpr,
+    HAS_IN: tl.constexpr,
     HAS_PREV: tl.constexpr,
     STORE: tl.constexpr,
     WRITE_OUT: tl.constexpr,
@@ -164,8 +182,11 @@ def _predict_ew_kernel(
     else:
         s4 = s3
     sw = load_slot(slots_ptr, NSLOT - 1, IDX64)
-    x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
     r1 = tl.load(ring_ptr + s1 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_IN:
+        x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
+    else:
+        x_raw = tl.zeros_like(r1)  # a zero input: 0 + R_eff, 0 - h_prev, as with a zero tensor
     if VARIANT == REUSE and not STORE:
         # Reuse needs R2 only for the TSI sums of a stored prediction.
         r2 = r1
@@ -251,10 +272,14 @@ def _rational_load(ring_ptr, s1, s2, s3, slot_stride, offs, mask, a0):
 @triton.jit
 def _rational_write(
     y1, y2, b1, l1, l2, t1, t2, h_in_ptr, offs, mask, w_ptrs, h_prev_ptr, out_ptr, coef_ptr, acc,
-    HAS_PREV: tl.constexpr, STORE: tl.constexpr, WRITE_OUT: tl.constexpr, EXACT_BF16: tl.constexpr,
+    HAS_IN: tl.constexpr, HAS_PREV: tl.constexpr, STORE: tl.constexpr, WRITE_OUT: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
 ):  # fmt: skip
     rhat = _rational_rhat(y1, y2, b1, l1, l2, t1, t2, coef_ptr)
-    x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
+    if HAS_IN:
+        x_raw = tl.load(h_in_ptr + offs, mask=mask, other=0.0)
+    else:
+        x_raw = tl.zeros_like(y2)  # a zero input
     return _epilogue(
         rhat, y2, y1, x_raw, offs, mask, w_ptrs, h_prev_ptr, out_ptr, coef_ptr, acc,
         HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
@@ -274,6 +299,7 @@ def _predict_rational_kernel(
     n_cols,
     slot_stride,
     NSLOT: tl.constexpr,
+    HAS_IN: tl.constexpr,
     HAS_PREV: tl.constexpr,
     STORE: tl.constexpr,
     WRITE_OUT: tl.constexpr,
@@ -309,7 +335,7 @@ def _predict_rational_kernel(
         b1 = _rational_b1(st, tt, ll, dd, coef_ptr)
         acc = _rational_write(
             y1, y2, b1, l1, l2, t1, t2, h_in_ptr, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr,
-            out_ptr, coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+            out_ptr, coef_ptr, acc, HAS_IN, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
         )  # fmt: skip
     else:
         st = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -337,7 +363,7 @@ def _predict_rational_kernel(
             _, y1, y2 = _rational_load(ring_ptr, s1, s2, s3, slot_stride, offs, mask, 0.0)
             acc = _rational_write(
                 y1, y2, b1, l1, l2, t1, t2, h_in_ptr, offs, mask, ring_ptr + sw * slot_stride + offs, h_prev_ptr,
-                out_ptr, coef_ptr, acc, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
+                out_ptr, coef_ptr, acc, HAS_IN, HAS_PREV, STORE, WRITE_OUT, EXACT_BF16,
             )  # fmt: skip
     idx = tl.arange(0, SUMS_PAD)
     tl.store(partial_ptr + pid * NSUMS_C + idx, acc, mask=idx < NSUMS_C)
@@ -376,7 +402,7 @@ def _row_blocks(n_rows: int, n_cols: int, block: int, tile: int, block_c: Option
 
 
 def predict(
-    h_in: torch.Tensor,
+    h_in: Optional[torch.Tensor],
     ring: torch.Tensor,
     slots: torch.Tensor,
     coef: torch.Tensor,
@@ -392,15 +418,19 @@ def predict(
 
     ``block`` (elements per program; for rational, BLOCK_R * BLOCK_C) and ``num_warps``
     override the launch shape (benchmarks sweep them); ``block_c`` forces the rational
-    kernel's channel tile (tests use it to run the two-pass path on small rows).
+    kernel's channel tile (tests use it to run the two-pass path on small rows). ``h_in=None``:
+    a zero input (h_out = R_eff, a ring slot's shape).
     """
     v = L.variant(variant)
-    n = h_in.numel()
-    size = 2 if h_in.element_size() == 2 else 4
+    shape = ring.shape[1:] if h_in is None else h_in.shape
+    n = ring.numel() // ring.shape[0]
+    size = 2 if ring.element_size() == 2 else 4
     tuned_block, tuned_warps = TUNED[(variant, size)]
-    out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
+    out = ring.new_empty(shape) if write_out else ring.new_empty(0)
+    x = h_in if h_in is not None else ring  # not read without h_in (HAS_IN)
     common = dict(
         NSLOT=ring.shape[0],
+        HAS_IN=h_in is not None,
         HAS_PREV=h_prev is not None,
         STORE=bool(store),
         WRITE_OUT=bool(write_out),
@@ -409,16 +439,16 @@ def predict(
     )
     if not interpreting():
         common["num_warps"] = num_warps or tuned_warps
-    prev = h_prev if h_prev is not None else h_in
-    out_arg = out if write_out else h_in
+    prev = h_prev if h_prev is not None else x
+    out_arg = out if write_out else x
     if v.row_wise:
-        n_cols = h_in.shape[-1]
+        n_cols = shape[-1]
         n_rows = n // n_cols
         block_r, block_c = _row_blocks(n_rows, n_cols, block or tuned_block, RATIONAL_TILE[size], block_c)
         grid = triton.cdiv(n_rows, block_r)
-        partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
+        partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=ring.device)
         _predict_rational_kernel[(grid,)](
-            h_in,
+            x,
             ring,
             slots,
             coef,
@@ -436,9 +466,9 @@ def predict(
     else:
         block = flat_block(n, block or tuned_block)
         grid = triton.cdiv(n, block)
-        partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=h_in.device)
+        partial = torch.empty((grid, NSUMS), dtype=torch.float32, device=ring.device)
         _predict_ew_kernel[(grid,)](
-            h_in,
+            x,
             ring,
             slots,
             coef,

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import layout as L
-from .layout import NCOEF, PAPER, STAGES, VARIANTS
+from .layout import NCOEF, PAPER, STAGES, VARIANTS  # noqa: F401  (VARIANTS: re-exported as tcpade.core.coef.VARIANTS)
 
 # Index of each scalar inside the coefficient vector (named in tcpade.core.layout.COEF).
 W_MAIN, C1, C2, GAMMA = (L.COEF.index(n) for n in ("w_main", "c1", "c2", "gamma"))

@@ -10,11 +10,17 @@ history); ``reset()`` forgets without freeing. Per branch it holds
   on the device (a roll by one), so no step copies host data to the device for it,
 * ``times``: the schedule time of each stored residual (host floats),
 * ``h_prev``: the previous call's h_in, only when ``keep_prev_input`` (the paper's
-  input-change correction needs it),
-* ``zero``: a zero tensor like the stored values, only at output level (``zero_for``: the
-  h_in of an extrapolated transformer output, which is its own residual).
+  input-change correction needs it) and the input is not zero.
 
-Memory: (S + keep_prev_input + output level) hidden-state-sized tensors, reported by ``nbytes``.
+Output level (the transformer's output extrapolated; it is its own residual): ``record`` and
+``predict`` take ``h_in=None``, a zero input. The history is then ``output``: the ops read
+no input (R = h_out, h_out = R_eff), and no ``h_prev`` is kept (the previous input is zero
+too, so the input-change correction is zero: its coefficient is 0, ``has_prev`` False).
+``zero_for(h)`` gives callers that pass the zero input as a tensor a one-element broadcast
+view (``zero``); ``record`` and ``predict`` take it for None.
+
+Memory: (S + keep_prev_input) hidden-state-sized tensors (S at output level), reported by
+``nbytes``.
 
 Device work and host bookkeeping are separate calls: ``record`` / ``predict`` run the
 fused ops on tensors only (``predict`` is traced inside compiled block regions), and
@@ -100,7 +106,8 @@ class History:
     ring: Optional[torch.Tensor] = field(default=None, repr=False)
     slots: Optional[torch.Tensor] = field(default=None, repr=False)
     h_prev: Optional[torch.Tensor] = field(default=None, repr=False)
-    zero: Optional[torch.Tensor] = field(default=None, repr=False)
+    zero: Optional[torch.Tensor] = field(default=None, repr=False)  # one element, broadcast (zero_for)
+    output: bool = False  # the inputs are zero (output level): no h_prev
     order: List[int] = field(default_factory=list)
     times: List[float] = field(default_factory=list)
     count: int = 0
@@ -115,23 +122,34 @@ class History:
         r = self.ring
         return r is not None and r.shape[1:] == h.shape and r.dtype == h.dtype and r.device == h.device
 
-    def ensure(self, h: torch.Tensor) -> bool:
-        """Allocate for h's (shape, dtype, device) if needed; True if (re)allocated."""
-        if self.matches(h):
+    def ensure(self, h: torch.Tensor, output: Optional[bool] = None) -> bool:
+        """Allocate for h's (shape, dtype, device) if needed; True if (re)allocated. ``output``:
+        the inputs will be zero (no h_prev); None keeps what the history is. A change of
+        either reallocates and forgets the history."""
+        output = self.output if output is None else bool(output)
+        if self.matches(h) and output == self.output:
             return False
+        self.output = output
         self.ring = torch.zeros((self.nslots, *h.shape), dtype=h.dtype, device=h.device)
-        self.h_prev = torch.zeros_like(h, memory_format=torch.contiguous_format) if self.keep_prev_input else None
+        keep = self.keep_prev_input and not output
+        self.h_prev = torch.zeros_like(h, memory_format=torch.contiguous_format) if keep else None
         self.slots = torch.arange(self.nslots, dtype=torch.int32, device=h.device)
         self.reset()
         return True
 
     def zero_for(self, h: torch.Tensor) -> torch.Tensor:
-        """A zero tensor like ``h``, kept as ``zero`` (allocated once per shape, dtype, device; never
-        written): the h_in of a transformer output at output level, so that R = h_out."""
+        """The zero input of a transformer output ``h`` at output level, for callers that pass it
+        as a tensor: a broadcast view of one zero element (kept as ``zero``; nothing of h's size is
+        allocated, and ``record`` / ``predict`` pass None to the ops for it, so it is never read).
+        Passing None to ``record`` / ``predict`` says the same."""
         z = self.zero
         if z is None or z.shape != h.shape or z.dtype != h.dtype or z.device != h.device:
-            z = self.zero = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+            z = self.zero = torch.zeros((), dtype=h.dtype, device=h.device).expand(h.shape)
         return z
+
+    def _input(self, h_in: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """None for a zero input (None itself, or the ``zero_for`` view), else ``h_in``."""
+        return None if h_in is None or h_in is self.zero else h_in
 
     def reset(self) -> None:
         """Forget the history, keep the buffers."""
@@ -146,7 +164,7 @@ class History:
     @property
     def nbytes(self) -> int:
         total = 0
-        for t in (self.ring, self.h_prev, self.slots, self.zero):
+        for t in (self.ring, self.h_prev, self.slots):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
@@ -180,13 +198,17 @@ class History:
         return coef_to_device(self.coef_values(variant, stage, t_target, **kw), self.ring.device)
 
     # --------------------------------------------------------------------- steps
-    def record(self, h_in: torch.Tensor, h_out: torch.Tensor, probe: bool = False) -> torch.Tensor:
+    def record(self, h_in: Optional[torch.Tensor], h_out: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """A computed step: write R = h_out - h_in into the write slot; return the sums (device).
-        ``advance(t, wrote=True)`` makes it R1."""
-        self.ensure(h_in)
+        ``advance(t, wrote=True)`` makes it R1. ``h_in=None``: a zero input (output level), R = h_out."""
+        h_in = self._input(h_in)
+        if h_in is None:
+            self.ensure(h_out, output=True)
+        else:
+            self.ensure(h_in, output=False)
         return ops.update(h_in, h_out, self.ring, self.slots, self.h_prev, bool(probe))
 
-    def predict(self, h_in: torch.Tensor, coef: torch.Tensor, variant: str, store: bool = False,
+    def predict(self, h_in: Optional[torch.Tensor], coef: torch.Tensor, variant: str, store: bool = False,
                 write_out: bool = True, probe: bool = False):  # fmt: skip
         """A skipped step (or, with ``probe``, a prediction of a step about to be computed).
 
@@ -195,9 +217,14 @@ class History:
         slot for the update pass to measure against, without advancing.
         Returns (h_out or empty, sums on the device). Device work only, traceable: the
         caller checks ``count >= coef.MIN_HISTORY[variant]`` (the host count is not read here,
-        so a compiled region does not specialise on it).
+        so a compiled region does not specialise on it). ``h_in=None``: a zero input (output
+        level), h_out = R_eff in a ring slot's shape.
         """
-        if not self.matches(h_in):
+        h_in = self._input(h_in)
+        if h_in is None:
+            if self.ring is None:
+                raise RuntimeError("predict(None) before any record()")
+        elif not self.matches(h_in):
             raise RuntimeError("predict() before any record() for this shape/dtype/device")
         out, sums = ops.predict(h_in, self.ring, self.slots, coef, self.h_prev, variant, bool(store or probe),
                                 bool(write_out))  # fmt: skip

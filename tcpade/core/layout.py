@@ -163,9 +163,9 @@ def c_header() -> str:
         f"constexpr int NVARIANTS = {len(VARIANTS)};",
         *(f"constexpr int VARIANT_{v.name.upper()} = {v.code};" for v in _TABLE),
     ]
-    for field in ("s_rate", "s_eps", "num_r1", "den_a", "den_min", "avg_r1", "avg_r2", "trust_d", "trust_mag",
-                  "beta_s", "beta_0", "fb1"):  # fmt: skip
-        lines.append(f"constexpr float PAPER_{field.upper()} = {_c_float(getattr(PAPER, field))};")
+    for name in ("s_rate", "s_eps", "num_r1", "den_a", "den_min", "avg_r1", "avg_r2", "trust_d", "trust_mag",
+                 "beta_s", "beta_0", "fb1"):  # fmt: skip
+        lines.append(f"constexpr float PAPER_{name.upper()} = {_c_float(getattr(PAPER, name))};")
     lines.append("}  // namespace tcl")
     # X-macro over the integer entries, for the extension's layout() export.
     lines.append("#define TCL_LAYOUT(X) " + " ".join(f"X({k})" for k in compiled_layout()))

@@ -6,6 +6,10 @@ Two ops, one per hot path:
 * ``torch.ops.tcpade.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
   -> (h_out, sums)``
 
+``h_in=None`` is a zero input (the output level, where the transformer's output is its own
+residual): the numbers of an all-zero ``h_in``, with no zero tensor allocated or read
+(a constexpr in the Triton kernels, a null pointer in C++, the scalar 0 in the reference).
+
 Semantics are those of :mod:`tcpade.core.reference`. Both mutate ``ring`` (and ``h_prev``)
 in place, as declared in their schemas, and have fake implementations so they trace
 under ``torch.compile(fullgraph=True)`` without a graph break.
@@ -145,30 +149,41 @@ def _check_h(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
-def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor, shape, contiguous: bool) -> None:
+def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor, shape, contiguous: bool, ref_name="h_in") -> None:
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but h_in is on {ref.device}: move them to one device")
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: move them to one device")
     if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but h_in has {ref.dtype}: they must match")
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: they must match")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (it is a tcpade state buffer written in place)")
 
 
-def _check_state(h_in, ring, slots, h_prev) -> None:
-    _check_h("h_in", h_in)
+def _check_state(h_in, ring, slots, h_prev, name: str = "h_in") -> None:
+    """Check the history state against ``h_in``, the tensor named ``name`` that has its shape
+    (h_out for an update with h_in=None; None for a prediction with h_in=None: the ring itself)."""
+    if h_in is None:
+        if ring.dim() < 3 or ring.shape[0] < 3:
+            raise ValueError(f"with h_in=None, ring must have shape (S >= 3, ..., tokens, channels), got "
+                             f"{tuple(ring.shape)}")  # fmt: skip
+        _check_h("ring", ring)
+        if not ring.is_contiguous():
+            raise ValueError("ring must be contiguous (it is a tcpade state buffer written in place)")
+        h_in, name = ring[0], "ring"
+    else:
+        _check_h(name, h_in)
     if ring.dim() != h_in.dim() + 1 or ring.shape[0] < 3:
         raise ValueError(f"ring must have shape (S >= 3, {', '.join(map(str, h_in.shape))}), got {tuple(ring.shape)}")
-    _check_like("ring", ring, h_in, (ring.shape[0], *h_in.shape), True)
+    _check_like("ring", ring, h_in, (ring.shape[0], *h_in.shape), True, name)
     if slots.dtype not in (torch.int32, torch.int64) or tuple(slots.shape) != (ring.shape[0],):
         raise ValueError(
             f"slots must be an int32/int64 tensor of shape ({ring.shape[0]},), got {slots.dtype} {tuple(slots.shape)}"
         )
     if slots.device != h_in.device:
-        raise ValueError(f"slots is on {slots.device} but h_in is on {h_in.device}")
+        raise ValueError(f"slots is on {slots.device} but {name} is on {h_in.device}")
     if h_prev is not None:
-        _check_like("h_prev", h_prev, h_in, h_in.shape, True)
+        _check_like("h_prev", h_prev, h_in, h_in.shape, True, name)
 
 
 def _check_slot_values(slots: torch.Tensor, nslot: int) -> list:
@@ -183,7 +198,7 @@ def _check_slot_values(slots: torch.Tensor, nslot: int) -> list:
 
 @torch.library.custom_op("tcpade::update", mutates_args=("ring", "h_prev"))
 def update(
-    h_in: torch.Tensor,
+    h_in: Optional[torch.Tensor],
     h_out: torch.Tensor,
     ring: torch.Tensor,
     slots: torch.Tensor,
@@ -191,12 +206,13 @@ def update(
     probe: bool,
 ) -> torch.Tensor:
     """Write R = h_out - h_in into the write slot; return the fp32 sums (``tcpade.core.layout.SUMS``).
+    ``h_in=None``: a zero input, R = h_out (h_prev, if given, is zeroed).
 
     Semantics: ``tcpade.core.reference.update``."""
     _check_update(h_in, h_out, ring, slots, h_prev)
-    h_in = h_in.contiguous()
+    h_in = h_in.contiguous() if h_in is not None else None
     h_out = h_out.contiguous()
-    backend = _resolve(h_in)
+    backend = _resolve(h_out)
     if backend == "triton":
         from .. import kernels
 
@@ -204,30 +220,33 @@ def update(
     vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None
     if backend == "cpp":
         sums = _native.update(
-            h_in.data_ptr(),
+            h_in.data_ptr() if h_in is not None else 0,  # 0: a zero input, not read
             h_out.data_ptr(),
             ring.data_ptr(),
             vals,
             h_prev.data_ptr() if h_prev is not None else 0,
-            h_in.numel() // h_in.shape[-1],
-            h_in.shape[-1],
+            h_out.numel() // h_out.shape[-1],
+            h_out.shape[-1],
             ring.shape[0],
-            _DTYPE_CODE[h_in.dtype],
+            _DTYPE_CODE[h_out.dtype],
             bool(probe),
         )
-        return torch.tensor(sums, dtype=torch.float32, device=h_in.device)
-    return reference.update(h_in, h_out, ring, slots, h_prev, probe).to(device=h_in.device)
+        return torch.tensor(sums, dtype=torch.float32, device=h_out.device)
+    return reference.update(h_in, h_out, ring, slots, h_prev, probe).to(device=h_out.device)
 
 
 def _check_update(h_in, h_out, ring, slots, h_prev):
-    _check_state(h_in, ring, slots, h_prev)
-    _check_like("h_out", h_out, h_in, h_in.shape, False)
+    if h_in is None:
+        _check_state(h_out, ring, slots, h_prev, "h_out")
+    else:
+        _check_state(h_in, ring, slots, h_prev)
+        _check_like("h_out", h_out, h_in, h_in.shape, False)
 
 
 @update.register_fake
 def _update_fake(h_in, h_out, ring, slots, h_prev, probe):
     _check_update(h_in, h_out, ring, slots, h_prev)
-    return h_in.new_empty(NSUMS, dtype=torch.float32)
+    return h_out.new_empty(NSUMS, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- predict
@@ -238,13 +257,13 @@ def _check_predict(h_in, ring, slots, coef, h_prev, variant):
     K.check_variant(variant)
     if coef.dtype != torch.float32 or tuple(coef.shape) != (K.NCOEF,):
         raise ValueError(f"coef must be a float32 tensor of shape ({K.NCOEF},), got {coef.dtype} {tuple(coef.shape)}")
-    if coef.device != h_in.device:
-        raise ValueError(f"coef is on {coef.device} but h_in is on {h_in.device}")
+    if coef.device != ring.device:
+        raise ValueError(f"coef is on {coef.device} but the ring is on {ring.device}")
 
 
 @torch.library.custom_op("tcpade::predict", mutates_args=("ring", "h_prev"))
 def predict(
-    h_in: torch.Tensor,
+    h_in: Optional[torch.Tensor],
     ring: torch.Tensor,
     slots: torch.Tensor,
     coef: torch.Tensor,
@@ -259,39 +278,47 @@ def predict(
     stored residual, ring slot ``slots[0]``, where finite; 0 where not), and the ``nonfinite`` sum counts the raw
     predictions that were not finite: the host learns of a fallback from the sums after
     the run, and never has to wait for them to keep h_out finite. A stored or probed
-    prediction (``store``) is written as predicted and counted the same way. All other
-    semantics: ``tcpade.core.reference.predict``."""
+    prediction (``store``) is written as predicted and counted the same way. ``h_in=None``: a
+    zero input, h_out = R_eff (shape and dtype of a ring slot). All other semantics:
+    ``tcpade.core.reference.predict``."""
     _check_predict(h_in, ring, slots, coef, h_prev, variant)
-    h_in = h_in.contiguous()
-    backend = _resolve(h_in)
+    h_in = h_in.contiguous() if h_in is not None else None
+    backend = _resolve(ring)
     if backend == "triton":
         from .. import kernels
 
         return kernels.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
     vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None
     if backend == "cpp":
-        out = torch.empty_like(h_in) if write_out else h_in.new_empty(0)
+        out = _new_out(h_in, ring, write_out)
+        n, c = ring.numel() // ring.shape[0], ring.shape[-1]
         sums = _native.predict(
-            h_in.data_ptr(),
+            h_in.data_ptr() if h_in is not None else 0,  # 0: a zero input, not read
             ring.data_ptr(),
             vals,
             coef.tolist(),
             h_prev.data_ptr() if h_prev is not None else 0,
             out.data_ptr() if write_out else 0,
-            h_in.numel() // h_in.shape[-1],
-            h_in.shape[-1],
+            n // c,
+            c,
             ring.shape[0],
-            _DTYPE_CODE[h_in.dtype],
+            _DTYPE_CODE[ring.dtype],
             K.check_variant(variant),
             bool(store),
         )
         return out, torch.tensor(sums, dtype=torch.float32)
     out, sums = reference.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
-    return out, sums.to(device=h_in.device)
+    return out, sums.to(device=ring.device)
+
+
+def _new_out(h_in: Optional[torch.Tensor], ring: torch.Tensor, write_out: bool) -> torch.Tensor:
+    """The h_out buffer of a prediction (a ring slot's shape and dtype), or an empty tensor."""
+    if not write_out:
+        return ring.new_empty(0)
+    return ring.new_empty(ring.shape[1:] if h_in is None else h_in.shape)
 
 
 @predict.register_fake
 def _predict_fake(h_in, ring, slots, coef, h_prev, variant, store, write_out):
     _check_predict(h_in, ring, slots, coef, h_prev, variant)
-    out = torch.empty_like(h_in, memory_format=torch.contiguous_format) if write_out else h_in.new_empty(0)
-    return out, h_in.new_empty(NSUMS, dtype=torch.float32)
+    return _new_out(h_in, ring, write_out), ring.new_empty(NSUMS, dtype=torch.float32)

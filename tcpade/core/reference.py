@@ -13,6 +13,9 @@ Shared conventions (identical in every backend):
 * ``coef``: the per-step scalars of :mod:`tcpade.core.coef`.
 * ``h_prev``: optional buffer holding the previous call's h_in; read for the
   input-change correction, then overwritten with the current h_in.
+* ``h_in=None``: the input is zero (the output level: the transformer's output is its own
+  residual), with the numbers of an all-zero ``h_in`` and no zero tensor made or read:
+  R = h_out, a prediction is R_eff itself, ``h_prev`` is zeroed.
 * Returned ``sums`` (float32, ``tcpade.core.layout.SUMS`` in that order), with d1 = R1 - R2
   and d2 = R_new - R1 taken over the old R1, R2 and the newly written residual R_new:
     d11 = sum d1^2, d22 = sum d2^2, d12 = sum d1*d2      (the TSI, docs/method.md section 3)
@@ -28,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import coef as K
-from .layout import NSUMS, PAPER, SUMS, VARIANT_TABLE
+from .layout import PAPER, SUMS, VARIANT_TABLE
 
 D11, D22, D12, ERR2, R2, NONFINITE = (SUMS.index(n) for n in ("d11", "d22", "d12", "err2", "r2", "nonfinite"))
 _PAPER, _RATIONAL, _REUSE, _LINEAR = (VARIANT_TABLE[n].code for n in ("paper", "rational", "reuse", "linear"))
@@ -67,8 +70,9 @@ def _sums(**named) -> torch.Tensor:
 
 def update_math(h_in, h_out, ring, s: Sequence[int], h_prev=None, probe=False, cd=torch.float32):
     """``update`` with the slot order as Python ints: no value is read back to the host, so
-    this traces under torch.compile as it is (the benchmarks' eager and compiled lines)."""
-    r = h_out.to(cd) - h_in.to(cd)
+    this traces under torch.compile as it is (the benchmarks' eager and compiled lines).
+    ``h_in=None``: a zero input (R = h_out; y - 0 is y, bit for bit)."""
+    r = h_out.to(cd) if h_in is None else h_out.to(cd) - h_in.to(cd)
     r1 = ring[s[0]].to(cd)
     r2 = ring[s[1]].to(cd)
     d1 = r1 - r2
@@ -80,12 +84,15 @@ def update_math(h_in, h_out, ring, s: Sequence[int], h_prev=None, probe=False, c
     named["nonfinite"] = _nonfinite(stored)
     ring[s[-1]].copy_(stored)
     if h_prev is not None:
-        h_prev.copy_(h_in)
+        if h_in is None:
+            h_prev.zero_()
+        else:
+            h_prev.copy_(h_in)
     return _sums(**named)
 
 
 def update(
-    h_in: torch.Tensor,
+    h_in: Optional[torch.Tensor],
     h_out: torch.Tensor,
     ring: torch.Tensor,
     slots: torch.Tensor,
@@ -93,7 +100,7 @@ def update(
     probe: bool = False,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Write R = h_out - h_in into the write slot; return the sums."""
+    """Write R = h_out - h_in into the write slot (h_in None: R = h_out); return the sums."""
     sums = update_math(h_in, h_out, ring, _slot_list(slots), h_prev, probe, compute_dtype)
     return sums.to(torch.float32 if compute_dtype != torch.float64 else torch.float64)
 
@@ -163,7 +170,9 @@ def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper",
                  cd=torch.float32):
     """``predict`` with the slot order as Python ints and ``cf`` any sequence indexed by
     the tcpade.core.coef positions (a tensor, or Python floats: then nothing is read back to the
-    host and this traces under torch.compile as it is). Returns (h_out or None, sums)."""
+    host and this traces under torch.compile as it is). Returns (h_out or None, sums).
+    ``h_in=None``: a zero input, as the scalar 0.0 (0 + R_eff and 0 - h_prev round as with a
+    zero tensor, so the numbers are those of an all-zero h_in)."""
     code = K.check_variant(variant)
     nslot = ring.shape[0]
     r1 = ring[s[0]].to(cd)
@@ -181,11 +190,14 @@ def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper",
             main = cf[K.LAM1] * r2 + cf[K.LAM2] * r1
         blend = cf[K.C1] * r1 + cf[K.C2] * r2
         rhat = blend + cf[K.W_MAIN] * main if float(cf[K.W_MAIN]) != 0.0 else blend
-    x = h_in.to(cd)
+    x = 0.0 if h_in is None else h_in.to(cd)
     if h_prev is not None:
         if float(cf[K.GAMMA]) != 0.0:
             rhat = rhat + cf[K.GAMMA] * (x - h_prev.to(cd))
-        h_prev.copy_(h_in)
+        if h_in is None:
+            h_prev.zero_()
+        else:
+            h_prev.copy_(h_in)
     named = dict(r2=(rhat * rhat).sum())
     if store:
         d1 = r1 - r2
@@ -195,11 +207,11 @@ def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper",
     bad = ~torch.isfinite(stored)
     out = None
     if write_out:
-        out = (x + rhat).to(h_in.dtype)
+        out = (x + rhat).to(ring.dtype)
         bad_out = ~torch.isfinite(out)
         bad = bad | bad_out
         r1_ok = torch.where(torch.isfinite(r1), r1, torch.zeros_like(r1))  # a non-finite R1 contributes nothing
-        out = torch.where(bad_out, (x + r1_ok).to(h_in.dtype), out)
+        out = torch.where(bad_out, (x + r1_ok).to(ring.dtype), out)
     named["nonfinite"] = bad.sum()
     if store:
         ring[s[-1]].copy_(stored)
@@ -207,7 +219,7 @@ def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper",
 
 
 def predict(
-    h_in: torch.Tensor,
+    h_in: Optional[torch.Tensor],
     ring: torch.Tensor,
     slots: torch.Tensor,
     coef: torch.Tensor,
@@ -220,7 +232,8 @@ def predict(
     """Predict this step's residual; return (h_out or an empty tensor, sums).
 
     R_hat = w_main * main + c1 * R1 + c2 * R2 (reuse: R_hat = R1), then
-    R_eff = R_hat + gamma * (h_in - h_prev) when h_prev is given, h_out = h_in + R_eff.
+    R_eff = R_hat + gamma * (h_in - h_prev) when h_prev is given, h_out = h_in + R_eff
+    (``h_in=None``: a zero input, h_out = R_eff).
 
     Non-finite predictions: every element of h_out that is not finite (after rounding to
     the storage dtype) is replaced by h_in + R1, R1 the newest stored residual where it is
@@ -238,5 +251,5 @@ def predict(
     cf = coef.to(dtype=cd, device="cpu")
     out, sums = predict_math(h_in, ring, _slot_list(slots), cf, h_prev, variant, store, write_out, cd)
     if out is None:
-        out = h_in.new_empty(0)
+        out = ring.new_empty(0)
     return out, sums.to(torch.float32 if cd != torch.float64 else torch.float64)
