@@ -28,7 +28,7 @@ from typing import List
 
 from .args import Progress, UsageError, at_least, int_list, require, writable_folder, zoo_names
 from .args import seeds as parse_seeds
-from .runner import PipelineRunner, ZooRunner, conditioning, load_pipeline
+from .runner import PipelineRunner, ZooRunner, check_class_labels, conditioning, load_pipeline
 
 PRESETS = ("adaptive", "slow", "fast", "paper")
 
@@ -137,11 +137,7 @@ def pipeline_target(path, prompts, labels, seeds, device, dtype, call_kwargs, st
                 raise UsageError(f"--labels: {unknown} are not class numbers nor class names of {name} "
                                  f"({len(known)} names)")  # fmt: skip
             ids = pipe.get_label_ids(labels)
-        n = getattr(pipe.transformer.config, "num_embeds_ada_norm", None)
-        bad = [i for i in ids if i < 0 or (n is not None and i >= n)]
-        if bad:
-            raise UsageError(f"--labels: {name} has classes 0..{n - 1}, got {bad}" if n
-                             else f"--labels must be >= 0, got {bad}")  # fmt: skip
+        check_class_labels(pipe, ids)
         conds, names = [{"class_labels": [i]} for i in ids], [str(x) for x in labels]
     elif kind == "prompt":
         if labels:

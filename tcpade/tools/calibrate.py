@@ -481,7 +481,7 @@ def _check_out(path: str) -> None:
 def _pipeline(path: str, prompts, labels, seeds):
     """The pipeline in folder ``path`` and its calibration inputs (one per seed), or UsageError."""
     from .args import UsageError
-    from .runner import conditioning, load_pipeline
+    from .runner import check_class_labels, conditioning, load_pipeline
 
     pipe = load_pipeline(path, "MODEL", what=" to calibrate")
     name = type(pipe).__name__
@@ -492,11 +492,7 @@ def _pipeline(path: str, prompts, labels, seeds):
         labels = labels if labels is not None else [0]
         if len(labels) > len(seeds):
             raise UsageError(f"--labels: {len(labels)} labels for {len(seeds)} seeds (one calibration input per seed)")
-        n = getattr(pipe.transformer.config, "num_embeds_ada_norm", None)
-        bad = [x for x in labels if x < 0 or (n is not None and x >= n)]
-        if bad:
-            raise UsageError(f"--labels: {name} has classes 0..{n - 1}, got {bad}" if n else
-                             f"--labels must be >= 0, got {bad}")  # fmt: skip
+        check_class_labels(pipe, labels)
         inputs = [dict(class_labels=[labels[i % len(labels)]], seed=s) for i, s in enumerate(seeds)]
     elif kind == "prompt":
         if labels is not None:

@@ -175,3 +175,13 @@ def conditioning(pipe) -> Optional[str]:
     if "class_labels" in params and "prompt" not in params:
         return "labels"
     return "prompt" if "prompt" in params else None
+
+
+def check_class_labels(pipe, ids) -> None:
+    """UsageError (naming ``--labels``) unless every class id is one the class-conditional
+    pipeline's transformer has (``num_embeds_ada_norm`` classes; >= 0 where it says none)."""
+    n = getattr(pipe.transformer.config, "num_embeds_ada_norm", None)
+    bad = [i for i in ids if i < 0 or (n is not None and i >= n)]
+    if bad:
+        raise UsageError(f"--labels: {type(pipe).__name__} has classes 0..{n - 1}, got {bad}" if n
+                         else f"--labels must be >= 0, got {bad}")  # fmt: skip
