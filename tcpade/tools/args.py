@@ -135,9 +135,3 @@ class Progress:
         if self.enabled:
             self.stream.write("\r" + " " * (len(self.label) + self.width + 42) + "\r")
             self.stream.flush()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
