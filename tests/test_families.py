@@ -1,4 +1,4 @@
-"""Every supported family, on tiny random-weight models built from configs (tests/families.py).
+"""Every supported family, on tiny random-weight models built from configs (tcpade/tools/tiny.py, TINY).
 
 Per family:
 * ``test_self_check``: the adapter found the right h_in, h_out and pass-through streams,

@@ -1,7 +1,7 @@
 """TCPadeConfig(level="output"): a skipped call returns the extrapolation of the transformer's
 output and runs nothing of the transformer.
 
-* every family of tests/families.py (tiny random-weight models) but Z-Image, whose forward
+* every family of tcpade/tools/tiny.py (TINY: tiny random-weight models) but Z-Image, whose forward
   returns a list: with the "reuse" predictor a skipped call returns the last computed output
   bit for bit (0 + R1), in the structure the call asked for (``return_dict`` True or False),
   and no submodule of the transformer runs on it; Z-Image is refused at ``apply``;

@@ -89,8 +89,8 @@ The tables live in ``tcpade/integrations/families.py`` (``SUPPORTED`` below is `
    image tokens only (else text tokens would have to be predicted too) and nothing after the
    loop may call a block's ``forward`` (calling a block's submodule, like DiT's
    ``transformer_blocks[0].norm1.emb``, is fine: hooks sit on the block, not on its children).
-4. Add a tiny builder to ``tests/families.py``: ``test_self_check`` then proves the adapter (a
-   call skipped with the exact residual of the same call must give the computed output bit for
+4. Add a tiny builder to ``tcpade/tools/tiny.py`` (``TINY``): ``test_self_check`` then proves the
+   adapter (a call skipped with the exact residual of the same call must give the computed output bit for
    bit), and ``test_fast_run`` runs it for 20 steps.
 
 ``attach`` checks the block classes and their ``forward`` parameters against the specs and
