@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import tcpade
+from tcpade.integrations.progress import Progress
 from tcpade.tools import cli
-from tcpade.tools.args import ZOO_MODELS, Progress
+from tcpade.tools.args import ZOO_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 

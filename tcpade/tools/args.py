@@ -1,4 +1,5 @@
-"""What the ``tcpade`` subcommands share: argument checks, one-line usage errors, the progress bar.
+"""What the ``tcpade`` subcommands share: argument checks and one-line usage errors (the progress
+bar is ``tcpade.integrations.progress``, shared with ``tcpade.sample``).
 
 ``tcpade.tools.cli`` imports the subcommand modules (``demo``, ``bench``, ``calibrate``); they
 import this module, never ``cli``. Like ``cli``, it imports neither torch nor diffusers, so a
@@ -10,8 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
-import time
 
 # Third-party modules a subcommand may need, and the extra that installs them.
 EXTRAS = {
@@ -104,34 +103,3 @@ def missing_extra(exc: ImportError, command: str):
     if extra is None:
         return None
     return f"tcpade {command}: needs {name}, which is not installed; install the extra: pip install 'tcpade[{extra}]'"
-
-
-class Progress:
-    """A one-line progress bar, redrawn in place on ``stream`` (default stdout); silent when the
-    stream is not a terminal (unless ``enabled=True``), so logs and pipes get only the results.
-    ``enabled=False``: silent."""
-
-    def __init__(self, total: int, label: str, enabled=None, width: int = 24, stream=None):
-        self.stream = stream or sys.stdout
-        self.total, self.label, self.width, self.done = total, label, width, 0
-        self.enabled = self.stream.isatty() if enabled is None else bool(enabled)
-        self.t0 = time.perf_counter()
-        self._draw("")
-
-    def _draw(self, what: str):
-        if not self.enabled:
-            return
-        n = round(self.width * self.done / max(1, self.total))
-        bar = "#" * n + "-" * (self.width - n)
-        elapsed = time.perf_counter() - self.t0
-        self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {elapsed:5.1f}s {what:<24s}")
-        self.stream.flush()
-
-    def step(self, what: str = ""):
-        self.done += 1
-        self._draw(what)
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\r" + " " * (len(self.label) + self.width + 42) + "\r")
-            self.stream.flush()

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import List
 
-from .args import Progress, UsageError, at_least, int_list, require, writable_folder, zoo_names
+from ..integrations.progress import Progress
+from .args import UsageError, at_least, int_list, require, writable_folder, zoo_names
 from .args import seeds as parse_seeds
 from .runner import PipelineRunner, ZooRunner, check_class_labels, conditioning, load_pipeline
 

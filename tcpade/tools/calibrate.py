@@ -228,9 +228,9 @@ def shipped(name: str, steps: int, predictor: str = "rational") -> Optional[Cali
 
 # ------------------------------------------------------------------------------------- search
 def _bar(total: int, progress, steps: int):
-    """The search's progress bar (``tcpade.tools.args.Progress``): a step per pass count found;
+    """The search's progress bar (``tcpade.integrations.progress.Progress``): a step per pass count found;
     ``progress`` True: when stdout is a terminal, False: none."""
-    from .args import Progress
+    from ..integrations.progress import Progress
 
     return Progress(total, f"tcpade.calibrate T={steps}", enabled=None if progress else False)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .args import Progress, UsageError, at_least, require, writable_folder, zoo_names
+from ..integrations.progress import Progress
+from .args import UsageError, at_least, require, writable_folder, zoo_names
 
 # Imported by the ``tcpade`` command to build its parser: torch, diffusers and the zoo load
 # only when the demo runs.
