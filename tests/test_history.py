@@ -1,6 +1,7 @@
 """The per-branch residual history: ring rotation, reallocation, reset, bytes, the
 device-side fallback of a non-finite prediction, the sums by name."""
 
+import contextlib
 import math
 
 import pytest
@@ -118,7 +119,6 @@ def test_nonfinite_prediction_falls_back_to_h_in_plus_r1(backend, store):
         assert torch.equal(stored[big], r1[big]) and torch.isfinite(stored).all()
 
 
-
 @pytest.mark.parametrize("variant", K.VARIANTS)
 def test_sequence_matches_reference_loop(backend, variant):
     """A computed/skipped/probed sequence through History equals the same steps done by
@@ -199,3 +199,101 @@ def test_output_level_history_reads_and_keeps_no_input():
     assert torch.equal(got, out * 2) and torch.equal(hist.predict(z, cf, "reuse")[0], got)
     assert hist.coef_values("paper", "middle", 0.7)[K.GAMMA] == 0.0
     assert hist.ensure(out, output=False) and hist.h_prev is not None and hist.count == 0  # a block-level input
+
+
+class _ThroughOps(torch.overrides.TorchFunctionMode):
+    """Any torch function mode sends History to the custom ops (as torch.compile does)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("keep_prev", [False, True])
+def test_eager_calls_match_the_custom_ops(backend, keep_prev):
+    """Eager History calls skip torch's custom-op dispatch (and, once a state has passed the
+    checks, the checks): the same ring, slots, h_out and sums as through the ops, for computed,
+    stored, probed and output-level steps, and fp16 predictions that overflow (stored as R1)."""
+    device, _ = backend
+    g = gen(3)
+    shape = (1, 5, 16)
+    h_in = randn(shape, torch.float16, device, g)
+    res = [randn(shape, torch.float16, device, g) for _ in range(4)]
+    res[2][0, 1, 3], res[3][0, 1, 3] = -30000.0, 30000.0  # 2 R1 - R2 overflows there
+    fast, slow = History(nslots=4, keep_prev_input=keep_prev), History(nslots=4, keep_prev_input=keep_prev)
+    steps = [("record", r) for r in res] + [("store", None), ("probe", res[0]), ("skip", None), ("store", None)]
+    for k, (what, r) in enumerate(steps):
+        t = 1.0 - 0.1 * k
+        got = []
+        for hist in (fast, slow):
+            with _ThroughOps() if hist is slow else contextlib.nullcontext():
+                if what == "record":
+                    out, sums = None, hist.record(h_in, h_in + r)
+                else:
+                    cf = hist.coef("linear", "middle", t)
+                    out, sums = hist.predict(h_in, cf, "linear", store=what == "store", probe=what == "probe")
+                    if what == "probe":
+                        sums = torch.cat([sums, hist.record(h_in, h_in + r, probe=True)])
+                hist.advance(t, wrote=what in ("record", "store", "probe"))
+            got.append((out, sums, hist.ring.clone(), hist.slots.tolist(), hist.order))
+        (o1, s1, r1, sl1, or1), (o2, s2, r2, sl2, or2) = got
+        assert (o1 is None and o2 is None) or torch.equal(o1, o2), (k, what)
+        assert torch.equal(s1, s2) and torch.equal(r1, r2) and sl1 == sl2 == or1 == or2, (k, what)
+    assert fast._checked is not None and slow._checked is None  # the eager one checked its state once
+    assert torch.isfinite(fast.ring).all()
+    out = randn(shape, torch.float16, device, g)
+    for hist in (fast, slow):  # output level: a new state, checked again
+        with _ThroughOps() if hist is slow else contextlib.nullcontext():
+            hist.record(None, out)
+            hist.advance(0.1, wrote=True)
+            got.append(hist.predict(None, hist.coef("reuse", "middle", 0.05), "reuse"))
+    assert all(torch.equal(a, b) for a, b in zip(got[-1], got[-2]))
+
+
+def test_checks_once_per_state_keep_every_error():
+    """A state (ring, slots, h_prev) is checked whole by its first eager call; later calls check what
+    can change per call (h_out against h_in, coef, variant) with the ops' errors, and a new shape,
+    dtype, ring or slots is checked again."""
+    g = gen(4)
+    hist = History(nslots=3, keep_prev_input=True)
+    x = torch.randn(1, 4, 8, generator=g)
+    hist.record(x, x + 1)
+    hist.advance(1.0, wrote=True)
+    state = (hist.ring, hist.slots, hist.h_prev)
+    assert hist._checked == state
+    with pytest.raises(ValueError, match="h_out must have shape"):
+        hist.record(x, x[:, :3])
+    with pytest.raises(TypeError, match="h_out has dtype"):
+        hist.record(x, x.half())
+    cf = hist.coef("reuse", "middle", 0.9)
+    with pytest.raises(ValueError, match="coef must be a float32"):
+        hist.predict(x, cf.double(), "reuse")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        hist.predict(x, cf, "pade")
+    for _ in range(2):  # a new dtype reallocates; the new state fails its check every time
+        with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+            hist.record(x.double(), x.double())
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        hist.record(x[0, 0], x[0, 0])
+    hist.record(x, x + 2)  # back to the first layout: a new ring, checked again
+    assert hist._checked[0] is hist.ring and hist.ring is not state[0]
+    hist.slots = torch.tensor([0, 0, 1], dtype=torch.int32)  # slots not from History: checked again
+    with pytest.raises(ValueError, match="permutation"):
+        hist.record(x, x)
+    hist.slots = torch.tensor([1, 2, 0], dtype=torch.int32)  # a permutation, but not what order mirrors
+    hist.record(x, x)
+    assert hist._checked[1] is not hist.slots  # not trusted: the op keeps reading slots
+
+
+def test_advance_rolls_slots_like_order():
+    """advance copies one of the precomputed rotations into slots (nothing allocated): slots stays
+    the device mirror of order, from allocation and after a reset, for every ring size."""
+    for nslots in (3, 4, 5):
+        hist = History(nslots=nslots)
+        x = torch.zeros(1, 2, 4)
+        for k in range(2 * nslots + 1):
+            hist.record(x, x + k)
+            hist.advance(1.0 - 0.01 * k, wrote=k % 3 != 2)
+            assert hist.slots.tolist() == hist.order
+            if k == nslots:
+                hist.reset()
+                assert hist.slots.tolist() == hist.order == list(range(nslots))

@@ -134,33 +134,37 @@ def test_compile_dynamic_two_shapes():
 # ------------------------------------------------------------------ bad input, clear errors
 
 
-def test_errors_name_the_problem():
+@pytest.mark.parametrize("direct", [False, True], ids=["op", "direct"])
+def test_errors_name_the_problem(direct):
+    """The custom ops and their direct eager calls (``update_direct`` / ``predict_direct`` without
+    ``vals``) check the same and raise the same errors."""
     h_in, h_out, ring, slots, prev = _inputs("cpu")
     cf = K.coef_tensor(K.build_coef("paper", "middle", TIMES, 0.45, 3, 3), "cpu")
+    update, predict = (ops.update_direct, ops.predict_direct) if direct else (ops.update, ops.predict)
     with pytest.raises(ValueError, match="h_out must have shape"):
-        ops.update(h_in, h_out[:, :3], ring, slots, None, False)
+        update(h_in, h_out[:, :3], ring, slots, None, False)
     with pytest.raises(TypeError, match="h_out has dtype"):
-        ops.update(h_in, h_out.half(), ring, slots, None, False)
+        update(h_in, h_out.half(), ring, slots, None, False)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        ops.update(h_in.double(), h_out.double(), ring.double(), slots, None, False)
+        update(h_in.double(), h_out.double(), ring.double(), slots, None, False)
     with pytest.raises(ValueError, match="ring must have shape"):
-        ops.update(h_in, h_out, ring[:2], slots[:2], None, False)
+        update(h_in, h_out, ring[:2], slots[:2], None, False)
     with pytest.raises(ValueError, match="ring must be contiguous"):
-        ops.update(h_in, h_out, ring.transpose(2, 3).contiguous().transpose(2, 3), slots, None, False)
+        update(h_in, h_out, ring.transpose(2, 3).contiguous().transpose(2, 3), slots, None, False)
     with pytest.raises(ValueError, match="h_prev must be contiguous"):
-        ops.update(h_in, h_out, ring, slots, prev.transpose(1, 2).contiguous().transpose(1, 2), False)
+        update(h_in, h_out, ring, slots, prev.transpose(1, 2).contiguous().transpose(1, 2), False)
     with pytest.raises(ValueError, match="permutation"):
-        ops.update(h_in, h_out, ring, torch.tensor([0, 0, 1], dtype=torch.int32), None, False)
+        update(h_in, h_out, ring, torch.tensor([0, 0, 1], dtype=torch.int32), None, False)
     with pytest.raises(ValueError, match="slots must be an int32/int64"):
-        ops.update(h_in, h_out, ring, slots.float(), None, False)
+        update(h_in, h_out, ring, slots.float(), None, False)
     with pytest.raises(ValueError, match="variant must be one of"):
-        ops.predict(h_in, ring, slots, cf, None, "pade", False, True)
+        predict(h_in, ring, slots, cf, None, "pade", False, True)
     with pytest.raises(ValueError, match="coef must be a float32"):
-        ops.predict(h_in, ring, slots, cf.double(), None, "paper", False, True)
+        predict(h_in, ring, slots, cf.double(), None, "paper", False, True)
     with pytest.raises(ValueError, match="at least 2 dims"):
-        ops.update(h_in[0, 0], h_out[0, 0], ring[:, 0, 0], slots, None, False)
+        update(h_in[0, 0], h_out[0, 0], ring[:, 0, 0], slots, None, False)
     with pytest.raises(ValueError, match="meta"):
-        ops.update(h_in, h_out.to("meta"), ring, slots, None, False)
+        update(h_in, h_out.to("meta"), ring, slots, None, False)
 
 
 def test_noncontiguous_inputs_are_handled(backend):
@@ -179,3 +183,49 @@ def test_backend_switch_validates():
     with pytest.raises(ValueError, match="backend must be one of"):
         with ops.use_backend("cuda"):
             pass
+
+
+def test_direct_calls_match_the_ops_bit_for_bit(backend):
+    """``update_direct`` / ``predict_direct`` (the eager calls that skip torch's custom-op dispatch)
+    give the ops' numbers: ring, h_prev, h_out and sums, with and without ``vals`` (the host
+    values of slots from a caller that keeps the state), h_in given or None."""
+    device, _ = backend
+    h_in, h_out, ring, slots, prev = _inputs(device)
+    vals = slots.tolist()
+    for x in (h_in, None):
+        for p in (prev, None):
+            for v in (None, vals):
+                r0, p0, r1, p1 = _clone(ring, p, ring, p)
+                want = ops.update(x, h_out, r0, slots, p0, True)
+                got = ops.update_direct(x, h_out, r1, slots, p1, True, v)
+                assert torch.equal(got, want) and torch.equal(r1, r0) and (p is None or torch.equal(p1, p0))
+                for variant in K.VARIANTS:
+                    cf = K.coef_tensor(K.build_coef(variant, "late", TIMES, 0.45, 3, 3), device)
+                    for store, write_out in ((True, True), (False, True), (True, False)):
+                        r0, p0, r1, p1 = _clone(ring, p, ring, p)
+                        want = ops.predict(x, r0, slots, cf, p0, variant, store, write_out)
+                        got = ops.predict_direct(x, r1, slots, cf, p1, variant, store, write_out, v)
+                        assert all(torch.equal(a, b) for a, b in zip(got, want)), (variant, store, write_out)
+                        assert torch.equal(r1, r0) and (p is None or torch.equal(p1, p0))
+
+
+def test_direct_only_for_plain_eager_calls():
+    """``direct``: plain tensors in eager mode only; anything torch's dispatch must see (a mode,
+    a subclass, a functorch transform, autograd) goes through the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.ones(2, 3)
+    assert ops.direct(x, None)
+    w = torch.ones(2, 3, requires_grad=True)
+    assert not ops.direct(x, w)
+    with torch.no_grad():
+        assert ops.direct(x, w)
+    assert not ops.direct(torch.nn.Parameter(torch.ones(2)))
+    with torch.device("cpu"):
+        assert not ops.direct(x)
+    with FakeTensorMode():
+        assert not ops.direct(x)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(ops.direct(t)) or t)(x)
+    assert seen == [False]
+    assert torch.compile(lambda t: t + 1 if ops.direct(t) else t - 1, backend="eager", fullgraph=True)(x).eq(0).all()

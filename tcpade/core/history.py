@@ -42,6 +42,8 @@ from . import coef as K
 from . import ops
 from .layout import SUMS
 
+_NONFINITE = SUMS.index("nonfinite")
+
 SumValues = namedtuple("SumValues", SUMS)
 """The host values of one write's sums, by name (``v.d11``, ``v.nonfinite``, ...)."""
 
@@ -112,6 +114,11 @@ class History:
     times: List[float] = field(default_factory=list)
     count: int = 0
     has_prev: bool = False
+    # The state (ring, slots, h_prev) that passed the ops' checks in a call of its own: later eager
+    # calls on it skip them (``_vals``). Reset by any new tensor in one of those fields.
+    _checked: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+    # slots' values rolled k times (allocated with the ring): advance copies one, on the device.
+    _rolls: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.nslots, int) or self.nslots < 3:
@@ -134,6 +141,8 @@ class History:
         keep = self.keep_prev_input and not output
         self.h_prev = torch.zeros_like(h, memory_format=torch.contiguous_format) if keep else None
         self.slots = torch.arange(self.nslots, dtype=torch.int32, device=h.device)
+        # Every value slots takes, by its first element j: arange rolled k times is (arange + j) mod S.
+        self._rolls = (self.slots, [(self.slots + j) % self.nslots for j in range(self.nslots)])
         self.reset()
         return True
 
@@ -177,11 +186,16 @@ class History:
         self.has_prev = self.h_prev is not None
         if not wrote:
             return
-        w = self.order[-1]
-        self.order = [w] + self.order[:-1]
+        order = self.order
+        self.order = order = order[-1:] + order[:-1]
         self.times = [float(t)] + self.times[:-1]
-        self.count = min(self.count + 1, self.nslots)
-        self.slots.copy_(self.slots.roll(1))
+        if self.count < self.nslots:
+            self.count += 1
+        rolls = self._rolls
+        if rolls is not None and rolls[0] is self.slots:
+            self.slots.copy_(rolls[1][order[0]])  # one copy on the device, nothing allocated
+        else:  # slots that ensure did not allocate
+            self.slots.copy_(self.slots.roll(1))
 
     def recent_times(self) -> List[float]:
         """Times of R1, R2, R3 (newest first); NaN where nothing is stored."""
@@ -198,6 +212,22 @@ class History:
         return coef_to_device(self.coef_values(variant, stage, t_target, **kw), self.ring.device)
 
     # --------------------------------------------------------------------- steps
+    def _vals(self) -> Optional[list]:
+        """``order`` (the host values of ``slots``) when the state has passed the ops' checks and is
+        unchanged since (``ops.update_direct`` and ``ops.predict_direct`` then skip them), else None."""
+        c = self._checked
+        if c is not None and c[0] is self.ring and c[1] is self.slots and c[2] is self.h_prev:
+            return self.order
+        return None
+
+    def _passed(self) -> None:
+        """The state passed the ops' checks in a call that checked it whole. Later eager calls skip
+        them while it is the same state, and use ``order`` for the values of ``slots``, which it
+        mirrors (checked here once on the host; only these methods write either)."""
+        slots = self.slots
+        if slots.device.type != "cpu" or slots.tolist() == self.order:
+            self._checked = (self.ring, slots, self.h_prev)
+
     def record(self, h_in: Optional[torch.Tensor], h_out: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """A computed step: write R = h_out - h_in into the write slot; return the sums (device).
         ``advance(t, wrote=True)`` makes it R1. ``h_in=None``: a zero input (output level), R = h_out."""
@@ -206,7 +236,14 @@ class History:
             self.ensure(h_out, output=True)
         else:
             self.ensure(h_in, output=False)
-        return ops.update(h_in, h_out, self.ring, self.slots, self.h_prev, bool(probe))
+        ring, slots, h_prev = self.ring, self.slots, self.h_prev
+        if not ops.direct(h_in, h_out, ring, slots, h_prev):  # traced, or not a plain eager call
+            return ops.update(h_in, h_out, ring, slots, h_prev, bool(probe))
+        vals = self._vals()
+        sums = ops.update_direct(h_in, h_out, ring, slots, h_prev, bool(probe), vals)
+        if vals is None:
+            self._passed()
+        return sums
 
     def predict(self, h_in: Optional[torch.Tensor], coef: torch.Tensor, variant: str, store: bool = False,
                 write_out: bool = True, probe: bool = False):  # fmt: skip
@@ -226,13 +263,28 @@ class History:
                 raise RuntimeError("predict(None) before any record()")
         elif not self.matches(h_in):
             raise RuntimeError("predict() before any record() for this shape/dtype/device")
-        out, sums = ops.predict(h_in, self.ring, self.slots, coef, self.h_prev, variant, bool(store or probe),
-                                bool(write_out))  # fmt: skip
+        ring, slots, h_prev = self.ring, self.slots, self.h_prev
+        vals = None
+        if ops.direct(h_in, ring, slots, coef, h_prev):  # eager: no custom-op dispatch, checks once per state
+            vals = self._vals()
+            out, sums = ops.predict_direct(h_in, ring, slots, coef, h_prev, variant, bool(store or probe),
+                                           bool(write_out), vals)  # fmt: skip
+            if vals is None:
+                self._passed()
+        else:  # traced (the graph needs the custom op), or not a plain eager call
+            out, sums = ops.predict(h_in, ring, slots, coef, h_prev, variant, bool(store or probe),
+                                    bool(write_out))  # fmt: skip
         # The op replaced each non-finite element of h_out by h_in + R1 (R1 where finite, else
         # 0) and counted it in the sums' ``nonfinite``. A stored prediction (the paper's rule)
         # keeps its finite elements; its non-finite ones become that R1 in the slot, so a NaN
         # never enters the history through a prediction.
-        if store and not probe:
+        if store and not probe and vals is not None:  # eager, order checked: the slots by host index
+            # CPU sums are host memory: nothing non-finite counted, nothing to replace.
+            if ring.device.type != "cpu" or float(sums[_NONFINITE]) != 0.0:
+                r1 = torch.nan_to_num(ring[vals[0]], nan=0.0, posinf=0.0, neginf=0.0)
+                stored = ring[vals[-1]]
+                torch.where(torch.isfinite(stored), stored, r1, out=stored)
+        elif store and not probe:
             r1 = self.ring.index_select(0, self.slots[:1]).squeeze(0)
             r1 = torch.where(torch.isfinite(r1), r1, torch.zeros_like(r1))
             w = self.slots[-1:].long()

@@ -210,6 +210,12 @@ def update(
 
     Semantics: ``tcpade.core.reference.update``."""
     _check_update(h_in, h_out, ring, slots, h_prev)
+    return _update_impl(h_in, h_out, ring, slots, h_prev, probe, None)
+
+
+def _update_impl(h_in, h_out, ring, slots, h_prev, probe, vals) -> torch.Tensor:
+    """``update`` after its checks. ``vals``: the host values of ``slots`` (a checked permutation), or
+    None to read and check them here (CPU tensors)."""
     h_in = h_in.contiguous() if h_in is not None else None
     h_out = h_out.contiguous()
     backend = _resolve(h_out)
@@ -217,7 +223,8 @@ def update(
         from .. import kernels
 
         return kernels.update(h_in, h_out, ring, slots, h_prev, probe)
-    vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None
+    if vals is None and slots.device.type == "cpu":
+        vals = _check_slot_values(slots, ring.shape[0])
     if backend == "cpp":
         sums = _native.update(
             h_in.data_ptr() if h_in is not None else 0,  # 0: a zero input, not read
@@ -254,6 +261,10 @@ def _update_fake(h_in, h_out, ring, slots, h_prev, probe):
 
 def _check_predict(h_in, ring, slots, coef, h_prev, variant):
     _check_state(h_in, ring, slots, h_prev)
+    _check_coef(coef, ring, variant)
+
+
+def _check_coef(coef, ring, variant):
     K.check_variant(variant)
     if coef.dtype != torch.float32 or tuple(coef.shape) != (K.NCOEF,):
         raise ValueError(f"coef must be a float32 tensor of shape ({K.NCOEF},), got {coef.dtype} {tuple(coef.shape)}")
@@ -282,13 +293,19 @@ def predict(
     zero input, h_out = R_eff (shape and dtype of a ring slot). All other semantics:
     ``tcpade.core.reference.predict``."""
     _check_predict(h_in, ring, slots, coef, h_prev, variant)
+    return _predict_impl(h_in, ring, slots, coef, h_prev, variant, store, write_out, None)
+
+
+def _predict_impl(h_in, ring, slots, coef, h_prev, variant, store, write_out, vals):
+    """``predict`` after its checks; ``vals`` as in ``_update_impl``."""
     h_in = h_in.contiguous() if h_in is not None else None
     backend = _resolve(ring)
     if backend == "triton":
         from .. import kernels
 
         return kernels.predict(h_in, ring, slots, coef, h_prev, variant, store, write_out)
-    vals = _check_slot_values(slots, ring.shape[0]) if slots.device.type == "cpu" else None
+    if vals is None and slots.device.type == "cpu":
+        vals = _check_slot_values(slots, ring.shape[0])
     if backend == "cpp":
         out = _new_out(h_in, ring, write_out)
         n, c = ring.numel() // ring.shape[0], ring.shape[-1]
@@ -322,3 +339,54 @@ def _new_out(h_in: Optional[torch.Tensor], ring: torch.Tensor, write_out: bool) 
 def _predict_fake(h_in, ring, slots, coef, h_prev, variant, store, write_out):
     _check_predict(h_in, ring, slots, coef, h_prev, variant)
     return _new_out(h_in, ring, write_out), ring.new_empty(NSUMS, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------- eager calls
+#
+# torch's custom-op dispatch (schema binding, autograd and ADInplaceOrView keys, the Python
+# kernel's redispatch) costs about as much host time as the CPU kernels themselves on small
+# tensors, once per transformer call. An eager caller on plain tensors may run the
+# implementation directly: the same checks, errors and numbers, without the dispatch.
+
+
+def direct(*tensors) -> bool:
+    """May a call of the ops on these tensors (None allowed) run directly (``update_direct``,
+    ``predict_direct``)? Only an eager call: not while torch.compile traces (the graph needs the
+    custom op), not under a torch dispatch or function mode (fake tensors, functionalization,
+    ``with torch.device(...)``) or a functorch transform, not on a tensor subclass, and not where
+    autograd would see a tensor that requires grad. Otherwise call the op."""
+    if torch.compiler.is_compiling():  # first: dynamo folds it and never traces the rest
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None):  # fmt: skip
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def update_direct(h_in, h_out, ring, slots, h_prev, probe: bool, vals: Optional[list] = None) -> torch.Tensor:
+    """``update`` without the custom-op dispatch, where ``direct`` holds.
+
+    ``vals``: None, or the host values of ``slots`` from a caller that keeps the state itself
+    (``tcpade.core.history.History``): the state (``ring`` allocated like h_in, or like h_out for
+    ``h_in=None``; ``slots``; ``h_prev``) has passed these checks in an earlier call and is
+    unchanged, so only h_out is checked against h_in."""
+    if vals is None:
+        _check_update(h_in, h_out, ring, slots, h_prev)
+    elif h_in is not None:
+        _check_like("h_out", h_out, h_in, h_in.shape, False)
+    return _update_impl(h_in, h_out, ring, slots, h_prev, probe, vals)
+
+
+def predict_direct(h_in, ring, slots, coef, h_prev, variant: str, store: bool, write_out: bool,
+                   vals: Optional[list] = None):  # fmt: skip
+    """``predict`` without the custom-op dispatch, where ``direct`` holds; ``vals`` as in
+    ``update_direct`` (then only ``coef`` and ``variant`` are checked)."""
+    if vals is None:
+        _check_predict(h_in, ring, slots, coef, h_prev, variant)
+    else:
+        _check_coef(coef, ring, variant)
+    return _predict_impl(h_in, ring, slots, coef, h_prev, variant, store, write_out, vals)
