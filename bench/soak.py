@@ -140,7 +140,7 @@ class Server:
                 reg = getattr(m, "_diffusers_hook", None)
                 hooks += len(reg.hooks) if reg is not None else 0
         return dict(heap=heap, history=sum(rt.nbytes for rt in rts),
-                    records=sum(len(b._records) for rt in rts for b in rt.branches.values()), hooks=hooks,
+                    records=sum(len(b.records) for rt in rts for b in rt.branches.values()), hooks=hooks,
                     branches=sum(len(rt.branches) for rt in rts))  # fmt: skip
 
 

@@ -7,6 +7,9 @@ handling of NaN. (Quality against the full run is bench/quality.py's job, on tra
 models.)
 """
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,7 +18,7 @@ pytest.importorskip("diffusers")
 from helpers import BlockBodyCounter, rule_fast, rule_slow  # noqa: E402
 
 import tcpade  # noqa: E402
-from tcpade import TCPadeConfig  # noqa: E402  # noqa: E402
+from tcpade import TCPadeConfig, schedules  # noqa: E402
 from tcpade.tools.tiny import FAMILIES  # noqa: E402
 from tcpade.tools.tiny import dit_pipeline as _dit_pipeline  # noqa: E402
 from tcpade.tools.tiny import flux_pipeline as _flux_pipeline  # noqa: E402
@@ -233,3 +236,44 @@ def test_bare_transformer_step_count_warnings_point_at_the_caller():
         assert msgs[0].filename == __file__
     finally:
         tcpade.remove(pipe.transformer)
+
+
+@pytest.fixture
+def registry():
+    schedules.clear(shipped=False)
+    yield
+    schedules.clear()
+
+
+@torch.no_grad()
+def test_apply_keeps_the_users_config_and_resolves_beside_it(registry):
+    """tcpade.apply neither changes nor replaces the config: ``runtime.config`` is the object
+    given, field for field what it was; what calibration resolves for the model (the predictor
+    of ``calibrated_predictor``, the calibrated schedule for T) is ``runtime.resolved``, and the
+    summary shows both."""
+    pipe, generate = _flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    key = schedules.model_key(pipe.transformer)
+    schedules.register(key, "rational", 8, {4: (0, 1, 2, 6)}, psnr={4: 30.0})
+    schedules.register(key, "reuse", 8, {4: (0, 2, 4, 6)}, psnr={4: 33.0})  # scores best
+    cfg = TCPadeConfig.budget(passes=4, calibrated_predictor=True)
+    before = copy.deepcopy(cfg)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    rt = tcpade.apply(pipe, cfg)
+    try:
+        generate(8)
+        assert rt.config is cfg and rt.resolved.config is cfg
+        assert rt.resolved.predictor == "reuse" and rt.resolved.calibrated == ((8, (0, 2, 4, 6)),)
+        assert rt.resolved.plan(8) == (0, 2, 4, 6) and rt.resolved.plan_source(8) == "calibrated"
+        s = tcpade.summary(pipe)
+        assert s.config is cfg and s.resolved is rt.resolved
+        assert s.computed("cond") == s.computed("uncond") == [0, 2, 4, 6]
+        text = str(s)
+        assert text.startswith("tcpade: predictor=reuse (the model's calibrations score it best; the config's: "
+                               "rational) budget=passes 4;"), text  # fmt: skip
+        assert "schedule: calibrated [0, 2, 4, 6]" in text
+    finally:
+        tcpade.remove(pipe)
+    # the config alone: its own predictor, no model, the spaced rule
+    assert cfg == before and {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} == fields
+    assert cfg.predictor == "rational" and cfg.plan(8) == schedules.spaced(8, 4)

@@ -15,11 +15,11 @@ import torch
 from helpers import SHAPES, gen, perm_slots, randn, smooth_ring, synthetic_run
 
 from tcpade import coef as K
-from tcpade.core import layout as L
 from tcpade import ops, reference
-from tcpade.policy.config import TCPadeConfig
+from tcpade.core import layout as L
 from tcpade.core.history import History
-from tcpade.policy.runtime import _choice_mask
+from tcpade.policy.choosers import choice_mask
+from tcpade.policy.config import TCPadeConfig
 
 TIMES = [0.61, 0.74, 0.93]
 T_TARGET = 0.45
@@ -79,7 +79,7 @@ def test_choice_picks_the_candidate_with_the_smaller_error(kind):
     assert (e_rat < e_lin) == (kind == "rational"), (e_rat, e_lin)
     v = dict(zip(L.SUMS, sums.tolist()))
     assert math.isclose(v["err2"], e_rat, rel_tol=1e-4)
-    mask, acc = _choice_mask(sums, coef, None)
+    mask, acc = choice_mask(sums, coef, None)
     r2 = v["r2"]
     assert acc.tolist() == pytest.approx([e_rat / r2, e_lin / r2], rel=1e-4)
     assert float(mask[K.BMAX]) == (1.0 if kind == "rational" else 0.0)
@@ -94,13 +94,13 @@ def test_choice_accumulates_and_a_nan_keeps_rational():
         s = dict(d11=1.0, d22=lin2 - lam1 * lam1, d12=0.0, err2=err2, r2=r2, nonfinite=0.0)
         return torch.tensor([s[n] for n in L.SUMS])
 
-    m, acc = _choice_mask(sums(1.0, 3.0), coef, None)
+    m, acc = choice_mask(sums(1.0, 3.0), coef, None)
     assert float(m[K.BMAX]) == 1.0
-    m, acc = _choice_mask(sums(2.0, 0.5), coef, acc)  # 3.0 vs 3.5 accumulated: still rational
+    m, acc = choice_mask(sums(2.0, 0.5), coef, acc)  # 3.0 vs 3.5 accumulated: still rational
     assert float(m[K.BMAX]) == 1.0
-    m, acc = _choice_mask(sums(2.0, 0.5), coef, acc)  # 5.0 vs 4.0: linear
+    m, acc = choice_mask(sums(2.0, 0.5), coef, acc)  # 5.0 vs 4.0: linear
     assert float(m[K.BMAX]) == 0.0
-    m, _ = _choice_mask(sums(math.nan, 0.5), coef, None)
+    m, _ = choice_mask(sums(math.nan, 0.5), coef, None)
     assert float(m[K.BMAX]) == 1.0
 
 
@@ -112,12 +112,13 @@ def test_auto_on_a_fixed_schedule(T, sched):
     assert rt.host_reads == 0  # the choice stays on the device during the run
     for br in ("cond", "uncond"):
         b = rt.branches[br]
-        assert [r.k for r in b.records if r.computed] == list(sched)
-        picks = [(r.k, r.choice) for r in b.records if r.choice]
+        recs = rt.records(br)
+        assert [r.k for r in recs if r.computed] == list(sched)
+        picks = [(r.k, r.choice) for r in recs if r.choice]
         # every computed step with three residuals stored before it chose
         assert [k for k, _ in picks] == [k for i, k in enumerate(sched) if i >= 3]
         assert {c for _, c in picks} <= {"rational", "linear"}
-        assert float(b.choice[K.BMAX]) == (1.0 if picks[-1][1] == "rational" else 0.0)  # host == device
+        assert float(b.auto.mask[K.BMAX]) == (1.0 if picks[-1][1] == "rational" else 0.0)  # host == device
         assert all(math.isfinite(e) for e in errors[br])
         assert all(torch.isfinite(o).all() for o in outs[br])
 
@@ -127,7 +128,7 @@ def test_auto_matches_rational_until_it_first_chooses_linear():
     T = 20
     rt_a, _, _, out_a = synthetic_run(TCPadeConfig(predictor="auto", schedule=sched, schedule_steps=T), T)
     _, _, _, out_r = synthetic_run(TCPadeConfig(predictor="rational", schedule=sched, schedule_steps=T), T)
-    recs = rt_a.branches["default"].records
+    recs = rt_a.records("default")
     first_linear = next((r.k for r in recs if r.choice == "linear"), T)
     for k in range(T):
         if k <= first_linear:
@@ -146,5 +147,5 @@ def test_auto_config():
     # the error policy sizes its runs from the chosen candidate's error
     rt, passes, errors, _ = synthetic_run(TCPadeConfig(predictor="auto", policy="error", tolerance=0.1), 20)
     assert 0 < passes["default"] < 20
-    rec = [r for r in rt.branches["default"].records if r.choice]
+    rec = [r for r in rt.records("default") if r.choice]
     assert rec and all(math.isfinite(r.error) for r in rec)

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 import tcpade
-from tcpade.policy.config import _CHECKS, ConfigTypeError, TCPadeConfig
+from tcpade.policy.config import _CHECKS, CONCERNS, ConfigTypeError, TCPadeConfig
 from tcpade.policy.runtime import Runtime
 
 # A value of the wrong type for every field (a str where a number goes, a number where a str
@@ -34,15 +34,27 @@ WRONG_TYPE = {
     "use_calibrated": 1,
     "calibrated_predictor": "yes",
     "budget_max_run": 3.0,
-    "calibrated": {20: (0, 1, 5)},
 }
 
 
-def test_every_field_has_a_check():
-    """A field added to TCPadeConfig without a row in its validation table fails here."""
+def test_every_field_has_a_check_and_a_concern():
+    """A field added to TCPadeConfig without a row in its validation table, or without a concern,
+    fails here; a relation row names fields."""
     fields = [f.name for f in dataclasses.fields(TCPadeConfig)]
-    assert sorted(_CHECKS) == sorted(fields)
+    assert sorted(n for n in _CHECKS if "/" not in n) == sorted(fields)
+    assert all(set(n.split("/")) <= set(fields) for n in _CHECKS if "/" in n)
     assert sorted(WRONG_TYPE) == sorted(fields)
+    assert sorted(n for names in CONCERNS.values() for n in names) == sorted(fields)
+    grouped = TCPadeConfig.fast().by_concern()
+    assert list(grouped) == ["predictor", "policy", "schedule", "budget"]
+    assert grouped["budget"] == dict(passes=None, speedup=2.9, budget_max_run=3, use_calibrated=True,
+                                     calibrated_predictor=True)  # fmt: skip
+
+
+def test_what_calibration_resolves_is_no_field():
+    """The model's calibrated schedules are kept on the runtime (Resolved), not in the config."""
+    with pytest.raises(TypeError, match="calibrated"):
+        TCPadeConfig(calibrated=((20, (0, 1, 5)),))
 
 
 @pytest.mark.parametrize("field", sorted(WRONG_TYPE))
@@ -72,6 +84,9 @@ def test_pole_delta_as_string():
         (dict(predictor="pade"), r"TCPadeConfig\.predictor must be one of \('paper', 'rational'"),
         (dict(level="blocks"), r"TCPadeConfig\.level must be one of \('block', 'output'\), got 'blocks'"),
         (dict(early_frac=0.5, late_frac=0.4), r"early_frac <= late_frac .* early_frac=0\.5, late_frac=0\.4"),
+        (dict(passes=1), r"TCPadeConfig\.passes must be None or an int >= 2 \(the 'rational' predictor's minimum"),
+        (dict(predictor="auto", input_correction=0.2), r"TCPadeConfig\.input_correction must be None or 0 with"),
+        (dict(schedule_steps=20), r"TCPadeConfig\.schedule_steps must be None without a schedule, got 20"),
         (dict(late_frac=1.2), r"TCPadeConfig\.late_frac must be in \[0, 1\], got 1\.2"),
     ],
 )
@@ -85,6 +100,10 @@ def test_numpy_scalars_and_ints_for_floats_are_accepted():
     np = pytest.importorskip("numpy")
     cfg = TCPadeConfig(warmup=np.int64(2), tolerance=np.float32(0.1), pole_delta=0.25, kappa=1, early_frac=0)
     assert cfg.warmup == 2 and cfg.kappa == 1
+    # every field alike, the budget's and the schedule's too (one check per field)
+    assert TCPadeConfig.budget(passes=np.int64(8)).plan(20) == TCPadeConfig.budget(passes=8).plan(20)
+    assert TCPadeConfig.budget(speedup=np.float32(2.5)).plan(20) == TCPadeConfig.budget(speedup=2.5).plan(20)
+    assert TCPadeConfig(schedule=[0, 1, 5], schedule_steps=np.int64(8)).plan(8) == (0, 1, 5)
     # The presets pass their own check.
     for preset in (TCPadeConfig.paper, TCPadeConfig.slow, TCPadeConfig.fast, TCPadeConfig.adaptive):
         assert isinstance(preset(), TCPadeConfig)

@@ -429,9 +429,9 @@ def test_runtime_never_returns_nonfinite(run):
             # Finite wherever h_in is (a NaN input element is the model's, not tcpade's).
             assert torch.isfinite(pred[torch.isfinite(h_in)]).all(), (k, cfg)
             assert pred.shape == h_in.shape and pred.dtype == dtype
-    recs = rt.branches["default"].records
+    recs = rt.records("default")
     if reversed_time:
-        # Increasing times: Runtime.restarted() assumes a decreasing schedule until a
+        # Increasing times: Run.restarted() assumes a decreasing schedule until a
         # branch has two records, so step 1 is taken for a new run and every step is
         # computed (safe, no skip). Reported; only the safety properties are checked.
         return

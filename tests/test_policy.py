@@ -24,9 +24,9 @@ class EveryRead(Runtime):
     """The oracle of the deferred reads: every earlier write's sums read at every call."""
 
     def decide(self, branch, timestep, force=None):
-        b = self._branch(branch)
+        b = self._branches.get(branch)
         if not b.reset_pending and b.pending is None:
-            self._fold(b)
+            self.reader.read(b)
         return super().decide(branch, timestep, force)
 
 
@@ -39,7 +39,7 @@ def test_presets_skip_the_expected_share(preset, T, computed):
     cfg = getattr(TCPadeConfig, preset)()
     rt, passes, errors, _ = run(cfg, T)
     assert passes["default"] == computed
-    rec = rt.branches["default"].records
+    rec = rt.records("default")
     assert [r.k for r in rec] == list(range(T))
     assert sum(r.computed for r in rec) == computed
     assert all(math.isfinite(e) for e in errors["default"])
@@ -76,7 +76,7 @@ def test_error_policy_tolerance_is_monotone_and_accurate():
 def test_max_skips_caps_runs():
     cfg = TCPadeConfig(predictor="rational", policy="error", tolerance=1.0, warmup=2, max_skips=2)
     rt, _, _, _ = run(cfg, 20)
-    flags = [r.computed for r in rt.branches["default"].records]
+    flags = [r.computed for r in rt.records("default")]
     longest = max(len(x) for x in "".join("c" if f else "s" for f in flags).split("c"))
     assert longest == 2
 
@@ -89,7 +89,7 @@ def test_nan_in_a_fixed_schedule_is_reported_and_changes_no_decision(preset):
     at = 9 if preset == "slow" else 8  # a computed step of each plan (slow: 0 1 3 6 9 12 15 18)
     rt, passes, _, _ = run(cfg, 20, nan_at=at)
     assert rt.host_reads == 0
-    rec = rt.branches["default"].records
+    rec = rt.records("default")
     assert [r.k for r in rec if r.computed] == list(cfg.plan(20))
     assert rec[at].computed and rec[at].nonfinite
     assert not any(r.nonfinite for r in rec[:at])
@@ -100,7 +100,7 @@ def test_nan_in_a_fixed_schedule_is_reported_and_changes_no_decision(preset):
 def test_nan_forces_full_computation_from_then_on(cfg):
     """A trajectory-dependent policy reads the sums anyway: after a NaN it computes every step."""
     rt, passes, _, _ = run(cfg, 20, nan_at=8)
-    rec = rt.branches["default"].records
+    rec = rt.records("default")
     assert rec[8].computed and rec[8].nonfinite
     assert all(r.computed for r in rec[8:]), "every step after the NaN must be computed"
     assert all(r.reason in ("nonfinite", "final") for r in rec[9:])
@@ -113,7 +113,7 @@ def test_nonfinite_prediction_falls_back_and_is_reported():
     step stays skipped, and its record says non-finite."""
     cfg = rule_slow()
     rt, passes, _, outs = run(cfg, 20, nan_input_at=6)
-    rec = rt.branches["default"].records
+    rec = rt.records("default")
     assert rt.host_reads == 1  # the records above: one wait, after the run
     assert not rec[6].computed and rec[6].nonfinite
     assert [r.k for r in rec if r.computed] == list(cfg.plan(20))
@@ -181,7 +181,7 @@ def test_shape_change_mid_run_starts_a_new_run_at_that_call():
     p = rt.decide("default", sig[6])
     assert p is not None and p(h) is None  # planned as a skip; the history cannot predict this h_in
     rt.finish("default", h, h + r)
-    rec = rt.branches["default"].records
+    rec = rt.records("default")
     assert [(r.k, r.computed, r.reason) for r in rec] == [(0, True, "warmup")]
     assert rt.branches["default"].history.ring.shape[1:] == (2, 9, 40)
 
@@ -238,7 +238,7 @@ def test_longer_run_than_num_steps_continues_computing_and_warns_once():
         _bare_run(rt, 30)
     msgs = [str(w.message) for w in caught if "tcpade" in str(w.message)]
     assert len(msgs) == 1 and "longer than the 20 steps" in msgs[0] and "step 21" in msgs[0], msgs
-    rec = rt.branches["default"].records
+    rec = rt.records("default")
     assert [r.k for r in rec] == list(range(30))
     assert [r.k for r in rec if r.computed] == list(cfg.plan(20)) + list(range(20, 30))
     assert all(r.reason == "beyond-steps" for r in rec[20:])
@@ -288,7 +288,7 @@ def test_increasing_time_schedule_skips_and_restarts():
                 rt.finish("default", h_in, h_in + b * (1 + 0.05 * k))
             else:
                 rt.finish("default", None, None)
-        recs = rt.branches["default"].records
+        recs = rt.records("default")
         assert [r.k for r in recs] == list(range(20)), run_index
         assert sum(r.computed for r in recs) == 9, run_index
 
@@ -310,7 +310,7 @@ def test_plan_is_what_the_runtime_computes(cfg, T):
     rt, passes, _, _ = run(cfg, T, branches=("cond", "uncond"))
     assert rt.host_reads == 0
     for br in ("cond", "uncond"):
-        assert tuple(r.k for r in rt.branches[br].records if r.computed) == cfg.plan(T)
+        assert tuple(r.k for r in rt.records(br) if r.computed) == cfg.plan(T)
 
 
 def test_plan_is_none_when_the_trajectory_decides():
@@ -335,7 +335,7 @@ def test_forced_call_is_computed_with_its_reason():
         else:
             p(h_in)
             rt.finish("default", None, None)
-    rec = rt.branches["default"].records
+    rec = rt.records("default")
     assert rec[6].computed and rec[6].reason == "controlnet"
     assert [r.k for r in rec if not r.computed] == [5, 7, 9, 10, 11, 13, 14, 15, 17, 18]
 
@@ -370,7 +370,7 @@ def test_deferred_reads_decide_exactly_as_eager_reads(name, nan):
     (eager, p_e, o_e, r_e), (lazy, p_l, o_l, r_l) = runs["eager"], runs["deferred"]
     assert p_e == p_l
     for br in ("cond", "uncond"):
-        a, b = eager.branches[br].records, lazy.branches[br].records
+        a, b = eager.records(br), lazy.records(br)
         assert [[getattr(r, f) for f in FIELDS] for r in a] == [[getattr(r, f) for f in FIELDS] for r in b]
         for ra, rb in zip(a, b):
             for f in ("tsi", "error"):
@@ -393,3 +393,18 @@ def test_waits_per_run():
     assert waits["slow"] == waits["fast"] == waits["paper"] == waits["budget-slow"] == waits["budget-fast"] == 0
     assert waits["auto"] == 0
     assert 0 < waits["error-loose"] <= 2 * 20
+
+
+def test_one_rule_for_the_plan_and_the_live_decision(monkeypatch):
+    """``Rule.reason`` is the rule of both: the plans of the TSI policy simulate a run with it, and
+    a run decided live asks it at every call. Changing it changes both alike."""
+    from tcpade.policy.rule import Rule
+
+    assert 6 not in rule_slow().plan(20)
+    original = Rule.reason
+    monkeypatch.setattr(Rule, "reason", lambda self, k, T, state: "moved" if k == 6 else original(self, k, T, state))
+    assert 6 in rule_slow().plan(20)
+    for cfg in (rule_slow(), rule_slow(tsi_threshold=0.5)):  # a plan; decided live
+        rt = run(cfg, 20)[0]
+        rec = rt.records("default")
+        assert rec[6].computed and rec[6].reason == "moved", cfg

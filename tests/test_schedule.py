@@ -71,7 +71,6 @@ def _computed(cfg, T, branches=("cond", "uncond"), nan_at=None, rt=None):
         (dict(passes=4, use_calibrated=1), "use_calibrated"),
         (dict(passes=4, budget_max_run=0), "budget_max_run"),
         (dict(passes=4, budget_max_run=2.0), "budget_max_run"),
-        (dict(calibrated=((20, (0, 2)),)), "calibrated"),
     ],
 )
 def test_bad_schedule_fields_name_the_field(kw, match):
@@ -173,7 +172,7 @@ def test_non_finite_values_keep_the_schedule_and_are_reported():
     done = _computed(cfg, 10, branches=("cond",), nan_at=1, rt=rt)
     assert done["cond"] == [0, 1, 5]
     assert rt.host_reads == 0
-    assert [r.k for r in rt.branches["cond"].records if r.computed and r.nonfinite] == [1]
+    assert [r.k for r in rt.records("cond") if r.computed and r.nonfinite] == [1]
 
 
 # -------------------------------------------------------------------------------- registry

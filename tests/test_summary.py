@@ -1,5 +1,7 @@
 """tcpade.summary: the per-branch step table and its plot."""
 
+import math
+
 import pytest
 import torch
 from helpers import rule_fast, rule_slow
@@ -7,6 +9,7 @@ from helpers import synthetic_run as run  # the synthetic block stack
 
 import tcpade
 from tcpade.policy.config import TCPadeConfig
+from tcpade.policy.plan import Resolved
 from tcpade.policy.runtime import Runtime
 
 
@@ -47,3 +50,33 @@ def test_summary_of_unapplied_module_raises():
     with pytest.raises(RuntimeError, match="not applied"):
         tcpade.summary(torch.nn.Linear(2, 2))
     assert isinstance(Runtime().config, TCPadeConfig)
+
+
+def test_records_are_read_from_the_device_only_when_asked():
+    """A branch's records are the host's: looking at them waits for nothing, and what only the
+    device sums tell (TSI, non-finite values) is not in them yet. ``Runtime.records`` and the
+    summary read them: one wait per branch, once."""
+    rt, _, _, _ = run(rule_slow(), 20, branches=("cond", "uncond"), nan_at=8)
+    raw = rt.branches["cond"].records
+    assert len(raw) == 20 and rt.host_reads == 0
+    assert not any(r.sums.read or r.nonfinite for r in raw) and all(math.isnan(r.tsi) for r in raw)
+    recs = rt.records("cond")
+    assert recs is raw and rt.host_reads == 1
+    assert recs[8].nonfinite and math.isfinite(recs[4].tsi)
+    assert tcpade.summary(rt).nonfinite("cond")[0] == 8
+    assert rt.host_reads == 2  # the summary read "uncond"; "cond" was read already
+
+
+def test_summary_shows_what_was_resolved_for_the_model():
+    """A predictor chosen by calibration (here given by hand) runs and heads the summary; the
+    config stays the user's."""
+    cfg = TCPadeConfig.budget(passes=7, calibrated_predictor=True)
+    rt = Runtime(cfg, resolved=Resolved(cfg, predictor="reuse"))
+    assert rt.config is cfg and rt.resolved.predictor == "reuse" and cfg.predictor == "rational"
+    rt, _, _, _ = run(cfg, 20, rt=rt)
+    text = str(tcpade.summary(rt))
+    assert text.startswith("tcpade: predictor=reuse (the model's calibrations score it best; the config's: rational)")
+    assert f"schedule: spaced rule {list(rt.resolved.plan(20))}" in text
+    assert tcpade.summary(rt).computed("default") == list(rt.resolved.plan(20))
+    with pytest.raises(ValueError, match="another config"):
+        Runtime(TCPadeConfig(), resolved=Resolved(cfg))

@@ -27,10 +27,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import distributed
 from ..policy import schedules
 from ..policy.config import TCPadeConfig
+from ..policy.plan import Resolved
 from ..policy.runtime import RUNTIME_ATTR, Runtime, StepRecord, attached_runtime
+from . import distributed
 
 
 def _adapters():
@@ -290,8 +291,13 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
     scheduler says it, and wins over ``num_steps`` with a warning when they differ).
     Refuses a target that already has tcpade applied (remove it first, or apply a new
     config through ``remove`` + ``apply``). Returns the Runtime (its ``branches`` hold
-    the per-branch state and step records).
+    the per-branch state and step records). ``config`` is kept as given (``runtime.config``);
+    what is resolved for this model (its calibrated schedules, the predictor of
+    ``calibrated_predictor``) is ``runtime.resolved``, shown by ``summary``.
     """
+    config = config if config is not None else TCPadeConfig()
+    if not isinstance(config, TCPadeConfig):
+        raise TypeError(f"config must be a TCPadeConfig, got {type(config).__name__}")
     pipe, transformer = _split(target)
     adapters = _adapters()
     if adapters.is_attached(transformer):
@@ -309,13 +315,15 @@ def apply(target, config: Optional[TCPadeConfig] = None, *, num_steps: Optional[
         if other is not None:
             raise RuntimeError(f"{other} is enabled on this {type(module).__name__}: two caches cannot run at once; "
                                f"{_DISABLE[other]} before tcpade.apply")  # fmt: skip
-    # A budget takes this model's calibrated schedules from the registry (tcpade.policy.schedules).
-    config = schedules.resolve(config or TCPadeConfig(), transformer)
+    # A budget takes this model's calibrated schedules from the registry (tcpade.policy.schedules),
+    # kept beside the config, which stays the user's.
+    resolved = schedules.resolve(config, transformer)
     # T and the step's time come from the scheduler of the pipeline that is calling: the one given
     # here, or one derived from it (from_pipe: its own scheduler), found per call (_Caller).
     caller = _Caller(pipe, transformer) if pipe is not None else None
     runtime = Runtime(config, total_steps=_scheduler_steps(caller) if pipe is not None else None,
-                      num_steps=num_steps, clock=_SchedulerClock(caller) if pipe is not None else None)  # fmt: skip
+                      num_steps=num_steps, clock=_SchedulerClock(caller) if pipe is not None else None,
+                      resolved=resolved)  # fmt: skip
     # Under diffusers' context parallelism (enabled before or after this call) the TSI sums
     # are summed over the ranks, so every rank takes the same decision (tcpade.distributed).
     runtime.guard = _Guard([transformer] + experts)
@@ -349,11 +357,19 @@ def runtime(target) -> Runtime:
 
 @dataclass
 class Summary:
-    """Per CFG branch: which calls were computed or skipped, why, the TSI and stage."""
+    """Per CFG branch: which calls were computed or skipped, why, the TSI and stage.
+
+    ``config`` is the user's; ``resolved`` what ran of it on the model (the predictor, and the
+    calibrated schedules the plans came from; None: the config alone)."""
 
     config: TCPadeConfig
     branches: Dict[str, List[StepRecord]]
     history_bytes: int
+    resolved: Optional[Resolved] = None
+
+    def __post_init__(self):
+        if self.resolved is None:
+            self.resolved = Resolved(self.config)
 
     def computed(self, branch: str) -> List[int]:
         return [r.k for r in self.branches[branch] if r.computed]
@@ -375,9 +391,12 @@ class Summary:
         return not any(self.branches.values())
 
     def __str__(self) -> str:
-        c = self.config
+        c, ran = self.config, self.resolved
+        predictor = ran.predictor
+        if predictor != c.predictor:
+            predictor += f" (the model's calibrations score it best; the config's: {c.predictor})"
         lines = [
-            f"tcpade: predictor={c.predictor}{' level=output' if c.level == 'output' else ''} {_decided_by(c)}; "
+            f"tcpade: predictor={predictor}{' level=output' if c.level == 'output' else ''} {_decided_by(c)}; "
             f"history {self.history_bytes / 2**20:.2f} MiB",
         ]
         if self.empty:
@@ -388,11 +407,11 @@ class Summary:
             ratio = f"{n / comp:.2f}x fewer block-stack passes" if comp else "no pass computed"
             lines.append(f"\nbranch {name!r}: {comp}/{n} computed ({ratio}); skipped {self.skipped(name)}")
             t = c.schedule_steps or n  # (a fixed schedule is for its own T, also in a run cut short)
-            if t and c.plan(t) is not None:
-                lines.append(f"  schedule: {c.plan_source(t)} {list(c.plan(t))}")
+            if t and ran.plan(t) is not None:
+                lines.append(f"  schedule: {ran.plan_source(t)} {list(ran.plan(t))}")
             bad = self.nonfinite(name)
             if bad:
-                kept = c.plan(n) is not None
+                kept = ran.plan(t) is not None
                 then = ("the fixed schedule was kept; non-finite predicted elements fell back to h_in + R1" if kept
                         else "computed fully from there on")  # fmt: skip
                 lines.append(f"  non-finite values at steps {bad}: {then}")
@@ -448,6 +467,7 @@ def _decided_by(c: TCPadeConfig) -> str:
 
 
 def summary(target) -> Summary:
-    """The step records of a pipeline, transformer or Runtime (the last run of each branch)."""
+    """The step records of a pipeline, transformer or Runtime (the last run of each branch), their
+    device sums read (one host wait per branch that has unread ones)."""
     rt = target if isinstance(target, Runtime) else runtime(target)
-    return Summary(rt.config, {n: list(b.records) for n, b in rt.branches.items()}, rt.nbytes)
+    return Summary(rt.config, {n: list(rt.records(n)) for n in rt.branches}, rt.nbytes, rt.resolved)

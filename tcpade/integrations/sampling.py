@@ -67,8 +67,8 @@ from typing import Optional
 
 import torch
 
-from . import api
 from ..policy.config import TCPadeConfig
+from . import api
 
 __all__ = ["sample"]
 
@@ -198,7 +198,8 @@ def _progress(iterable, enabled: bool):
 
 
 def _run_summary(rt, branches) -> api.Summary:
-    return api.Summary(rt.config, {n: list(rt.branches[n].records) for n in branches if n in rt.branches}, rt.nbytes)
+    return api.Summary(rt.config, {n: list(rt.records(n)) for n in branches if n in rt.branches}, rt.nbytes,
+                       rt.resolved)  # fmt: skip
 
 
 def sample(

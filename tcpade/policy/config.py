@@ -1,8 +1,24 @@
 """TCPadeConfig: every knob of the skip policy and the predictor, with presets.
 
+The fields, by concern (``CONCERNS``; ``config.by_concern()`` shows a config that way):
+
+* predictor: what a skipped call predicts and from what (``predictor``, ``level``,
+  ``store_predictions``, ``input_correction``, ``early_frac``, ``late_frac``, ``pole_delta``,
+  ``kappa``, ``history_slots``);
+* policy: which steps are skipped when no schedule or budget fixes them (``policy``,
+  ``warmup``, ``interval``, ``final_steps``, ``tsi_threshold``, ``tolerance``, ``max_skips``);
+* schedule: the computed steps of a run of one length (``schedule``, ``schedule_steps``);
+* budget: a number of computed steps at any run length (``passes``, ``speedup``,
+  ``budget_max_run``, ``use_calibrated``, ``calibrated_predictor``).
+
 Each field says what it does, its default, its allowed range, and which direction is
 faster (fewer full block-stack passes). A bad value raises ValueError naming the field
-and the allowed range.
+and the allowed range: one table (``_CHECKS``) holds every field's check, and the
+relations between fields, walked once by ``__post_init__``.
+
+A config is what the user wrote and stays so: ``tcpade.apply`` keeps what it resolves for
+a model (the calibrated schedules, the predictor of ``calibrated_predictor``) beside it, on
+the runtime (``tcpade.policy.plan.Resolved``), and ``runtime.config`` is the object given.
 
 Presets (bench/results/quality.md and calibration.md compare them with every peer on the
 zoo's trained models): ``paper()`` reproduces the published method (for fidelity, not speed
@@ -17,16 +33,27 @@ The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05: a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 from ..core import coef as K
 from . import schedules as S
+from .plan import Resolved
 
 POLICIES = ("tsi", "error")
 LEVELS = ("block", "output")
+
+# concern -> its fields (the class docstring's sections)
+CONCERNS = {
+    "predictor": ("predictor", "level", "store_predictions", "input_correction", "early_frac", "late_frac",
+                  "pole_delta", "kappa", "history_slots"),
+    "policy": ("policy", "warmup", "interval", "final_steps", "tsi_threshold", "tolerance", "max_skips"),
+    "schedule": ("schedule", "schedule_steps"),
+    "budget": ("passes", "speedup", "budget_max_run", "use_calibrated", "calibrated_predictor"),
+}  # fmt: skip
 
 
 class ConfigTypeError(TypeError, ValueError):
@@ -41,52 +68,116 @@ def _real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _str(v):
+    return isinstance(v, str)
+
+
+def _bool(v):
+    return isinstance(v, bool)
+
+
+def _sequence(v):
+    return not isinstance(v, (str, bytes)) and hasattr(v, "__iter__")
+
+
+def _opt(is_kind):
+    return lambda v: v is None or is_kind(v)
+
+
 def _finite(v):
     return math.isfinite(v)
 
 
-# field -> (type wanted, its check, range allowed, its check); __post_init__ walks this table.
-_CHECKS = {
-    "predictor": ("a str", lambda v: isinstance(v, str), f"one of {K.PREDICTORS}", lambda v: v in K.PREDICTORS),
-    "policy": ("a str", lambda v: isinstance(v, str), f"one of {POLICIES}", lambda v: v in POLICIES),
-    "level": ("a str", lambda v: isinstance(v, str), f"one of {LEVELS}", lambda v: v in LEVELS),
-    "warmup": ("an int", _int, ">= 0", lambda v: v >= 0),
-    "interval": ("an int", _int, ">= 0", lambda v: v >= 0),
-    "final_steps": ("an int", _int, ">= 0", lambda v: v >= 0),
-    "tsi_threshold": ("a number", _real, "a number >= 0", lambda v: v >= 0.0),
-    "tolerance": ("a number", _real, "a finite number > 0", lambda v: _finite(v) and v > 0.0),
-    "max_skips": ("an int", _int, ">= 0", lambda v: v >= 0),
-    "store_predictions": ("a bool", lambda v: isinstance(v, bool), "True or False", lambda v: True),
-    "input_correction": ("None or a number", lambda v: v is None or _real(v), "None or a finite number",
-                         lambda v: v is None or _finite(v)),
-    "early_frac": ("a number", _real, "in [0, 1]", lambda v: 0.0 <= v <= 1.0),
-    "late_frac": ("a number", _real, "in [0, 1]", lambda v: 0.0 <= v <= 1.0),
-    "pole_delta": ("a number", _real, "in (0, 1)", lambda v: 0.0 < v < 1.0),
-    "kappa": ("a number", _real, "a finite number >= 0", lambda v: _finite(v) and v >= 0.0),
-    "history_slots": ("an int", _int, "an int >= 3", lambda v: v >= 3),
-    # The schedule and budget fields' ranges depend on each other and on the predictor:
-    # _check_schedule_fields checks those after the types here.
-    "schedule": ("None or a sequence of ints", lambda v: v is None or (not isinstance(v, (str, bytes)) and
-                 hasattr(v, "__iter__")), "None or a sequence of ints", lambda v: True),
-    "schedule_steps": ("None or an int", lambda v: v is None or _int(v), "None or an int > 0",
-                       lambda v: v is None or v > 0),
-    "passes": ("None or an int", lambda v: v is None or _int(v), "None or an int > 0", lambda v: v is None or v > 0),
-    "speedup": ("None or a number", lambda v: v is None or _real(v), "None or a finite number >= 1",
-                lambda v: v is None or (_finite(v) and v >= 1.0)),
-    "budget_max_run": ("None or an int", lambda v: v is None or _int(v), "None or an int >= 1",
-                       lambda v: v is None or v >= 1),
-    "use_calibrated": ("a bool", lambda v: isinstance(v, bool), "True or False", lambda v: True),
-    "calibrated_predictor": ("a bool", lambda v: isinstance(v, bool), "True or False", lambda v: True),
-    "calibrated": ("a tuple", lambda v: isinstance(v, (tuple, list)), "((T, steps), ...)", lambda v: True),
+class _Row(NamedTuple):
+    """The check of one field: the type it takes (``kind``, tested by ``is_kind``), then the range
+    allowed (``allowed``, tested by ``ok(value, config)``; either may read fields checked above
+    it). A row named "a/b" is a relation between fields (its value: theirs), checked like a
+    field's range."""
+
+    kind: Optional[str]
+    is_kind: Optional[Callable[[Any], bool]]
+    allowed: Union[str, Callable[["TCPadeConfig"], str], None]
+    ok: Optional[Callable[[Any, "TCPadeConfig"], bool]]
+
+
+def _input_correction(c) -> str:
+    if c.predictor in K.CHOOSERS:
+        return (f"None or 0 with predictor={c.predictor!r} (its online choice measures the candidates without "
+                "the input-change correction)")  # fmt: skip
+    return "None or a finite number"
+
+
+def _schedule_steps(c) -> str:
+    return "an int > 0 (the run length the schedule is for)" if c.schedule is not None else "None without a schedule"
+
+
+# One row per field (and per relation), in the order they are checked; ``__post_init__`` walks
+# it twice: every type first, then every range.
+_CHECKS: Dict[str, _Row] = {
+    "predictor": _Row("a str", _str, f"one of {K.PREDICTORS}", lambda v, c: v in K.PREDICTORS),
+    "level": _Row("a str", _str, f"one of {LEVELS}", lambda v, c: v in LEVELS),
+    "store_predictions": _Row("a bool", _bool, None, None),
+    "input_correction": _Row("None or a number", _opt(_real), _input_correction,
+                             lambda v, c: v is None or (_finite(v) and (c.predictor not in K.CHOOSERS or v == 0))),
+    "early_frac": _Row("a number", _real, "in [0, 1]", lambda v, c: 0.0 <= v <= 1.0),
+    "late_frac": _Row("a number", _real, "in [0, 1]", lambda v, c: 0.0 <= v <= 1.0),
+    "early_frac/late_frac": _Row(None, None, "ordered: 0 <= early_frac <= late_frac <= 1", lambda v, c: v[0] <= v[1]),
+    "pole_delta": _Row("a number", _real, "in (0, 1)", lambda v, c: 0.0 < v < 1.0),
+    "kappa": _Row("a number", _real, "a finite number >= 0", lambda v, c: _finite(v) and v >= 0.0),
+    "history_slots": _Row("an int", _int, "an int >= 3", lambda v, c: v >= 3),
+    "policy": _Row("a str", _str, f"one of {POLICIES}", lambda v, c: v in POLICIES),
+    "warmup": _Row("an int", _int, ">= 0", lambda v, c: v >= 0),
+    "interval": _Row("an int", _int, ">= 0", lambda v, c: v >= 0),
+    "final_steps": _Row("an int", _int, ">= 0", lambda v, c: v >= 0),
+    "tsi_threshold": _Row("a number", _real, "a number >= 0", lambda v, c: v >= 0.0),
+    "tolerance": _Row("a number", _real, "a finite number > 0", lambda v, c: _finite(v) and v > 0.0),
+    "max_skips": _Row("an int", _int, ">= 0", lambda v, c: v >= 0),
+    "schedule_steps": _Row("None or an int", _opt(_int), _schedule_steps,
+                           lambda v, c: v is None if c.schedule is None else v is not None and v > 0),
+    "schedule": _Row("None or a sequence of ints", _opt(_sequence),
+                     lambda c: S.schedule_problem(c.schedule, c.schedule_steps, c.predictor),
+                     lambda v, c: v is None or S.schedule_problem(v, c.schedule_steps, c.predictor) is None),
+    "passes": _Row("None or an int", _opt(_int),
+                   lambda c: f"None or an int >= {K.MIN_HISTORY[c.predictor]} (the {c.predictor!r} predictor's "
+                             "minimum history)",
+                   lambda v, c: v is None or v >= K.MIN_HISTORY[c.predictor]),
+    "speedup": _Row("None or a number", _opt(_real), "None or a finite number >= 1",
+                    lambda v, c: v is None or (_finite(v) and v >= 1.0)),
+    "budget_max_run": _Row("None or an int", _opt(_int), "None or an int >= 1", lambda v, c: v is None or v >= 1),
+    "schedule/passes/speedup": _Row(None, None, "at most one of them set",
+                                    lambda v, c: sum(x is not None for x in v) <= 1),
+    "use_calibrated": _Row("a bool", _bool, None, None),
+    "calibrated_predictor": _Row("a bool", _bool, None, None),
 }  # fmt: skip
 
 
-def _bad(name, allowed, value):
-    raise ValueError(f"TCPadeConfig.{name} must be {allowed}, got {value!r}")
+def _check(c: "TCPadeConfig") -> None:
+    """Raise on the first field of ``c`` whose type (ConfigTypeError: a TypeError, and a ValueError
+    too, so ``except ValueError`` catches every bad config) or range (ValueError) is wrong; the
+    message names the field and what it must be. ``schedule`` becomes a tuple in between."""
+    for name, row in _CHECKS.items():
+        v = getattr(c, name, None)
+        if row.is_kind is not None and not row.is_kind(v):
+            raise ConfigTypeError(f"TCPadeConfig.{name} must be {row.kind}, got {type(v).__name__} {v!r}")
+    if c.schedule is not None:
+        object.__setattr__(c, "schedule", tuple(c.schedule))
+    for name, row in _CHECKS.items():
+        names = name.split("/")
+        v = tuple(getattr(c, n) for n in names) if len(names) > 1 else getattr(c, name)
+        if row.ok is not None and not row.ok(v, c):
+            allowed = row.allowed(c) if callable(row.allowed) else row.allowed
+            got = ", ".join(f"{n}={x!r}" for n, x in zip(names, v)) if len(names) > 1 else repr(v)
+            raise ValueError(f"TCPadeConfig.{name} must be {allowed}, got {got}")
 
 
 @dataclass(frozen=True)
 class TCPadeConfig:
+    """Every knob of tcpade, by concern (the module docstring; ``by_concern``). Build one from
+    keywords (``TCPadeConfig(predictor="linear", policy="error", tolerance=0.1)``) or from a
+    preset (``paper``, ``slow``, ``fast``, ``adaptive``, ``budget``); frozen."""
+
+    # ---- predictor: what a skipped call predicts, and from what (with the second predictor
+    # section below; the two are apart to keep the fields' order, which positional arguments use)
     predictor: str = "rational"
     """How a skipped step's residual is predicted: "paper" (the published [2/1] form),
     "rational" (time-aware [1/1] Pade, docs/method.md section 5), "reuse" (last residual),
@@ -104,6 +195,7 @@ class TCPadeConfig:
     faithful depends on the model (bench/results/output_level.md); "output" skips slightly
     more work per skipped call."""
 
+    # ---- policy: which steps are skipped (when no schedule or budget fixes them)
     policy: str = "error"
     """Which steps are skipped: "tsi" (the paper: fixed always-computed steps, others
     skipped while the TSI test passes) or "error" (docs/method.md section 7: the measured
@@ -131,6 +223,7 @@ class TCPadeConfig:
     max_skips: int = 3
     """Cap on consecutive skipped steps (>= 0; 0 = never skip). Larger = faster."""
 
+    # ---- predictor, continued: the history it predicts from and its coefficients
     store_predictions: bool = False
     """Append predicted residuals to the history too (the paper's rule) instead of only
     computed ones. Not a speed knob."""
@@ -157,6 +250,7 @@ class TCPadeConfig:
     """Residuals kept per branch (>= 3). Memory: history_slots (+1 with an input-change
     correction) hidden-state-sized tensors per CFG branch."""
 
+    # ---- schedule: the computed steps of a run of one length, given
     schedule: Optional[Tuple[int, ...]] = None
     """A fixed schedule: the steps (0-based, sorted) computed in a run of ``schedule_steps``
     steps; every other step is skipped and predicted, whatever ``policy``, ``warmup``,
@@ -168,6 +262,7 @@ class TCPadeConfig:
     schedule_steps: Optional[int] = None
     """The run length T that ``schedule`` is for (required with it)."""
 
+    # ---- budget: a number of computed steps at any run length, placed for the model
     passes: Optional[int] = None
     """A compute budget (``budget(passes=K)``): exactly min(K, T) computed steps per branch at
     any T, placed by the model's calibrated schedule when one matches, else the spaced rule
@@ -190,56 +285,17 @@ class TCPadeConfig:
     """A budget takes the predictor the model's calibrations score best with: when the registry
     holds calibrated schedules of this model for several predictors (the zoo ships rational for
     every model, linear and reuse for some), the one with the highest mean calibration PSNR over
-    the (T, passes) they share replaces ``predictor`` (``tcpade.apply`` decides; the summary shows
-    it). ``slow()`` and ``fast()`` set it unless given a predictor. Not a speed knob."""
+    the (T, passes) they share runs instead of ``predictor``. ``tcpade.apply`` decides and keeps
+    the choice on the runtime (``runtime.resolved``; this config is not changed); the summary
+    shows it. ``slow()`` and ``fast()`` set it unless given a predictor. Not a speed knob."""
 
-    calibrated: Tuple = ()
-    """The model's calibrated schedules ((T, steps), ...), filled in by ``tcpade.apply`` from the
-    registry for a budget config; not meant to be set by hand."""
 
     def __post_init__(self):
-        # One row per field: what type it takes, then what range. A wrong type raises
-        # ConfigTypeError (a TypeError, and a ValueError too, so ``except ValueError`` catches
-        # every bad config), a value out of range ValueError; both name the field.
-        for name, (kind, is_kind, allowed, ok) in _CHECKS.items():
-            v = getattr(self, name)
-            if not is_kind(v):
-                raise ConfigTypeError(f"TCPadeConfig.{name} must be {kind}, got {type(v).__name__} {v!r}")
-            if not ok(v):
-                raise ValueError(f"TCPadeConfig.{name} must be {allowed}, got {v!r}")
-        if self.early_frac > self.late_frac:
-            raise ValueError(
-                f"TCPadeConfig.early_frac/late_frac must satisfy 0 <= early_frac <= late_frac <= 1, "
-                f"got early_frac={self.early_frac!r}, late_frac={self.late_frac!r}"
-            )
-        self._check_schedule_fields(_bad)
+        _check(self)
 
-    def _check_schedule_fields(self, bad) -> None:
-        m = S.min_leading(self.predictor) if self.predictor in K.PREDICTORS else 1
-        if self.predictor in K.CHOOSERS and self.input_correction not in (None, 0, 0.0):
-            bad("input_correction", f"None or 0 with predictor={self.predictor!r} (its online choice measures "
-                "the candidates without the input-change correction)", self.input_correction)
-        if sum(x is not None for x in (self.schedule, self.passes, self.speedup)) > 1:
-            bad("schedule/passes/speedup", "at most one of them set", (self.schedule, self.passes, self.speedup))
-        if self.schedule is not None:
-            t = self.schedule_steps
-            if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
-                bad("schedule_steps", "an int > 0 (the run length the schedule is for)", t)
-            object.__setattr__(self, "schedule", S.check_schedule(self.schedule, t, self.predictor))
-        elif self.schedule_steps is not None:
-            bad("schedule_steps", "None without a schedule", self.schedule_steps)
-        if self.passes is not None and (isinstance(self.passes, bool) or not isinstance(self.passes, int)
-                                        or self.passes < m):  # fmt: skip
-            bad("passes", f"an int >= {m} (the {self.predictor!r} predictor's minimum history)", self.passes)
-        if self.speedup is not None and not (
-            isinstance(self.speedup, (int, float)) and not isinstance(self.speedup, bool)
-            and math.isfinite(self.speedup) and self.speedup >= 1.0
-        ):  # fmt: skip
-            bad("speedup", "a finite number >= 1", self.speedup)
-        if not isinstance(self.use_calibrated, bool):
-            bad("use_calibrated", "a bool", self.use_calibrated)
-        cal = tuple((t, S.check_schedule(st, t, self.predictor, "calibrated")) for t, st in self.calibrated)
-        object.__setattr__(self, "calibrated", cal)
+    def by_concern(self) -> Dict[str, Dict[str, Any]]:
+        """The fields, grouped by concern (``CONCERNS``): {"predictor": {...}, "policy": {...}, ...}."""
+        return {concern: {n: getattr(self, n) for n in names} for concern, names in CONCERNS.items()}
 
     # ------------------------------------------------------------------- presets
     @classmethod
@@ -262,9 +318,10 @@ class TCPadeConfig:
         several (``calibrated_predictor``; a ``predictor=`` override turns that off). Short runs
         get more passes, so that the spaced rule never predicts more
         than 3 steps in a row (``budget_max_run=3``: 4 of 10, 3 of 6). Until this version
-        ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo the calibrated 8-of-20 schedule gave 3-12 dB more with
-        one pass fewer (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4,
-        interval=4, final_steps=1, tsi_threshold=1.0)`` is the old rule."""
+        ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo
+        the calibrated 8-of-20 schedule gave 3-12 dB more with one pass fewer
+        (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4, interval=4,
+        final_steps=1, tsi_threshold=1.0)`` is the old rule."""
         base = dict(speedup=2.5, budget_max_run=3, calibrated_predictor="predictor" not in overrides)
         base.update(overrides)
         return cls.budget(**base)
@@ -274,8 +331,9 @@ class TCPadeConfig:
         """The 2.9x point: a compute budget of ``speedup=2.9`` (7 of 20 passes per branch, 10 of
         28, 17 of 50), placed like ``slow()``: the model's calibrated schedule, else the spaced
         rule, with at most 3 steps predicted in a row (4 of 10). The paper's "fast" point
-        computes the same 7 of 20 as warm-up 2, every 6th and the last step (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5,
-        final_steps=1, tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
+        computes the same 7 of 20 as warm-up 2, every 6th and the last step
+        (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5, final_steps=1,
+        tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
         every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
         base = dict(speedup=2.9, budget_max_run=3, calibrated_predictor="predictor" not in overrides)
         base.update(overrides)
@@ -309,89 +367,29 @@ class TCPadeConfig:
         """A budget that may take the model's calibrated schedule (``tcpade.apply`` looks it up)."""
         return self.use_calibrated and (self.passes is not None or self.speedup is not None)
 
+    # The plan of this config alone (no model: no calibrated schedule, the config's predictor).
+    # A runtime asks its ``resolved`` instead (``tcpade.policy.plan.Resolved``).
     def budget_passes(self, total: int) -> Optional[int]:
         """The passes a budget config computes in a run of ``total`` steps, or None (no budget)."""
-        m = S.min_leading(self.predictor)
-        if self.passes is not None:
-            k = min(self.passes, total)
-        elif self.speedup is not None:
-            k = min(total, max(m, int(math.floor(total / self.speedup + 0.5))))
-        else:
-            return None
-        if self.budget_max_run is not None:
-            k = max(k, S.min_passes(total, self.budget_max_run, m))
-        return k
+        return Resolved(self).budget_passes(total)
 
     def plan(self, total: int) -> Optional[Tuple[int, ...]]:
         """The computed steps of a ``total``-step run when they are fixed in advance (a schedule,
         a budget, or the TSI policy with a TSI that never blocks: every preset but
         ``adaptive()``), or None when the decisions depend on the trajectory (the error
         policy, a TSI threshold < 1)."""
-        return self._plan(total)[0]
+        return Resolved(self).plan(total)
 
     def plan_source(self, total: int) -> str:
         """Where ``plan(total)`` comes from: "schedule", "calibrated", "spaced rule", "fixed rule"
         (the TSI policy's warm-up / interval / final steps with a TSI that never blocks) or
         "policy" (no plan: decided during the run)."""
-        return self._plan(total)[1]
-
-    def _plan(self, total: int):
-        if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
-            raise ValueError(f"total steps must be an int > 0, got {total!r}")
-        if self.schedule is not None:
-            if total != self.schedule_steps:
-                raise ValueError(
-                    f"TCPadeConfig.schedule is for schedule_steps={self.schedule_steps} steps, this run has "
-                    f"{total}: use config.rescaled({total}), a budget (TCPadeConfig.budget), or calibrate for {total}"
-                )
-            return self.schedule, "schedule"
-        k = self.budget_passes(total)
-        if k is None:
-            rule = self._rule_plan(total)
-            return rule, ("policy" if rule is None else "fixed rule")
-        for t, steps in self.calibrated:
-            if t == total and len(steps) == k:
-                return steps, "calibrated"
-        return S.spaced(total, k, S.min_leading(self.predictor)), "spaced rule"
+        return Resolved(self).plan_source(total)
 
     def rescaled(self, total: int) -> "TCPadeConfig":
         """This config with its ``schedule`` moved to ``total`` steps, same pass count: the leading
         steps kept, every later step at the same fraction of the run."""
-        import dataclasses
-
         if self.schedule is None:
             raise ValueError("TCPadeConfig.rescaled needs a schedule (TCPadeConfig.schedule is None)")
-        steps = S.rescale(self.schedule, self.schedule_steps, total, S.min_leading(self.predictor))
+        steps = S.rescale(self.schedule, self.schedule_steps, total, K.MIN_HISTORY[self.predictor])
         return dataclasses.replace(self, schedule=steps, schedule_steps=total)
-
-    def always_computed(self, k: int, total: int) -> Optional[str]:
-        """Why step k of ``total`` is computed whatever the history says, or None."""
-        if k <= self.warmup:
-            return "warmup"
-        if k >= total - self.final_steps:
-            return "final"
-        if self.policy == "tsi" and self.interval > 0 and k % self.interval == 0:
-            return "interval"
-        return None
-
-    def _rule_plan(self, total: int) -> Optional[Tuple[int, ...]]:
-        """The steps the TSI policy's rule computes in a run of ``total`` steps, when they are
-        known before it runs; None when the decisions depend on the trajectory (the error
-        policy, a TSI threshold < 1, which can block a skip).
-
-        Computed: the warm-up, every interval-th step, the final steps, a step after
-        max_skips skips in a row, and every step while fewer residuals are stored than the
-        predictor needs (stored predictions count, with store_predictions)."""
-        if self.policy != "tsi" or self.tsi_threshold < 1.0:
-            return None
-        need = K.MIN_HISTORY[self.predictor]
-        computed, stored, run = [], 0, 0
-        for k in range(total):
-            if self.always_computed(k, total) or self.max_skips == 0 or run >= self.max_skips or stored < need:
-                computed.append(k)
-                run, stored = 0, min(stored + 1, self.history_slots)
-            else:
-                run += 1
-                if self.store_predictions:
-                    stored = min(stored + 1, self.history_slots)
-        return tuple(computed)

@@ -10,13 +10,15 @@ is skipped and its residual predicted. Three things make one:
   rule below;
 * the registry: calibrated schedules keyed by the transformer class, a hash of its config, the
   predictor and T, shipped with the zoo (``tcpade/zoo/schedules.json``) or loaded by the user
-  (``load``); ``tcpade.apply`` looks the model up once (``resolve``) and hands the matches to
-  the config, so ``TCPadeConfig.plan(T)`` can choose without knowing the model.
+  (``load``); ``tcpade.apply`` looks the model up once (``resolve``) and keeps the matches on
+  the runtime beside the config (``tcpade.policy.plan.Resolved``, whose ``plan(T)`` chooses
+  among them), never in it.
 
-The spaced rule: steps 0 .. m-1 (the residuals the predictor needs before its first skip:
-2 for rational / linear / paper, 1 for reuse) and then the remaining passes evenly spaced
-from step 0 on, the last one ``SPACED_END`` steps before the end (the final step predicted),
-e.g. 8 of 20 -> 0 1 3 6 9 12 15 18, 7 of 20 -> 0 1 4 7 11 14 18.
+The spaced rule: steps 0 .. m-1 (m = ``tcpade.core.coef.MIN_HISTORY[predictor]``, the
+residuals the predictor needs before its first skip: 2 for rational / linear / paper, 1 for
+reuse) and then the remaining passes evenly spaced from step 0 on, the last one
+``SPACED_END`` steps before the end (the final step predicted), e.g. 8 of 20 -> 0 1 3 6 9 12
+15 18, 7 of 20 -> 0 1 4 7 11 14 18.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "register",
     "rescale",
     "resolve",
+    "schedule_problem",
     "spaced",
 ]
 
@@ -59,30 +62,41 @@ FORMAT_VERSION = 1
 
 
 def min_leading(predictor: str) -> int:
-    """Computed steps a schedule must start with: the residuals ``predictor`` needs stored
-    before it may predict (a skip earlier would have to compute, breaking the pass count)."""
+    """Computed steps a schedule must start with: ``tcpade.core.coef.MIN_HISTORY[predictor]``, the
+    residuals the predictor needs stored before it may predict (a skip earlier would have to
+    compute, breaking the pass count). The policy reads ``MIN_HISTORY`` itself; this name stays
+    for the callers that use it (tcpade.tools.calibrate)."""
     return K.MIN_HISTORY[predictor]
+
+
+def schedule_problem(steps, total: int, predictor: str) -> Optional[str]:
+    """What ``steps`` must be, as a schedule of ``total`` steps for ``predictor``, when it is not
+    (the phrase after "must be" in the error); None when it is a valid schedule."""
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+        return "a sequence of step indices"
+    steps = tuple(steps)
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
+        return "a non-empty sequence of ints"
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        return "strictly increasing (sorted, no repeats)"
+    if steps[0] < 0 or steps[-1] >= total:
+        return f"steps in [0, {total - 1}] for {total} steps"
+    m = K.MIN_HISTORY[predictor]
+    if steps[:m] != tuple(range(m)):
+        need = "step 0" if m == 1 else f"steps 0..{m - 1}"
+        return (f"steps that start with {need} (the {predictor!r} predictor needs {m} stored residual(s) "
+                "before its first skip)")  # fmt: skip
+    return None
 
 
 def check_schedule(steps, total, predictor: str, name: str = "schedule") -> Tuple[int, ...]:
     """``steps`` as a tuple of ints after validation against ``total`` steps, or ValueError
     naming ``TCPadeConfig.<name>``."""
-    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
-        raise ValueError(f"TCPadeConfig.{name} must be a sequence of step indices, got {steps!r}")
-    steps = tuple(steps)
-    if not steps or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
-        raise ValueError(f"TCPadeConfig.{name} must be a non-empty sequence of ints, got {steps!r}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"TCPadeConfig.{name} must be strictly increasing (sorted, no repeats), got {steps!r}")
-    if steps[0] < 0 or steps[-1] >= total:
-        raise ValueError(f"TCPadeConfig.{name} steps must be in [0, {total - 1}] for {total} steps, got {steps!r}")
-    m = min_leading(predictor)
-    if steps[:m] != tuple(range(m)):
-        need = "step 0" if m == 1 else f"steps 0..{m - 1}"
-        raise ValueError(
-            f"TCPadeConfig.{name} must compute {need}: the {predictor!r} predictor needs {m} stored "
-            f"residual(s) before its first skip; got {steps!r}"
-        )
+    if not isinstance(steps, (str, bytes)) and hasattr(steps, "__iter__"):
+        steps = tuple(steps)
+    problem = schedule_problem(steps, total, predictor)
+    if problem is not None:
+        raise ValueError(f"TCPadeConfig.{name} must be {problem}, got {steps!r}")
     return steps
 
 
@@ -259,13 +273,14 @@ def lookup(transformer, predictor: str) -> Tuple[Tuple[int, Tuple[int, ...]], ..
 
 
 def resolve(config, transformer):
-    """``config`` with the model's calibrated schedules filled in (``TCPadeConfig.calibrated``)
-    when it is a budget that may use them; otherwise ``config`` itself. With
-    ``calibrated_predictor`` the predictor too: ``best_predictor`` of the model, when it has one."""
-    if not config.wants_calibrated:
-        return config
-    import dataclasses
+    """What runs of ``config`` on this model (a ``tcpade.policy.plan.Resolved``; ``config`` itself is
+    not changed): a budget that may use them gets the model's calibrated schedules, and with
+    ``calibrated_predictor`` the predictor they score best (``best_predictor``), when the model has
+    schedules for it; otherwise the config's own predictor and no calibrated schedule."""
+    from .plan import Resolved
 
+    if not config.wants_calibrated:
+        return Resolved(config)
     predictor = config.predictor
     if config.calibrated_predictor:
         predictor = best_predictor(transformer) or predictor
@@ -273,5 +288,5 @@ def resolve(config, transformer):
     if not found and predictor in L.CHOOSERS:  # "auto": the schedules of the variant it runs
         found = lookup(transformer, L.kernel_variant(predictor))
     if not found:
-        return config
-    return dataclasses.replace(config, predictor=predictor, calibrated=found)
+        return Resolved(config)
+    return Resolved(config, predictor=predictor, calibrated=found)

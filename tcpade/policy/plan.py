@@ -1,0 +1,119 @@
+"""What runs for one model: the user's config as given, and what calibration resolved.
+
+``Resolved`` pairs the config (never changed, never copied with other values) with what
+``tcpade.apply`` looked up for the model (``tcpade.policy.schedules.resolve``): the
+predictor that runs (the config's, or with ``calibrated_predictor`` the one the model's
+calibrations score best) and the model's calibrated schedules for it. It answers
+``plan(T)``: the steps a T-step run computes when they are known before it runs.
+
+Where a plan comes from (``plan_source``), first match:
+
+* "schedule": ``config.schedule`` (only for its own ``schedule_steps``);
+* "calibrated": a budget, and a calibrated schedule of the model with T steps and the
+  budget's pass count;
+* "spaced rule": a budget otherwise (``tcpade.policy.schedules.spaced``);
+* "fixed rule": the TSI policy with a TSI test that never blocks: ``Rule.reason`` run over
+  a simulated run (a computed step stores a residual, a skipped one too with
+  ``store_predictions``, up to ``history_slots``);
+* "policy": no plan (None), the run's trajectory decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from ..core import coef as K
+from . import schedules as S
+from .rule import Counts, Rule
+
+PLANS_KEPT = 16  # plans (per T) a Resolved keeps; a server's step counts vary per request
+
+
+@dataclass(frozen=True)
+class Resolved:
+    config: "TCPadeConfig"  # noqa: F821  (the user's, as given)
+    predictor: Optional[str] = None  # the predictor that runs; None: the config's
+    calibrated: Tuple[Tuple[int, Tuple[int, ...]], ...] = ()  # the model's calibrated schedules, ((T, steps), ...)
+    rule: Rule = field(init=False, repr=False, compare=False)
+    _plans: Dict[int, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        predictor = self.config.predictor if self.predictor is None else self.predictor
+        if predictor != self.config.predictor:
+            # The config's checks with this predictor (its budget's pass count must cover the
+            # predictor's minimum history); the config itself stays as it is.
+            dataclasses.replace(self.config, predictor=predictor)
+        object.__setattr__(self, "predictor", predictor)
+        object.__setattr__(self, "calibrated", tuple((int(t), tuple(s)) for t, s in self.calibrated))
+        object.__setattr__(self, "rule", Rule.of(self.config, predictor))
+
+    @property
+    def min_history(self) -> int:
+        """Residuals the running predictor needs stored before it can predict."""
+        return K.MIN_HISTORY[self.predictor]
+
+    def budget_passes(self, total: int) -> Optional[int]:
+        """The passes a budget computes in a run of ``total`` steps, or None (no budget)."""
+        c, m = self.config, self.min_history
+        if c.passes is not None:
+            k = min(c.passes, total)
+        elif c.speedup is not None:
+            k = min(total, max(m, int(math.floor(total / c.speedup + 0.5))))
+        else:
+            return None
+        if c.budget_max_run is not None:
+            k = max(k, S.min_passes(total, c.budget_max_run, m))
+        return k
+
+    def plan(self, total: int) -> Optional[Tuple[int, ...]]:
+        """The computed steps of a ``total``-step run when they are fixed in advance, or None."""
+        return self._plan(total)[0]
+
+    def plan_source(self, total: int) -> str:
+        """Where ``plan(total)`` comes from (module docstring)."""
+        return self._plan(total)[1]
+
+    def _plan(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str]:
+        if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+            raise ValueError(f"total steps must be an int > 0, got {total!r}")
+        plans = self._plans
+        if total not in plans:
+            found = self._make(total)
+            if len(plans) >= PLANS_KEPT:
+                plans.pop(next(iter(plans)), None)
+            plans[total] = found
+        return plans[total]
+
+    def _make(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str]:
+        c = self.config
+        if c.schedule is not None:
+            if total != c.schedule_steps:
+                raise ValueError(
+                    f"TCPadeConfig.schedule is for schedule_steps={c.schedule_steps} steps, this run has "
+                    f"{total}: use config.rescaled({total}), a budget (TCPadeConfig.budget), or calibrate for {total}"
+                )
+            return c.schedule, "schedule"
+        k = self.budget_passes(total)
+        if k is not None:
+            for t, steps in self.calibrated:
+                if t == total and len(steps) == k:
+                    return steps, "calibrated"
+            return S.spaced(total, k, self.min_history), "spaced rule"
+        if not self.rule.fixed:
+            return None, "policy"
+        return self._simulate(total), "fixed rule"
+
+    def _simulate(self, total: int) -> Tuple[int, ...]:
+        """The steps ``rule.reason`` computes in a run of ``total`` steps, its counts simulated."""
+        c, computed, state = self.config, [], Counts(skipped=0, stored=0)
+        for k in range(total):
+            if self.rule.reason(k, total, state) is not None:
+                computed.append(k)
+                state = Counts(0, min(state.stored + 1, c.history_slots))
+            else:
+                stored = min(state.stored + 1, c.history_slots) if c.store_predictions else state.stored
+                state = Counts(state.skipped + 1, stored)
+        return tuple(computed)
