@@ -345,7 +345,7 @@ def fault_campaign(calls: int = 200, max_steps: int = 20, seed: int = 1, log=pri
             row["finite"] += bool(torch.isfinite(out).all())
             s = tcpade.summary(pipe)
             row["nan_reported"] += any(s.nonfinite(b) for b in s.branches) and "non-finite values at steps" in str(s)
-            plan = tcpade.runtime(pipe).config.plan(req.steps)
+            plan = tcpade.runtime(pipe).resolved.plan(req.steps)  # (the runtime's: calibrated schedules included)
             if plan is not None:
                 row["fixed"] += 1
                 row["plan_kept"] += all([r.k for r in recs if r.computed] == list(plan) for recs in s.branches.values()
