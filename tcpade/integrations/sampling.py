@@ -62,6 +62,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import sys
 import warnings
 from typing import Optional
 
@@ -69,6 +70,7 @@ import torch
 
 from ..policy.config import TCPadeConfig
 from . import api
+from .progress import Progress
 
 __all__ = ["sample"]
 
@@ -188,13 +190,14 @@ def _reset_hooks(module: torch.nn.Module) -> None:
 
 
 def _progress(iterable, enabled: bool):
-    if not enabled:
-        return iterable
+    """The steps of ``iterable`` with tcpade's progress bar on stderr (drawn only on a terminal)."""
+    bar = Progress(len(iterable), "tcpade.sample", enabled=None if enabled else False, stream=sys.stderr)
     try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc="tcpade.sample", total=len(iterable))
+        for item in iterable:
+            yield item
+            bar.step()
+    finally:
+        bar.close()
 
 
 def _run_summary(rt, branches) -> api.Summary:
@@ -233,7 +236,8 @@ def sample(
         ``config`` is ignored with a warning). None and not applied: every step is computed in full.
     timestep_scale: the transformer gets ``t * timestep_scale`` (FLUX: 1e-3).
     set_timesteps_kwargs: extra ``set_timesteps`` arguments (FLUX: ``sigmas``, ``mu``).
-    progress: show a tqdm progress bar. generator: passed to ``scheduler.step`` if it takes one.
+    progress: show a progress bar on stderr when it is a terminal.
+    generator: passed to ``scheduler.step`` if it takes one.
     return_summary: return ``(latents, summary)``; summary is this run's ``tcpade.Summary`` (its
         branches "cond" / "uncond"), or None when tcpade was not used.
 
