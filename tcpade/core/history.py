@@ -42,8 +42,6 @@ from . import coef as K
 from . import ops
 from .layout import SUMS
 
-_NONFINITE = SUMS.index("nonfinite")
-
 SumValues = namedtuple("SumValues", SUMS)
 """The host values of one write's sums, by name (``v.d11``, ``v.nonfinite``, ...)."""
 
@@ -223,10 +221,11 @@ class History:
     def _passed(self) -> None:
         """The state passed the ops' checks in a call that checked it whole. Later eager calls skip
         them while it is the same state, and use ``order`` for the values of ``slots``, which it
-        mirrors (checked here once on the host; only these methods write either)."""
-        slots = self.slots
-        if slots.device.type != "cpu" or slots.tolist() == self.order:
-            self._checked = (self.ring, slots, self.h_prev)
+        mirrors where ``ensure`` allocated slots (only these methods write either; slots from
+        elsewhere are read and checked by the op every call)."""
+        rolls = self._rolls
+        if rolls is not None and rolls[0] is self.slots:
+            self._checked = (self.ring, self.slots, self.h_prev)
 
     def record(self, h_in: Optional[torch.Tensor], h_out: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """A computed step: write R = h_out - h_in into the write slot; return the sums (device).
@@ -279,11 +278,9 @@ class History:
         # keeps its finite elements; its non-finite ones become that R1 in the slot, so a NaN
         # never enters the history through a prediction.
         if store and not probe and vals is not None:  # eager, order checked: the slots by host index
-            # CPU sums are host memory: nothing non-finite counted, nothing to replace.
-            if ring.device.type != "cpu" or float(sums[_NONFINITE]) != 0.0:
-                r1 = torch.nan_to_num(ring[vals[0]], nan=0.0, posinf=0.0, neginf=0.0)
-                stored = ring[vals[-1]]
-                torch.where(torch.isfinite(stored), stored, r1, out=stored)
+            r1 = torch.nan_to_num(ring[vals[0]], nan=0.0, posinf=0.0, neginf=0.0)
+            stored = ring[vals[-1]]
+            torch.where(torch.isfinite(stored), stored, r1, out=stored)
         elif store and not probe:
             r1 = self.ring.index_select(0, self.slots[:1]).squeeze(0)
             r1 = torch.where(torch.isfinite(r1), r1, torch.zeros_like(r1))
