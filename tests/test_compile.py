@@ -215,9 +215,9 @@ def test_auto_predictor_under_fullgraph_compile(mode, monkeypatch):
     (The tiny random models always choose rational; the device choice is flipped to linear at every
     other computed step here, the same in the eager and the compiled runs.)"""
     from tcpade import coef as K
-    from tcpade.policy import runtime as policy
+    from tcpade.policy import choosers
 
-    real, calls = policy._choice_mask, []
+    real, calls = choosers.choice_mask, []
 
     def alternating(sums, coef, acc):
         mask, acc = real(sums, coef, acc)
@@ -227,7 +227,7 @@ def test_auto_predictor_under_fullgraph_compile(mode, monkeypatch):
             mask[K.BMAX] = 0.0  # linear
         return mask, acc
 
-    monkeypatch.setattr(policy, "_choice_mask", alternating)
+    monkeypatch.setattr(choosers, "choice_mask", alternating)
     cfg = TCPadeConfig.fast(predictor="auto")
     model, inputs, _ = FAMILIES["flux"]()
     tcpade.apply(model, cfg, num_steps=STEPS)
