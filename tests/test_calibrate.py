@@ -230,19 +230,23 @@ def test_calibrate_a_pipeline_on_its_latents(family, ndim, branches, registry):
     assert cal.psnr[3] == pytest.approx(want, abs=1e-9) and 0 < cal.psnr[3] < metrics.PSNR_CAP
 
 
-def test_lead_without_torch_matches_schedules():
-    """The command line checks pass counts against the lead without importing torch."""
-    from tcpade.core.coef import PREDICTORS
-    from tcpade.tools.calibrate import _lead
+def test_lead_is_one_fact():
+    """The computed steps a schedule starts with: one table (plain Python, so the command line
+    checks pass counts without importing torch), the same object wherever it is read."""
+    from tcpade.core import coef, layout
 
-    assert {p: _lead(p) for p in PREDICTORS} == {p: schedules.min_leading(p) for p in PREDICTORS}
+    assert coef.MIN_HISTORY is layout.MIN_HISTORY
+    assert set(layout.MIN_HISTORY) == set(layout.PREDICTORS)
+    assert layout.MIN_HISTORY["reuse"] == 1 and layout.MIN_HISTORY["auto"] == max(
+        layout.MIN_HISTORY[c] for c in layout.CHOOSERS["auto"])
+    assert not hasattr(schedules, "min_leading")
 
 
 def test_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cal.json"
-    proc = subprocess.run([sys.executable, "-m", "tcpade.tools.calibrate", "flux-digits", "--steps", "5", "--passes", "4,3",
-                           "--seeds", "0", "--out", str(out), "--threads", "1"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tcpade.tools.calibrate", "flux-digits", "--steps", "5",
+                           "--passes", "4,3", "--seeds", "0", "--out", str(out), "--threads", "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "3 passes" in proc.stdout and "RuntimeWarning" not in proc.stderr

@@ -33,8 +33,7 @@ BMAX, KAPPA = L.COEF.index("bmax"), L.COEF.index("kappa")
 WAVG = L.COEF.index("wavg0")  # 4 consecutive slots
 
 # Views of the variant table (tcpade.core.layout.VARIANT_TABLE) under the names callers use.
-MIN_HISTORY = {v.name: v.min_history for v in L.VARIANT_TABLE.values()}
-MIN_HISTORY.update({n: max(MIN_HISTORY[c] for c in cands) for n, cands in L.CHOOSERS.items()})
+MIN_HISTORY = L.MIN_HISTORY
 PREDICTORS = L.PREDICTORS
 CHOOSERS = L.CHOOSERS
 PAPER_STAGE_WEIGHTS = PAPER.stage_weights

@@ -127,6 +127,11 @@ assert [v.code for v in _TABLE] == list(range(len(_TABLE))), "variant codes are 
 # so the choice is a device-side coefficient value: no host wait, no recompilation.
 CHOOSERS: Mapping[str, Tuple[str, ...]] = MappingProxyType({"auto": ("rational", "linear")})
 PREDICTORS = VARIANTS + tuple(CHOOSERS)
+# The one statement of how many residuals a predictor needs stored before it may predict (so the
+# computed steps every schedule starts with): a variant's own, a chooser's the most of its candidates.
+MIN_HISTORY: Mapping[str, int] = MappingProxyType(
+    {**{v.name: v.min_history for v in VARIANT_TABLE.values()},
+     **{n: max(VARIANT_TABLE[c].min_history for c in cands) for n, cands in CHOOSERS.items()}})
 
 
 def kernel_variant(predictor: str) -> str:

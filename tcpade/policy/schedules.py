@@ -61,14 +61,6 @@ SPACED_END = 1
 FORMAT_VERSION = 1
 
 
-def min_leading(predictor: str) -> int:
-    """Computed steps a schedule must start with: ``tcpade.core.coef.MIN_HISTORY[predictor]``, the
-    residuals the predictor needs stored before it may predict (a skip earlier would have to
-    compute, breaking the pass count). The policy reads ``MIN_HISTORY`` itself; this name stays
-    for the callers that use it (tcpade.tools.calibrate)."""
-    return K.MIN_HISTORY[predictor]
-
-
 def schedule_problem(steps, total: int, predictor: str) -> Optional[str]:
     """What ``steps`` must be, as a schedule of ``total`` steps for ``predictor``, when it is not
     (the phrase after "must be" in the error); None when it is a valid schedule."""

@@ -261,10 +261,11 @@ def calibrate(
     curve then begins at its pass count.
     passes: one pass count or several (refine searches each; greedy / lazy go down to the
     smallest and keep every count on the way), each in [lead, steps], lead being the steps
-    every schedule computes first (``tcpade.policy.schedules.min_leading(predictor)``: 2; reuse 1).
+    every schedule computes first (``tcpade.core.layout.MIN_HISTORY[predictor]``: 2; reuse 1).
     sweeps: refine's hill-climbing sweeps per count.
     Returns a :class:`Calibration` (``passes``: the smallest requested count).
     """
+    from ..core.layout import MIN_HISTORY
     from ..policy import schedules as S
     from ..policy.config import TCPadeConfig
     from . import metrics
@@ -281,7 +282,7 @@ def calibrate(
         raise ValueError(f"tcpade.calibrate: passes must be an int or a sequence of ints, got {passes!r}")
     # The budget's validation and rounding, one place.
     budget = TCPadeConfig(predictor=predictor, passes=min(many) if many else passes, speedup=speedup, **overrides)
-    lead = S.min_leading(predictor)
+    lead = MIN_HISTORY[predictor]
     if steps < lead:
         raise ValueError(f"tcpade.calibrate: steps must be >= {lead} (the {predictor!r} predictor computes the first "
                          f"{lead} step(s)), got {steps}")  # fmt: skip
@@ -416,14 +417,6 @@ Pass counts must be in [lead, --steps]: a schedule always computes its first `le
 """
 
 
-def _lead(predictor: str) -> int:
-    """``tcpade.policy.schedules.min_leading(predictor)`` without importing torch (``tcpade.core.layout``
-    is plain Python)."""
-    from ..core import layout as L
-
-    return max(L.VARIANT_TABLE[v].min_history for v in L.CHOOSERS.get(predictor, (predictor,)))
-
-
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register the ``calibrate`` subcommand on an argparse subparsers object."""
     p = subparsers.add_parser("calibrate", help="search a calibrated schedule for a model and save it as JSON",
@@ -510,11 +503,12 @@ def _pipeline(path: str, prompts, labels, seeds):
 def run_cli(args) -> int:
     """Run the ``calibrate`` subcommand from parsed arguments; returns the exit status. A bad
     value raises ``tcpade.tools.args.UsageError`` (one line naming the flag) before any model loads."""
+    from ..core.layout import MIN_HISTORY  # plain Python: the command line imports no torch here
     from .args import UsageError, at_least, int_list, zoo_names
     from .args import seeds as parse_seeds
 
     # every check that needs no model first (and no torch until the --out check)
-    lead = _lead(args.predictor)
+    lead = MIN_HISTORY[args.predictor]
     if args.steps < lead:
         raise UsageError(f"--steps must be >= {lead} (the {args.predictor!r} predictor computes the first {lead} "
                          f"step(s)), got {args.steps}")  # fmt: skip
