@@ -2,7 +2,7 @@
 
 tcpade uses diffusers' public hook API (``HookRegistry``, ``ModelHook``, ``StateManager``,
 ``CacheContext``, ``TransformerBlockRegistry.get``) and, where diffusers offers no public
-way, four private names; a note at each use says why. When a diffusers release renames or
+way, five private names; a note at each use says why. When a diffusers release renames or
 changes one of them, the test here fails with a message naming it, before a model test
 fails somewhere obscure.
 """
@@ -109,3 +109,30 @@ def test_context_parallel_split_hook_class():
           "diffusers.hooks.context_parallel.apply_context_parallel",
           "it no longer registers a ContextParallelSplitHook on the modules whose inputs it splits")  # fmt: skip
     assert adapters.ContextParallelSplitHook is ContextParallelSplitHook
+
+
+def test_set_cache_context():
+    """``diffusers.hooks.hooks._set_cache_context(module, context)`` (what ``CacheMixin.cache_context``
+    calls): tcpade's ``adapters.cache_context`` calls it on models without the mixin, so that a
+    diffusers cache on the same model also gets the context. It sets the context of every
+    stateful hook's StateManager under the module, and clears it with None."""
+    hooks = importlib.import_module("diffusers.hooks.hooks")
+    fn = getattr(hooks, "_set_cache_context", None)
+    _need(callable(fn), "diffusers.hooks.hooks._set_cache_context", "it is gone")
+    from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+
+    class _Hook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self):
+            super().__init__()
+            self.state_manager = StateManager(BaseState)
+
+    module = torch.nn.Linear(2, 2)
+    hook = _Hook()
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, "probe")
+    fn(module, CacheContext("cond"))
+    _need(hook.state_manager._context is not None and hook.state_manager._context.name == "cond",
+          "diffusers.hooks.hooks._set_cache_context", "it no longer sets a stateful hook's context")  # fmt: skip
+    fn(module, None)
+    _need(hook.state_manager._context is None, "diffusers.hooks.hooks._set_cache_context", "None no longer clears it")

@@ -816,20 +816,26 @@ def detach(transformer) -> None:
 @contextlib.contextmanager
 def cache_context(transformer, name: str, **kwargs) -> Iterator[None]:
     """``transformer.cache_context(name)`` for any transformer, also those without diffusers' CacheMixin
-    (DiT, SD3 in diffusers 0.42.1): inside it, the controller sees ``branch == name``. Without
-    CacheMixin it sets the context of tcpade's own hook only (through its ``StateManager``'s
-    ``set_context``), in this thread; on a transformer without tcpade hooks it does nothing."""
+    (DiT, SD3 in diffusers 0.42.1): inside it, tcpade's controller and any other stateful diffusers
+    hook on the model (a diffusers cache run in the same loop) see ``branch == name``.
+
+    Without CacheMixin this calls what ``CacheMixin.cache_context`` itself calls, diffusers'
+    private ``diffusers.hooks.hooks._set_cache_context`` (the context of every stateful hook under
+    the module): diffusers has no public function for a model without the mixin, and setting the
+    context of tcpade's own hook alone would leave a diffusers cache on the same model without
+    one (tests/test_diffusers_internals.py names it when it changes)."""
     module = _unwrap(transformer)
     if hasattr(module, "cache_context"):
         with module.cache_context(name, **kwargs):
             yield
         return
-    root = _root_hook(module)
-    if root is None:  # no tcpade hooks: nothing reads the context
+    if _registry_of(module) is None:  # no diffusers hooks at all: nothing reads the context
         yield
         return
-    root.state_manager.set_context(CacheContext(name, **kwargs))
+    from diffusers.hooks.hooks import _set_cache_context
+
+    _set_cache_context(module, CacheContext(name, **kwargs))
     try:
         yield
     finally:
-        root.state_manager.set_context(None)
+        _set_cache_context(module, None)

@@ -1,7 +1,6 @@
 """The shipped predictor "auto" (per branch) vs rational / linear on dit-photos and flux-shapes, 20 steps, budget10 and
 slow schedules (no monkeypatching): is the per-branch choice below both fixed candidates?"""
 import sys, os, torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import eval_set
 from predictors import SAMPLES
 from tcpade import metrics, zoo

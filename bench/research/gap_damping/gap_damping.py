@@ -29,7 +29,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import eval_set  # noqa: E402
 from predictors import SAMPLES  # noqa: E402
 

@@ -1,6 +1,5 @@
 """The prototype's config fields (damping, time_axis) against bench/gap_damping.py's monkeypatched numbers."""
 import sys, os, torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import eval_set
 from predictors import SAMPLES
 from tcpade import metrics, zoo
