@@ -16,8 +16,6 @@ Output level (the transformer's output extrapolated; it is its own residual): ``
 ``predict`` take ``h_in=None``, a zero input. The history is then ``output``: the ops read
 no input (R = h_out, h_out = R_eff), and no ``h_prev`` is kept (the previous input is zero
 too, so the input-change correction is zero: its coefficient is 0, ``has_prev`` False).
-``zero_for(h)`` gives callers that pass the zero input as a tensor a one-element broadcast
-view (``zero``); ``record`` and ``predict`` take it for None.
 
 Memory: (S + keep_prev_input) hidden-state-sized tensors (S at output level), reported by
 ``nbytes``.
@@ -106,7 +104,6 @@ class History:
     ring: Optional[torch.Tensor] = field(default=None, repr=False)
     slots: Optional[torch.Tensor] = field(default=None, repr=False)
     h_prev: Optional[torch.Tensor] = field(default=None, repr=False)
-    zero: Optional[torch.Tensor] = field(default=None, repr=False)  # one element, broadcast (zero_for)
     output: bool = False  # the inputs are zero (output level): no h_prev
     order: List[int] = field(default_factory=list)
     times: List[float] = field(default_factory=list)
@@ -143,20 +140,6 @@ class History:
         self._rolls = (self.slots, [(self.slots + j) % self.nslots for j in range(self.nslots)])
         self.reset()
         return True
-
-    def zero_for(self, h: torch.Tensor) -> torch.Tensor:
-        """The zero input of a transformer output ``h`` at output level, for callers that pass it
-        as a tensor: a broadcast view of one zero element (kept as ``zero``; nothing of h's size is
-        allocated, and ``record`` / ``predict`` pass None to the ops for it, so it is never read).
-        Passing None to ``record`` / ``predict`` says the same."""
-        z = self.zero
-        if z is None or z.shape != h.shape or z.dtype != h.dtype or z.device != h.device:
-            z = self.zero = torch.zeros((), dtype=h.dtype, device=h.device).expand(h.shape)
-        return z
-
-    def _input(self, h_in: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """None for a zero input (None itself, or the ``zero_for`` view), else ``h_in``."""
-        return None if h_in is None or h_in is self.zero else h_in
 
     def reset(self) -> None:
         """Forget the history, keep the buffers."""
@@ -230,7 +213,6 @@ class History:
     def record(self, h_in: Optional[torch.Tensor], h_out: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """A computed step: write R = h_out - h_in into the write slot; return the sums (device).
         ``advance(t, wrote=True)`` makes it R1. ``h_in=None``: a zero input (output level), R = h_out."""
-        h_in = self._input(h_in)
         if h_in is None:
             self.ensure(h_out, output=True)
         else:
@@ -256,7 +238,6 @@ class History:
         so a compiled region does not specialise on it). ``h_in=None``: a zero input (output
         level), h_out = R_eff in a ring slot's shape.
         """
-        h_in = self._input(h_in)
         if h_in is None:
             if self.ring is None:
                 raise RuntimeError("predict(None) before any record()")

@@ -251,11 +251,9 @@ class Runtime:
             self._recorded(b, rec)
             b.errors.skipped()
             return
-        if h_in is None:  # output level: R = the output
-            h_in = b.history.zero_for(h_out)
         # A skip that computed after all (its prediction could not be made for this call), or
         # another shape mid-run: a new run.
-        if p.reason is None or (b.run.k > 0 and not b.history.matches(h_in)):
+        if p.reason is None or (b.run.k > 0 and not b.history.matches(h_out if h_in is None else h_in)):
             log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
             b.new_run()
             total, c = self.total_steps(), self.config

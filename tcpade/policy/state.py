@@ -68,10 +68,9 @@ class Call:
 
     def __call__(self, h_in: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if h_in is None:  # output level: the transformer's output is its own residual (h_in = 0)
-            h_in = self.history.zero
-            if h_in is None:
+            if self.history.ring is None:
                 return None
-        if not self.history.matches(h_in):
+        elif not self.history.matches(h_in):
             return None  # another shape, dtype or device than the history's: compute this call
         out, self.sums = self.history.predict(h_in, self.coef, self.variant, store=self.store)
         return out
