@@ -7,6 +7,7 @@ with T^2 (exact greedy) or about T (lazy), not with anything these tests would g
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def flux():
 
 @pytest.mark.parametrize("method", ["lazy", "greedy"])
 def test_greedy_removal_returns_nested_schedules_with_the_requested_passes(flux, method):
-    cal = tcpade.calibrate(flux, [(5, 3)], passes=3, steps=6, method=method, progress=False)
+    cal = tcpade.calibrate(flux, [(5, 3)], passes=3, steps=6, method=method, progress=False, holdout=False)
     assert cal.passes == 3 and len(cal.schedule()) == 3 and cal.schedule()[:2] == (0, 1)
     assert sorted(cal.schedules) == list(range(3, 7))
     for p in range(3, 6):  # each pass count drops one step of the one above it
@@ -62,7 +63,7 @@ def test_greedy_removal_returns_nested_schedules_with_the_requested_passes(flux,
 
 
 def test_refine_returns_the_requested_pass_counts_and_their_measured_psnr(flux):
-    cal = tcpade.calibrate(flux, [(5, 3)], passes=[4, 3], steps=7, progress=False)
+    cal = tcpade.calibrate(flux, [(5, 3)], passes=[4, 3], steps=7, progress=False, holdout=False)
     assert cal.method == "refine" and cal.passes == 3 and sorted(cal.schedules) == [3, 4]
     ref = flux.sample([5], [3], steps=7)
     for p in (3, 4):
@@ -79,7 +80,7 @@ def test_refine_returns_the_requested_pass_counts_and_their_measured_psnr(flux):
 
 
 def test_speedup_and_bad_arguments(flux):
-    cal = tcpade.calibrate(flux, [0], speedup=2.0, steps=4, progress=False)
+    cal = tcpade.calibrate(flux, [0], speedup=2.0, steps=4, progress=False, holdout=False)
     assert cal.passes == 2 and cal.schedule() == (0, 1)
     with pytest.raises(ValueError, match="exactly one"):
         tcpade.calibrate(flux, [0], steps=6)
@@ -90,11 +91,11 @@ def test_speedup_and_bad_arguments(flux):
     with pytest.raises(ValueError, match="sequence of ints"):
         tcpade.calibrate(flux, [0], passes=[3, 2.5], steps=6)
     with pytest.raises(ValueError, match="start"):
-        tcpade.calibrate(flux, [0], passes=3, steps=6, method="lazy", start=(1, 2, 3))
+        tcpade.calibrate(flux, [0], passes=3, steps=6, method="lazy", start=(1, 2, 3), holdout=False)
     with pytest.raises(ValueError, match="at least one"):
         tcpade.calibrate(flux, [], passes=3, steps=6)
     with pytest.raises(TypeError, match="zoo model, a diffusers pipeline or a transformer"):
-        tcpade.calibrate(object(), [0], passes=3, steps=6)
+        tcpade.calibrate(object(), [0], passes=3, steps=6, holdout=False)
     # pass counts outside [lead, steps] are refused, not clamped to a trivial all-steps schedule
     with pytest.raises(ValueError, match=r"passes must be in \[2, 6\].*got \[7\]"):
         tcpade.calibrate(flux, [0], passes=7, steps=6)
@@ -105,7 +106,7 @@ def test_speedup_and_bad_arguments(flux):
 
 
 def test_save_load_round_trip_reproduces_the_decisions(flux, tmp_path, registry):
-    cal = tcpade.calibrate(flux, [(1, 2)], passes=[4, 3], steps=6, progress=False)
+    cal = tcpade.calibrate(flux, [(1, 2)], passes=[4, 3], steps=6, progress=False, holdout=False)
     path = tmp_path / "s.json"
     cal.save(str(path))
     doc = json.loads(path.read_text())
@@ -137,7 +138,7 @@ def test_calibrate_pipeline_and_bare_transformer_with_cfg(registry):
 
     pipe = DiTPipeline(transformer=tiny.transformer("dit"), vae=tiny.tiny_vae(8), scheduler=DDIMScheduler())
     inp = dict(class_labels=[1], seed=0, guidance_scale=1.0)
-    cal = tcpade.calibrate(pipe, [inp], passes=3, steps=5, progress=False)
+    cal = tcpade.calibrate(pipe, [inp], passes=3, steps=5, progress=False, holdout=False)
     assert len(cal.schedule()) == 3 and cal.extra["branches"] == 1
     assert not hasattr(pipe.transformer, "_tcpade_runtime")  # removed again after every run
     # decoded images are in [0, 1]: the PSNR's data range is 1, whatever the reference's range
@@ -151,12 +152,12 @@ def test_calibrate_pipeline_and_bare_transformer_with_cfg(registry):
     g = torch.Generator().manual_seed(3)
     inp = dict(latents=torch.randn(1, 4, 8, 8, generator=g), cond=dict(class_labels=torch.tensor([2])),
                uncond=dict(class_labels=torch.tensor([9])), guidance_scale=3.0)  # fmt: skip
-    cal = tcpade.calibrate(tr, [inp], passes=3, steps=5, noise_scheduler=DDIMScheduler(), progress=False)
+    cal = tcpade.calibrate(tr, [inp], passes=3, steps=5, noise_scheduler=DDIMScheduler(), progress=False, holdout=False)
     assert cal.extra["branches"] == 2 and len(cal.schedule()) == 3
     _, summ = tcpade.sample(tr, DDIMScheduler(), steps=5, config=cal.config(), return_summary=True, **inp)
     assert summ.computed("cond") == summ.computed("uncond") == list(cal.schedule())
     with pytest.raises(TypeError, match="noise_scheduler"):
-        tcpade.calibrate(tr, [inp], passes=3, steps=5)
+        tcpade.calibrate(tr, [inp], passes=3, steps=5, holdout=False)
 
 
 def _call(pipe, inp, steps, config):
@@ -193,7 +194,8 @@ def test_calibrate_a_bare_transformer_in_its_own_layout(family, ndim, registry):
     assert latents.ndim == ndim
     inp = dict(latents=latents, cond=kw, timestep_scale=t.timestep_scale)
     sched = _schedulers()[family]
-    cal = tcpade.calibrate(t.model, [inp], passes=[4, 3], steps=6, noise_scheduler=sched(), progress=False)
+    cal = tcpade.calibrate(t.model, [inp], passes=[4, 3], steps=6, noise_scheduler=sched(), progress=False,
+                           holdout=False)  # fmt: skip
     assert sorted(cal.schedules) == [3, 4] and cal.schedules[3][:2] == (0, 1)
     full = tcpade.sample(t.model, sched(), steps=6, progress=False, **inp)
     for p in (3, 4):
@@ -221,7 +223,7 @@ def test_calibrate_a_pipeline_on_its_latents(family, ndim, branches, registry):
     """``output_type="latent"``: the pipeline's latents in its own layout, PSNR over their range."""
     pipe, _ = PIPELINES[family]()
     inp = dict(_latent_inputs(family), output_type="latent", seed=0)
-    cal = tcpade.calibrate(pipe, [inp], passes=3, steps=5, progress=False)
+    cal = tcpade.calibrate(pipe, [inp], passes=3, steps=5, progress=False, holdout=False)
     assert len(cal.schedule()) == 3 and cal.extra["branches"] == branches
     full = _call(pipe, inp, 5, None)
     assert full.ndim == ndim
@@ -237,8 +239,8 @@ def test_lead_is_one_fact():
 
     assert coef.MIN_HISTORY is layout.MIN_HISTORY
     assert set(layout.MIN_HISTORY) == set(layout.PREDICTORS)
-    assert layout.MIN_HISTORY["reuse"] == 1 and layout.MIN_HISTORY["auto"] == max(
-        layout.MIN_HISTORY[c] for c in layout.CHOOSERS["auto"])
+    auto = max(layout.MIN_HISTORY[c] for c in layout.CHOOSERS["auto"])
+    assert layout.MIN_HISTORY["reuse"] == 1 and layout.MIN_HISTORY["auto"] == auto
     assert not hasattr(schedules, "min_leading")
 
 
@@ -246,13 +248,17 @@ def test_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "cal.json"
     proc = subprocess.run([sys.executable, "-m", "tcpade.tools.calibrate", "flux-digits", "--steps", "5",
-                           "--passes", "4,3", "--seeds", "0", "--out", str(out), "--threads", "1"], cwd=ROOT, env=env,
+                           "--passes", "4,3", "--seeds", "0,1", "--out", str(out), "--threads", "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "3 passes" in proc.stdout and "RuntimeWarning" not in proc.stderr
     (entry,) = json.loads(out.read_text())["entries"]
     assert entry["name"] == "flux-digits" and entry["steps"] == 5 and entry["method"] == "refine"
     assert sorted(entry["schedules"]) == ["3", "4"] and len(entry["schedules"]["3"]) == 3
+    # --holdout 0.5 (the default) of two seeds: one searched, one held out; every pass count checked
+    assert entry["inputs"] == 1 and entry["validated"] and entry["validation"]["inputs"] == 1
+    assert sorted(entry["validation"]["passes"]) == ["3", "4"]
+    assert "validation on 1 held-out input(s)" in proc.stdout and "held-out" in proc.stdout.split("3 passes")[1]
     bad = subprocess.run([sys.executable, "-m", "tcpade.tools.calibrate", "no-such-model", "--passes", "3"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "neither a zoo model" in bad.stderr
@@ -311,3 +317,151 @@ def test_calibrated_predictor_scores_survive_save_and_load(flux, registry, tmp_p
     tcpade.calibrate.save(path, _cal(key, "rational", (30.0, 35.0)), _cal(key, "linear", (31.0, 36.0)))
     tcpade.calibrate.load(path)
     assert schedules.best_predictor(flux.transformer) == "linear"
+
+
+# ------------------------------------------------------------------------------ held-out validation
+HELD = [(8, 1), (9, 2)]  # held-out inputs of the validation tests (seed, label)
+
+
+@pytest.fixture(scope="module")
+def checked(flux):
+    """A calibration whose search must return, at 7 steps, (0, 1, 2, 3) for 4 passes (the start of
+    a greedy removal: it predicts the last three steps from the first four, and loses to the
+    spaced rule's (0, 1, 2, 5) by several dB) and the best removal from it for 3 passes (which
+    beats the spaced rule's (0, 1, 5)), validated on two held-out inputs."""
+    return tcpade.calibrate(flux, [(5, 3), (6, 4)], passes=3, steps=7, method="lazy", start=(0, 1, 2, 3),
+                            holdout=HELD, progress=False)  # fmt: skip
+
+
+def _held_psnr(flux, config):
+    ref = flux.sample([s for s, _ in HELD], [c for _, c in HELD], steps=7)
+    out = flux.sample([s for s, _ in HELD], [c for _, c in HELD], steps=7, config=config)
+    return float(metrics.psnr(out, ref).mean())
+
+
+def test_validation_measures_every_pass_count_on_the_held_out_inputs(flux, checked):
+    cal = checked
+    assert cal.inputs == 2 and cal.holdout == 2 and cal.validated
+    assert sorted(cal.schedules) == sorted(cal.validation) == [3, 4] and cal.schedules[4] == (0, 1, 2, 3)
+    for p in (3, 4):  # the numbers are the PSNRs of these runs, against full computation of the held-out inputs
+        spaced = TCPadeConfig.budget(passes=p, use_calibrated=False)
+        assert cal.validation[p][1] == pytest.approx(_held_psnr(flux, spaced), abs=1e-9)
+        searched = TCPadeConfig(schedule=cal.schedules[p], schedule_steps=7)
+        assert cal.validation[p][0] == pytest.approx(_held_psnr(flux, searched), abs=1e-9)
+    # the cost: one full run of the held-out inputs, then the spaced rule and the schedule per count
+    assert cal.validation_runs == 1 + 2 * 2 and cal.runs > cal.validation_runs
+    assert 0 < cal.validation_calls < cal.calls and 0 < cal.validation_seconds <= cal.seconds
+
+
+def test_validation_refuses_a_schedule_that_loses_and_keeps_one_that_wins(flux, checked, registry):
+    cal = checked
+    spaced4 = TCPadeConfig.budget(passes=4, use_calibrated=False).plan(7)
+    assert cal.validation[4][0] < cal.validation[4][1] - 1.0  # it loses on the held-out inputs
+    assert not cal.used(4) and cal.verdict(4) == "spaced rule"
+    assert cal.schedule(4) == spaced4 and cal.config(4).schedule == spaced4
+    assert cal.validation[3][0] > cal.validation[3][1] + 1.0  # and this one wins
+    assert cal.used(3) and cal.verdict(3) == "calibrated" and cal.schedule(3) == cal.schedules[3]
+    cal.register()
+    assert schedules.lookup(flux.transformer, "rational") == ((7, cal.schedules[3]),)
+    for p, source, steps in ((4, "spaced rule", spaced4), (3, "calibrated", cal.schedules[3])):
+        cfg = TCPadeConfig.budget(passes=p)
+        resolved = schedules.resolve(cfg, flux.transformer)
+        assert resolved.plan(7) == steps and resolved.plan_source(7) == source
+        _, summ = flux.sample([3], [1], steps=7, config=cfg, return_summary=True)
+        assert summ.computed("cond") == list(steps)
+        c, sp = cal.validation[p]
+        note = (f"held-out {c:.2f} dB, spaced rule {sp:.2f} dB" if source == "calibrated" else
+                f"the calibrated schedule lost on held-out inputs: {c:.2f} dB, spaced rule {sp:.2f} dB")  # fmt: skip
+        assert f"schedule: {source} {list(steps)} ({note})" in str(summ)
+
+
+def test_holdout_share_takes_the_last_inputs(flux, checked):
+    cal = tcpade.calibrate(flux, [(5, 3), (6, 4), *HELD], passes=3, steps=7, method="lazy", start=(0, 1, 2, 3),
+                           holdout=0.5, progress=False)  # fmt: skip
+    assert cal.inputs == 2 and cal.holdout == 2
+    assert cal.schedules == checked.schedules and sorted(cal.validation) == [3, 4]
+    for p in (3, 4):
+        assert cal.validation[p] == pytest.approx(checked.validation[p], abs=1e-9)
+
+
+def test_bad_holdout_values_and_one_input(flux):
+    with pytest.raises(ValueError, match="one calibration input leaves none to hold out.*holdout=False"):
+        tcpade.calibrate(flux, [(5, 3)], passes=3, steps=6)
+    for bad in (0, 1, 1.5, -0.2, float("nan"), True, "half", None, []):
+        with pytest.raises(ValueError, match=r"holdout must be a share of the inputs in \(0, 1\), a non-empty list"):
+            tcpade.calibrate(flux, [(5, 3), (6, 4)], passes=3, steps=6, holdout=bad)
+    with pytest.raises(ValueError, match="is of model"):
+        other = tcpade.calibrate.Calibration(model="Other:0", predictor="rational", steps=6, schedules={3: (0, 1, 4)},
+                                             psnr={3: 30.0}, passes=3)  # fmt: skip
+        tcpade.calibrate.validate(flux, other, HELD)
+    with pytest.raises(ValueError, match="at least one held-out input"):
+        tcpade.calibrate.validate(flux, other, [])
+
+
+def test_unvalidated_calibration_is_used_and_marked(flux, registry):
+    cal = tcpade.calibrate(flux, [(5, 3)], passes=3, steps=6, holdout=False, progress=False)
+    assert not cal.validated and cal.validation == {} and cal.validation_runs == 0
+    assert cal.verdict(3) == "unvalidated" and cal.used(3) and cal.schedule(3) == cal.schedules[3]
+    e = cal.to_json()
+    assert e["validated"] is False and "validation" not in e
+    cal.register()
+    _, summ = flux.sample([3], [1], steps=6, config=TCPadeConfig.budget(passes=3), return_summary=True)
+    assert f"schedule: calibrated {list(cal.schedules[3])} (unvalidated: no held-out check)" in str(summ)
+
+
+def test_validation_json_round_trip_and_version_1_files(flux, checked, tmp_path, registry):
+    path = tmp_path / "s.json"
+    checked.save(str(path))
+    doc = json.loads(path.read_text())
+    assert doc["version"] == schedules.FORMAT_VERSION == 2
+    (entry,) = doc["entries"]
+    assert entry["validated"] and entry["validation"]["inputs"] == 2
+    assert entry["validation"]["passes"]["4"]["used"] is False and entry["validation"]["passes"]["3"]["used"] is True
+    assert entry["schedules"]["4"] == [0, 1, 2, 3]  # the searched schedule is kept, marked not used
+    (back,) = tcpade.calibrate.load(str(path))
+    assert sorted(back.validation) == [3, 4] and back.holdout == 2
+    assert all(back.validation[p] == pytest.approx(checked.validation[p], abs=1e-3) for p in (3, 4))
+    assert back.validation_runs == checked.validation_runs and back.runs == checked.runs
+    assert [back.verdict(p) for p in (3, 4)] == ["calibrated", "spaced rule"]
+    assert schedules.lookup(flux.transformer, "rational") == ((7, checked.schedules[3]),)  # load registered it
+    # a file written before the checks existed (version 1, no validation): loads, unvalidated, used
+    schedules.clear(shipped=False)
+    old = dict(entry)
+    for k in ("validated", "validation"):
+        old.pop(k)
+    (path := tmp_path / "v1.json").write_text(json.dumps(dict(format="tcpade-schedules", version=1, entries=[old])))
+    (v1,) = tcpade.calibrate.load(str(path))
+    assert not v1.validated and v1.verdict(4) == "unvalidated" and v1.schedule(4) == (0, 1, 2, 3)
+    assert set(schedules.lookup(flux.transformer, "rational")) == {(7, (0, 1, 2, 3)), (7, checked.schedules[3])}
+    assert schedules.checks(flux.transformer, "rational") == ()
+    (path := tmp_path / "v9.json").write_text(json.dumps(dict(format="tcpade-schedules", version=9, entries=[])))
+    with pytest.raises(ValueError, match="version 9: this tcpade reads versions 1, 2"):
+        tcpade.calibrate.load(str(path))
+
+
+def test_validate_an_existing_calibration(flux, checked):
+    """``validate`` checks a calibration (e.g. a shipped one) on other inputs; its cost replaces an
+    earlier validation's in the totals."""
+    again = tcpade.calibrate.validate(flux, checked, [(10, 5)], progress=False)
+    assert again.holdout == 1 and sorted(again.validation) == [3, 4] and again.validation_runs == 5
+    assert again.runs == checked.runs - checked.validation_runs + 5 and again.schedules == checked.schedules
+
+
+def test_command_line_holdout_flags(tmp_path, capsys):
+    from tcpade.tools.calibrate import main
+
+    out = str(tmp_path / "c.json")
+    for argv, msg in ((["--seeds", "0"], "--holdout: one seed leaves none to hold out"),
+                      (["--seeds", "0,1", "--holdout", "1.5"], r"--holdout must be a share in \(0, 1\) or 'off'"),
+                      (["--seeds", "0,1", "--holdout", "x"], r"--holdout must be a share in \(0, 1\) or 'off'"),
+                      (["--holdout-seeds", "a"], "--holdout-seeds")):  # fmt: skip
+        assert main(["flux-digits", "--steps", "5", "--passes", "3", "--out", out, *argv]) == 2
+        assert re.search(msg, capsys.readouterr().err), (argv, msg)
+    assert main(["flux-digits", "--steps", "5", "--passes", "3", "--seeds", "0", "--holdout", "off", "--out", out]) == 0
+    assert "unvalidated" in capsys.readouterr().out
+    (entry,) = json.loads(Path(out).read_text())["entries"]
+    assert entry["validated"] is False and entry["inputs"] == 1
+    argv = ["flux-digits", "--steps", "5", "--passes", "3", "--seeds", "0", "--holdout-seeds", "4,5", "--out", out]
+    assert main(argv) == 0
+    (entry,) = json.loads(Path(out).read_text())["entries"]
+    assert entry["inputs"] == 1 and entry["validation"]["inputs"] == 2 and "3" in entry["validation"]["passes"]

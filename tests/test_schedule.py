@@ -189,8 +189,9 @@ def _sample(tr, T, cfg):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     g = torch.Generator().manual_seed(1)
-    cond = dict(encoder_hidden_states=torch.randn(1, 3, 8, generator=g), pooled_projections=torch.randn(1, 8, generator=g),
-                img_ids=torch.zeros(6, 3), txt_ids=torch.zeros(3, 3))  # fmt: skip
+    cond = dict(encoder_hidden_states=torch.randn(1, 3, 8, generator=g),
+                pooled_projections=torch.randn(1, 8, generator=g), img_ids=torch.zeros(6, 3),
+                txt_ids=torch.zeros(3, 3))  # fmt: skip
     return tcpade.sample(tr, FlowMatchEulerDiscreteScheduler(), torch.randn(1, 6, 4, generator=g), cond=cond,
                          steps=T, config=cfg, return_summary=True, progress=False, timestep_scale=1e-3)  # fmt: skip
 
@@ -230,6 +231,38 @@ def test_budget_uses_a_registered_schedule_and_says_so(registry):
         assert "schedule: spaced rule" in str(summ)
     with pytest.raises(ValueError, match="4 passes has 3 steps"):
         schedules.register(schedules.model_key(tr), "rational", 8, {4: (0, 1, 2)})
+
+
+def test_registry_keeps_out_a_schedule_that_lost_its_held_out_check(registry):
+    """A held-out check (calibrated dB, spaced rule dB): a schedule is used only where it is strictly
+    higher; one that lost (or tied) leaves the spaced rule, and replaces an earlier registration;
+    the checks of both kinds stay known (the summary shows them)."""
+    tr = _tiny_flux()
+    key = schedules.model_key(tr)
+    assert schedules.wins(None) and schedules.wins((30.1, 30.0))
+    assert not schedules.wins((30.0, 30.0)) and not schedules.wins((29.0, 30.0))
+    schedules.register(key, "rational", 8, {4: (0, 1, 2, 6), 3: (0, 1, 4)}, psnr={4: 40.0, 3: 30.0})  # unvalidated
+    assert schedules.lookup(tr, "rational") == ((8, (0, 1, 4)), (8, (0, 1, 2, 6)))
+    schedules.register(key, "rational", 8, {4: (0, 1, 2, 6), 3: (0, 1, 4)}, psnr={4: 40.0, 3: 30.0},
+                       validation={4: (35.0, 36.0), 3: (31.0, 30.5)})  # fmt: skip
+    assert schedules.lookup(tr, "rational") == ((8, (0, 1, 4)),)
+    assert schedules.checks(tr, "rational") == ((8, 3, 31.0, 30.5), (8, 4, 35.0, 36.0))
+    resolved = schedules.resolve(TCPadeConfig.budget(passes=4), tr)
+    assert resolved.plan(8) == schedules.spaced(8, 4) and resolved.plan_source(8) == "spaced rule"
+    assert resolved.plan_note(8) == "the calibrated schedule lost on held-out inputs: 35.00 dB, spaced rule 36.00 dB"
+    resolved = schedules.resolve(TCPadeConfig.budget(passes=3), tr)
+    assert resolved.plan(8) == (0, 1, 4) and resolved.plan_note(8) == "held-out 31.00 dB, spaced rule 30.50 dB"
+    _, summ = _sample(tr, 8, TCPadeConfig.budget(passes=4))
+    assert summ.computed("cond") == list(schedules.spaced(8, 4))
+    assert "schedule: spaced rule" in str(summ) and "lost on held-out inputs: 35.00 dB" in str(summ)
+    # every pass count lost: the config's own predictor, the spaced rule, the checks still shown
+    schedules.register(key, "rational", 8, {3: (0, 1, 4)}, validation={3: (29.0, 30.5)})
+    resolved = schedules.resolve(TCPadeConfig.budget(passes=3), tr)
+    assert resolved.calibrated == () and resolved.plan_source(8) == "spaced rule"
+    assert "lost on held-out inputs: 29.00 dB" in resolved.plan_note(8)
+    assert TCPadeConfig.budget(passes=3).plan(8) == resolved.plan(8)
+    with pytest.raises(ValueError, match="held-out check for 3 passes must be"):
+        schedules.register(key, "rational", 8, {3: (0, 1, 4)}, validation={3: 29.0})
 
 
 def test_shipped_zoo_schedules_load():

@@ -80,3 +80,22 @@ def test_summary_shows_what_was_resolved_for_the_model():
     assert tcpade.summary(rt).computed("default") == list(rt.resolved.plan(20))
     with pytest.raises(ValueError, match="another config"):
         Runtime(TCPadeConfig(), resolved=Resolved(cfg))
+
+
+def test_summary_shows_the_held_out_check_of_a_calibrated_plan():
+    """A calibrated plan's line carries its held-out check against the spaced rule; one without a
+    check says it is unvalidated; a spaced-rule plan says when it replaced a calibrated schedule
+    that lost its check."""
+    cfg = TCPadeConfig.budget(passes=7)
+    cal = (0, 1, 3, 6, 10, 14, 18)
+    for checks, note in ((((20, 7, 38.123, 37.2),), "(held-out 38.12 dB, spaced rule 37.20 dB)"),
+                         ((), "(unvalidated: no held-out check)")):  # fmt: skip
+        rt, _, _, _ = run(cfg, 20, rt=Runtime(cfg, resolved=Resolved(cfg, calibrated=((20, cal),), checks=checks)))
+        assert f"schedule: calibrated {list(cal)} {note}" in str(tcpade.summary(rt))
+    lost = Resolved(cfg, checks=((20, 7, 36.0, 37.2),))
+    rt, _, _, _ = run(cfg, 20, rt=Runtime(cfg, resolved=lost))
+    text = str(tcpade.summary(rt))
+    assert (f"schedule: spaced rule {list(lost.plan(20))} (the calibrated schedule lost on held-out inputs: "
+            "36.00 dB, spaced rule 37.20 dB)") in text  # fmt: skip
+    rt, _, _, _ = run(cfg, 20)  # nothing calibrated: no note
+    assert f"schedule: spaced rule {list(cfg.plan(20))}\n" in str(tcpade.summary(rt))

@@ -408,7 +408,8 @@ class Summary:
             lines.append(f"\nbranch {name!r}: {comp}/{n} computed ({ratio}); skipped {self.skipped(name)}")
             t = c.schedule_steps or n  # (a fixed schedule is for its own T, also in a run cut short)
             if t and ran.plan(t) is not None:
-                lines.append(f"  schedule: {ran.plan_source(t)} {list(ran.plan(t))}")
+                note = ran.plan_note(t)  # a calibrated schedule's held-out check against the spaced rule
+                lines.append(f"  schedule: {ran.plan_source(t)} {list(ran.plan(t))}" + (f" ({note})" if note else ""))
             bad = self.nonfinite(name)
             if bad:
                 kept = ran.plan(t) is not None

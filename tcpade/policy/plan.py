@@ -10,12 +10,15 @@ Where a plan comes from (``plan_source``), first match:
 
 * "schedule": ``config.schedule`` (only for its own ``schedule_steps``);
 * "calibrated": a budget, and a calibrated schedule of the model with T steps and the
-  budget's pass count;
+  budget's pass count (one that lost its held-out check is not among them);
 * "spaced rule": a budget otherwise (``tcpade.policy.schedules.spaced``);
 * "fixed rule": the TSI policy with a TSI test that never blocks: ``Rule.reason`` run over
   a simulated run (a computed step stores a residual, a skipped one too with
   ``store_predictions``, up to ``history_slots``);
 * "policy": no plan (None), the run's trajectory decides.
+
+``plan_note(T)`` says what the held-out checks (``tcpade.policy.schedules.checks``) measured for
+a calibrated plan, or for the calibrated schedule a spaced-rule plan replaced.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class Resolved:
     config: "TCPadeConfig"  # noqa: F821  (the user's, as given)
     predictor: Optional[str] = None  # the predictor that runs; None: the config's
     calibrated: Tuple[Tuple[int, Tuple[int, ...]], ...] = ()  # the model's calibrated schedules, ((T, steps), ...)
+    # their held-out checks, and those of calibrated schedules that lost theirs (not in
+    # ``calibrated``): ((T, passes, calibrated dB, spaced rule dB), ...)
+    checks: Tuple[Tuple[int, int, float, float], ...] = ()
     rule: Rule = field(init=False, repr=False, compare=False)
     _plans: Dict[int, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -48,6 +54,7 @@ class Resolved:
             dataclasses.replace(self.config, predictor=predictor)
         object.__setattr__(self, "predictor", predictor)
         object.__setattr__(self, "calibrated", tuple((int(t), tuple(s)) for t, s in self.calibrated))
+        object.__setattr__(self, "checks", tuple((int(t), int(p), float(c), float(s)) for t, p, c, s in self.checks))
         object.__setattr__(self, "rule", Rule.of(self.config, predictor))
 
     @property
@@ -75,6 +82,23 @@ class Resolved:
     def plan_source(self, total: int) -> str:
         """Where ``plan(total)`` comes from (module docstring)."""
         return self._plan(total)[1]
+
+    def plan_note(self, total: int) -> str:
+        """What is known of ``plan(total)``'s quality against the spaced rule: for a calibrated plan,
+        its held-out check ("held-out 38.12 dB, spaced rule 37.20 dB") or "unvalidated"; for a
+        spaced-rule plan that replaced a calibrated schedule which lost its check, that check;
+        else ""."""
+        steps, source = self._plan(total)
+        if source not in ("calibrated", "spaced rule"):
+            return ""
+        check = next(((c, s) for t, p, c, s in self.checks if t == total and p == len(steps)), None)
+        if source == "calibrated":
+            if check is None:
+                return "unvalidated: no held-out check"
+            return f"held-out {check[0]:.2f} dB, spaced rule {check[1]:.2f} dB"
+        if check is None or check[0] > check[1]:
+            return ""
+        return f"the calibrated schedule lost on held-out inputs: {check[0]:.2f} dB, spaced rule {check[1]:.2f} dB"
 
     def _plan(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str]:
         if isinstance(total, bool) or not isinstance(total, int) or total <= 0:

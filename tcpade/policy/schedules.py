@@ -14,6 +14,13 @@ is skipped and its residual predicted. Three things make one:
   the runtime beside the config (``tcpade.policy.plan.Resolved``, whose ``plan(T)`` chooses
   among them), never in it.
 
+A calibrated schedule may come with its held-out check (``tcpade.calibrate``'s validation): its
+mean PSNR and the spaced rule's on inputs the search did not see. The registry uses it only
+where it beats the spaced rule there (``wins``); one that lost is kept out (its check is kept,
+so that ``tcpade.summary`` can say why the spaced rule ran). A schedule without a check (a file
+of format version 1, or a calibration run with validation turned off) is used, marked
+unvalidated.
+
 The spaced rule: steps 0 .. m-1 (m = ``tcpade.core.coef.MIN_HISTORY[predictor]``, the
 residuals the predictor needs before its first skip: 2 for rational / linear / paper, 1 for
 reuse) and then the remaining passes evenly spaced from step 0 on, the last one
@@ -39,6 +46,7 @@ __all__ = [
     "SHIPPED",
     "best_predictor",
     "check_schedule",
+    "checks",
     "clear",
     "even_family",
     "longest_skip_run",
@@ -51,6 +59,7 @@ __all__ = [
     "resolve",
     "schedule_problem",
     "spaced",
+    "wins",
 ]
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo", "schedules.json")
@@ -58,7 +67,8 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # last computed step SPACED_END steps before the end of the run.
 SPACED_WARMUP = 2
 SPACED_END = 1
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # version 2 added the held-out checks
+READ_VERSIONS = (1, 2)  # version 1 files load, their schedules unvalidated
 
 
 def schedule_problem(steps, total: int, predictor: str) -> Optional[str]:
@@ -177,25 +187,62 @@ def model_key(transformer) -> str:
     return f"{type(transformer).__name__}:{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-# key -> predictor -> T -> passes -> steps; and the same -> calibration PSNR, where known
+# key -> predictor -> T -> passes -> steps (the schedules in use); the same -> calibration PSNR,
+# where known; the same -> held-out check (calibrated dB, spaced rule dB), where one was made
+# (the schedules that lost it included: they are not in _REGISTRY)
 _REGISTRY: Dict[str, Dict[str, Dict[int, Dict[int, Tuple[int, ...]]]]] = {}
 _PSNR: Dict[str, Dict[str, Dict[int, Dict[int, float]]]] = {}
+_CHECKS: Dict[str, Dict[str, Dict[int, Dict[int, Tuple[float, float]]]]] = {}
 _SHIPPED_LOADED = False
 
 
+def wins(check: Optional[Tuple[float, float]]) -> bool:
+    """Whether a calibrated schedule with this held-out check is used: ``(calibrated dB, spaced rule
+    dB)`` on the held-out inputs, used when strictly higher (a tie leaves the spaced rule, which
+    is the same schedule or as good); None (never checked) is used, unvalidated."""
+    if check is None:
+        return True
+    cal, spaced = check
+    return float(cal) > float(spaced)
+
+
+def _check_pair(p, value) -> Optional[Tuple[float, float]]:
+    if value is None:
+        return None
+    try:
+        cal, spaced = (float(v) for v in value)
+    except (TypeError, ValueError):
+        what = "must be (calibrated dB, spaced rule dB)"
+        raise ValueError(f"held-out check for {p} passes {what}, got {value!r}") from None
+    return cal, spaced
+
+
 def register(key: str, predictor: str, total: int, schedules: Dict[int, Sequence[int]],
-             psnr: Optional[Dict[int, float]] = None) -> None:  # fmt: skip
+             psnr: Optional[Dict[int, float]] = None,
+             validation: Optional[Dict[int, Optional[Tuple[float, float]]]] = None) -> None:  # fmt: skip
     """Add calibrated schedules ({passes: steps}) for model ``key``, ``predictor`` and ``total`` steps
     (replacing earlier ones for the same passes), with their calibration PSNR ({passes: dB}) when
-    known (``best_predictor`` compares predictors by it)."""
+    known (``best_predictor`` compares predictors by it) and their held-out checks ({passes:
+    (calibrated dB, spaced rule dB)}; a pass count not in it, or ``validation`` None: unvalidated).
+    A schedule that lost its check is not used: the budget presets keep the spaced rule at that
+    pass count (``wins``)."""
     _load_shipped()
     slot = _REGISTRY.setdefault(key, {}).setdefault(predictor, {}).setdefault(int(total), {})
     scores = _PSNR.setdefault(key, {}).setdefault(predictor, {}).setdefault(int(total), {})
+    checked = _CHECKS.setdefault(key, {}).setdefault(predictor, {}).setdefault(int(total), {})
     for p, steps in schedules.items():
         steps = check_schedule(steps, int(total), predictor)
         if len(steps) != int(p):
             raise ValueError(f"calibrated schedule for {p} passes has {len(steps)} steps: {steps}")
-        slot[int(p)] = steps
+        check = _check_pair(p, (validation or {}).get(int(p)))
+        if check is None:
+            checked.pop(int(p), None)
+        else:
+            checked[int(p)] = check
+        if wins(check):
+            slot[int(p)] = steps
+        else:
+            slot.pop(int(p), None)
         value = None if psnr is None else psnr.get(int(p))
         if value is None:
             scores.pop(int(p), None)
@@ -222,19 +269,32 @@ def best_predictor(transformer) -> Optional[str]:
 
 def entries_from_json(doc: dict) -> list:
     """The entries of a schedules JSON document, version-checked."""
-    if doc.get("format") != "tcpade-schedules" or doc.get("version") != FORMAT_VERSION:
+    if not isinstance(doc, dict) or doc.get("format") != "tcpade-schedules":
         raise ValueError(f"not a tcpade schedules file (format tcpade-schedules, version {FORMAT_VERSION})")
+    if doc.get("version") not in READ_VERSIONS:
+        raise ValueError(f"a tcpade schedules file of version {doc.get('version')!r}: this tcpade reads versions "
+                         f"{', '.join(map(str, READ_VERSIONS))}")  # fmt: skip
     return doc["entries"]
 
 
+def entry_checks(entry: dict) -> Optional[Dict[int, Tuple[float, float]]]:
+    """The held-out checks of a schedules file entry ({passes: (calibrated dB, spaced rule dB)}), or
+    None when it was not validated (a version 1 entry, or validation turned off)."""
+    v = entry.get("validation")
+    if not entry.get("validated", False) or not v:
+        return None
+    return {int(p): (float(c["calibrated"]), float(c["spaced"])) for p, c in v.get("passes", {}).items()}
+
+
 def load(path: str) -> int:
-    """Register every schedule of a JSON file written by ``tcpade.calibrate.save``; returns how many."""
+    """Register every schedule of a JSON file written by ``tcpade.calibrate.save`` (those that lost
+    their held-out check are kept out); returns how many the file has."""
     with open(path) as f:
         entries = entries_from_json(json.load(f))
     n = 0
     for e in entries:
         register(e["model"], e["predictor"], e["steps"], {int(p): s for p, s in e["schedules"].items()},
-                 {int(p): v for p, v in e.get("psnr", {}).items()})  # fmt: skip
+                 {int(p): v for p, v in e.get("psnr", {}).items()}, entry_checks(e))  # fmt: skip
         n += len(e["schedules"])
     return n
 
@@ -254,6 +314,7 @@ def clear(shipped: bool = True) -> None:
     global _SHIPPED_LOADED
     _REGISTRY.clear()
     _PSNR.clear()
+    _CHECKS.clear()
     _SHIPPED_LOADED = not shipped
 
 
@@ -262,6 +323,14 @@ def lookup(transformer, predictor: str) -> Tuple[Tuple[int, Tuple[int, ...]], ..
     _load_shipped()
     by_t = _REGISTRY.get(model_key(transformer), {}).get(predictor, {})
     return tuple((t, s) for t in sorted(by_t) for _, s in sorted(by_t[t].items()))
+
+
+def checks(transformer, predictor: str) -> Tuple[Tuple[int, int, float, float], ...]:
+    """The held-out checks of this model's calibrations for ``predictor``, as ((T, passes,
+    calibrated dB, spaced rule dB), ...): those of the schedules in use and of those that lost."""
+    _load_shipped()
+    by_t = _CHECKS.get(model_key(transformer), {}).get(predictor, {})
+    return tuple((t, p, c, s) for t in sorted(by_t) for p, (c, s) in sorted(by_t[t].items()))
 
 
 def resolve(config, transformer):
@@ -276,9 +345,11 @@ def resolve(config, transformer):
     predictor = config.predictor
     if config.calibrated_predictor:
         predictor = best_predictor(transformer) or predictor
+    source = predictor
     found: Optional[tuple] = lookup(transformer, predictor)
     if not found and predictor in L.CHOOSERS:  # "auto": the schedules of the variant it runs
-        found = lookup(transformer, L.kernel_variant(predictor))
-    if not found:
-        return Resolved(config)
-    return Resolved(config, predictor=predictor, calibrated=found)
+        source = L.kernel_variant(predictor)
+        found = lookup(transformer, source)
+    if not found:  # the config's own predictor; its checks say where a calibration lost
+        return Resolved(config, checks=checks(transformer, config.predictor))
+    return Resolved(config, predictor=predictor, calibrated=found, checks=checks(transformer, source))

@@ -45,12 +45,25 @@ clips, packed or video latents. The data range is 2 for the zoo (images in [-1, 
 decoded pipeline outputs (``output_type`` "pt", "np" or "pil": in [0, 1]), and the full
 computation's value range (max - min) for latents and bare transformers. SSIM is not used.
 
+Held-out validation (``holdout=``, on by default): a search fits its few inputs, and on other
+inputs a searched schedule can lose to the spaced rule it started from. So part of the inputs
+(``holdout=0.5``: the last half; or ``holdout=[...]``: validation inputs of their own) is kept
+out of the search, and after it every pass count's schedule and the spaced rule's
+(``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)``) run on them against their
+full computation. A schedule is used (``schedule(K)``, ``config(K)``, the registry, the budget
+presets) only where its held-out PSNR is strictly higher than the spaced rule's; elsewhere the
+spaced rule stands, and ``Calibration.validation`` / ``verdict(K)`` / the saved JSON say so.
+One input leaves nothing to hold out: a ValueError, unless ``holdout=False`` (no validation:
+every schedule is used, marked unvalidated). ``validate(target, cal, inputs)`` checks an
+existing calibration on other inputs.
+
 The cost is counted in runs (sampling runs of all inputs) and calls (transformer calls that
 computed the block stack, every branch and input batch; the skipped calls cost one memory
-pass each and are not counted); ``Calibration.runs`` / ``.calls`` / ``.seconds``.
+pass each and are not counted); ``Calibration.runs`` / ``.calls`` / ``.seconds``, the
+validation's runs included (and apart: ``validation_runs`` / ``_calls`` / ``_seconds``).
 
 This module is callable: ``tcpade.calibrate(...)`` is ``tcpade.calibrate.calibrate(...)``.
-Command line: ``tcpade calibrate MODEL --steps 20 --passes 7 --out schedules.json`` (or
+Command line: ``tcpade calibrate MODEL --steps 20 --passes 7 --seeds 0,1,2,3 --out schedules.json`` (or
 ``python -m tcpade calibrate ...``). Importing it imports no torch (the search imports it
 when it runs), so ``tcpade calibrate --help`` answers at once.
 """
@@ -73,7 +86,7 @@ if TYPE_CHECKING:  # imported where used: ``tcpade calibrate --help`` must not i
 
     from ..policy.config import TCPadeConfig
 
-__all__ = ["Calibration", "add_cli", "calibrate", "load", "main", "run_cli", "save", "shipped"]
+__all__ = ["Calibration", "add_cli", "calibrate", "load", "main", "run_cli", "save", "shipped", "validate"]
 
 METHODS = ("refine", "lazy", "greedy")
 
@@ -140,15 +153,52 @@ class Calibration:
     seconds: float = 0.0
     name: str = ""  # e.g. the zoo model's name (informational)
     extra: dict = field(default_factory=dict)
+    # Held-out validation: passes -> (calibrated schedule, spaced rule) mean PSNR on the held-out
+    # inputs against their full computation; ``holdout``: how many (0: not validated).
+    validation: Dict[int, Tuple[float, float]] = field(default_factory=dict)
+    holdout: int = 0
+    validation_runs: int = 0  # (also counted in runs / calls / seconds)
+    validation_calls: int = 0
+    validation_seconds: float = 0.0
+
+    @property
+    def validated(self) -> bool:
+        """Whether the schedules were checked on held-out inputs (False: ``holdout=False``, or a
+        file written before the checks existed)."""
+        return self.holdout > 0
+
+    def used(self, passes: int) -> bool:
+        """Whether the searched schedule for ``passes`` is used (registered, ``schedule``): it beat
+        the spaced rule on the held-out inputs, or the calibration is unvalidated."""
+        from ..policy import schedules as S
+
+        if passes not in self.schedules:
+            return False
+        return not self.validated or (passes in self.validation and S.wins(self.validation[passes]))
+
+    def verdict(self, passes: int) -> str:
+        """The verdict of the held-out check for ``passes``: "calibrated" (the searched schedule beat
+        the spaced rule on the held-out inputs), "spaced rule" (it did not: the spaced rule
+        stands) or "unvalidated"."""
+        if passes not in self.schedules:
+            raise ValueError(f"no calibrated schedule with {passes} passes; have {sorted(self.schedules)}")
+        if not self.validated or passes not in self.validation:
+            return "unvalidated"
+        return "calibrated" if self.used(passes) else "spaced rule"
 
     def schedule(self, passes: Optional[int] = None) -> Tuple[int, ...]:
+        """The schedule the budget presets run with ``passes`` (default: the requested count) once
+        this calibration is registered: the searched one (``schedules[passes]``) where it is used,
+        else the spaced rule's."""
         p = self.passes if passes is None else passes
         if p not in self.schedules:
             raise ValueError(f"no calibrated schedule with {p} passes; have {sorted(self.schedules)}")
-        return self.schedules[p]
+        if self.used(p):
+            return self.schedules[p]
+        return _spaced_plan(self.predictor, p, self.steps, self.extra.get("config_overrides") or {})
 
     def config(self, passes: Optional[int] = None, **overrides) -> "TCPadeConfig":
-        """A fixed-schedule config with this calibration's schedule for ``passes`` (default: requested)."""
+        """A fixed-schedule config with ``schedule(passes)`` (default: the requested count)."""
         from ..policy.config import TCPadeConfig
 
         base = dict(predictor=self.predictor, schedule=self.schedule(passes), schedule_steps=self.steps)
@@ -160,26 +210,44 @@ class Calibration:
         return sorted(self.psnr.items(), reverse=True)
 
     def register(self) -> None:
-        """Make the budget presets use these schedules on this model (tcpade.policy.schedules registry)."""
+        """Make the budget presets use these schedules on this model (tcpade.policy.schedules
+        registry): those that are ``used``; the held-out checks go with them (``tcpade.summary``
+        shows them), and a pass count whose schedule lost keeps the spaced rule."""
         from ..policy import schedules as S
 
-        S.register(self.model, self.predictor, self.steps, self.schedules, self.psnr)
+        checks = dict(self.validation) if self.validated else None
+        S.register(self.model, self.predictor, self.steps, self.schedules, self.psnr, checks)
 
     def to_json(self) -> dict:
-        return dict(model=self.model, name=self.name, predictor=self.predictor, steps=self.steps,
-                    passes=self.passes, schedules={str(p): list(s) for p, s in sorted(self.schedules.items())},
-                    psnr={str(p): round(v, 3) for p, v in sorted(self.psnr.items())}, inputs=self.inputs,
-                    method=self.method, runs=self.runs, calls=self.calls, seconds=round(self.seconds, 1),
-                    extra=self.extra)  # fmt: skip
+        e = dict(model=self.model, name=self.name, predictor=self.predictor, steps=self.steps,
+                 passes=self.passes, schedules={str(p): list(s) for p, s in sorted(self.schedules.items())},
+                 psnr={str(p): round(v, 3) for p, v in sorted(self.psnr.items())}, inputs=self.inputs,
+                 method=self.method, runs=self.runs, calls=self.calls, seconds=round(self.seconds, 1),
+                 validated=self.validated)  # fmt: skip
+        if self.validated:
+            e["validation"] = dict(inputs=self.holdout, runs=self.validation_runs, calls=self.validation_calls,
+                                   seconds=round(self.validation_seconds, 1),
+                                   passes={str(p): dict(calibrated=round(c, 3), spaced=round(sp, 3),
+                                                        used=self.used(p))
+                                           for p, (c, sp) in sorted(self.validation.items())})  # fmt: skip
+        e["extra"] = self.extra
+        return e
 
     @classmethod
     def from_json(cls, e: dict) -> "Calibration":
+        """An entry of a schedules file (an entry without held-out checks loads unvalidated; a
+        check's ``used`` flag is recomputed from its numbers)."""
+        v = e.get("validation") if e.get("validated", False) else None
+        checks = {int(p): (float(c["calibrated"]), float(c["spaced"])) for p, c in (v or {}).get("passes", {}).items()}
         return cls(model=e["model"], name=e.get("name", ""), predictor=e["predictor"], steps=int(e["steps"]),
                    passes=int(e.get("passes", min(int(p) for p in e["schedules"]))),
                    schedules={int(p): tuple(s) for p, s in e["schedules"].items()},
                    psnr={int(p): float(v) for p, v in e.get("psnr", {}).items()}, inputs=int(e.get("inputs", 0)),
                    method=e.get("method", ""), runs=int(e.get("runs", 0)), calls=int(e.get("calls", 0)),
-                   seconds=float(e.get("seconds", 0.0)), extra=e.get("extra", {}))  # fmt: skip
+                   seconds=float(e.get("seconds", 0.0)), extra=e.get("extra", {}), validation=checks,
+                   holdout=int(v.get("inputs") or 1) if v else 0, validation_runs=int(v.get("runs", 0)) if v else 0,
+                   validation_calls=int(v.get("calls", 0)) if v else 0,
+                   validation_seconds=float(v.get("seconds", 0.0)) if v else 0.0)  # fmt: skip
 
     def save(self, path: str) -> None:
         save(path, self)
@@ -249,13 +317,20 @@ def calibrate(
     config_overrides: Optional[dict] = None,
     start: Optional[Sequence[int]] = None,
     sweeps: int = 2,
+    holdout=0.5,
 ) -> Calibration:
     """Search the schedule of ``passes`` computed steps of ``steps`` (or round(steps / speedup))
-    that keeps the calibration inputs closest to full computation (see the module docstring).
+    that keeps the calibration inputs closest to full computation, and check it against the
+    spaced rule on held-out inputs (see the module docstring).
 
     target: a zoo model, a diffusers pipeline or a transformer (then ``noise_scheduler=``).
     inputs: (seed, label) pairs / seeds (zoo), call kwargs (pipeline), ``tcpade.sample`` kwargs
     (transformer). predictor and ``config_overrides``: the TCPadeConfig the schedules run with.
+    holdout: a share in (0, 1): the last round(share * n) inputs (at least 1, and at least 1 left
+    for the search) are held out of the search and validate it; a non-empty list: validation
+    inputs of their own (the search uses every input); False: no validation (every schedule is
+    used, the result marked unvalidated). A schedule is used only where it beats the spaced rule
+    on the held-out inputs (``Calibration.used``).
     start: the schedule the removal starts from (default: every step). A coarser start (e.g.
     ``tcpade.policy.schedules.spaced(50, 30)``) makes a long run's search several times cheaper; the
     curve then begins at its pass count.
@@ -292,6 +367,7 @@ def calibrate(
                          f"the first {lead} step(s); steps={steps}), got {outside}")  # fmt: skip
     targets = sorted({budget.budget_passes(steps)} | {TCPadeConfig(predictor=predictor, passes=p).budget_passes(steps)
                                                        for p in many})  # fmt: skip
+    inputs, held = _split(inputs, holdout)
     runner, data_range = _runner(target, inputs, steps, noise_scheduler)
 
     counters = dict(runs=0, calls=0)
@@ -318,11 +394,109 @@ def calibrate(
         path, curve = _remove(score, steps, min(targets), lead, method, start, predictor, progress, counters)
     seconds = time.perf_counter() - t0
     name = getattr(getattr(target, "spec", None), "name", "")
-    return Calibration(model=S.model_key(runner.transformer), name=name, predictor=predictor, steps=steps,
-                       schedules=path, psnr=curve, passes=min(targets), inputs=len(inputs), method=method,
-                       runs=counters["runs"], calls=counters["calls"], seconds=seconds,
-                       extra=dict(branches=branches, start=max(path),
-                                  **({"config_overrides": overrides} if overrides else {})))  # fmt: skip
+    cal = Calibration(model=S.model_key(runner.transformer), name=name, predictor=predictor, steps=steps,
+                      schedules=path, psnr=curve, passes=min(targets), inputs=len(inputs), method=method,
+                      runs=counters["runs"], calls=counters["calls"], seconds=seconds,
+                      extra=dict(branches=branches, start=max(path),
+                                 **({"config_overrides": overrides} if overrides else {})))  # fmt: skip
+    if held:  # the held-out check of every pass count found
+        cal = validate(target, cal, held, noise_scheduler=noise_scheduler, progress=progress)
+    return cal
+
+
+def _split(inputs, holdout) -> Tuple[list, list]:
+    """(search inputs, held-out inputs) of ``calibrate``'s ``holdout`` (its docstring), or ValueError."""
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("tcpade.calibrate needs at least one calibration input")
+    if holdout is False:
+        return inputs, []
+    what = ("holdout must be a share of the inputs in (0, 1), a non-empty list of validation inputs, or False "
+            "(no validation)")  # fmt: skip
+    if isinstance(holdout, (list, tuple)):
+        if not holdout:
+            raise ValueError(f"tcpade.calibrate: {what}; got an empty list")
+        return inputs, list(holdout)
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)):
+        raise ValueError(f"tcpade.calibrate: {what}; got {holdout!r}")
+    if not 0 < holdout < 1:  # (NaN too)
+        raise ValueError(f"tcpade.calibrate: {what}; got {holdout!r}")
+    n = len(inputs)
+    if n < 2:
+        raise ValueError("tcpade.calibrate: one calibration input leaves none to hold out for validation: give more "
+                         "inputs, validation inputs of their own (holdout=[...]), or holdout=False to skip the check "
+                         "(the result is then marked unvalidated)")  # fmt: skip
+    m = min(n - 1, max(1, int(math.floor(holdout * n + 0.5))))
+    return inputs[: n - m], inputs[n - m :]
+
+
+def _spaced_plan(predictor: str, passes: int, steps: int, overrides: dict) -> Tuple[int, ...]:
+    """The spaced rule's schedule of ``passes`` at ``steps``: what the budget computes without a
+    calibrated schedule (``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)``)."""
+    from ..policy.config import TCPadeConfig
+
+    cfg = TCPadeConfig.budget(passes=passes, use_calibrated=False, predictor=predictor, **overrides)
+    return tuple(cfg.plan(steps))
+
+
+def validate(target, calibration: Calibration, inputs: Sequence, *, noise_scheduler=None,
+             progress: bool = True) -> Calibration:  # fmt: skip
+    """``calibration`` checked on ``inputs`` (held out of its search; the same forms as
+    ``calibrate``'s): one full run of them as the reference, then for every pass count its
+    schedule and the spaced rule's (one run when they are the same schedule), mean PSNR each.
+    Returns a copy with ``validation`` ({passes: (calibrated dB, spaced rule dB)}), ``holdout``
+    and the runs counted (in ``runs`` / ``calls`` / ``seconds`` and in ``validation_*``; an
+    earlier validation's are replaced)."""
+    import dataclasses
+
+    from ..policy import schedules as S
+    from ..policy.config import TCPadeConfig
+    from . import metrics
+
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("tcpade.calibrate.validate needs at least one held-out input")
+    steps, predictor = calibration.steps, calibration.predictor
+    overrides = dict(calibration.extra.get("config_overrides") or {})
+    runner, data_range = _runner(target, inputs, steps, noise_scheduler)
+    key = S.model_key(runner.transformer)
+    if key != calibration.model:
+        raise ValueError(f"tcpade.calibrate.validate: the calibration is of model {calibration.model}, "
+                         f"the target is {key}")  # fmt: skip
+    counters = dict(runs=0, calls=0)
+
+    def execute(sched):
+        cfg = TCPadeConfig(predictor=predictor, schedule=tuple(sched), schedule_steps=steps, **overrides)
+        run = runner.run(cfg)
+        counters["runs"] += 1
+        counters["calls"] += run.calls
+        return run.outputs
+
+    t0 = time.perf_counter()
+    ref = execute(range(steps))
+    data_range = data_range or float(ref.max() - ref.min()) or 1.0
+
+    def score(sched) -> float:
+        return float(metrics.psnr(execute(sched), ref, data_range=data_range).mean())
+
+    checks = {}
+    bar = _bar(len(calibration.schedules), progress, steps)
+    try:
+        for k, sched in sorted(calibration.schedules.items(), reverse=True):
+            spaced = _spaced_plan(predictor, k, steps, overrides)
+            spaced_db = score(spaced)
+            cal_db = spaced_db if tuple(sched) == spaced else score(sched)
+            checks[k] = (cal_db, spaced_db)
+            bar.step(f"held-out {k} passes {cal_db:.2f} dB (spaced rule {spaced_db:.2f})")
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    c = calibration
+    return dataclasses.replace(c, validation=checks, holdout=len(inputs),
+                               runs=c.runs - c.validation_runs + counters["runs"],
+                               calls=c.calls - c.validation_calls + counters["calls"],
+                               seconds=c.seconds - c.validation_seconds + seconds, validation_runs=counters["runs"],
+                               validation_calls=counters["calls"], validation_seconds=seconds)  # fmt: skip
 
 
 def _remove(score, steps, target_passes, lead, method, start, predictor, progress, counters):
@@ -414,6 +588,12 @@ searches (--method):
 
 Pass counts must be in [lead, --steps]: a schedule always computes its first `lead` steps
 (the residuals the predictor needs: 2; reuse: 1).
+
+held-out validation: --holdout SHARE (default 0.5) keeps the last share of the seeds out of the
+search; --holdout-seeds gives validation seeds of their own instead. Every pass count's
+schedule and the spaced rule's run on them; a schedule is saved as usable only where it
+beats the spaced rule there (elsewhere the budget presets keep the spaced rule). One seed
+needs --holdout off (no validation: the schedules are saved unvalidated).
 """
 
 
@@ -439,6 +619,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    "[lead, --steps] (lead 2; reuse 1)")  # fmt: skip
     g.add_argument("--speedup", type=float, help="... or the ratio T / passes (a number >= 1)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one calibration input each (default 0,1)")
+    h = p.add_mutually_exclusive_group()
+    h.add_argument("--holdout", default="0.5", metavar="SHARE",
+                   help="the share of the seeds (the last ones) held out of the search to validate it against the "
+                   "spaced rule, in (0, 1), or 'off' (default 0.5)")  # fmt: skip
+    h.add_argument("--holdout-seeds", default=None, metavar="SEEDS",
+                   help="validation seeds of their own (comma-separated; the search uses every --seeds): zoo models "
+                   "take labels 0, 1, .. in turn, pipelines the --prompt / --labels in turn")  # fmt: skip
     p.add_argument("--labels", default=None,
                    help="comma-separated class labels: zoo models, one per seed (default 0, 1, ..); "
                    "class-conditional pipelines (DiT), paired with the seeds in turn (default 0)")  # fmt: skip
@@ -469,6 +656,24 @@ def _check_out(path: str) -> None:
         except (OSError, ValueError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UsageError(f"--out: cannot merge into {path!r}: {msg}") from None
+
+
+def _holdout(text: str, seeds: list):
+    """--holdout's share (a float in (0, 1)) or False ('off'), or UsageError."""
+    from .args import UsageError
+
+    if text.strip().lower() == "off":
+        return False
+    try:
+        share = float(text)
+    except ValueError:
+        share = None
+    if share is None or not 0 < share < 1:
+        raise UsageError(f"--holdout must be a share in (0, 1) or 'off', got {text!r}")
+    if len(seeds) < 2:
+        raise UsageError("--holdout: one seed leaves none to hold out for validation: give more --seeds, "
+                         "--holdout-seeds, or --holdout off (the schedules are then saved unvalidated)")  # fmt: skip
+    return share
 
 
 def _pipeline(path: str, prompts, labels, seeds):
@@ -523,6 +728,8 @@ def run_cli(args) -> int:
     at_least(args.speedup, 1.0, "--speedup")
     at_least(args.threads, 1, "--threads")
     seeds = parse_seeds(args.seeds)
+    held_seeds = parse_seeds(args.holdout_seeds, "--holdout-seeds") if args.holdout_seeds is not None else None
+    holdout = _holdout(args.holdout, seeds) if held_seeds is None else None
     labels = int_list(args.labels, "--labels") if args.labels is not None else None
     folder = os.path.isdir(args.model)
     if not folder:
@@ -541,6 +748,8 @@ def run_cli(args) -> int:
         torch.set_num_threads(args.threads)
     if folder:
         target, inputs = _pipeline(args.model, args.prompt, labels, seeds)
+        if held_seeds is not None:
+            holdout = _pipeline(args.model, args.prompt, labels, held_seeds)[1]
     else:
         from .. import zoo
 
@@ -551,15 +760,35 @@ def run_cli(args) -> int:
             raise UsageError(f"--labels: {args.model} has classes 0..{n - 1}, got {bad}")
         target = zoo.load(args.model)
         inputs = list(zip(seeds, labels))
+        if held_seeds is not None:
+            holdout = [(s, i % n) for i, s in enumerate(held_seeds)]
     cal = calibrate(target, inputs, passes=passes, speedup=args.speedup, steps=args.steps,
-                    predictor=args.predictor, method=args.method)  # fmt: skip
+                    predictor=args.predictor, method=args.method, holdout=holdout)  # fmt: skip
     cal.save(args.out)
-    print(f"{cal.name or cal.model}: T={cal.steps}, {cal.runs} runs, {cal.calls} block-stack calls, "
-          f"{cal.seconds:.1f} s")  # fmt: skip
-    for p, v in cal.curve():
-        print(f"  {p:3d} passes  {v:6.2f} dB  {' '.join(map(str, cal.schedules[p]))}")
+    print(report(cal))
     print(f"wrote {args.out}")
     return 0
+
+
+def report(cal: Calibration) -> str:
+    """The command line's summary of a calibration: its cost, and per pass count the calibration
+    PSNR, the schedule, and the held-out check with its verdict."""
+    lines = [f"{cal.name or cal.model}: T={cal.steps}, {cal.inputs} search input(s), {cal.runs} runs, "
+             f"{cal.calls} block-stack calls, {cal.seconds:.1f} s"]  # fmt: skip
+    if cal.validated:
+        lines.append(f"  validation on {cal.holdout} held-out input(s): {cal.validation_runs} runs, "
+                     f"{cal.validation_calls} block-stack calls, {cal.validation_seconds:.1f} s "
+                     "(in the totals)")  # fmt: skip
+    else:
+        lines.append("  unvalidated (no held-out inputs): every schedule is used")
+    for p, v in cal.curve():
+        line = f"  {p:3d} passes  {v:6.2f} dB  {' '.join(map(str, cal.schedules[p]))}"
+        if p in cal.validation:
+            c, sp = cal.validation[p]
+            used = "calibrated schedule used" if cal.used(p) else "spaced rule kept"
+            line += f"  | held-out {c:.2f} dB, spaced rule {sp:.2f} dB: {used}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
