@@ -160,13 +160,16 @@ class Emulator:
         self._orig = []
         for i, b in enumerate(self.blocks):
             orig = b.forward
-            self._orig.append(orig)
+            self._orig.append(b.__dict__.get("forward"))  # an instance forward set before (None: the class's)
             b.forward = self._wrap(i, b, orig, _Args(orig))
         self._pre = tr.register_forward_pre_hook(self._on_call, with_kwargs=True)
 
     def close(self):
         for b, orig in zip(self.blocks, self._orig):
-            b.forward = orig
+            if orig is None:
+                del b.forward
+            else:
+                b.forward = orig
         self._pre.remove()
 
     def _on_call(self, mod, args, kwargs):
