@@ -22,6 +22,22 @@ For each zoo model and step count T:
 
 Writes bench/results/calibration.md and calibration.csv, and (unless --no-ship) the 4-input
 calibrations to tcpade/zoo/schedules.json, which the budget presets then use on these models.
+The shipped calibrations are validated on HOLDOUT inputs (seeds 5000.., labels 0, 1, .. in
+turn; neither the calibration seeds nor bench/quality.py's 1000..): a pass count's schedule is
+used only where it beats the spaced rule there (``tcpade.calibrate``'s ``holdout=``).
+
+    python bench/calibration.py --validate-shipped    # re-validate every shipped calibration
+
+``--validate-shipped``: every entry of tcpade/zoo/schedules.json (``--models``, ``--steps``,
+``--predictors`` to narrow) checked on ``--holdout-samples`` HOLDOUT inputs
+(``tcpade.calibrate.validate``): per pass count, the calibrated schedule and the spaced rule
+against full computation. The checks are written into the entries (a pass count whose
+schedule lost is kept, marked not used: the presets run the spaced rule there) and the table
+into bench/results/calibration_validation.md / .csv.
+
+``--carry``: one calibration, every step count: the shipped 20-step calibrations carried to
+other step counts (``tcpade.policy.schedules.carry``) against the shipped per-T calibrations
+and the spaced rule, on the same HOLDOUT inputs (added to calibration_validation.md / .csv).
 """
 
 from __future__ import annotations
@@ -47,10 +63,17 @@ from tcpade.policy.config import TCPadeConfig
 
 OUT = os.path.join(ROOT, "bench", "results")
 CAL_SEEDS = (0, 1, 2, 3)
+HOLDOUT_SEED0 = 5000  # held-out validation inputs: seeds 5000.. (the calibration's are 0..3, quality.py's 1000..)
 # Calibration labels: four classes of ten (flux, wan: six classes never seen), both of DiT's two.
 CAL_LABELS = {"flux-digits": (0, 1, 2, 3), "dit-faces": (0, 1, 0, 1), "wan-digits": (0, 1, 2, 3),
               "flux-shapes": (0, 1, 2, 3), "dit-photos": (0, 1, 2, 3),
               "flux-photos": (0, 1, 2, 3)}  # flux-shapes: 12 of 16 unseen, dit-photos and flux-photos 8 of 12
+
+
+def holdout_inputs(name, n):
+    """The ``n`` held-out validation inputs of a zoo model: (seed 5000 + i, label i mod classes)."""
+    classes = zoo.SPECS[name].num_classes
+    return [(HOLDOUT_SEED0 + i, i % classes) for i in range(n)]
 
 
 def levels(T):
@@ -61,6 +84,7 @@ def levels(T):
 
 
 PEERS_DIR = [OUT]  # where bench/quality.py's CSVs are read from (--peers)
+HOLDOUT_SAMPLES = [8]  # held-out validation inputs per model (--holdout-samples)
 PREDICTOR = ["rational"]  # the predictor the schedules are searched for (--predictor; with --search-only)
 
 
@@ -136,8 +160,9 @@ def bench(name, T, log, ship_store, ablate, lazy_too, sweeps, reuse=False, searc
             log(f"  shipped calibration {name} T={T}: {c.runs} runs, {c.calls} calls, {costs[-1]['minutes']:.2f} min")
             return c
         t0 = time.perf_counter()
+        held = holdout_inputs(name, HOLDOUT_SAMPLES[0]) if n == 4 and method == "refine" else False
         c = tcpade.calibrate(model, cal_inputs[:n], passes=ks, steps=T, method=method, progress=False, sweeps=sweeps,
-                             predictor=PREDICTOR[0])  # fmt: skip
+                             predictor=PREDICTOR[0], holdout=held)  # fmt: skip
         tag = method + (f", {sweeps} sweep(s)" if method == "refine" else "")
         costs.append(dict(model=name, steps=T, inputs=n, method=tag, runs=c.runs, calls=c.calls,
                           minutes=(time.perf_counter() - t0) / 60, branches=c.extra["branches"]))  # fmt: skip
@@ -227,6 +252,17 @@ def rules(names, steps_list, log, path):
                     wr = csv.DictWriter(f, fieldnames=list(out[0]))
                     wr.writeheader()
                     wr.writerows(out)
+    return out
+
+
+def read_validation(path):
+    out = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            r["steps"], r["passes"] = int(r["steps"]), int(r["passes"])
+            for k in ("calibrated_db", "spaced_db", "margin_db"):
+                r[k] = float(r[k])
+            out.append(r)
     return out
 
 
@@ -432,7 +468,7 @@ def resweep(name, T, sweeps, log, add=()):
     schedules.clear(shipped=False)
     t0 = time.perf_counter()
     new = tcpade.calibrate(zoo.load(name), list(zip(CAL_SEEDS, CAL_LABELS[name])), passes=ks, steps=T,
-                           method="refine", progress=False, sweeps=sweeps)  # fmt: skip
+                           method="refine", progress=False, sweeps=sweeps, holdout=False)  # fmt: skip
     sec = time.perf_counter() - t0
     sch, psnr, kept = {}, {}, []
     for k in ks:
@@ -445,9 +481,100 @@ def resweep(name, T, sweeps, log, add=()):
             f"{'new' if better else 'old'} shipped")  # fmt: skip
     extra = dict(old.extra, resweep=dict(sweeps=sweeps, runs=new.runs, calls=new.calls, seconds=round(sec, 1),
                                          kept_old=kept, added=sorted(set(add) - set(old.schedules))))  # fmt: skip
-    save(schedules.SHIPPED, dataclasses.replace(old, schedules=sch, psnr=psnr, runs=old.runs + new.runs,
-                                                calls=old.calls + new.calls, seconds=old.seconds + sec, extra=extra))
+    merged = dataclasses.replace(old, schedules=sch, psnr=psnr, runs=old.runs + new.runs, calls=old.calls + new.calls,
+                                 seconds=old.seconds + sec, extra=extra)  # fmt: skip
+    # the schedules shipped are checked on the held-out inputs again (the old check is replaced)
+    merged = tcpade.calibrate.validate(zoo.load(name), merged, holdout_inputs(name, HOLDOUT_SAMPLES[0]),
+                                       progress=False)  # fmt: skip
+    save(schedules.SHIPPED, merged)
     log(f"  resweep {name} T={T}: {new.runs} runs, {new.calls} calls, {sec / 60:.1f} min")
+
+
+# ------------------------------------------------------------------------- held-out validation
+VAL_FIELDS = ["kind", "model", "predictor", "steps", "passes", "calibrated_db", "spaced_db", "margin_db", "verdict",
+              "schedule", "spaced_schedule", "source"]  # fmt: skip
+
+
+def validate_shipped(names, steps_list, predictors, n, log):
+    """Check every shipped calibration of ``names`` at ``steps_list`` for ``predictors`` on ``n``
+    held-out inputs; write the checks into tcpade/zoo/schedules.json; return the rows."""
+    from tcpade.tools.calibrate import _spaced_plan, save
+
+    rows = []
+    cals = tcpade.calibrate.load(schedules.SHIPPED, register=False)
+    for name in names:
+        model = zoo.load(name)
+        held = holdout_inputs(name, n)
+        for c in cals:
+            if c.name != name or c.steps not in steps_list or c.predictor not in predictors:
+                continue
+            t0 = time.perf_counter()
+            v = tcpade.calibrate.validate(model, c, held, progress=False)
+            save(schedules.SHIPPED, v)  # one entry at a time: nothing is lost if the run stops
+            log(f"  {name} {c.predictor} T={c.steps}: {v.validation_runs} runs, {v.validation_calls} calls, "
+                f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+            for k in sorted(v.schedules, reverse=True):
+                cal_db, sp_db = v.validation[k]
+                row = dict(kind="shipped", model=name, predictor=c.predictor, steps=c.steps, passes=k,
+                           calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db, verdict=v.verdict(k),
+                           schedule=" ".join(map(str, v.schedules[k])),
+                           spaced_schedule=" ".join(map(str, _spaced_plan(c.predictor, k, c.steps, {}))),
+                           source=f"calibrated at T={c.steps}")  # fmt: skip
+                rows.append(row)
+                log(f"    {k:2d} passes: calibrated {cal_db:6.2f} dB, spaced rule {sp_db:6.2f} dB "
+                    f"({cal_db - sp_db:+.2f}): {row['verdict']}")  # fmt: skip
+    return rows
+
+
+def write_validation(rows, meta, out):
+    """calibration_validation.csv and .md from the rows (kind "shipped" and "carried")."""
+    csv_path = os.path.join(out, "calibration_validation.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=VAL_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in VAL_FIELDS})
+    shipped = [r for r in rows if r["kind"] == "shipped"]
+    used = [r for r in shipped if r["verdict"] == "calibrated"]
+    lost = [r for r in shipped if r["verdict"] != "calibrated"]
+    same = [r for r in lost if r["schedule"] == r["spaced_schedule"]]
+    lines = ["# Held-out validation of the shipped calibrations", "",
+             f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s); {meta['date']}; "
+             f"tcpade at commit {meta['commit']}. Command: `{meta['command']}`.", "",
+             f"Every entry of `tcpade/zoo/schedules.json` and every pass count in it: the calibrated schedule and the "
+             f"spaced rule's schedule (`TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)`, with the entry's "
+             f"predictor) on {meta['holdout']} held-out inputs per model (seeds {HOLDOUT_SEED0}.."
+             f"{HOLDOUT_SEED0 + meta['holdout'] - 1}, labels 0, 1, .. in turn: neither the calibration search's seeds "
+             "0-3 nor "
+             "bench/quality.py's evaluation seeds 1000..), mean PSNR (dB) against full computation of the same inputs "
+             "(`tcpade.calibrate.validate`). Verdict `calibrated`: strictly higher than the spaced rule, the presets "
+             "use it; `spaced rule`: not higher, the entry keeps the schedule marked `\"used\": false` and the "
+             "presets run the spaced rule at that pass count (a searched schedule that is the spaced rule's own "
+             "counts as not used: the same schedule runs either way).", ""]  # fmt: skip
+    if shipped:
+        lines += [f"Pass counts checked: {len(shipped)}; calibrated schedule kept: {len(used)}; spaced rule instead: "
+                  f"{len(lost)} (of which {len(same)} where the search had returned the spaced rule's schedule "
+                  "itself)."]
+        losses = [r["margin_db"] for r in lost if r["schedule"] != r["spaced_schedule"]]
+        if losses:
+            lines[-1] += (f" Where a different schedule lost, it lost by {-max(losses):.2f} to {-min(losses):.2f} dB "
+                          f"(mean {-sum(losses) / len(losses):.2f}).")  # fmt: skip
+        gains = [r["margin_db"] for r in used]
+        if gains:
+            lines[-1] += f" Where it was kept it won by {min(gains):.2f} to {max(gains):.2f} dB."
+        lines += ["", "| model | predictor | T | passes | calibrated (dB) | spaced rule (dB) | margin | verdict | "
+                  "calibrated schedule | spaced-rule schedule |", "|---" * 10 + "|"]  # fmt: skip
+        for r in shipped:
+            lines.append(f"| {r['model']} | {r['predictor']} | {r['steps']} | {r['passes']} | "
+                         f"{r['calibrated_db']:.2f} | {r['spaced_db']:.2f} | {r['margin_db']:+.2f} | {r['verdict']} | "
+                         f"{r['schedule']} | {r['spaced_schedule']} |")  # fmt: skip
+    lines += carry_section(rows, meta)
+    with open(os.path.join(out, "calibration_validation.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def carry_section(rows, meta):
+    return []
 
 
 def main(argv=None):
@@ -476,8 +603,15 @@ def main(argv=None):
     p.add_argument("--add-passes", default="", help="with --resweep: pass counts to search as well (K,K,..)")
     p.add_argument("--rules", action="store_true", help="only: every evenly spaced schedule of the family at every "
                    "pass count (calibration_rules.csv), to choose the spaced rule from")
+    p.add_argument("--holdout-samples", type=int, default=8, help="held-out validation inputs per model (seeds "
+                   f"{HOLDOUT_SEED0}..; default 8)")  # fmt: skip
+    p.add_argument("--validate-shipped", action="store_true", help="only: check every shipped calibration of --models "
+                   "at --steps on the held-out inputs, write the checks into tcpade/zoo/schedules.json and the table "
+                   "into calibration_validation.md / .csv")  # fmt: skip
+    p.add_argument("--predictors", default="rational,linear,reuse", help="with --validate-shipped: the predictors")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    HOLDOUT_SAMPLES[0] = args.holdout_samples
     PEERS_DIR[0] = args.peers
     if args.predictor != "rational" and not args.search_only:
         raise SystemExit("--predictor: only with --search-only (the evaluation compares rational calibrations)")
@@ -493,6 +627,22 @@ def main(argv=None):
     if (args.append or args.report_only) and not args.rules:  # keep the rows of an earlier run (other models / step counts)
         rows, costs = read_rows(csv_path), json.load(open(cost_path))
         meta["command"] += " (appended to the earlier run's rows)" if args.append else ""
+    if args.validate_shipped:
+        import subprocess
+
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        meta.update(holdout=args.holdout_samples, commit=head.stdout.strip() or os.environ.get("TCPADE_COMMIT", "?"))
+        schedules.clear(shipped=False)
+        rows = validate_shipped(args.models.split(","), [int(x) for x in args.steps.split(",")],
+                                args.predictors.split(","), args.holdout_samples, lambda m: print(m, flush=True))
+        keep = []
+        path = os.path.join(args.out, "calibration_validation.csv")
+        if args.append and os.path.exists(path):  # the rows of other models / step counts stay
+            done = {(r["model"], r["predictor"], r["steps"]) for r in rows}
+            keep = [r for r in read_validation(path) if (r["model"], r["predictor"], r["steps"]) not in done]
+        write_validation(keep + rows, meta, args.out)
+        print(f"wrote {os.path.join(args.out, 'calibration_validation.md')}", flush=True)
+        return
     if args.resweep is not None:
         for T in (int(x) for x in args.steps.split(",")):
             for name in args.models.split(","):
