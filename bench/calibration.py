@@ -255,13 +255,24 @@ def rules(names, steps_list, log, path):
     return out
 
 
+def _page_header(out):
+    """(command, commit) recorded in an existing calibration_validation.md's header, or None."""
+    import re
+
+    path = os.path.join(out, "calibration_validation.md")
+    if not os.path.exists(path):
+        return None
+    m = re.search(r"tcpade at commit (\S+)\. Command: `([^`]*)`", open(path).read())
+    return (m.group(2), m.group(1)) if m else None
+
+
 def read_validation(path):
     out = []
     with open(path) as f:
         for r in csv.DictReader(f):
             r["steps"], r["passes"] = int(r["steps"]), int(r["passes"])
-            for k in ("calibrated_db", "spaced_db", "margin_db"):
-                r[k] = float(r[k])
+            for k in ("calibrated_db", "spaced_db", "margin_db", "per_t_db", "fraction_db", "end_db"):
+                r[k] = float(r[k]) if r.get(k) not in (None, "") else ""
             out.append(r)
     return out
 
@@ -492,7 +503,8 @@ def resweep(name, T, sweeps, log, add=()):
 
 # ------------------------------------------------------------------------- held-out validation
 VAL_FIELDS = ["kind", "model", "predictor", "steps", "passes", "calibrated_db", "spaced_db", "margin_db", "verdict",
-              "schedule", "spaced_schedule", "source"]  # fmt: skip
+              "schedule", "spaced_schedule", "source", "per_t_db", "per_t_schedule", "fraction_db",
+              "fraction_schedule", "end_db", "end_schedule"]  # fmt: skip
 
 
 def validate_shipped(names, steps_list, predictors, n, log):
@@ -533,7 +545,7 @@ def write_validation(rows, meta, out):
         w = csv.DictWriter(f, fieldnames=VAL_FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in VAL_FIELDS})
+            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r.get(k), float) else r.get(k, "")) for k in VAL_FIELDS})
     shipped = [r for r in rows if r["kind"] == "shipped"]
     used = [r for r in shipped if r["verdict"] == "calibrated"]
     lost = [r for r in shipped if r["verdict"] != "calibrated"]
@@ -573,8 +585,100 @@ def write_validation(rows, meta, out):
         f.write("\n".join(lines) + "\n")
 
 
+def axis(model, T):
+    """The zoo scheduler's timesteps of a T-step run (sigma x 1000 for flow matching, DDIM's timesteps)."""
+    sched = model.noise_scheduler()
+    sched.set_timesteps(T)
+    return [float(t) for t in sched.timesteps]
+
+
+def carry_runs(names, targets, n, log, source_T=20, predictor="rational"):
+    """The shipped ``source_T``-step calibrations carried to each T of ``targets`` (at the pass counts of
+    the shipped T calibration), against that per-T calibration and the spaced rule, on ``n`` held-out
+    inputs. Rows of kind "carried"."""
+    from tcpade import metrics
+    from tcpade.tools.calibrate import _spaced_plan
+
+    cals = tcpade.calibrate.load(schedules.SHIPPED, register=False)
+    rows = []
+    for name in names:
+        model = zoo.load(name)
+        held = holdout_inputs(name, n)
+        seeds, labels = [s for s, _ in held], [c for _, c in held]
+        src = next(c for c in cals if c.name == name and c.steps == source_T and c.predictor == predictor)
+        for T in targets:
+            per_t = next((c for c in cals if c.name == name and c.steps == T and c.predictor == predictor), None)
+            if per_t is None:
+                continue
+            t0 = time.perf_counter()
+            ref = model.sample(seeds, labels, steps=T)
+            memo = {}
+
+            def score(sched):
+                if sched not in memo:
+                    cfg = TCPadeConfig(predictor=predictor, schedule=tuple(sched), schedule_steps=T)
+                    memo[sched] = float(metrics.psnr(model.sample(seeds, labels, steps=T, config=cfg), ref).mean())
+                return memo[sched]
+
+            for K in sorted(per_t.schedules, reverse=True):
+                k0 = min(src.schedules, key=lambda k: (abs(k - K * source_T / T), -k))
+                carried = schedules.carry(src.schedules[k0], axis(model, source_T), axis(model, T), passes=K,
+                                          lead=schedules.K.MIN_HISTORY[predictor])  # fmt: skip
+                frac = schedules.carry(src.schedules[k0], schedules.run_fraction(source_T), schedules.run_fraction(T),
+                                       passes=K, lead=schedules.K.MIN_HISTORY[predictor])  # fmt: skip
+                end = schedules.carry(src.schedules[k0], axis(model, source_T), axis(model, T), passes=K,
+                                      lead=schedules.K.MIN_HISTORY[predictor], keep_end=True)  # fmt: skip
+                spaced = _spaced_plan(predictor, K, T, {})
+                c_db, s_db, p_db, f_db = score(carried), score(spaced), score(per_t.schedules[K]), score(frac)
+                e_db = score(end)
+                row = dict(kind="carried", model=name, predictor=predictor, steps=T, passes=K, calibrated_db=c_db,
+                           spaced_db=s_db, margin_db=c_db - s_db,
+                           verdict="carried" if c_db > s_db else "spaced rule",
+                           schedule=" ".join(map(str, carried)), spaced_schedule=" ".join(map(str, spaced)),
+                           source=f"calibrated at T={source_T} ({k0} passes), carried", per_t_db=p_db,
+                           per_t_schedule=" ".join(map(str, per_t.schedules[K])), fraction_db=f_db,
+                           fraction_schedule=" ".join(map(str, frac)), end_db=e_db,
+                           end_schedule=" ".join(map(str, end)))  # fmt: skip
+                rows.append(row)
+                log(f"    {name} T={T} K={K} (from {k0} of {source_T}): carried {c_db:6.2f}, run-fraction {f_db:6.2f}, "
+                    f"end kept {e_db:6.2f}, per-T calibrated {p_db:6.2f}, spaced rule {s_db:6.2f} dB")  # fmt: skip
+            log(f"  {name} T={T}: {len(memo) + 1} runs, {time.perf_counter() - t0:.1f} s")
+    return rows
+
+
 def carry_section(rows, meta):
-    return []
+    """The carried schedules' table (rows of kind "carried")."""
+    rs = [r for r in rows if r["kind"] == "carried"]
+    if not rs:
+        return []
+    win = [r for r in rs if r["margin_db"] > 0]
+    vs_t = [r for r in rs if r["calibrated_db"] >= r["per_t_db"]]
+    mean = sum(r["margin_db"] for r in rs) / len(rs)
+    e_win = [r for r in rs if r["end_db"] > r["spaced_db"]]
+    e_mean = sum(r["end_db"] - r["spaced_db"] for r in rs) / len(rs)
+    t_win = [r for r in rs if r["per_t_db"] > r["spaced_db"]]
+    lines = ["", "## One calibration, every step count: 20-step calibrations carried to 10, 28 and 50 steps", "",
+             f"Command: `{meta['carry_command']}. The shipped rational 20-step calibration of "
+             "each model carried to T' (`tcpade.policy.schedules.carry`: steps 0 and 1 kept, the others placed where "
+             "the source places them on the scheduler's time axis, at the T' step whose timestep is nearest; the "
+             "source's pass count is the 20-step one nearest to K * 20 / T', and the carried schedule follows its "
+             "density to K passes), on the same held-out inputs as above, against the shipped calibration at T' "
+             "(its searched schedule, validated or not) and the spaced rule. `run fraction`: the same carry on each "
+             "step's fraction of the run instead of the scheduler's times (what a plan can use before the run, "
+             "without the scheduler). `end kept`: the scheduler's times, and as many final steps left predicted as "
+             "the source leaves (`keep_end=True`). PSNR (dB) against full computation.", "",
+             f"Carried beats the spaced rule at {len(win)} of {len(rs)} points (mean margin {mean:+.2f} dB, from "
+             f"{min(r['margin_db'] for r in rs):+.2f} to {max(r['margin_db'] for r in rs):+.2f}); it matches or beats "
+             f"the per-T calibration at {len(vs_t)} of {len(rs)}. With the end kept: beats the spaced rule at "
+             f"{len(e_win)} of {len(rs)} (mean {e_mean:+.2f} dB). The per-T calibrations (searched at T', before "
+             f"their validation) beat the spaced rule at {len(t_win)} of {len(rs)}.", "",
+             "| model | T' | passes | source | carried | run fraction | end kept | per-T calibrated | spaced rule | "
+             "carried - spaced | carried schedule | end-kept schedule |", "|---" * 12 + "|"]  # fmt: skip
+    for r in rs:
+        lines.append(f"| {r['model']} | {r['steps']} | {r['passes']} | {r['source']} | {r['calibrated_db']:.2f} | "
+                     f"{r['fraction_db']:.2f} | {r['end_db']:.2f} | {r['per_t_db']:.2f} | {r['spaced_db']:.2f} | "
+                     f"{r['margin_db']:+.2f} | {r['schedule']} | {r['end_schedule']} |")  # fmt: skip
+    return lines
 
 
 def main(argv=None):
@@ -609,6 +713,9 @@ def main(argv=None):
                    "at --steps on the held-out inputs, write the checks into tcpade/zoo/schedules.json and the table "
                    "into calibration_validation.md / .csv")  # fmt: skip
     p.add_argument("--predictors", default="rational,linear,reuse", help="with --validate-shipped: the predictors")
+    p.add_argument("--carry", default=None, metavar="T,..", help="only: the shipped 20-step rational calibrations of "
+                   "--models carried to these step counts, against the per-T calibrations and the spaced rule on the "
+                   "held-out inputs (added to calibration_validation.md / .csv)")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     HOLDOUT_SAMPLES[0] = args.holdout_samples
@@ -627,19 +734,30 @@ def main(argv=None):
     if (args.append or args.report_only) and not args.rules:  # keep the rows of an earlier run (other models / step counts)
         rows, costs = read_rows(csv_path), json.load(open(cost_path))
         meta["command"] += " (appended to the earlier run's rows)" if args.append else ""
-    if args.validate_shipped:
+    if args.validate_shipped or args.carry:
         import subprocess
 
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         meta.update(holdout=args.holdout_samples, commit=head.stdout.strip() or os.environ.get("TCPADE_COMMIT", "?"))
         schedules.clear(shipped=False)
-        rows = validate_shipped(args.models.split(","), [int(x) for x in args.steps.split(",")],
-                                args.predictors.split(","), args.holdout_samples, lambda m: print(m, flush=True))
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        rows = []
+        if args.validate_shipped:
+            rows += validate_shipped(args.models.split(","), [int(x) for x in args.steps.split(",")],
+                                     args.predictors.split(","), args.holdout_samples, log)  # fmt: skip
+        if args.carry:
+            rows += carry_runs(args.models.split(","), [int(x) for x in args.carry.split(",")], args.holdout_samples,
+                               log)  # fmt: skip
         keep = []
         path = os.path.join(args.out, "calibration_validation.csv")
-        if args.append and os.path.exists(path):  # the rows of other models / step counts stay
-            done = {(r["model"], r["predictor"], r["steps"]) for r in rows}
-            keep = [r for r in read_validation(path) if (r["model"], r["predictor"], r["steps"]) not in done]
+        if (args.append or not args.validate_shipped) and os.path.exists(path):  # the rows of other runs stay
+            done = {(r["kind"], r["model"], r["predictor"], r["steps"]) for r in rows}
+            keep = [r for r in read_validation(path) if (r["kind"], r["model"], r["predictor"], r["steps"]) not in done]
+        meta["carry_command"] = f"{meta['command']}` (tcpade at commit {meta['commit']})"
+        if not args.validate_shipped:  # the page's header keeps the validation run's command and commit
+            old = _page_header(args.out)
+            if old:
+                meta["command"], meta["commit"] = old
         write_validation(keep + rows, meta, args.out)
         print(f"wrote {os.path.join(args.out, 'calibration_validation.md')}", flush=True)
         return

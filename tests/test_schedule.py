@@ -265,6 +265,33 @@ def test_registry_keeps_out_a_schedule_that_lost_its_held_out_check(registry):
         schedules.register(key, "rational", 8, {3: (0, 1, 4)}, validation={3: 29.0})
 
 
+def test_carry_moves_a_schedule_along_the_time_axis():
+    """``carry``: leading steps kept; with as many passes each computed step goes to the target step
+    whose time is nearest; with more or fewer the source's density is followed, the last one
+    where the source's is (or, ``keep_end``, as far from the end)."""
+    frac = schedules.run_fraction
+    src = (0, 1, 3, 6, 9, 12, 15, 18)
+    assert schedules.carry(src, frac(20), frac(20)) == src  # the same axis: the same schedule
+    assert schedules.carry(src, frac(20), frac(39), passes=8) == (0, 1, 6, 12, 18, 24, 30, 36)
+    # the pass count scales with T' / T by default: 8 of 20 -> 4 of 10; the source's step 18 of 20
+    # (time 0.947) is nearest to the final step 9 of 10 (1.0), unless the end is kept
+    assert schedules.carry(src, frac(20), frac(10)) == (0, 1, 4, 9)
+    assert schedules.carry(src, frac(20), frac(10), keep_end=True) == (0, 1, 4, 8)
+    assert len(schedules.carry(src, frac(20), frac(50))) == 20
+    # a decreasing axis: flow sigmas 1 - k/T (the fraction of the run is k/(T-1): other nearest steps)
+    sigmas = lambda t: [1 - k / t for k in range(t)]  # noqa: E731
+    assert schedules.carry(src, sigmas(20), sigmas(28), passes=8) == (0, 1, 4, 8, 13, 17, 21, 25)
+    assert schedules.carry(src, frac(20), frac(28), passes=8) == (0, 1, 4, 9, 13, 17, 21, 26)
+    # more passes than the source: the cumulative count of its steps 2 and 5 of 10, sampled at 5 equal parts
+    assert schedules.carry((0, 2, 5), frac(10), frac(20), lead=1) == (0, 2, 3, 5, 8, 11)
+    with pytest.raises(ValueError, match="carry: steps must be"):
+        schedules.carry((0, 1, 1), frac(20), frac(10))
+    with pytest.raises(ValueError, match="carry: steps must start with steps 0..1"):
+        schedules.carry((0, 2, 5), frac(20), frac(10))
+    with pytest.raises(ValueError, match="carry: passes must be an int"):
+        schedules.carry(src, frac(20), frac(10), passes=4.0)
+
+
 def test_shipped_zoo_schedules_load():
     schedules.clear()
     from tcpade import zoo

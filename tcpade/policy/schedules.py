@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SHIPPED",
     "best_predictor",
+    "carry",
     "check_schedule",
     "checks",
     "clear",
@@ -174,6 +176,53 @@ def rescale(steps: Sequence[int], from_total: int, total: int, lead: int = 2) ->
     lead = min(lead, len(steps))
     rest = steps[lead:]
     return _fit([s * (total - 1) / max(from_total - 1, 1) for s in rest], lead, total)
+
+
+def carry(steps: Sequence[int], from_axis: Sequence[float], to_axis: Sequence[float], passes: Optional[int] = None,
+          lead: int = 2, keep_end: bool = False) -> Tuple[int, ...]:  # fmt: skip
+    """A schedule of ``len(from_axis)`` steps carried to ``len(to_axis)`` steps along a time axis
+    (per step, the scheduler's sigma or timestep of each run; monotonic): steps 0..lead-1 kept,
+    the others placed where the source places them on the axis, each at the target step whose
+    axis value is nearest. ``passes`` (default: the source's pass count scaled by T'/T, rounded,
+    in [lead, T']): with as many passes as the source each computed step moves to its nearest
+    target step; with more or fewer they follow the source's density along the axis (the
+    cumulative count of its computed steps, interpolated between them, sampled at equal parts),
+    the last one where the source's last one is. ``keep_end``: the last computed step instead
+    as many steps before the end as the source's (the nearest step on the axis may be another
+    one: at 10 steps the source's step 18 of 20 is nearest to the final step 9)."""
+    steps = tuple(int(x) for x in steps)
+    src, dst = [float(x) for x in from_axis], [float(x) for x in to_axis]
+    total = len(dst)
+    if problem := schedule_problem(steps, len(src), "reuse"):
+        raise ValueError(f"carry: steps must be {problem}, got {steps!r}")
+    lead = min(lead, len(steps))
+    if steps[:lead] != tuple(range(lead)):
+        raise ValueError(f"carry: steps must start with steps 0..{lead - 1}, got {steps!r}")
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int)):
+        raise ValueError(f"carry: passes must be an int, got {passes!r}")
+    k = int(math.floor(len(steps) * total / len(src) + 0.5)) if passes is None else passes
+    k = min(max(k, lead), total)
+    r_src, r = len(steps) - lead, k - lead
+    if r <= 0 or r_src <= 0:
+        return _fit([], lead, total) if r <= 0 else spaced(total, k, lead)
+    # the source's computed steps on the axis, from the last leading step (cumulative count 0) on
+    pos = [src[s] for s in steps[lead - 1 :]] if lead else [src[0]] + [src[s] for s in steps]
+    targets = []
+    for j in range(r):
+        q = (j + 1) * r_src / r  # cumulative count of the source, in (0, r_src]
+        i = min(int(math.floor(q)), r_src - 1)
+        u = pos[i] + (q - i) * (pos[i + 1] - pos[i])
+        targets.append(min(range(total), key=lambda t: (abs(dst[t] - u), t)))
+    if keep_end:  # the last computed step as far from the end as the source's
+        cap = total - 1 - (len(src) - 1 - steps[-1])
+        targets[-1] = cap
+        targets = [min(x, cap - (r - 1 - j)) for j, x in enumerate(targets)]
+    return _fit(targets, lead, total)
+
+
+def run_fraction(total: int) -> Tuple[float, ...]:
+    """The axis of ``carry`` when the scheduler is not known: each step's fraction of the run."""
+    return tuple(k / max(total - 1, 1) for k in range(total))
 
 
 # ------------------------------------------------------------------------------------ registry
