@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import subprocess
@@ -89,8 +90,30 @@ def trace_calibration(model, inputs, steps, passes, budget, predictor="rational"
 
     log = TS.Log()
     path, curve = TS.search_runner(runner, score, steps, passes, MIN_HISTORY[predictor], predictor, rec.trace(steps),
-                                   budget - counters["runs"], log=log, candidates=candidates)  # fmt: skip
+                                   budget, counters["runs"], log=log, candidates=candidates)  # fmt: skip
     return path, curve, counters["runs"], counters["calls"], time.perf_counter() - t0, log
+
+
+def refine(model, name, cal, T, ks, sweeps):
+    """tcpade.calibrate's refine search; with --refine-cache, kept in that JSON file per model, T,
+    sweeps and commit (the trace search can then be measured again without running refine again)."""
+    key = f"{name}|{T}|{sweeps}|{commit()}"
+    cache = {}
+    if REFINE_CACHE[0] and os.path.exists(REFINE_CACHE[0]):
+        with open(REFINE_CACHE[0]) as f:
+            cache = json.load(f)
+    if key in cache:
+        print("   (refine from the cache)", flush=True)
+        return tcpade.calibrate.Calibration.from_json(cache[key])
+    r = tcpade.calibrate(model, cal, passes=ks, steps=T, method="refine", progress=False, sweeps=sweeps)
+    if REFINE_CACHE[0]:
+        cache[key] = r.to_json()
+        with open(REFINE_CACHE[0], "w") as f:
+            json.dump(cache, f)
+    return r
+
+
+REFINE_CACHE = [None]
 
 
 def held_out(name, samples):
@@ -108,7 +131,7 @@ def bench(name, T, samples, sweeps, budget, rows_out):
         print(f"   {k:3d} {why:8s} {v:7.2f} dB  offline {c:.3g}  {' '.join(map(str, s))}", flush=True)
     print(f"   trace: {t_runs} runs, {t_calls} calls, {t_s:.1f} s", flush=True)
     print(f"== {name} T={T}: refine ({sweeps} sweep(s))", flush=True)
-    r = tcpade.calibrate(model, cal, passes=ks, steps=T, method="refine", progress=False, sweeps=sweeps)
+    r = refine(model, name, cal, T, ks, sweeps)
     print(f"   refine: {r.runs} runs, {r.calls} calls, {r.seconds:.1f} s", flush=True)
     seeds, labels = held_out(name, samples)
     ev = ZooRunner(model, seeds, labels, T)
@@ -158,11 +181,21 @@ def verdict(r) -> str:
 
 
 def report(rows, command):
-    rows = sorted(rows, key=lambda r: (r["model"], int(r["steps"]), -int(r["passes"])))
-    cmds = sorted({r["commit"] for r in rows})
+    commits = list(dict.fromkeys(r["commit"] for r in rows))
     lines = ["# Trace search vs refine vs the spaced rule, on held-out inputs", "",
              "Machine: 2-core Intel Xeon VM, torch 2.13.0+cpu, 1 thread (shared with other jobs: seconds are "
-             f"indicative). Command: `{command}`. Measured at commit(s): {', '.join(cmds)}.", "",
+             f"indicative). Command: `{command}`. One section per commit the numbers were measured at, newest last.",
+             ""]  # fmt: skip
+    for c in commits:
+        lines += section([r for r in rows if r["commit"] == c], c)
+    with open(MD, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {MD}")
+
+
+def section(rows, commit_id):
+    rows = sorted(rows, key=lambda r: (r["model"], int(r["steps"]), -int(r["passes"])))
+    lines = [f"## At commit {commit_id}", "",
              "Calibration inputs: seeds 0..3 with bench/calibration.py's labels, one batch of 4. Held-out inputs: "
              f"seeds {HELD_OUT_SEED}.. with the classes in turn (samples per row below), seen by neither search. "
              "PSNR (dB) against full computation of the same inputs. `trace`: tcpade.tools.trace_search (one recorded "
@@ -200,9 +233,7 @@ def report(rows, command):
     for r in misses:
         lines.append(f"- {r['model']} T={r['steps']} {r['passes']} passes: spaced {float(r['spaced']):.2f}, refine "
                      f"{float(r['refine']):.2f}, trace {float(r['trace']):.2f} dB")  # fmt: skip
-    with open(MD, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {MD}")
+    return lines + [""]
 
 
 def main():
@@ -214,8 +245,11 @@ def main():
     p.add_argument("--append", action="store_true", help="keep the CSV's rows of other (model, T)")
     p.add_argument("--report", action="store_true", help="only write the page from the CSV")
     p.add_argument("--command", default=None, help="the command line the page names (default: this one)")
+    p.add_argument("--refine-cache", default=None, help="a JSON file keeping refine's results per model, T, sweeps "
+                   "and commit (default: none)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(1)
+    REFINE_CACHE[0] = args.refine_cache
     command = args.command or "python " + " ".join(["bench/calibration_trace.py", *sys.argv[1:]])
     rows = read_rows() if (args.append or args.report) else []
     if not args.report:
@@ -224,7 +258,8 @@ def main():
             for name in args.models.split(","):
                 new = []
                 bench(name, T, args.samples, sweeps.get(T, 2), BUDGET[T], new)
-                rows = [r for r in rows if (r["model"], int(r["steps"])) != (name, T)] + new
+                rows = [r for r in rows if (r["model"], int(r["steps"]), r["commit"]) != (name, T, new[0]["commit"])]
+                rows += new
                 write_csv(rows)
     print(platform.processor() or platform.machine())
     report(rows, command)

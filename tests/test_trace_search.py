@@ -130,6 +130,26 @@ def test_search_keeps_to_its_budget():
     assert all(firsts[k] == (S.spaced(12, k, 2), "spaced") for k in path)
 
 
+def test_weighted_views_share_the_errors_and_the_search_follows_the_concordant_one():
+    tr = synthetic_trace(T=12)
+    base = TS.ErrorTable(tr, "rational", guidance=3.0)
+    late = base.weighted([0.1] * 6 + [1.0] * 6)
+    assert late._rows is base._rows
+    h = (2, 4, 5)
+    np.testing.assert_allclose(late.errors(*h)[6:], base.errors(*h)[6:])
+    np.testing.assert_allclose(late.errors(*h)[:6][np.isfinite(base.errors(*h)[:6])],
+                               0.01 * base.errors(*h)[:6][np.isfinite(base.errors(*h)[:6])])  # fmt: skip
+    # the measured PSNR is minus the late table's offline error: the late table orders every
+    # pair right, so the search's moves follow it
+    log = TS.Log()
+    path, curve = TS.search(lambda s: -late.cost(s), 12, [6], 2, [base, late], 8, log=log)
+    assert len(log.rows) == 8
+    moves = [why for *_, why in log.rows if why.startswith("move")]
+    assert moves and all(why == "move1" for why in moves)
+    assert curve[6] == max(v for _, _, v, _, _ in log.rows)
+    assert TS._concordance(late, [(6, s, v) for _, s, v, _, _ in log.rows]) > 0
+
+
 def test_search_rejects_bad_arguments():
     table = TS.ErrorTable(synthetic_trace(T=10), "rational")
     with pytest.raises(ValueError, match="runs must be an int >= the number of pass counts \\(2\\)"):
@@ -142,6 +162,12 @@ def test_search_rejects_bad_arguments():
         TS.search(lambda s: 0.0, 10, [], 2, table, 5)
     with pytest.raises(ValueError, match="weights must be 10 finite numbers"):
         TS.ErrorTable(synthetic_trace(T=10), "rational", weights=[1.0] * 9)
+    with pytest.raises(ValueError, match="weights must be 10 finite numbers"):
+        table.weighted([1.0] * 9 + [math.nan])
+    with pytest.raises(ValueError, match="no error table"):
+        TS.search(lambda s: 0.0, 10, [5], 2, [], 5)
+    with pytest.raises(ValueError, match="max_gap must be None or an int >= 1"):
+        TS.ErrorTable(synthetic_trace(T=10), "rational", max_gap=0)
     with pytest.raises(ValueError, match="predictor must be one of"):
         TS.ErrorTable(synthetic_trace(T=10), "pade")
     with pytest.raises(ValueError, match="max_rows must be None or an int >= 1"):
@@ -167,7 +193,7 @@ def test_recorder_and_search_on_a_zoo_model_count_every_run():
 
     torch.manual_seed(0)
     model = zoo.load("flux-shapes")
-    T, passes, budget = 8, [5, 4], 6
+    T, passes, budget = 6, [4, 3], 5
     runner, data_range = _runner(model, [(0, 1)], T, None)
     runs = [0]
 
@@ -184,9 +210,20 @@ def test_recorder_and_search_on_a_zoo_model_count_every_run():
     def score(sched):
         return float(metrics.psnr(execute(sched), full, data_range=data_range).mean())
 
-    path, curve = TS.search_runner(runner, score, T, passes, 2, "rational", tr, budget - runs[0])
+    with pytest.raises(ValueError, match="a budget of 2 runs leaves 1 after the 1 already made, fewer than one per "
+                       "pass count \\(2\\); give at least 3"):  # fmt: skip
+        TS.search_runner(runner, score, T, passes, 2, "rational", tr, 2, runs[0])
+    path, curve = TS.search_runner(runner, score, T, passes, 2, "rational", tr, budget, runs[0])
     assert runs[0] <= budget
     assert {k: len(s) for k, s in path.items()} == {5: 5, 4: 4}
     for k, s in path.items():
         S.check_schedule(s, T, "rational")
         assert curve[k] == pytest.approx(score(s))
+
+
+@pytest.mark.skipif(not hasattr(__import__("tcpade.policy.config").policy.config.TCPadeConfig(), "time_axis"),
+                    reason="this TCPadeConfig has no time_axis")  # fmt: skip
+def test_error_table_extrapolates_along_the_configs_time_axis():
+    tr = synthetic_trace(T=8)
+    assert TS.ErrorTable(tr, "rational", config_overrides={"time_axis": "index"}).axis == [float(j) for j in range(8)]
+    assert TS.ErrorTable(tr, "rational", config_overrides={"time_axis": "schedule"}).axis == tr.times

@@ -12,11 +12,12 @@ spends a fixed budget of runs (e.g. 20 at 20 steps, 40 at 50, the full computati
    are kept, each row whole, so the rational predictor's per-row denominator is exact on them;
    with the row's RMS of h_out, which the output layer's norm divides by.
 2. score offline (``ErrorTable``): every "predict step j from the computed steps c < a < b"
-   with the predictor's own coefficients (``tcpade.core.coef.build_coef``; the predictions are
-   those of ``tcpade.core.reference``), its error against the recorded R_j, per row over h_out's
-   RMS, the branches combined as the guidance combines them, weighted by how much a unit error
-   at step j moves the final sample (``output_weights``: the noise scheduler's steps run on a
-   scalar). The input-change correction (gamma) is not scored.
+   with the predictor's own coefficients (``tcpade.core.coef.build_coef``, along the config's
+   time axis, with its damping; the predictions are those of ``tcpade.core.reference``), its
+   error against the recorded R_j, per row over h_out's RMS, the branches combined as the
+   guidance combines them, weighted by how much a unit error at step j moves the final sample
+   (``output_weights``: the noise scheduler's steps run on a scalar). The input-change
+   correction (gamma) is not scored.
 3. dynamic programming over schedules (``best_schedules``; state: the last three computed
    steps, exact for the rational predictor that reads three residuals): the schedules of K
    passes with the lowest offline error, the best few.
@@ -24,7 +25,11 @@ spends a fixed budget of runs (e.g. 20 at 20 steps, 40 at 50, the full computati
    schedule are run for real (``score``), then single-step moves around the best measured
    one, ranked by their offline error, while the pass count's share of the budget lasts. The
    best measured schedule per pass count is returned; it is never below the spaced rule on the
-   calibration inputs (the spaced rule is measured first).
+   calibration inputs (the spaced rule is measured first). The offline error comes in two
+   weightings (the scheduler's output weights, and uniform: early errors compound along the
+   rest of the run, which the output weights miss); the one that orders the schedules measured
+   so far most like their PSNR ranks the rest. Predictor "auto" (chosen online) is scored as the
+   kernel variant it runs (rational).
 
 The offline error alone misses how errors compound along the trajectory (the recorded residuals
 are those of the full run), so the real runs decide; the offline error only orders them.
@@ -45,7 +50,8 @@ from ..core import coef as K
 from ..core import layout as L
 from ..core import reference as ref
 
-__all__ = ["ErrorTable", "Recorder", "Trace", "best_schedules", "output_weights", "search", "search_runner"]
+__all__ = ["ErrorTable", "Recorder", "Trace", "best_schedules", "default_runs", "output_weights", "search",
+           "search_runner"]  # fmt: skip
 
 NONE = -1  # "no computed step" in a history triple (fewer residuals stored than three)
 
@@ -79,10 +85,11 @@ class Recorder:
     not thread-safe: record one run at a time). ``rec.trace(steps)`` gives the ``Trace``.
 
     max_rows: token rows kept per call (a fixed random subset of the rows of h.reshape(-1, C),
-    seeded; None keeps all). Several runs inside one block (a pipeline runner calls once per
-    input) are concatenated along the rows."""
+    seeded; None keeps all): the trace holds max_rows x C x 4 bytes per step and branch (256 rows
+    of FLUX's C = 3072: 3 MB; 50 steps of one branch: about 160 MB). Several runs inside one block (a pipeline
+    runner calls once per input) are concatenated along the rows."""
 
-    def __init__(self, max_rows: Optional[int] = 512, seed: int = 0):
+    def __init__(self, max_rows: Optional[int] = 256, seed: int = 0):
         if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
             raise ValueError(f"Recorder: max_rows must be None or an int >= 1, got {max_rows!r}")
         self.max_rows, self.seed = max_rows, seed
@@ -268,8 +275,13 @@ class ErrorTable:
         w = [1.0] * self.T if weights is None else [float(x) for x in weights]
         if len(w) != self.T or not all(math.isfinite(x) and x >= 0 for x in w):
             raise ValueError(f"ErrorTable: weights must be {self.T} finite numbers >= 0, got {weights!r}")
-        self.w2 = torch.tensor(w, dtype=torch.float64) ** 2
+        self.w2 = np.asarray(w, dtype=np.float64) ** 2
         self.kw = dict(delta=cfg.pole_delta, kappa=cfg.kappa)
+        if getattr(cfg, "damping", 0.0):  # the runtime passes it to rational and linear only
+            self.kw["damping"] = cfg.damping
+        # the time the predictor extrapolates along: the step index or the scheduler's time
+        index = getattr(cfg, "time_axis", "schedule") == "index"
+        self.axis = [float(j) for j in range(self.T)] if index else [float(t) for t in trace.times]
         self.stage = [K.stage_of(j, self.T, cfg.early_frac, cfg.late_frac) for j in range(self.T)]
         br = trace.branches
         if guidance is not None and len(br) == 2 and guidance != 1.0:
@@ -288,8 +300,8 @@ class ErrorTable:
 
     def _coefs(self, hist: Tuple[int, int, int], js: Sequence[int]) -> torch.Tensor:
         stored = [s for s in hist if s != NONE]
-        times = [self.trace.times[s] for s in reversed(stored)] + [math.nan] * (3 - len(stored))
-        rows = [K.build_coef(self.variant, self.stage[j], times, self.trace.times[j], len(stored), 3, gamma=0.0,
+        times = [self.axis[s] for s in reversed(stored)] + [math.nan] * (3 - len(stored))
+        rows = [K.build_coef(self.variant, self.stage[j], times, self.axis[j], len(stored), 3, gamma=0.0,
                              **self.kw) for j in js]  # fmt: skip
         return torch.tensor(rows, dtype=torch.float32)
 
@@ -320,7 +332,7 @@ class ErrorTable:
                 self._rows[h] = np.full(T, np.inf)
             return
         q = torch.tensor(quads, dtype=torch.int64)
-        cf = torch.tensor([K.build_coef(self.variant, self.stage[j], self._times((c, a, b)), self.trace.times[j],
+        cf = torch.tensor([K.build_coef(self.variant, self.stage[j], self._times((c, a, b)), self.axis[j],
                                         3 - (c, a, b).count(NONE), 3, gamma=0.0, **self.kw)
                            for c, a, b, j in quads], dtype=torch.float64)  # fmt: skip
         mix = [self.mix[b] for b in br] if self.mix is not None else None
@@ -328,7 +340,7 @@ class ErrorTable:
         out = torch.empty(len(quads), dtype=torch.float64)
         for lo in range(0, len(quads), chunk):
             out[lo : lo + chunk] = self._quad_errors(q[lo : lo + chunk], cf[lo : lo + chunk], gram, inv, Z, C, mix)
-        out = torch.nan_to_num(out, nan=1e30, posinf=1e30) * self.w2[q[:, 3]]
+        out = torch.nan_to_num(out, nan=1e30, posinf=1e30)
         self.evaluated += len(quads)
         table = {h: np.full(T, np.inf) for h in hists}
         for (c, a, b, j), v in zip(quads, out.tolist()):
@@ -337,7 +349,7 @@ class ErrorTable:
 
     def _times(self, hist) -> List[float]:
         stored = [s for s in hist if s != NONE]
-        return [self.trace.times[s] for s in reversed(stored)] + [math.nan] * (3 - len(stored))
+        return [self.axis[s] for s in reversed(stored)] + [math.nan] * (3 - len(stored))
 
     def _quad_errors(self, q, cf, gram, inv, Z, C, mix) -> torch.Tensor:
         """Mean squared (combined, normalised) error per element of the quadruples q = (c, a, b, j)."""
@@ -391,7 +403,21 @@ class ErrorTable:
         return err.mean(-1) / C
 
     def errors(self, c: int, a: int, b: int) -> np.ndarray:
-        """E[(c, a, b)][j] for every j (inf where j <= b)."""
+        """E[(c, a, b)][j] for every j (inf where j <= b), weighted."""
+        raw = self._raw(c, a, b)
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isinf(raw), np.inf, raw * self.w2)
+
+    def weighted(self, weights: Sequence[float]) -> "ErrorTable":
+        """The same table under other step weights (the errors are shared, not computed again)."""
+        w = [float(x) for x in weights]
+        if len(w) != self.T or not all(math.isfinite(x) and x >= 0 for x in w):
+            raise ValueError(f"ErrorTable: weights must be {self.T} finite numbers >= 0, got {weights!r}")
+        other = copy.copy(self)
+        other.w2 = np.asarray(w, dtype=np.float64) ** 2
+        return other
+
+    def _raw(self, c: int, a: int, b: int) -> np.ndarray:
         key = (c, a, b)
         if key in self._rows:
             return self._rows[key]
@@ -411,7 +437,7 @@ class ErrorTable:
             if acc is not None:
                 total = acc.double().pow(2).mean((1, 2))
             total = torch.nan_to_num(total, nan=1e30, posinf=1e30)
-            out[b + 1 :] = (total * self.w2[js]).numpy()
+            out[b + 1 :] = total.numpy()
             self.evaluated += len(js)
         self._rows[key] = out
         return out
@@ -509,23 +535,43 @@ class Log:
     rows: List[tuple] = field(default_factory=list)
 
 
-def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequence[int], lead: int,
-           table: ErrorTable, runs: int, *, candidates: int = 2, progress: bool = False,
+def _concordance(table, rows) -> int:
+    """Pairs of measured schedules (same pass count) that ``table``'s offline error orders as the
+    measured PSNR does, minus those it orders the other way."""
+    out = 0
+    for i, (k1, s1, v1) in enumerate(rows):
+        for k2, s2, v2 in rows[i + 1 :]:
+            if k1 == k2 and v1 != v2:
+                c1, c2 = table.cost(s1), table.cost(s2)
+                if c1 != c2:
+                    out += 1 if (v1 > v2) == (c1 < c2) else -1
+    return out
+
+
+def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequence[int], lead: int, tables,
+           runs: int, *, candidates: int = 2, progress: bool = False,
            log: Optional[Log] = None) -> Tuple[Dict[int, Tuple[int, ...]], Dict[int, float]]:  # fmt: skip
     """The search's verification part: for every pass count in ``targets``, at most its share of
-    ``runs`` calls of ``score`` (one sampling run of every calibration input each): the spaced
-    rule, the ``candidates`` lowest offline errors (``best_schedules``), the evenly spaced
-    schedule of lowest offline error, then single-step moves around the best measured schedule,
-    lowest offline error first. The runs are shared evenly among the pass counts, most passes
-    first; runs a count leaves unused go to the next. Returns ({passes: schedule}, {passes:
-    calibration PSNR}), as ``tcpade.tools.calibrate``'s searches do. ``runs`` must allow one run
-    per pass count."""
+    ``runs`` calls of ``score`` (one sampling run of every calibration input each).
+
+    tables: one ``ErrorTable`` or several (the same errors under different step weights). Per
+    pass count: the spaced rule; each table's schedule of lowest offline error
+    (``best_schedules``); then, by the table whose offline error orders the schedules measured so
+    far (every pass count) most like their PSNR: its next ``candidates - 1`` schedules, the
+    evenly spaced schedule of lowest offline error, and single-step moves around the best
+    measured schedule, lowest offline error first. The runs are shared evenly among the pass
+    counts, most passes first; runs a count leaves unused go to the next. Returns ({passes:
+    schedule}, {passes: calibration PSNR}), as ``tcpade.tools.calibrate``'s searches do.
+    ``runs`` must allow one run per pass count."""
     from ..policy import schedules as S
 
+    tables = list(tables) if isinstance(tables, (list, tuple)) else [tables]
+    if not tables:
+        raise ValueError("trace search: no error table given")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"trace search: steps must be an int >= 1, got {steps!r}")
-    if table.T != steps:
-        raise ValueError(f"trace search: the error table is of a {table.T}-step run, steps is {steps}")
+    if any(t.T != steps for t in tables):
+        raise ValueError(f"trace search: the error table is of a {tables[0].T}-step run, steps is {steps}")
     targets = sorted({int(k) for k in targets}, reverse=True)
     if not targets:
         raise ValueError("trace search: no pass count given")
@@ -540,7 +586,11 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
     log = log if log is not None else Log()
     path, curve = {}, {}
     spent = 0  # runs used so far: a count that needs fewer than its share leaves them to the next ones
+    measured: List[Tuple[int, Tuple[int, ...], float]] = []  # (passes, schedule, PSNR), every count
     from .calibrate import _bar
+
+    def chosen():
+        return max(tables, key=lambda t: (_concordance(t, measured), -tables.index(t)))
 
     bar = _bar(len(targets), progress, steps)
     try:
@@ -553,7 +603,8 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
                 if s in seen or len(seen) >= left:
                     return
                 seen[s] = score(s)
-                log.rows.append((k, s, seen[s], table.cost(s), why))
+                measured.append((k, s, seen[s]))
+                log.rows.append((k, s, seen[s], tables[0].cost(s), why))
 
             if k == steps:
                 measure(range(steps), "full")
@@ -562,9 +613,14 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
                 bar.step(f"{k} passes")
                 continue
             measure(S.spaced(steps, k, lead), "spaced")
-            for _, s in best_schedules(table, steps, k, lead, candidates):
-                measure(s, "offline")
-            fam = sorted(S.even_family(steps, k, lead), key=table.cost)
+            ranked = {id(t): best_schedules(t, steps, k, lead, candidates) for t in tables}
+            for n, t in enumerate(tables):
+                if ranked[id(t)]:
+                    measure(ranked[id(t)][0][1], f"offline{n}")
+            t = chosen()
+            for _, s in ranked[id(t)][1:]:
+                measure(s, f"offline{tables.index(t)}")
+            fam = sorted(S.even_family(steps, k, lead), key=t.cost)
             for s in fam:
                 if tuple(s) not in seen:
                     measure(s, "even")
@@ -575,9 +631,10 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
                 moves = [m for m in _moves(best, steps, lead) if m not in tried]
                 if not moves:
                     break
-                m = min(moves, key=table.cost)
+                t = chosen()
+                m = min(moves, key=t.cost)
                 tried.add(m)
-                measure(m, "move")
+                measure(m, f"move{tables.index(t)}")
             best = max(seen, key=seen.get)
             path[k], curve[k] = best, seen[best]
             spent += len(seen)
@@ -588,21 +645,38 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
 
 
 def search_runner(runner, score: Callable[[Sequence[int]], float], steps: int, targets: Sequence[int], lead: int,
-                  predictor: str, trace: Trace, runs: int, *, config_overrides: Optional[dict] = None,
-                  progress: bool = False, log: Optional[Log] = None, candidates: int = 2):  # fmt: skip
-    """``search`` with the error table built from ``trace`` and what the calibration runner
-    (``tcpade.tools.runner``) knows: the noise scheduler's output weights and the guidance scale
-    (a zoo model's, or a bare transformer's ``guidance_scale`` input; else uniform weights and
-    the branches' errors added)."""
+                  predictor: str, trace: Trace, budget: int, used: int = 0, *,
+                  config_overrides: Optional[dict] = None, progress: bool = False, log: Optional[Log] = None,
+                  candidates: int = 2):  # fmt: skip
+    """``search`` inside ``tcpade.calibrate``: ``budget`` runs in all, ``used`` of them spent
+    already (the full computation that recorded ``trace``); the error table is built from
+    ``trace`` and what the calibration runner (``tcpade.tools.runner``) knows: the noise
+    scheduler's output weights and the guidance scale (a zoo model's, or a bare transformer's
+    ``guidance_scale`` input; else uniform weights and the branches' errors added)."""
+    n = len(set(targets))
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise ValueError(f"trace search: the run budget must be an int, got {budget!r}")
+    if budget - used < n:
+        raise ValueError(f"trace search: a budget of {budget} runs leaves {budget - used} after the {used} already "
+                         f"made, fewer than one per pass count ({n}); give at least {used + n}")  # fmt: skip
     scheduler, guidance = _runner_facts(runner)
     weights = None
     if scheduler is not None:
         with contextlib.suppress(Exception):  # a scheduler that needs more than set_timesteps(steps)
             weights = output_weights(scheduler, steps)
     gap = default_gap(steps, min(targets))
-    table = ErrorTable(trace, predictor, weights=weights, guidance=guidance, config_overrides=config_overrides,
-                       max_gap=gap)  # fmt: skip
-    return search(score, steps, targets, lead, table, runs, candidates=candidates, progress=progress, log=log)
+    table = ErrorTable(trace, predictor, guidance=guidance, config_overrides=config_overrides, max_gap=gap)
+    # two views of the errors: weighted by the scheduler's output weights (an error's direct effect on
+    # the sample), and uniform (early errors count more: they compound along the rest of the run)
+    tables = ([table.weighted(weights)] if weights is not None else []) + [table]
+    return search(score, steps, targets, lead, tables, budget - used, candidates=candidates, progress=progress,
+                  log=log)  # fmt: skip
+
+
+def default_runs(steps: int) -> int:
+    """The trace search's run budget at ``steps`` steps, the full computation included: 20 up to
+    20 steps, 40 above."""
+    return 20 if steps <= 20 else 40
 
 
 def default_gap(steps: int, passes: int) -> int:
