@@ -189,7 +189,7 @@ def tcpade_methods(quick: bool):
                 knobs = dict(warmup=2, tolerance=tol, max_skips=cap)
                 out.append(TcpadeMethod(f"{TCPADE} {pred}/error", f"{pred}/error tol{tol:g} m{cap}", knobs, cfg))
     # compute budgets (exact passes at any T: the model's calibrated schedule, else the spaced rule), with
-    # the rational and linear predictors and the online choice between them
+    # the rational and linear predictors and the online choice among rational, linear, damped linear and reuse
     speedups = [2.0, 2.9] if quick else [1.5, 2.0, 20 / 9, 2.5, 2.9, 10 / 3, 4.0]
     for pred in ("rational", "linear", "auto"):
         for s in speedups:

@@ -34,6 +34,8 @@ WRONG_TYPE = {
     "use_calibrated": 1,
     "calibrated_predictor": "yes",
     "budget_max_run": 3.0,
+    "time_axis": 1,
+    "damping": "1",
 }
 
 

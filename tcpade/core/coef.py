@@ -113,6 +113,49 @@ def time_weights(times: Sequence[float], t_target: float, count: int) -> dict:
     return out
 
 
+def gap_damping(tau1: float, damping: float) -> float:
+    """The damping weight d = 1 / (1 + a g) of a prediction whose R2 sits at ``tau1``
+    (``time_weights``' units: R1 at -1, the target at 0), so g = 1 / (|tau1| - 1) is how far
+    the target lies past R1 in units of the R2 -> R1 spacing. 1 where there is no usable R2
+    (the prediction is then R1 anyway) or ``damping`` a is 0."""
+    a = abs(float(tau1))
+    if damping <= 0.0 or not (a > 1.0 and math.isfinite(a)):
+        return 1.0
+    return 1.0 / (1.0 + damping / (a - 1.0))
+
+
+def damp(c: list, d: float) -> list:
+    """Coefficients ``c`` pulled toward R1: R_hat <- d R_hat + (1 - d) R1 (the stage blend's
+    weights; no kernel change). d = 0: reuse of R1."""
+    c = list(c)
+    c[W_MAIN], c[C1], c[C2] = d * c[W_MAIN], d * c[C1] + (1.0 - d), d * c[C2]
+    return c
+
+
+def candidate_rows(values: Sequence[float]) -> list:
+    """Predictor "auto": the coefficient vector of every candidate (``layout.AUTO_CANDIDATES``,
+    in order) from the rational prediction's ``values`` (``build_coef("rational", ...)``). All run
+    the rational kernel: linear is its pole term off (bmax = 0), damped linear that pulled toward
+    R1 by ``gap_damping``, reuse all weight on R1 (the main term, linear, weighted 0)."""
+    rows = []
+    for cand in L.AUTO_CANDIDATES:
+        c = list(values)
+        if cand.kind == "rational":
+            rows.append(c)
+            continue
+        c[BMAX] = 0.0
+        d = 0.0 if cand.kind == "reuse" else gap_damping(c[TAU1], cand.damping)
+        rows.append(damp(c, d) if d != 1.0 else c)
+    return rows
+
+
+def candidate_dampings(tau1: float) -> list:
+    """The damping weight d of every "auto" candidate for a prediction whose R2 sits at ``tau1``
+    (rational and linear 1, reuse 0); their errors on a computed step follow from it
+    (``tcpade.policy.choosers``)."""
+    return [0.0 if c.kind == "reuse" else gap_damping(tau1, c.damping) for c in L.AUTO_CANDIDATES]
+
+
 def build_coef(
     variant: str,
     stage: str,
@@ -125,6 +168,7 @@ def build_coef(
     stage_weights: Optional[dict] = None,
     delta: float = 0.3,
     kappa: float = 0.0,
+    damping: float = 0.0,
 ) -> list:
     """The coefficient vector (Python floats, float64) for one prediction.
 
@@ -135,6 +179,8 @@ def build_coef(
     "paper", the main prediction alone for the others).
     delta: pole guard margin, 0 < delta < 1 (larger = safer, closer to linear).
     kappa: rational's bound on its deviation from linear (>= 0, 0 = off).
+    damping: a >= 0 (0 = off; rational and linear only): the prediction pulled toward R1 as
+    the gap grows, R_hat <- d R_hat + (1 - d) R1 with d = ``gap_damping(tau1, a)``.
     """
     v = L.variant(variant)
     if stage not in STAGES:
@@ -143,6 +189,10 @@ def build_coef(
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not kappa >= 0.0:
         raise ValueError(f"kappa must be >= 0, got {kappa}")
+    if not (damping >= 0.0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+    if damping > 0.0 and v.name not in ("rational", "linear"):
+        raise ValueError(f"damping applies to the rational and linear predictors, not {v.name!r}")
     if nslots < 3:
         raise ValueError(f"nslots must be >= 3, got {nslots}")
     c = [0.0] * NCOEF
@@ -155,6 +205,8 @@ def build_coef(
     c[TAU0], c[TAU1], c[TAU2] = tw["tau"]
     c[BMAX] = (1.0 - delta) * tw["bmax_num"]
     c[KAPPA] = float(kappa)
+    if damping > 0.0:
+        c = damp(c, gap_damping(c[TAU1], damping))
     n = max(1, min(int(count), nslots, len(PAPER.wavg)))
     w = PAPER.wavg[:n]
     tot = sum(w)

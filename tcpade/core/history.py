@@ -54,12 +54,16 @@ class Sums:
     first, on the device.
     """
 
-    __slots__ = ("_host", "_event", "_values")
+    __slots__ = ("_host", "_event", "_values", "extra")
 
-    def __init__(self, sums: torch.Tensor, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(self, sums: torch.Tensor, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 extra: Optional[torch.Tensor] = None):  # fmt: skip
         if reduce is not None:
             sums = reduce(sums)
+        if extra is not None:  # device values that travel with the sums (e.g. the "auto" choice)
+            sums = torch.cat([sums, extra.to(sums.dtype)])
         self._values: Optional[SumValues] = None
+        self.extra: tuple = ()
         self._event = None
         if sums.device.type == "cuda":
             self._host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
@@ -83,7 +87,8 @@ class Sums:
         if self._values is None:
             if self._event is not None:
                 self._event.synchronize()
-            self._values = SumValues(*(float(v) for v in self._host.tolist()))
+            values = [float(v) for v in self._host.tolist()]
+            self._values, self.extra = SumValues(*values[: len(SUMS)]), tuple(values[len(SUMS) :])
         return self._values
 
 

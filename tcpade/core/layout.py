@@ -119,13 +119,42 @@ VARIANTS = tuple(VARIANT_TABLE)
 assert [v.code for v in _TABLE] == list(range(len(_TABLE))), "variant codes are their positions"
 
 
-# Predictors that choose among variants per branch as the run goes (TCPadeConfig.predictor):
-# name -> (the kernel variant that runs, the candidates). "auto": on every computed step with
-# enough history the rational prediction of that step is probed (one memory pass) and the
-# linear one's error follows from the update's sums; the next skipped run uses the one that
-# erred less. Linear extrapolation is the rational kernel with its pole term off (bmax = 0),
-# so the choice is a device-side coefficient value: no host wait, no recompilation.
-CHOOSERS: Mapping[str, Tuple[str, ...]] = MappingProxyType({"auto": ("rational", "linear")})
+# Predictors that choose among variants as the run goes (TCPadeConfig.predictor): name -> (the
+# kernel variant that runs, the variants its candidates are). "auto": on every computed step with
+# enough history the rational prediction of that step is probed (one memory pass); the errors of
+# linear extrapolation, damped linear extrapolation and reuse follow from the update's sums; the
+# next skipped steps use the candidate whose errors, summed over the run's computed steps so far
+# (and over the CFG branches of the step), are the smallest (AUTO_CANDIDATES). Every candidate is
+# the rational kernel with other coefficients (linear: pole term off, bmax = 0; damped: the stage
+# blend pulled toward R1; reuse: all weight on R1), so the choice is a device-side row selection:
+# no host wait, no recompilation.
+CHOOSERS: Mapping[str, Tuple[str, ...]] = MappingProxyType({"auto": ("rational", "linear", "reuse")})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate of predictor "auto": ``damping`` a (0: none) pulls the prediction toward the
+    newest residual R1 as the gap grows, R_hat = d P + (1 - d) R1 with d = 1 / (1 + a g), g = how
+    far the target lies past R1 in units of the R2 -> R1 spacing (``tcpade.core.coef.gap_damping``);
+    ``kind`` "reuse" is R1 itself (d = 0)."""
+
+    name: str
+    kind: str  # "rational", "linear" or "reuse"
+    damping: float = 0.0
+
+
+# Damping strengths of the damped linear candidates (a = 0 is plain linear extrapolation).
+AUTO_DAMPING = (0.5, 1.0, 2.0, 4.0, 8.0)
+AUTO_CANDIDATES: Tuple[Candidate, ...] = (
+    Candidate("rational", "rational"),
+    Candidate("linear", "linear"),
+    *(Candidate(f"damped-{a:g}", "linear", a) for a in AUTO_DAMPING),
+    Candidate("reuse", "reuse"),
+)
+assert AUTO_CANDIDATES[0].kind == "rational", "candidate 0 is the probe's prediction (its error is the probe's)"
+# The candidate the skips use before the first measurement (the damped middle of the range: a
+# safe guess at any gap, between extrapolation and reuse).
+AUTO_FIRST = next(i for i, c in enumerate(AUTO_CANDIDATES) if c.name == "damped-2")
 PREDICTORS = VARIANTS + tuple(CHOOSERS)
 # The one statement of how many residuals a predictor needs stored before it may predict (so the
 # computed steps every schedule starts with): a variant's own, a chooser's the most of its candidates.

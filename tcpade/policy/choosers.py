@@ -10,21 +10,24 @@ computed step's sums to the host (``tcpade.policy.reader``).
   measures e = ||R_hat - R|| / ||R||, and the next run of skipped steps is sized from e
   against the tolerance like an ODE solver's step: e <= tol/2 -> one step longer, e <= tol ->
   the same (at least one), e <= 2 tol -> one shorter, else none; capped by max_skips.
-* ``AutoChoice`` (``tcpade.core.layout.CHOOSERS``): every computed call with enough history
-  probes the rational prediction of itself (one memory pass), and the update's sums give the
-  error the linear extrapolation would have made, ||d2 + lam1 d1||^2 with d1 = R1 - R2,
-  d2 = R - R1 and lam1 the linear weight on R2 (no pass of its own). The next skipped calls
-  use the candidate whose relative errors, summed over the run's computed steps so far, are
-  smaller, as a device-side coefficient mask (the rational kernel with its pole term off is
-  the linear extrapolation): no host wait, so fixed schedules read nothing during the run.
-  The host repeats the same rule on the values it reads, for the records and the summary.
+* ``AutoChoice`` (``tcpade.core.layout.CHOOSERS``, ``AUTO_CANDIDATES``): every computed call
+  with enough history probes the rational prediction of itself (one memory pass); the update's
+  sums give the errors every other candidate would have made, with d1 = R1 - R2, d2 = R - R1,
+  lam1 the linear weight on R2 and d the candidate's damping weight (d = 1 linear, 0 reuse):
+  ||d2 + d lam1 d1||^2 = d22 + 2 d lam1 d12 + d^2 lam1^2 d11 (no pass of its own). The next
+  skipped calls use the candidate whose relative errors, summed over the run's computed steps
+  so far, are the smallest, as a device-side row choice among the candidates' coefficient
+  vectors: no host wait, so fixed schedules read nothing during the run. The branches of one
+  step (CFG's cond and uncond) share one ``AutoChoice``: their errors are summed and they use
+  the same candidate (the runtime joins them), since differing choices stop their errors from
+  cancelling in the guided output. The chosen index travels to the host with the step's sums.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -57,49 +60,52 @@ class ErrorSteps:
 
 @dataclass
 class AutoChoice:
-    """Predictor "auto": the candidate the next skips use, on the device and as the host read it."""
+    """Predictor "auto": which candidate the next skips use (a device index into
+    ``AUTO_CANDIDATES``; None: none measured yet, ``AUTO_FIRST``) and the candidates' relative
+    errors summed so far (device, float64)."""
 
-    mask: Optional[torch.Tensor] = None  # the coefficient mask of the chosen candidate (device)
-    errors: Optional[torch.Tensor] = None  # the candidates' accumulated relative errors (device)
-    host: Tuple[float, float] = (0.0, 0.0)  # the same, from the sums read so far
+    index: Optional[torch.Tensor] = None
+    errors: Optional[torch.Tensor] = None
 
-    def probed(self, sums: torch.Tensor, coef: torch.Tensor) -> None:
-        """The device side, at a computed call whose probe chooses: fold its sums in."""
-        self.mask, self.errors = choice_mask(sums, coef, self.errors)
+    def select(self, rows: torch.Tensor) -> torch.Tensor:
+        """The coefficient vector the next skip uses, from every candidate's (``rows``, device)."""
+        return rows[L.AUTO_FIRST] if self.index is None else rows[self.index]
 
-    def read(self, v, lam1: float, predictor: str) -> Tuple[str, Optional[float]]:
-        """The host side, from the read sums ``v`` of the same call: (the candidate chosen, the
-        relative error of linear when it is chosen, else None)."""
-        e_rat, e_lin = candidate_errors(v.d11, v.d22, v.d12, v.err2, v.r2 if v.r2 > 0 else 1.0, lam1)
-        a_rat, a_lin = self.host[0] + e_rat, self.host[1] + e_lin
-        self.host = (a_rat, a_lin)
-        linear = a_lin < a_rat  # (the rule of choice_mask)
-        error = (math.sqrt(max(e_lin, 0.0)) if v.r2 > 0 else math.nan) if linear else None
-        return L.CHOOSERS[predictor][1 if linear else 0], error
-
-
-def candidate_errors(d11, d22, d12, err2, r2, lam1):
-    """Predictor "auto": the squared errors of rational (the probe's ``err2``) and of linear
-    extrapolation (||d2 + lam1 d1||^2 = d22 + 2 lam1 d12 + lam1^2 d11) on one computed step,
-    relative to ``r2`` = ||R||^2 (> 0). Floats (the host's records) or 0-d tensors (the device)."""
-    lin2 = d22 + 2.0 * lam1 * d12 + lam1 * lam1 * d11
-    return err2 / r2, lin2 / r2
+    def probed(self, sums: torch.Tensor, lam1: float, tau1: float) -> torch.Tensor:
+        """The device side, at a computed call whose probe chooses: fold its sums in (``lam1``,
+        ``tau1``: the probe's linear weight on R2 and R2's normalised time) and return the index
+        chosen (a 1-element float tensor, to travel to the host with the sums)."""
+        e = candidate_errors_device(sums, lam1, tau1)
+        self.errors = e if self.errors is None else self.errors + e
+        self.index = torch.argmin(torch.nan_to_num(self.errors, nan=math.inf))
+        return self.index.reshape(1).to(sums.dtype)
 
 
-def choice_mask(sums: torch.Tensor, coef: torch.Tensor, acc: Optional[torch.Tensor]):
-    """Predictor "auto", on the device: the coefficient mask of the candidate with the smaller
-    error summed over the run's computed steps so far (``acc``: the sums before this step, or
-    None), and the new sums. Per step, relative to ||R||^2: rational's squared error is the
-    probe's ``err2``, linear's ||d2 + lam1 d1||^2 = d22 + 2 lam1 d12 + lam1^2 d11 (the update's
-    sums; lam1 from the probe's coefficients). Linear is chosen only when strictly smaller (a
-    NaN keeps rational); its mask zeroes the pole bound ``bmax``, which turns the rational
-    kernel into linear extrapolation."""
-    s = dict(zip(L.SUMS, sums.to(torch.float64)))
-    r2 = torch.where(s["r2"] > 0, s["r2"], torch.ones_like(s["r2"]))
-    e = candidate_errors(s["d11"], s["d22"], s["d12"], s["err2"], r2, coef[K.LAM1].to(torch.float64))
-    new = torch.stack(e)
-    acc = new if acc is None else acc + new
-    keep = (~(acc[1] < acc[0])).to(coef.dtype)
-    mask = torch.ones_like(coef)
-    mask[K.BMAX] = keep
-    return mask, acc
+def candidate_errors(d11, d22, d12, err2, r2, lam1, tau1):
+    """Predictor "auto", on the host: every candidate's squared error on one computed step
+    relative to ``r2`` = ||R||^2 (> 0), in ``AUTO_CANDIDATES`` order: rational's is the probe's
+    ``err2``, the others' d22 + 2 d lam1 d12 + d^2 lam1^2 d11 with their damping weight d."""
+    out = []
+    for c, d in zip(L.AUTO_CANDIDATES, K.candidate_dampings(tau1)):
+        if c.kind == "rational":
+            out.append(err2 / r2)
+        else:
+            dl = d * lam1
+            out.append((d22 + 2.0 * dl * d12 + dl * dl * d11) / r2)
+    return out
+
+
+def candidate_errors_device(sums: torch.Tensor, lam1: float, tau1: float) -> torch.Tensor:
+    """``candidate_errors`` on the device, from one write's sums (float64, one entry per candidate;
+    a NaN where a sum is NaN)."""
+    s = sums.to(torch.float64)
+    d11, d22, d12, err2, r2 = (s[L.SUMS.index(n)] for n in ("d11", "d22", "d12", "err2", "r2"))
+    r2 = torch.where(r2 > 0, r2, torch.ones_like(r2))
+    ds = K.candidate_dampings(tau1)
+    a = [2.0 * d * lam1 for d in ds]
+    b = [(d * lam1) ** 2 for d in ds]
+    ab = torch.tensor([a, b], dtype=torch.float64)
+    if s.device.type == "cuda":  # pinned and non-blocking: no wait for the queued work
+        ab = ab.pin_memory().to(s.device, non_blocking=True)
+    e = d22 + ab[0] * d12 + ab[1] * d11
+    return torch.cat([err2.reshape(1), e[1:]]) / r2  # candidate 0 is rational: its error is the probe's

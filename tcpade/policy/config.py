@@ -45,11 +45,12 @@ from .plan import Resolved
 
 POLICIES = ("tsi", "error")
 LEVELS = ("block", "output")
+TIME_AXES = ("index", "schedule")
 
 # concern -> its fields (the class docstring's sections)
 CONCERNS = {
     "predictor": ("predictor", "level", "store_predictions", "input_correction", "early_frac", "late_frac",
-                  "pole_delta", "kappa", "history_slots"),
+                  "pole_delta", "kappa", "history_slots", "time_axis", "damping"),
     "policy": ("policy", "warmup", "interval", "final_steps", "tsi_threshold", "tolerance", "max_skips"),
     "schedule": ("schedule", "schedule_steps"),
     "budget": ("passes", "speedup", "budget_max_run", "use_calibrated", "calibrated_predictor"),
@@ -148,6 +149,10 @@ _CHECKS: Dict[str, _Row] = {
                                     lambda v, c: sum(x is not None for x in v) <= 1),
     "use_calibrated": _Row("a bool", _bool, None, None),
     "calibrated_predictor": _Row("a bool", _bool, None, None),
+    "time_axis": _Row("a str", _str, f"one of {TIME_AXES}", lambda v, c: v in TIME_AXES),
+    "damping": _Row("a number", _real, lambda c: "a finite number >= 0, and 0 unless predictor is 'rational' or "
+                    f"'linear' (predictor={c.predictor!r})",
+                    lambda v, c: _finite(v) and v >= 0.0 and (v == 0.0 or c.predictor in ("rational", "linear"))),
 }  # fmt: skip
 
 
@@ -181,9 +186,10 @@ class TCPadeConfig:
     predictor: str = "rational"
     """How a skipped step's residual is predicted: "paper" (the published [2/1] form),
     "rational" (time-aware [1/1] Pade, docs/method.md section 5), "reuse" (last residual),
-    "linear" (in schedule time) or "auto" (per branch, whichever of rational and linear
-    predicted the run's computed steps so far better: one more memory pass on each computed
-    step).
+    "linear" (extrapolation along ``time_axis``) or "auto" (the candidate among rational,
+    linear, linear damped toward the last residual at five strengths, and reuse whose errors
+    on the run's computed steps so far, summed over the CFG branches, are the smallest: one
+    more memory pass on each computed step).
     Not a speed knob: every predictor is one memory pass per skipped step."""
 
     level: str = "block"
@@ -289,6 +295,20 @@ class TCPadeConfig:
     the choice on the runtime (``runtime.resolved``; this config is not changed); the summary
     shows it. ``slow()`` and ``fast()`` set it unless given a predictor. Not a speed knob."""
 
+    # ---- predictor, continued (fields added later, kept last so positional arguments keep working)
+    time_axis: str = "index"
+    """The axis the rational and linear predictors extrapolate along: "index" (the step index,
+    as diffusers' TaylorSeer does) or "schedule" (the scheduler's times: sigma for flow-matching
+    models, the timestep for DDPM-style ones). "index" measured better on the zoo models (a
+    shifted flow schedule's last gaps in sigma are its longest ones, and extrapolating across
+    them overshoots); "schedule" was the only axis before. Not a speed knob."""
+
+    damping: float = 0.0
+    """rational and linear: pull every prediction toward the newest residual R1 as the gap it
+    crosses grows, R_hat <- d R_hat + (1 - d) R1 with d = 1 / (1 + damping * g), g = how far
+    the predicted step lies past R1 in units of the spacing of the last two stored residuals
+    (on ``time_axis``). 0 = off (>= 0). Larger = closer to reuse on long gaps. "auto" chooses
+    its damping online. Not a speed knob."""
 
     def __post_init__(self):
         _check(self)

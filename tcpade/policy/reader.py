@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import math
 
+from ..core import layout as L
 from ..core.reference import tsi_from_sums
+from .choosers import candidate_errors
 from .state import Branch, Run, StepRecord
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 class Reader:
     def __init__(self, resolved):
         c = resolved.config
-        self.predictor = resolved.predictor
         self.error_policy = c.policy == "error"
         self.tolerance, self.max_skips = c.tolerance, c.max_skips
         self.waits = 0  # times the host waited for a branch's sums
@@ -67,10 +68,11 @@ class Reader:
                 rec.reason = "nonfinite"  # read at once, this call would have been computed as "nonfinite"
         elif rec.probed:
             rec.error = math.sqrt(v.err2 / v.r2) if v.r2 > 0 else math.nan
-            if rec.choose:
-                rec.choice, linear_error = b.auto.read(v, rec.lam1, self.predictor)
-                if linear_error is not None:
-                    rec.error = linear_error
+            if rec.choose and rec.sums.extra:  # predictor "auto": the candidate the device chose
+                i = int(rec.sums.extra[0])
+                rec.choice = L.AUTO_CANDIDATES[i].name
+                e = candidate_errors(v.d11, v.d22, v.d12, v.err2, v.r2, rec.lam1, rec.tau1)[i] if v.r2 > 0 else math.nan
+                rec.error = math.sqrt(e) if e >= 0.0 else math.nan  # the chosen candidate's error at this step
             if self.error_policy and not run.planned:
                 b.errors.measured(rec.error, self.tolerance, self.max_skips)
 

@@ -226,9 +226,9 @@ class Runtime:
         reason = force if force is not None else self._reason(b, total)
         if reason is not None:
             return self._compute(b, t, reason, stage, self._probes(b))
-        coef = self._coef(b, stage, t)[0]
-        if b.auto.mask is not None:
-            coef = coef * b.auto.mask
+        coef = self._coef(b, stage, self._axis(run.k, t), rows=self._auto)[0]
+        if self._auto:
+            coef = b.auto.select(coef)  # the candidate chosen so far (a row of every candidate's)
         b.pending = Call(run.k, t, None, stage, b.history, self._variant, coef, c.store_predictions)
         return b.pending
 
@@ -245,7 +245,7 @@ class Runtime:
             if p.reason is not None or p.sums is None:
                 raise RuntimeError(f"tcpade: branch {branch!r}: a computed call finished without h_in / h_out")
             rec = StepRecord(p.k, p.t, False, "skip", p.stage, sums=Sums(p.sums, self.reduce))
-            b.history.advance(p.t, wrote=p.store)
+            b.history.advance(self._axis(p.k, p.t), wrote=p.store)
             if p.store:
                 rec.stored, b.run.newest = b.history.count, rec
             self._recorded(b, rec)
@@ -263,14 +263,15 @@ class Runtime:
         if p.probe:
             b.history.predict(h_in, p.coef, self._variant, write_out=False, probe=True)
         sums = b.history.record(h_in, h_out, probe=p.probe)
-        b.history.advance(p.t, wrote=True)
-        reduce = self.reduce
+        b.history.advance(self._axis(p.k, p.t), wrote=True)
+        reduce, chosen = self.reduce, None
         if p.choose:
             if reduce is not None:  # every rank chooses from the sums of the whole sequence
                 sums, reduce = reduce(sums), None
-            b.auto.probed(sums, p.coef)
-        rec = StepRecord(p.k, p.t, True, p.reason, p.stage, sums=Sums(sums, reduce), stored=b.history.count,
-                         probed=p.probe, lam1=p.lam1, choose=p.choose)  # fmt: skip
+            self._join(b, p.k)
+            chosen = b.auto.probed(sums, p.lam1, p.tau1)
+        rec = StepRecord(p.k, p.t, True, p.reason, p.stage, sums=Sums(sums, reduce, chosen), stored=b.history.count,
+                         probed=p.probe, lam1=p.lam1, tau1=p.tau1, choose=p.choose)  # fmt: skip
         b.run.newest = rec
         self._recorded(b, rec)
 
@@ -312,12 +313,22 @@ class Runtime:
         return measure and not run.poisoned and count >= self.resolved.min_history
 
     def _compute(self, b: Branch, t: float, reason: str, stage: str, probe: bool = False) -> None:
-        coef, lam1, distinct = self._coef(b, stage, t) if probe else (None, 0.0, False)
-        # "auto" chooses only where its candidates differ: with fewer than three residuals (or a
-        # degenerate grid) the rational prediction is the linear one.
+        coef, lam1, tau1 = self._coef(b, stage, self._axis(b.run.k, t)) if probe else (None, 0.0, 0.0)
         b.pending = Call(b.run.k, t, reason, stage, b.history, self._variant, coef, probe=probe, lam1=lam1,
-                         choose=self._auto and probe and distinct)  # fmt: skip
+                         tau1=tau1, choose=self._auto and probe)  # fmt: skip
         return None
+
+    def _join(self, b: Branch, k: int) -> None:
+        """Predictor "auto": the branches of one step (CFG's cond and uncond, called one after the
+        other) choose together: ``b`` takes the ``AutoChoice`` of a branch of this thread at the same
+        step of a run on the same expert that already chose, so that their errors are summed and
+        the next skips of both use one candidate. When cond and uncond pick differently their
+        errors stop cancelling in cond + g (cond - uncond) (docs/method.md section 6)."""
+        for o in self.branches.values():
+            if (o is not b and o.auto is not b.auto and o.expert == b.expert and o.auto.index is not None
+                    and o.run.k in (k, k + 1) and o.history.count >= 3):  # fmt: skip
+                b.auto = o.auto
+                return
 
     @staticmethod
     def _recorded(b: Branch, rec: StepRecord) -> None:
@@ -326,14 +337,22 @@ class Runtime:
         run.k += 1
         run.skipped = 0 if rec.computed else run.skipped + 1
 
-    def _coef(self, b: Branch, stage: str, t: float) -> Tuple[torch.Tensor, float, bool]:
-        """The prediction's coefficient tensor (device), its linear weight on R2 (host), and
-        whether its rational term is on (the pole bound is not 0)."""
+    def _axis(self, k: int, t: float) -> float:
+        """The time a prediction extrapolates along (``TCPadeConfig.time_axis``): the step index k
+        ("index") or the scheduler's time t ("schedule")."""
+        return float(k) if self.config.time_axis == "index" else t
+
+    def _coef(self, b: Branch, stage: str, t: float, rows: bool = False) -> Tuple[torch.Tensor, float, float]:
+        """The prediction's coefficient tensor (device; ``rows``: every "auto" candidate's, one
+        row each), and its linear weight on R2 and R2's normalised time (host, as the device
+        holds them: float32)."""
         c = self.config
         kw = dict(delta=c.pole_delta, kappa=c.kappa)
         if c.input_correction is not None:
             kw["gamma"] = c.input_correction
+        if c.damping and self.resolved.predictor in ("rational", "linear"):  # (not a calibrations' reuse)
+            kw["damping"] = c.damping
         values = b.history.coef_values(self._variant, stage, t, **kw)
-        coef = coef_to_device(values, b.history.ring.device)
-        lam1 = struct.unpack("f", struct.pack("f", values[K.LAM1]))[0]  # as the device holds it (float32)
-        return coef, lam1, values[K.BMAX] != 0.0
+        coef = coef_to_device(K.candidate_rows(values) if rows else values, b.history.ring.device)
+        lam1, tau1 = (struct.unpack("f", struct.pack("f", values[i]))[0] for i in (K.LAM1, K.TAU1))
+        return coef, lam1, tau1

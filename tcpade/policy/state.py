@@ -45,6 +45,7 @@ class StepRecord:
     probed: bool = field(default=False, repr=False, compare=False)  # the update measured a probe prediction
     choice: str = ""  # predictor "auto": the candidate the following skips use
     lam1: float = field(default=0.0, repr=False, compare=False)  # the probe's linear weight on R2
+    tau1: float = field(default=0.0, repr=False, compare=False)  # the probe's normalised time of R2
     choose: bool = field(default=False, repr=False, compare=False)  # "auto" chose from this probe
 
 
@@ -64,6 +65,7 @@ class Call:
     probe: bool = False  # a computed call measures a probe prediction
     sums: Optional[torch.Tensor] = None  # the skip's prediction sums (device)
     lam1: float = 0.0  # a probe's linear weight on R2 (predictor "auto" measures linear with it)
+    tau1: float = 0.0  # a probe's normalised time of R2 (predictor "auto": the damped candidates' weights)
     choose: bool = False  # predictor "auto": this probe chooses the candidate of the next skips
 
     def __call__(self, h_in: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
