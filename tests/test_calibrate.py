@@ -465,3 +465,30 @@ def test_command_line_holdout_flags(tmp_path, capsys):
     assert main(argv) == 0
     (entry,) = json.loads(Path(out).read_text())["entries"]
     assert entry["inputs"] == 1 and entry["validation"]["inputs"] == 2 and "3" in entry["validation"]["passes"]
+
+
+def test_validation_of_a_bare_transformer_scores_over_the_held_out_range(registry):
+    """A bare transformer's held-out check: PSNR over the held-out full computation's value range,
+    with the calibration's scheduler and both CFG branches."""
+    from diffusers import DDIMScheduler
+
+    tr = tiny.transformer("dit")
+
+    def inp(seed):
+        g = torch.Generator().manual_seed(seed)
+        return dict(latents=torch.randn(1, 4, 8, 8, generator=g), cond=dict(class_labels=torch.tensor([seed % 10])),
+                    uncond=dict(class_labels=torch.tensor([9])), guidance_scale=3.0)  # fmt: skip
+
+    cal = tcpade.calibrate(tr, [inp(3)], passes=3, steps=5, noise_scheduler=DDIMScheduler(), progress=False,
+                           holdout=[inp(7)])  # fmt: skip
+    assert cal.inputs == 1 and cal.holdout == 1 and sorted(cal.validation) == [3] and cal.extra["branches"] == 2
+    full = tcpade.sample(tr, DDIMScheduler(), steps=5, progress=False, **inp(7))
+    rng = float(full.max() - full.min())
+    for p in (3,):
+        out = tcpade.sample(tr, DDIMScheduler(), steps=5, config=TCPadeConfig(schedule=cal.schedules[p],
+                            schedule_steps=5), progress=False, **inp(7))  # fmt: skip
+        spaced = tcpade.sample(tr, DDIMScheduler(), steps=5, config=TCPadeConfig.budget(passes=p, use_calibrated=False),
+                               progress=False, **inp(7))  # fmt: skip
+        assert cal.validation[p][0] == pytest.approx(float(metrics.psnr(out, full, data_range=rng).mean()), abs=1e-9)
+        assert cal.validation[p][1] == pytest.approx(float(metrics.psnr(spaced, full, data_range=rng).mean()), abs=1e-9)
+        assert cal.used(p) == (cal.validation[p][0] > cal.validation[p][1])
