@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
+import hashlib
 import json
 import os
 import platform
@@ -57,12 +59,24 @@ FIELDS = ["model", "steps", "passes", "spaced", "refine", "trace", "share", "ref
           "refine_s", "refine_sweeps", "budget", "samples", "commit"]  # fmt: skip
 
 
+def library() -> str:
+    """A hash of the library's sources other than the trace search itself (what refine's result
+    depends on): the refine cache's key and the report's sections."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(ROOT, "tcpade", "**", "*.py"), recursive=True)):
+        if not path.endswith(os.path.join("tools", "trace_search.py")):
+            with open(path, "rb") as f:
+                h.update(path.encode() + f.read())
+    return h.hexdigest()[:8]
+
+
 def commit() -> str:
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     dirty = git("status", "--porcelain", "--", "tcpade")
-    return git("rev-parse", "--short", "HEAD") + (" (tcpade/ changed in the tree)" if dirty else "")
+    head = git("rev-parse", "--short", "HEAD")
+    return f"{head}, library {library()}" + (" (uncommitted changes in tcpade/)" if dirty else "")
 
 
 def trace_calibration(model, inputs, steps, passes, budget, predictor="rational", candidates=2):
@@ -97,7 +111,7 @@ def trace_calibration(model, inputs, steps, passes, budget, predictor="rational"
 def refine(model, name, cal, T, ks, sweeps):
     """tcpade.calibrate's refine search; with --refine-cache, kept in that JSON file per model, T,
     sweeps and commit (the trace search can then be measured again without running refine again)."""
-    key = f"{name}|{T}|{sweeps}|{commit()}"
+    key = f"{name}|{T}|{sweeps}|{library()}"
     cache = {}
     if REFINE_CACHE[0] and os.path.exists(REFINE_CACHE[0]):
         with open(REFINE_CACHE[0]) as f:
@@ -181,16 +195,21 @@ def verdict(r) -> str:
 
 
 def report(rows, command):
-    commits = list(dict.fromkeys(r["commit"] for r in rows))
+    libs = list(dict.fromkeys(lib_of(r) for r in rows))
     lines = ["# Trace search vs refine vs the spaced rule, on held-out inputs", "",
              "Machine: 2-core Intel Xeon VM, torch 2.13.0+cpu, 1 thread (shared with other jobs: seconds are "
-             f"indicative). Command: `{command}`. One section per commit the numbers were measured at, newest last.",
-             ""]  # fmt: skip
-    for c in commits:
-        lines += section([r for r in rows if r["commit"] == c], c)
+             f"indicative). Command: `{command}`. One section per state of the library the numbers were measured "
+             "at (a hash of tcpade/'s sources other than the trace search), newest last.", ""]  # fmt: skip
+    for lib in libs:
+        part = [r for r in rows if lib_of(r) == lib]
+        lines += section(part, "; ".join(dict.fromkeys(r["commit"] for r in part)))
     with open(MD, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {MD}")
+
+
+def lib_of(row) -> str:
+    return row["commit"].split("library ")[-1][:8]
 
 
 def section(rows, commit_id):
@@ -258,7 +277,7 @@ def main():
             for name in args.models.split(","):
                 new = []
                 bench(name, T, args.samples, sweeps.get(T, 2), BUDGET[T], new)
-                rows = [r for r in rows if (r["model"], int(r["steps"]), r["commit"]) != (name, T, new[0]["commit"])]
+                rows = [r for r in rows if (r["model"], int(r["steps"]), lib_of(r)) != (name, T, library())]
                 rows += new
                 write_csv(rows)
     print(platform.processor() or platform.machine())

@@ -227,3 +227,9 @@ def test_error_table_extrapolates_along_the_configs_time_axis():
     tr = synthetic_trace(T=8)
     assert TS.ErrorTable(tr, "rational", config_overrides={"time_axis": "index"}).axis == [float(j) for j in range(8)]
     assert TS.ErrorTable(tr, "rational", config_overrides={"time_axis": "schedule"}).axis == tr.times
+
+
+def test_weightings_direct_and_with_the_rest_of_the_run():
+    w, rest = TS.weightings([0.5, 0.25, 0.25])
+    assert w == [0.5, 0.25, 0.25]
+    assert rest == pytest.approx([math.sqrt(0.5 * 1.0), math.sqrt(0.25 * 0.5), 0.25])

@@ -26,10 +26,10 @@ spends a fixed budget of runs (e.g. 20 at 20 steps, 40 at 50, the full computati
    one, ranked by their offline error, while the pass count's share of the budget lasts. The
    best measured schedule per pass count is returned; it is never below the spaced rule on the
    calibration inputs (the spaced rule is measured first). The offline error comes in two
-   weightings (the scheduler's output weights, and uniform: early errors compound along the
-   rest of the run, which the output weights miss); the one that orders the schedules measured
-   so far most like their PSNR ranks the rest. Predictor "auto" (chosen online) is scored as the
-   kernel variant it runs (rational).
+   weightings (``weightings``: the scheduler's output weights, and one that also counts what
+   remains of the run after the step: early errors compound along it, which the output weights
+   miss); the one that orders the schedules measured so far most like their PSNR ranks the
+   rest. Predictor "auto" (chosen online) is scored as the kernel variant it runs (rational).
 
 The offline error alone misses how errors compound along the trajectory (the recorded residuals
 are those of the full run), so the real runs decide; the offline error only orders them.
@@ -666,11 +666,18 @@ def search_runner(runner, score: Callable[[Sequence[int]], float], steps: int, t
             weights = output_weights(scheduler, steps)
     gap = default_gap(steps, min(targets))
     table = ErrorTable(trace, predictor, guidance=guidance, config_overrides=config_overrides, max_gap=gap)
-    # two views of the errors: weighted by the scheduler's output weights (an error's direct effect on
-    # the sample), and uniform (early errors count more: they compound along the rest of the run)
-    tables = ([table.weighted(weights)] if weights is not None else []) + [table]
+    tables = [table] if weights is None else [table.weighted(w) for w in weightings(weights)]
     return search(score, steps, targets, lead, tables, budget - used, candidates=candidates, progress=progress,
                   log=log)  # fmt: skip
+
+
+def weightings(weights: Sequence[float]) -> List[List[float]]:
+    """The step weightings the search ranks schedules by, from the scheduler's output weights w:
+    w itself (an error's direct effect on the sample), and sqrt(w_j * sum_{i >= j} w_i) (an early
+    error also moves every later step's input: weighted by what remains of the run too)."""
+    w = [float(x) for x in weights]
+    rest = [sum(w[j:]) for j in range(len(w))]
+    return [w, [math.sqrt(a * b) for a, b in zip(w, rest)]]
 
 
 def default_runs(steps: int) -> int:
