@@ -14,6 +14,8 @@ the peers are read with):
 * partial: the emulation (emulate.py) with the first n_f and last n_b blocks run on every skipped step
   and the middle residual predicted by the library's rational / linear / reuse coefficients, on
   spaced(T, K') with K' the most passes that still reach L at the partial steps' real cost;
+* samek (``--kinds samek``): the partial-stack emulation on the whole-stack schedule spaced(T, K) (the
+  same passes, more compute: what the partial steps buy in quality before their cost is paid);
 * fit: the ridge polynomial predictors (emulate.py) on the whole stack, on spaced(T, K).
 
 PSNR (tcpade.tools.metrics.psnr, data range 2) against full computation of bench/quality.py's
@@ -135,6 +137,10 @@ def main(argv=None):
                                 continue
                             for v in OURS:
                                 record(ctx, level, "partial", f"ours:{v}", n_f, n_b, spaced(T, kp))
+                    if "samek" in kinds:  # partial steps on the whole-stack schedule: more compute, same passes
+                        for n_f, n_b in PAIRS[:3]:
+                            for v in OURS:
+                                record(ctx, level, "samek", f"ours:{v}", n_f, n_b, sched)
                     if "fit" in kinds:
                         for p in FITS:
                             record(ctx, level, "fit", p, 0, 0, sched)

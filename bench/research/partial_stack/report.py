@@ -36,14 +36,8 @@ def peer_best(model, steps, level):
     return best(rows, level)
 
 
-def fmt(r, what):
-    if r is None:
-        return "-", "-"
-    return f"{float(r['psnr']):.2f}", what(r)
-
-
 def setting(r):
-    if r["kind"] == "partial":
+    if r["kind"] in ("partial", "samek"):
         return f"f{r['n_f']}b{r['n_b']} {r['method'][5:]}"
     return r["method"]
 
@@ -58,30 +52,61 @@ def main(argv=None):
         scen[(r["model"], int(r["steps"]), float(r["level"]))].append(r)
     keys = sorted(scen, key=lambda k: (k[0], k[1], k[2]))
     summary = []
-    print("## Per scenario\n")
-    print("| model | T | level | whole (ours) | K | partial | setting, K, speedup | fit | setting | "
-          "partial - whole | fit - whole | auto | peer | peer label (speedup) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def psnr(r):
+        return f"{float(r['psnr']):.2f}" if r else "-"
+
+    def diff(a, b):
+        return f"{float(a['psnr']) - float(b['psnr']):+.2f}" if a and b else "-"
+
+    def peer_cell(k):
+        p = peer_best(*k)
+        return f"{psnr(p)} {p['label']} (x{float(p['speedup']):.2f})" if p else "-"
+
+    print("## (a) Partial stack at equal block compute\n")
+    print("whole: the best of the library's rational / linear / reuse on spaced(T, K); partial: the best emulated "
+          "partial-stack run (n_f, n_b, predictor) on spaced(T, K') with the most passes K' that reach the level at "
+          "its real cost; same K: the best partial-stack run on the whole-stack schedule (more compute, speedup "
+          "shown); peer: the best peer of bench/results/quality_<model>.csv at the level.\n")  # fmt: skip
+    print("| model | T | level | whole | pred, K | partial | n_f n_b pred, K', speedup | partial - whole | "
+          "same K: partial | setting, speedup | peer |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k in keys:
-        rs = scen[k]
-        level = k[2]
+        rs, level = scen[k], k[2]
         whole = best([r for r in rs if r["method"] in OURS], level)
         part = best([r for r in rs if r["kind"] == "partial"], level)
-        fit = best([r for r in rs if r["kind"] == "fit"], level)
-        auto = best([r for r in rs if r["method"] == "lib:auto"], level)
-        peer = peer_best(k[0], k[1], level)
-        wp, wk = fmt(whole, lambda r: f"{r['method'][4:]}, {r['passes']}")
-        pp, pk = fmt(part, lambda r: f"{setting(r)}, {r['passes']}, x{float(r['speedup']):.2f}")
-        fp, fk = fmt(fit, lambda r: r["method"][4:])
-        ap_, _ = fmt(auto, lambda r: "")
-        qp, qk = fmt(peer, lambda r: f"{r['label']} (x{float(r['speedup']):.2f})")
-        dpart = f"{float(part['psnr']) - float(whole['psnr']):+.2f}" if part and whole else "-"
-        dfit = f"{float(fit['psnr']) - float(whole['psnr']):+.2f}" if fit and whole else "-"
-        wm, wkk = wk.split(", ") if whole else ("-", "-")
-        print(f"| {k[0]} | {k[1]} | {level:g} | {wp} ({wm}) | {wkk} | {pp} | {pk} | {fp} | {fk} | {dpart} | {dfit} | "
-              f"{ap_} | {qp} | {qk} |")  # fmt: skip
+        samek = [r for r in rs if r["kind"] == "samek"]
+        sk = max(samek, key=lambda r: float(r["psnr"])) if samek else None
+        wk = f"{whole['method'][4:]}, {whole['passes']}" if whole else "-"
+        pk = f"{setting(part)}, {part['passes']}, x{float(part['speedup']):.2f}" if part else "no schedule"
+        skk = f"{setting(sk)}, x{float(sk['speedup']):.2f}" if sk else "-"
+        print(f"| {k[0]} | {k[1]} | {level:g} | {psnr(whole)} | {wk} | {psnr(part)} | {pk} | {diff(part, whole)} | "
+              f"{psnr(sk)} | {skk} | {peer_cell(k)} |")  # fmt: skip
         summary.append((k, whole, rs))
-    for kind, title in (("partial", "partial-stack settings"), ("fit", "ridge-fit settings")):
+
+    print("\n## (b) Ridge polynomial predictors, whole stack, spaced rule\n")
+    print(
+        "rational / linear / reuse / auto / damped: the library (damped: the best of TCPadeConfig.damping on "
+        "linear 0.5, 1, 2, 4 and rational 1, 2); fit: the best emulated ridge fit (axis:anchor:m:degree:rho).\n"
+    )
+    print("| model | T | level | K | rational | linear | reuse | auto | damped | setting | fit | setting | "
+          "fit - best of r/l/r | fit - best library | peer |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k in keys:
+        rs, level = scen[k], k[2]
+
+        one = {r["method"]: r for r in rs}.get
+        whole = best([r for r in rs if r["method"] in OURS], level)
+        damped = best([r for r in rs if r["kind"] == "damped"], level)
+        fit = best([r for r in rs if r["kind"] == "fit"], level)
+        libbest = best([r for r in rs if r["kind"] in ("whole", "damped")], level)
+        kk = whole["passes"] if whole else "-"
+        print(f"| {k[0]} | {k[1]} | {level:g} | {kk} | {psnr(one('lib:rational'))} | {psnr(one('lib:linear'))} | "
+              f"{psnr(one('lib:reuse'))} | {psnr(one('lib:auto'))} | {psnr(damped)} | "
+              f"{damped['method'][4:] if damped else '-'} | {psnr(fit)} | {fit['method'][4:] if fit else '-'} | "
+              f"{diff(fit, whole)} | {diff(fit, libbest)} | {peer_cell(k)} |")  # fmt: skip
+    for kind, title in (("partial", "partial-stack settings"), ("fit", "ridge-fit settings"),
+                        ("damped", "library damped settings")):  # fmt: skip
         print(f"\n## Fixed {title} against the best whole-stack predictor of ours, over all scenarios\n")
         print("Difference in dB to the scenario's best of rational / linear / reuse (whole stack, spaced rule) and "
               "to rational alone (the library's default predictor); a scenario where the setting has no schedule "
