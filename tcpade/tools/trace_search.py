@@ -25,11 +25,11 @@ spends a fixed budget of runs (e.g. 20 at 20 steps, 40 at 50, the full computati
    schedule are run for real (``score``), then single-step moves around the best measured
    one, ranked by their offline error, while the pass count's share of the budget lasts. The
    best measured schedule per pass count is returned; it is never below the spaced rule on the
-   calibration inputs (the spaced rule is measured first). The offline error comes in two
-   weightings (``weightings``: the scheduler's output weights, and one that also counts what
-   remains of the run after the step: early errors compound along it, which the output weights
-   miss); the one that orders the schedules measured so far most like their PSNR ranks the
-   rest. Predictor "auto" (chosen online) is scored as the kernel variant it runs (rational).
+   calibration inputs (the spaced rule is measured first). The offline error comes in three
+   weightings (``weightings``: the scheduler's output weights; one that also counts what
+   remains of the run after the step, as an early error moves the later steps' inputs; uniform);
+   the one that orders the schedules measured so far most like their PSNR ranks the rest.
+   Predictor "auto" (chosen online) is scored as the kernel variant it runs (rational).
 
 The offline error alone misses how errors compound along the trajectory (the recorded residuals
 are those of the full run), so the real runs decide; the offline error only orders them.
@@ -554,12 +554,13 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
     """The search's verification part: for every pass count in ``targets``, at most its share of
     ``runs`` calls of ``score`` (one sampling run of every calibration input each).
 
-    tables: one ``ErrorTable`` or several (the same errors under different step weights). Per
-    pass count: the spaced rule; each table's schedule of lowest offline error
-    (``best_schedules``); then, by the table whose offline error orders the schedules measured so
-    far (every pass count) most like their PSNR: its next ``candidates - 1`` schedules, the
-    evenly spaced schedule of lowest offline error, and single-step moves around the best
-    measured schedule, lowest offline error first. The runs are shared evenly among the pass
+    tables: one ``ErrorTable`` or several (the same errors under different step weights). The
+    table "chosen" is the one whose offline error orders the schedules measured so far (every
+    pass count) most like their PSNR. Per pass count: the spaced rule; the schedule of lowest
+    offline error (``best_schedules``) of every table (the first count) or of the chosen one (the
+    later counts); then, by the chosen table, the evenly spaced schedule of lowest offline error,
+    its next ``candidates - 1`` schedules, the other tables' best, and single-step moves around
+    the best measured schedule, lowest offline error first. The runs are shared evenly among the pass
     counts, most passes first; runs a count leaves unused go to the next. Returns ({passes:
     schedule}, {passes: calibration PSNR}), as ``tcpade.tools.calibrate``'s searches do.
     ``runs`` must allow one run per pass count."""
@@ -614,17 +615,23 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
                 continue
             measure(S.spaced(steps, k, lead), "spaced")
             ranked = {id(t): best_schedules(t, steps, k, lead, candidates) for t in tables}
-            for n, t in enumerate(tables):
+            # the first count measures every table's best schedule; the later ones that of the table
+            # chosen so far first, the others' last
+            order = tables if i == 0 else [chosen()]
+            for t in order:
                 if ranked[id(t)]:
-                    measure(ranked[id(t)][0][1], f"offline{n}")
+                    measure(ranked[id(t)][0][1], f"offline{tables.index(t)}")
             t = chosen()
-            for _, s in ranked[id(t)][1:]:
-                measure(s, f"offline{tables.index(t)}")
             fam = sorted(S.even_family(steps, k, lead), key=t.cost)
             for s in fam:
                 if tuple(s) not in seen:
-                    measure(s, "even")
+                    measure(s, f"even{tables.index(t)}")
                     break
+            for _, s in ranked[id(t)][1:]:
+                measure(s, f"offline{tables.index(t)}")
+            for t in tables:
+                if ranked[id(t)]:
+                    measure(ranked[id(t)][0][1], f"offline{tables.index(t)}")
             tried = set(seen)
             while len(seen) < left:
                 best = max(seen, key=seen.get)
@@ -673,11 +680,13 @@ def search_runner(runner, score: Callable[[Sequence[int]], float], steps: int, t
 
 def weightings(weights: Sequence[float]) -> List[List[float]]:
     """The step weightings the search ranks schedules by, from the scheduler's output weights w:
-    w itself (an error's direct effect on the sample), and sqrt(w_j * sum_{i >= j} w_i) (an early
-    error also moves every later step's input: weighted by what remains of the run too)."""
+    w itself (an error's direct effect on the sample), sqrt(w_j * sum_{i >= j} w_i) (an early
+    error also moves every later step's input: weighted by what remains of the run too), and
+    uniform (a DDIM model's early weights are large, yet the later steps correct much of an early
+    error)."""
     w = [float(x) for x in weights]
     rest = [sum(w[j:]) for j in range(len(w))]
-    return [w, [math.sqrt(a * b) for a, b in zip(w, rest)]]
+    return [w, [math.sqrt(a * b) for a, b in zip(w, rest)], [1.0] * len(w)]
 
 
 def default_runs(steps: int) -> int:
