@@ -233,3 +233,18 @@ def test_weightings_direct_and_with_the_rest_of_the_run():
     w, rest, flat = TS.weightings([0.5, 0.25, 0.25])
     assert w == [0.5, 0.25, 0.25] and flat == [1.0] * 3
     assert rest == pytest.approx([math.sqrt(0.5 * 1.0), math.sqrt(0.25 * 0.5), 0.25])
+
+
+@pytest.mark.parametrize("predictor", ["rational", "linear", "reuse"])
+@pytest.mark.parametrize("guidance", [None, 4.0])
+def test_error_table_from_inner_products_equals_the_direct_predictions(predictor, guidance):
+    tr = synthetic_trace(T=9, seed=3)
+    g = torch.Generator().manual_seed(4)
+    tr.scales = {b: [torch.rand(tr.rows, generator=g) + 0.5 for _ in range(9)] for b in tr.branches}
+    kw = dict(weights=[0.2 + 0.1 * j for j in range(9)], guidance=guidance, config_overrides={"kappa": 0.7})
+    if predictor != "rational":
+        kw["config_overrides"] = {}
+    fast = TS.ErrorTable(tr, predictor, **kw)
+    slow = TS.ErrorTable(tr, predictor, gram=False, **kw)
+    for h in [(TS.NONE, TS.NONE, 0), (TS.NONE, 0, 1), (0, 1, 2), (1, 3, 4), (0, 4, 6), (2, 5, 7)]:
+        np.testing.assert_allclose(fast.errors(*h), slow.errors(*h), rtol=2e-4)
