@@ -269,8 +269,8 @@ def test_apply_keeps_the_users_config_and_resolves_beside_it(registry):
         assert s.config is cfg and s.resolved is rt.resolved
         assert s.computed("cond") == s.computed("uncond") == [0, 2, 4, 6]
         text = str(s)
-        assert text.startswith("tcpade: predictor=reuse (the model's calibrations score it best; the config's: "
-                               "rational) budget=passes 4;"), text  # fmt: skip
+        assert text.startswith("tcpade: predictor=reuse (the one the model's calibrations were made with; the "
+                               "config's: rational) budget=passes 4;"), text  # fmt: skip
         assert "schedule: calibrated [0, 2, 4, 6]" in text
     finally:
         tcpade.remove(pipe)

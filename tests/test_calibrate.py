@@ -292,7 +292,7 @@ def test_calibrated_predictor_takes_the_best_scored_predictor(flux, registry):
     config's; an explicit predictor, or a model calibrated for one predictor only, keeps it."""
     key = schedules.model_key(flux.transformer)
     _cal(key, "rational", (30.0, 35.0)).register()
-    assert schedules.best_predictor(flux.transformer) is None  # one predictor: nothing to choose
+    assert schedules.best_predictor(flux.transformer) == "rational"  # one predictor: the one calibrated
     _cal(key, "reuse", (33.0, 34.0)).register()  # mean 33.5 > 32.5
     _cal(key, "linear", (20.0, 40.0), steps=7).register()  # no (T, passes) shared with the others
     _cal(key, "linear", (31.0, 33.0)).register()  # mean 32.0
@@ -302,6 +302,9 @@ def test_calibrated_predictor_takes_the_best_scored_predictor(flux, registry):
     assert resolved.predictor == "reuse" and (6, (0, 2, 4)) in resolved.calibrated
     _, summ = flux.sample([3], [1], steps=6, config=cfg, return_summary=True)
     assert summ.computed("cond") == [0, 2, 4] and str(summ).startswith("tcpade: predictor=reuse ")
+    # slow() / fast(): "auto" on a model nobody calibrated, the calibrations' predictor on this one
+    assert TCPadeConfig.fast().predictor == TCPadeConfig.slow().predictor == "auto"
+    assert schedules.resolve(TCPadeConfig.fast(), flux.transformer).predictor == "reuse"
     assert TCPadeConfig.fast().calibrated_predictor and TCPadeConfig.slow().calibrated_predictor
     assert not TCPadeConfig.fast(predictor="linear").calibrated_predictor  # the user's predictor stays
     assert schedules.resolve(TCPadeConfig.fast(predictor="linear"), flux.transformer).predictor == "linear"

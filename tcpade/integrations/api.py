@@ -394,7 +394,7 @@ class Summary:
         c, ran = self.config, self.resolved
         predictor = ran.predictor
         if predictor != c.predictor:
-            predictor += f" (the model's calibrations score it best; the config's: {c.predictor})"
+            predictor += f" (the one the model's calibrations were made with; the config's: {c.predictor})"
         lines = [
             f"tcpade: predictor={predictor}{' level=output' if c.level == 'output' else ''} {_decided_by(c)}; "
             f"history {self.history_bytes / 2**20:.2f} MiB",

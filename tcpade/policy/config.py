@@ -23,10 +23,9 @@ the runtime (``tcpade.policy.plan.Resolved``), and ``runtime.config`` is the obj
 Presets (bench/results/quality.md and calibration.md compare them with every peer on the
 zoo's trained models): ``paper()`` reproduces the published method (for fidelity, not speed
 or quality); ``slow()`` and ``fast()`` are compute budgets at 2.5x and 2.9x fewer block-stack
-passes (8 and 7 of 20), with the time-aware rational predictor (or the predictor the model's
-calibrations score best, when it is calibrated for several), placed by the model's
-calibrated schedule when one is registered (the zoo ships them) and by the spaced rule
-otherwise; ``adaptive()`` is error-controlled skipping (its compute follows the trajectory).
+passes (8 and 7 of 20): on a model nobody calibrated, the spaced rule and the online choice
+of predictor ("auto"); on a calibrated one (the zoo ships them), its calibrated schedule and the
+predictor its calibrations were made with; ``adaptive()`` is error-controlled skipping (its compute follows the trajectory).
 The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05: about 1.3x at
 20 steps on those models).
 """
@@ -288,12 +287,13 @@ class TCPadeConfig:
     (False: always the spaced rule). Not a speed knob."""
 
     calibrated_predictor: bool = False
-    """A budget takes the predictor the model's calibrations score best with: when the registry
-    holds calibrated schedules of this model for several predictors (the zoo ships rational for
-    every model, linear and reuse for some), the one with the highest mean calibration PSNR over
-    the (T, passes) they share runs instead of ``predictor``. ``tcpade.apply`` decides and keeps
-    the choice on the runtime (``runtime.resolved``; this config is not changed); the summary
-    shows it. ``slow()`` and ``fast()`` set it unless given a predictor. Not a speed knob."""
+    """A budget takes the predictor the model's calibrations were made with, when the registry
+    holds calibrated schedules of this model: the only one, or, calibrated for several (the zoo
+    ships rational for every model, linear and reuse for some), the one with the highest mean
+    calibration PSNR over the (T, passes) they share; ``predictor`` runs on a model without
+    calibrations. ``tcpade.apply`` decides and keeps the choice on the runtime
+    (``runtime.resolved``; this config is not changed); the summary shows it. ``slow()`` and
+    ``fast()`` set it unless given a predictor. Not a speed knob."""
 
     # ---- predictor, continued (fields added later, kept last so positional arguments keep working)
     time_axis: str = "index"
@@ -333,16 +333,17 @@ class TCPadeConfig:
     def slow(cls, **overrides) -> "TCPadeConfig":
         """The 2.5x point: a compute budget of ``speedup=2.5`` (8 of 20 block-stack passes per
         branch, 11 of 28, 20 of 50), on the model's calibrated schedule when the registry has one
-        (the zoo ships them; ``tcpade.calibrate`` makes them), else the spaced rule. Rational
-        predictor, or the one the model's calibrations score best when it is calibrated for
-        several (``calibrated_predictor``; a ``predictor=`` override turns that off). Short runs
+        (the zoo ships them; ``tcpade.calibrate`` makes them), else the spaced rule. Predictor
+        "auto" on a model nobody calibrated (chosen leave-one-model-out on the zoo models:
+        bench/results/defaults.md), the one the model's calibrations were made with on a
+        calibrated model (``calibrated_predictor``; a ``predictor=`` override turns that off). Short runs
         get more passes, so that the spaced rule never predicts more
         than 3 steps in a row (``budget_max_run=3``: 4 of 10, 3 of 6). Until this version
         ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo
         the calibrated 8-of-20 schedule gave 3-12 dB more with one pass fewer
         (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4, interval=4,
         final_steps=1, tsi_threshold=1.0)`` is the old rule."""
-        base = dict(speedup=2.5, budget_max_run=3, calibrated_predictor="predictor" not in overrides)
+        base = dict(speedup=2.5, budget_max_run=3, predictor="auto", calibrated_predictor="predictor" not in overrides)
         base.update(overrides)
         return cls.budget(**base)
 
@@ -350,12 +351,12 @@ class TCPadeConfig:
     def fast(cls, **overrides) -> "TCPadeConfig":
         """The 2.9x point: a compute budget of ``speedup=2.9`` (7 of 20 passes per branch, 10 of
         28, 17 of 50), placed like ``slow()``: the model's calibrated schedule, else the spaced
-        rule, with at most 3 steps predicted in a row (4 of 10). The paper's "fast" point
+        rule, with at most 3 steps predicted in a row (4 of 10), and the same predictor. The paper's "fast" point
         computes the same 7 of 20 as warm-up 2, every 6th and the last step
         (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5, final_steps=1,
         tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
         every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
-        base = dict(speedup=2.9, budget_max_run=3, calibrated_predictor="predictor" not in overrides)
+        base = dict(speedup=2.9, budget_max_run=3, predictor="auto", calibrated_predictor="predictor" not in overrides)
         base.update(overrides)
         return cls.budget(**base)
 

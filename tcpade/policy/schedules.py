@@ -300,15 +300,16 @@ def register(key: str, predictor: str, total: int, schedules: Dict[int, Sequence
 
 
 def best_predictor(transformer) -> Optional[str]:
-    """The predictor whose calibrated schedules of this model score the highest mean calibration
-    PSNR over the (T, passes) that every calibrated predictor has; None when fewer than two
-    predictors are calibrated (or they share no scored pass count)."""
+    """The predictor the model's calibrations were made with: the only one, or, when it is
+    calibrated for several, the one whose calibrated schedules score the highest mean
+    calibration PSNR over the (T, passes) that every calibrated predictor has; None when none is
+    calibrated (or several share no scored pass count)."""
     _load_shipped()
     by_pred = _PSNR.get(model_key(transformer), {})
     scored = {p: {(t, k): v for t, ks in by_t.items() for k, v in ks.items()} for p, by_t in by_pred.items()}
     scored = {p: v for p, v in scored.items() if v}
     if len(scored) < 2:
-        return None
+        return next(iter(scored), None)
     common = set.intersection(*(set(v) for v in scored.values()))
     if not common:
         return None
