@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import hashlib
 import json
@@ -59,9 +60,11 @@ FIELDS = ["model", "steps", "passes", "spaced", "refine", "trace", "share", "ref
           "refine_s", "refine_sweeps", "budget", "samples", "commit"]  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1)
 def library() -> str:
     """A hash of the library's sources other than the trace search itself (what refine's result
-    depends on): the refine cache's key and the report's sections."""
+    depends on), taken once, when the script starts (the code it runs is loaded then): the refine
+    cache's key and the report's sections."""
     h = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(ROOT, "tcpade", "**", "*.py"), recursive=True)):
         if not path.endswith(os.path.join("tools", "trace_search.py")):
@@ -70,7 +73,10 @@ def library() -> str:
     return h.hexdigest()[:8]
 
 
+@functools.lru_cache(maxsize=1)
 def commit() -> str:
+    """HEAD and the library's hash when the script started."""
+
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -135,12 +141,12 @@ def held_out(name, samples):
     return [HELD_OUT_SEED + i for i in range(samples)], [i % n for i in range(samples)]
 
 
-def bench(name, T, samples, sweeps, budget, rows_out):
+def bench(name, T, samples, sweeps, budget, rows_out, candidates=2):
     model = zoo.load(name)
     ks = PASSES[T]
     cal = list(zip(CAL_SEEDS, CAL_LABELS[name]))
     print(f"== {name} T={T}: trace search (budget {budget} runs)", flush=True)
-    t_path, t_curve, t_runs, t_calls, t_s, log = trace_calibration(model, cal, T, ks, budget)
+    t_path, t_curve, t_runs, t_calls, t_s, log = trace_calibration(model, cal, T, ks, budget, candidates=candidates)
     for k, s, v, c, why in log.rows:
         print(f"   {k:3d} {why:8s} {v:7.2f} dB  offline {c:.3g}  {' '.join(map(str, s))}", flush=True)
     print(f"   trace: {t_runs} runs, {t_calls} calls, {t_s:.1f} s", flush=True)
@@ -194,12 +200,14 @@ def verdict(r) -> str:
     return "met" if tr >= rf else "MISS"  # refine gained nothing: trace must not fall below it
 
 
-def report(rows, command):
+def report(rows, command, note=""):
     libs = list(dict.fromkeys(lib_of(r) for r in rows))
     lines = ["# Trace search vs refine vs the spaced rule, on held-out inputs", "",
              "Machine: 2-core Intel Xeon VM, torch 2.13.0+cpu, 1 thread (shared with other jobs: seconds are "
              f"indicative). Command: `{command}`. One section per state of the library the numbers were measured "
              "at (a hash of tcpade/'s sources other than the trace search), newest last.", ""]  # fmt: skip
+    if note:
+        lines += [note, ""]
     for lib in libs:
         part = [r for r in rows if lib_of(r) == lib]
         lines += section(part, "; ".join(dict.fromkeys(r["commit"] for r in part)))
@@ -264,10 +272,13 @@ def main():
     p.add_argument("--append", action="store_true", help="keep the CSV's rows of other (model, T)")
     p.add_argument("--report", action="store_true", help="only write the page from the CSV")
     p.add_argument("--command", default=None, help="the command line the page names (default: this one)")
+    p.add_argument("--candidates", type=int, default=2, help="the trace search's DP candidates per table (default 2)")
+    p.add_argument("--note", default="", help="a paragraph the page adds under its header (e.g. which commits)")
     p.add_argument("--refine-cache", default=None, help="a JSON file keeping refine's results per model, T, sweeps "
                    "and commit (default: none)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(1)
+    commit()  # the library's state now, before a model loads
     REFINE_CACHE[0] = args.refine_cache
     command = args.command or "python " + " ".join(["bench/calibration_trace.py", *sys.argv[1:]])
     rows = read_rows() if (args.append or args.report) else []
@@ -276,12 +287,12 @@ def main():
         for T in (int(x) for x in args.steps.split(",")):
             for name in args.models.split(","):
                 new = []
-                bench(name, T, args.samples, sweeps.get(T, 2), BUDGET[T], new)
+                bench(name, T, args.samples, sweeps.get(T, 2), BUDGET[T], new, args.candidates)
                 rows = [r for r in rows if (r["model"], int(r["steps"]), lib_of(r)) != (name, T, library())]
                 rows += new
                 write_csv(rows)
     print(platform.processor() or platform.machine())
-    report(rows, command)
+    report(rows, command, args.note)
 
 
 if __name__ == "__main__":
