@@ -63,6 +63,7 @@ def main(argv=None):
         p = peer_best(*k)
         return f"{psnr(p)} {p['label']} (x{float(p['speedup']):.2f})" if p else "-"
 
+    agg = defaultdict(list)
     print("## (a) Partial stack at equal block compute\n")
     print("whole: the best of the library's rational / linear / reuse on spaced(T, K); partial: the best emulated "
           "partial-stack run (n_f, n_b, predictor) on spaced(T, K') with the most passes K' that reach the level at "
@@ -83,6 +84,16 @@ def main(argv=None):
         print(f"| {k[0]} | {k[1]} | {level:g} | {psnr(whole)} | {wk} | {psnr(part)} | {pk} | {diff(part, whole)} | "
               f"{psnr(sk)} | {skk} | {peer_cell(k)} |")  # fmt: skip
         summary.append((k, whole, rs))
+        if part and whole:
+            agg["partial"].append(float(part["psnr"]) - float(whole["psnr"]))
+        if sk and whole:
+            agg["same K"].append(float(sk["psnr"]) - float(whole["psnr"]))
+    print()
+    for name in ("partial", "same K"):
+        d = agg[name]
+        if d:
+            print(f"{name} - whole: {len(d)} scenarios, mean {sum(d) / len(d):+.2f} dB, min {min(d):+.2f}, "
+                  f"max {max(d):+.2f}, better in {sum(x > 0 for x in d)}")  # fmt: skip
 
     print("\n## (b) Ridge polynomial predictors, whole stack, spaced rule\n")
     print(
@@ -105,32 +116,44 @@ def main(argv=None):
               f"{psnr(one('lib:reuse'))} | {psnr(one('lib:auto'))} | {psnr(damped)} | "
               f"{damped['method'][4:] if damped else '-'} | {psnr(fit)} | {fit['method'][4:] if fit else '-'} | "
               f"{diff(fit, whole)} | {diff(fit, libbest)} | {peer_cell(k)} |")  # fmt: skip
+        if fit and whole and libbest:
+            agg["fit - best of r/l/r"].append(float(fit["psnr"]) - float(whole["psnr"]))
+            agg["fit - best library"].append(float(fit["psnr"]) - float(libbest["psnr"]))
+    print()
+    for name in ("fit - best of r/l/r", "fit - best library"):
+        d = agg[name]
+        print(
+            f"{name} (the per-scenario best fit, chosen after the fact): {len(d)} scenarios, mean "
+            f"{sum(d) / len(d):+.2f} dB, min {min(d):+.2f}, max {max(d):+.2f}, better in {sum(x > 0 for x in d)}"
+        )
     for kind, title in (("partial", "partial-stack settings"), ("fit", "ridge-fit settings"),
                         ("damped", "library damped settings")):  # fmt: skip
         print(f"\n## Fixed {title} against the best whole-stack predictor of ours, over all scenarios\n")
-        print("Difference in dB to the scenario's best of rational / linear / reuse (whole stack, spaced rule) and "
-              "to rational alone (the library's default predictor); a scenario where the setting has no schedule "
-              "at the level counts as a miss and is not in the mean.\n")  # fmt: skip
+        print("Difference in dB to the scenario's best of rational / linear / reuse (whole stack, spaced rule), "
+              "to rational alone (the library's default predictor) and to auto (the library's online chooser); "
+              "a scenario where the setting has no schedule at the level counts as a miss and is not in the "
+              "mean.\n")  # fmt: skip
         print("| setting | scenarios | mean vs best | worst vs best | mean vs rational | worst vs rational | "
-              "wins vs best |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|")
+              "mean vs auto | worst vs auto | wins vs best |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
         per = defaultdict(list)
         for _k, whole, rs in summary:
             rat = next((r for r in rs if r["method"] == "lib:rational"), None)
+            auto = next((r for r in rs if r["method"] == "lib:auto"), None)
             for r in rs:
-                if r["kind"] == kind and whole is not None and rat is not None:
-                    per[setting(r)].append((float(r["psnr"]) - float(whole["psnr"]),
-                                            float(r["psnr"]) - float(rat["psnr"])))  # fmt: skip
+                if r["kind"] == kind and whole is not None and rat is not None and auto is not None:
+                    p = float(r["psnr"])
+                    per[setting(r)].append((p - float(whole["psnr"]), p - float(rat["psnr"]), p - float(auto["psnr"])))
         n_all = len(summary)
         stats = []
         for s, d in per.items():
-            mb = sum(x for x, _ in d) / len(d)
+            mb = sum(x[0] for x in d) / len(d)
             stats.append((mb, s, d))
         stats.sort(reverse=True)
-        for mb, s, d in stats[:12] if kind == "fit" else stats:
-            wins = sum(1 for x, _ in d if x > 0)
-            print(f"| {s} | {len(d)}/{n_all} | {mb:+.2f} | {min(x for x, _ in d):+.2f} | "
-                  f"{sum(y for _, y in d) / len(d):+.2f} | {min(y for _, y in d):+.2f} | {wins} |")  # fmt: skip
+        for _mb, s, d in stats[:12] if kind == "fit" else stats:
+            wins = sum(1 for x in d if x[0] > 0)
+            cells = " | ".join(f"{sum(x[i] for x in d) / len(d):+.2f} | {min(x[i] for x in d):+.2f}" for i in range(3))
+            print(f"| {s} | {len(d)}/{n_all} | {cells} | {wins} |")
 
 
 if __name__ == "__main__":
