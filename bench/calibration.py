@@ -84,7 +84,7 @@ def levels(T):
 
 
 PEERS_DIR = [OUT]  # where bench/quality.py's CSVs are read from (--peers)
-HOLDOUT_SAMPLES = [8]  # held-out validation inputs per model (--holdout-samples)
+HOLDOUT_SAMPLES = [16]  # held-out validation inputs per model (--holdout-samples)
 PREDICTOR = ["rational"]  # the predictor the schedules are searched for (--predictor; with --search-only)
 
 
@@ -357,6 +357,11 @@ def report(rows, costs, meta, path):
         f"Machine: {meta['machine']}, {meta['threads']} torch thread(s); torch {meta['torch']}; {meta['date']}. "
         f"Command: `{meta['command']}`.",
         "",
+        f"Held-out validation: the 4-input calibration is checked against the spaced rule on {HOLDOUT_SAMPLES[0]} "
+        f"other inputs per model (seeds {HOLDOUT_SEED0}.., `tcpade.calibrate(..., holdout=...)`); the `calibrated` "
+        "rows are what it ships: the searched schedule where it beat the spaced rule there, else the spaced rule's "
+        "(bench/results/calibration_validation.md checks every shipped calibration).",
+        "",
         "Calibration: `tcpade.calibrate` (method refine: the best evenly spaced schedule on the calibration "
         "inputs, then hill climbing, 2 sweeps at 20 steps, 1 at 50 and then searched again with 2 (--resweep 2), "
         "flux-photos 2 at both; rational predictor) at each pass count, on "
@@ -551,8 +556,9 @@ def write_validation(rows, meta, out):
     lost = [r for r in shipped if r["verdict"] != "calibrated"]
     same = [r for r in lost if r["schedule"] == r["spaced_schedule"]]
     lines = ["# Held-out validation of the shipped calibrations", "",
-             f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s); {meta['date']}; "
-             f"tcpade at commit {meta['commit']}. Command: `{meta['command']}`.", "",
+             f"Machine: {os.cpu_count()}-core VM ({meta['machine']}, shared with other jobs), torch {meta['torch']}, "
+             f"{meta['threads']} thread(s); {meta['date']}; tcpade at commit {meta['commit']}. "
+             f"Command: `{meta['command']}`.", "",
              f"Every entry of `tcpade/zoo/schedules.json` and every pass count in it: the calibrated schedule and the "
              f"spaced rule's schedule (`TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)`, with the entry's "
              f"predictor) on {meta['holdout']} held-out inputs per model (seeds {HOLDOUT_SEED0}.."
@@ -707,8 +713,8 @@ def main(argv=None):
     p.add_argument("--add-passes", default="", help="with --resweep: pass counts to search as well (K,K,..)")
     p.add_argument("--rules", action="store_true", help="only: every evenly spaced schedule of the family at every "
                    "pass count (calibration_rules.csv), to choose the spaced rule from")
-    p.add_argument("--holdout-samples", type=int, default=8, help="held-out validation inputs per model (seeds "
-                   f"{HOLDOUT_SEED0}..; default 8)")  # fmt: skip
+    p.add_argument("--holdout-samples", type=int, default=16, help="held-out validation inputs per model (seeds "
+                   f"{HOLDOUT_SEED0}..; default 16)")  # fmt: skip
     p.add_argument("--validate-shipped", action="store_true", help="only: check every shipped calibration of --models "
                    "at --steps on the held-out inputs, write the checks into tcpade/zoo/schedules.json and the table "
                    "into calibration_validation.md / .csv")  # fmt: skip
