@@ -302,6 +302,29 @@ def test_shipped_zoo_schedules_load():
         TCPadeConfig(schedule=steps, schedule_steps=t)  # valid
 
 
+def test_shipped_calibrations_are_validated_and_the_losers_not_used():
+    """Every shipped zoo calibration carries its held-out check; a pass count whose schedule lost
+    to the spaced rule there is not registered, and the budget runs the spaced rule at it."""
+    import json
+
+    schedules.clear(shipped=False)
+    schedules.load(schedules.SHIPPED)
+    with open(schedules.SHIPPED) as f:
+        entries = schedules.entries_from_json(json.load(f))
+    lost = 0
+    for e in entries:
+        checks = schedules.entry_checks(e)
+        assert checks is not None and sorted(checks) == sorted(int(p) for p in e["schedules"]), e["name"]
+        for p, steps in e["schedules"].items():
+            key = e["model"], e["predictor"], e["steps"], int(p)
+            registered = schedules._REGISTRY[key[0]][key[1]][key[2]].get(key[3])
+            assert (registered is not None) == schedules.wins(checks[int(p)]), key
+            assert registered is None or registered == tuple(steps)
+            lost += registered is None
+    assert 0 < lost < sum(len(e["schedules"]) for e in entries)
+    schedules.clear()
+
+
 def test_a_run_of_another_length_is_refused_at_its_first_call():
     cfg = TCPadeConfig(schedule=(0, 1, 5), schedule_steps=10)
     with pytest.raises(ValueError, match="schedule_steps=10 steps, this run has 12"):
