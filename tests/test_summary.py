@@ -75,8 +75,9 @@ def test_summary_shows_what_was_resolved_for_the_model():
     assert rt.config is cfg and rt.resolved.predictor == "reuse" and cfg.predictor == "rational"
     rt, _, _, _ = run(cfg, 20, rt=rt)
     text = str(tcpade.summary(rt))
-    assert text.startswith("tcpade: predictor=reuse (the one the model's calibrations were made with; the config's: "
-                           "rational)")
+    assert text.startswith(
+        "tcpade: predictor=reuse (the one the model's calibrations were made with; the config's: rational)"
+    )
     assert f"schedule: spaced rule {list(rt.resolved.plan(20))}" in text
     assert tcpade.summary(rt).computed("default") == list(rt.resolved.plan(20))
     with pytest.raises(ValueError, match="another config"):
