@@ -49,6 +49,7 @@ import torch
 
 from tcpade import coef as K
 from tcpade import ops, reference
+from tcpade.core import layout as L
 from tcpade.core.layout import SUMS
 
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -404,17 +405,18 @@ def _warm_ops(h_shape, dtype, device, config):
     loops: a History on a tensor of the model's h_in shape runs every op the Runtime will."""
     from tcpade.core.history import History
 
-    gamma = config.input_correction if config.input_correction is not None else K.default_gamma(config.predictor)
+    variant = L.kernel_variant(config.predictor)  # ("auto" runs the rational kernel)
+    gamma = config.input_correction if config.input_correction is not None else K.default_gamma(variant)
     h = History(nslots=config.history_slots, keep_prev_input=gamma != 0.0)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(h_shape, generator=g).to(device, dtype)
     for i in range(3):
         h.record(x, x + 0.1 * (i + 1), probe=i == 2)
         h.advance(1.0 - 0.1 * i, wrote=True)
-    cf = h.coef(config.predictor, "middle", 0.6)
-    h.predict(x, cf, config.predictor, store=config.store_predictions)
+    cf = h.coef(variant, "middle", 0.6)
+    h.predict(x, cf, variant, store=config.store_predictions)
     h.advance(0.6, wrote=config.store_predictions)
-    h.predict(x, cf, config.predictor, write_out=False, probe=True)
+    h.predict(x, cf, variant, write_out=False, probe=True)
     _sync(device)
 
 

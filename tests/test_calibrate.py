@@ -495,3 +495,25 @@ def test_validation_of_a_bare_transformer_scores_over_the_held_out_range(registr
         assert cal.validation[p][0] == pytest.approx(float(metrics.psnr(out, full, data_range=rng).mean()), abs=1e-9)
         assert cal.validation[p][1] == pytest.approx(float(metrics.psnr(spaced, full, data_range=rng).mean()), abs=1e-9)
         assert cal.used(p) == (cal.validation[p][0] > cal.validation[p][1])
+
+
+# ---------------------------------------------------------------------------------- trace search
+def test_trace_search_inside_calibrate_keeps_its_run_budget(flux, registry):
+    """``method="trace"``: one recorded full run, then at most ``runs`` sampling runs of the search
+    inputs in all (the full run included; the held-out check comes on top, counted apart); every
+    pass count asked for is found, valid, and never below the spaced rule on the search inputs."""
+    cal = tcpade.calibrate(flux, [(5, 3), (6, 1), (7, 2)], passes=[5, 4], steps=10, method="trace", runs=9,
+                           progress=False, holdout=[(8, 4)])  # fmt: skip
+    assert cal.method == "trace" and sorted(cal.schedules) == [4, 5]
+    assert cal.runs - cal.validation_runs <= 9 and cal.validation_runs > 0
+    for k, sched in cal.schedules.items():
+        assert len(sched) == k and schedules.check_schedule(sched, 10, "rational") == tuple(sched)
+        spaced = TCPadeConfig.budget(passes=k, use_calibrated=False).plan(10)
+        out = flux.sample([5, 6, 7], [3, 1, 2], steps=10, config=TCPadeConfig(schedule=spaced, schedule_steps=10))
+        ref = flux.sample([5, 6, 7], [3, 1, 2], steps=10)
+        assert cal.psnr[k] >= float(metrics.psnr(out, ref).mean()) - 1e-6  # (the spaced rule is measured first)
+    with pytest.raises(ValueError, match="runs is the trace search's budget"):
+        tcpade.calibrate(flux, [(5, 3)], passes=4, steps=10, runs=9, holdout=False, progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        tcpade.calibrate(flux, [(5, 3)], passes=[5, 4], steps=10, method="trace", runs=2, holdout=False,
+                         progress=False)  # fmt: skip

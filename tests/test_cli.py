@@ -149,8 +149,15 @@ BAD = [
     ([*CAL, "--passes", "7", "--method", "dp"], "argument --method: invalid choice: 'dp'"),
     ([*CAL, "--passes", "7", "--threads", "0"], "--threads must be an int >= 1, got 0"),
     ([*CAL, "--passes", "7", "--labels", "one"], "--labels must be comma-separated integers, got 'one'"),
-    ([*CAL, "--passes", "7", "--labels", "1,2", "--seeds", "0"], "--labels needs one label per seed: 2 label(s) for 1"),
-    ([*CAL, "--passes", "7", "--labels", "12", "--seeds", "0"], "--labels: flux-digits has classes 0..9, got [12]"),
+    ([*CAL, "--passes", "7", "--seeds", "0"], "--holdout: one seed leaves none to hold out for validation"),
+    ([*CAL, "--passes", "7", "--runs", "20"], "--runs is the trace search's budget: it needs --method trace"),
+    ([*CAL, "--passes", "7", "--method", "trace", "--runs", "x"], "--runs must be an int, got 'x'"),
+    ([*CAL, "--passes", "7", "--method", "trace", "--runs", "1"], "--runs must be an int >= 2, got 1"),
+    ([*CAL, "--passes", "7", "--holdout", "2"], "--holdout"),
+    ([*CAL, "--passes", "7", "--labels", "1,2", "--seeds", "0", "--holdout", "off"],
+     "--labels needs one label per seed: 2 label(s) for 1"),
+    ([*CAL, "--passes", "7", "--labels", "12", "--seeds", "0", "--holdout", "off"],
+     "--labels: flux-digits has classes 0..9, got [12]"),
     ([*CAL, "--passes", "7", "--prompt", "a fox"], "--prompt: zoo model flux-digits takes class labels, not prompts"),
     ([*CAL, "--passes", "7", "--out", "missing/s.json"], "--out: folder "),
     ([*CAL, "--passes", "7", "--out", "empty"], "--out: 'empty' is a folder; give a JSON file"),
@@ -448,5 +455,6 @@ def test_calibrate_on_a_saved_class_pipeline(tmp_path, monkeypatch, capsys):
     print(out, f"({time.perf_counter() - t0:.1f} s)")
     assert rc == 0 and "wrote cal.json" in out and "  3 passes" in out
     (entry,) = json.loads((tmp_path / "cal.json").read_text())["entries"]
-    assert entry["steps"] == 5 and entry["inputs"] == 2 and entry["method"] == "refine"
+    # two seeds: one searched, one held out for the validation (the default --holdout 0.5)
+    assert entry["steps"] == 5 and entry["inputs"] == 1 and entry["method"] == "refine" and entry["validated"]
     assert sorted(entry["schedules"]) == ["3", "4"] and all(0 < v < 100 for v in entry["psnr"].values())

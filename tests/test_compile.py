@@ -210,32 +210,31 @@ def test_pipeline_with_cfg_branches_under_regional_fullgraph():
 
 @pytest.mark.parametrize("mode", ["regional", "full"])
 def test_auto_predictor_under_fullgraph_compile(mode, monkeypatch):
-    """Predictor "auto": the online choice is a device-side coefficient value, so a compiled model
-    neither breaks its graph nor recompiles when the choice changes, and reproduces eager bit for bit.
-    (The tiny random models always choose rational; the device choice is flipped to linear at every
-    other computed step here, the same in the eager and the compiled runs.)"""
-    from tcpade import coef as K
+    """Predictor "auto": the online choice is a device-side row of the candidates' coefficients, so a
+    compiled model neither breaks its graph nor recompiles when the choice changes, and reproduces
+    eager bit for bit. (The device choice is flipped between linear and reuse at every computed
+    step that chooses here, the same in the eager and the compiled runs.)"""
+    from tcpade.core import layout as L
     from tcpade.policy import choosers
 
-    real, calls = choosers.choice_mask, []
+    real, calls = choosers.AutoChoice.probed, []
+    names = [c.name for c in L.AUTO_CANDIDATES]
 
-    def alternating(sums, coef, acc):
-        mask, acc = real(sums, coef, acc)
+    def alternating(self, sums, lam1, tau1):
+        real(self, sums, lam1, tau1)
         calls.append(1)
-        if len(calls) % 2:
-            mask = mask.clone()
-            mask[K.BMAX] = 0.0  # linear
-        return mask, acc
+        self.index = torch.tensor(names.index("linear" if len(calls) % 2 else "reuse"), device=sums.device)
+        return self.index.reshape(1).to(sums.dtype)
 
-    monkeypatch.setattr(choosers, "choice_mask", alternating)
+    monkeypatch.setattr(choosers.AutoChoice, "probed", alternating)
     cfg = TCPadeConfig.fast(predictor="auto")
     model, inputs, _ = FAMILIES["flux"]()
     tcpade.apply(model, cfg, num_steps=STEPS)
     ref = trajectory("flux", model, inputs)
     tcpade.remove(model)
-    assert len(calls) == 4  # computed steps 7, 11, 14, 18 chose (linear, rational, linear, rational)
+    assert len(calls) == 4  # computed steps 7, 11, 14, 18 chose (linear, reuse, linear, reuse)
     plain = FAMILIES["flux"]()[0]
-    tcpade.apply(plain, TCPadeConfig.fast(), num_steps=STEPS)
+    tcpade.apply(plain, TCPadeConfig.fast(predictor="rational"), num_steps=STEPS)
     assert not torch.equal(trajectory("flux", plain, inputs)[-1], ref[-1])  # the flips changed the output
     tcpade.remove(plain)
     torch._dynamo.reset()

@@ -13,7 +13,7 @@
 
 The search runs the calibration inputs with full computation once, then scores candidate
 schedules by their mean PSNR against it (one sampling run of every input per candidate).
-Three searches:
+Four searches:
 
 * ``method="refine"`` (the default): for each requested pass count K, the best of the evenly
   spaced schedules with K passes (``tcpade.policy.schedules.even_family``, the spaced rule among them),
@@ -26,8 +26,17 @@ Three searches:
 * ``method="lazy"``: the same removal evaluated lazily: a removal's PSNR measured in an earlier
   round stands in for it until it tops the list, then it is re-measured; the first candidate
   that stays on top when fresh is dropped. About half the runs of exact greedy at 20 steps.
+* ``method="trace"``: a fixed budget of runs (``runs``, default 20 up to 20 steps, 40 above,
+  the full computation included), for models where a run is expensive. The full run also
+  records every call's residual (a subset of token rows); every "predict step j from the
+  computed steps before it" is scored offline with the predictor's own coefficients; dynamic
+  programming gives the schedules of each pass count with the lowest offline error; the real
+  runs verify the spaced rule, the best few of them and single-step moves around the best
+  (``tcpade.tools.trace_search``). The offline error misses how errors compound, so the real
+  runs decide.
 
-bench/results/calibration.md compares them (quality on other inputs, and cost).
+bench/results/calibration.md and calibration_trace.md compare them (quality on other inputs,
+and cost).
 
 What can be calibrated:
 
@@ -71,6 +80,7 @@ when it runs), so ``tcpade calibrate --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -88,7 +98,7 @@ if TYPE_CHECKING:  # imported where used: ``tcpade calibrate --help`` must not i
 
 __all__ = ["Calibration", "add_cli", "calibrate", "load", "main", "run_cli", "save", "shipped", "validate"]
 
-METHODS = ("refine", "lazy", "greedy")
+METHODS = ("refine", "lazy", "greedy", "trace")
 
 
 # ------------------------------------------------------------------------------------ targets
@@ -318,6 +328,7 @@ def calibrate(
     start: Optional[Sequence[int]] = None,
     sweeps: int = 2,
     holdout=0.5,
+    runs: Optional[int] = None,
 ) -> Calibration:
     """Search the schedule of ``passes`` computed steps of ``steps`` (or round(steps / speedup))
     that keeps the calibration inputs closest to full computation, and check it against the
@@ -338,6 +349,9 @@ def calibrate(
     smallest and keep every count on the way), each in [lead, steps], lead being the steps
     every schedule computes first (``tcpade.core.layout.MIN_HISTORY[predictor]``: 2; reuse 1).
     sweeps: refine's hill-climbing sweeps per count.
+    runs: trace's budget of sampling runs of the search inputs, the full computation included
+    (default ``tcpade.tools.trace_search.default_runs(steps)``: 20 up to 20 steps, 40 above; the
+    held-out check's runs come on top).
     Returns a :class:`Calibration` (``passes``: the smallest requested count).
     """
     from ..core.layout import MIN_HISTORY
@@ -349,6 +363,9 @@ def calibrate(
         raise ValueError(f"tcpade.calibrate: steps must be an int >= 1, got {steps!r}")
     if method not in METHODS:
         raise ValueError(f"tcpade.calibrate: method must be one of {METHODS}, got {method!r}")
+    if runs is not None and method != "trace":
+        raise ValueError(f"tcpade.calibrate: runs is the trace search's budget; it needs method='trace', "
+                         f"got {method!r}")
     if (passes is None) == (speedup is None):
         raise ValueError("tcpade.calibrate takes exactly one of passes=K or speedup=S")
     overrides = dict(config_overrides or {})
@@ -381,7 +398,13 @@ def calibrate(
 
     t0 = time.perf_counter()
     # Full computation through the same path (a schedule of every step: the model's own outputs).
-    ref, branches = execute(range(steps))
+    recorder = None
+    if method == "trace":  # the full run also records the residuals the offline scores read
+        from .trace_search import Recorder
+
+        recorder = Recorder()
+    with recorder if recorder is not None else contextlib.nullcontext():
+        ref, branches = execute(range(steps))
     data_range = data_range or float(ref.max() - ref.min()) or 1.0
 
     def score(sched) -> float:
@@ -390,6 +413,12 @@ def calibrate(
 
     if method == "refine":
         path, curve = _refine(score, steps, targets, lead, sweeps, progress)
+    elif method == "trace":
+        from .trace_search import default_runs, search_runner
+
+        run_budget = default_runs(steps) if runs is None else runs
+        path, curve = search_runner(runner, score, steps, targets, lead, predictor, recorder.trace(steps), run_budget,
+                                    counters["runs"], config_overrides=overrides, progress=progress)  # fmt: skip
     else:
         path, curve = _remove(score, steps, min(targets), lead, method, start, predictor, progress, counters)
     seconds = time.perf_counter() - t0
@@ -585,6 +614,9 @@ searches (--method):
   greedy  greedy removal: from every step computed, drop the step whose removal costs the
           least PSNR, down to the fewest passes asked for (every count on the way is kept)
   lazy    the same removal evaluated lazily (about half the runs of greedy)
+  trace   one recorded full run scores every schedule offline (dynamic programming), then at
+          most --runs sampling runs (default 20 up to 20 steps, 40 above; the full run
+          included) verify the best candidates and single-step moves around the best
 
 Pass counts must be in [lead, --steps]: a schedule always computes its first `lead` steps
 (the residuals the predictor needs: 2; reuse: 1).
@@ -634,6 +666,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", default="rational", choices=L.PREDICTORS,
                    help="the predictor the schedules run with (default rational)")  # fmt: skip
     p.add_argument("--method", default="refine", choices=METHODS, help="the search (default refine; see above)")
+    p.add_argument("--runs", default=None, help="--method trace: its budget of sampling runs, the full run included "
+                   "(default 20 up to 20 steps, 40 above)")  # fmt: skip
     p.add_argument("--out", default="schedules.json",
                    help="JSON file to write, or to merge into (default schedules.json)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -727,6 +761,16 @@ def run_cli(args) -> int:
                              f"got {', '.join(map(str, outside))}")  # fmt: skip
     at_least(args.speedup, 1.0, "--speedup")
     at_least(args.threads, 1, "--threads")
+    runs = None
+    if args.runs is not None:
+        if args.method != "trace":
+            raise UsageError(f"--runs is the trace search's budget: it needs --method trace (got --method "
+                             f"{args.method})")
+        try:
+            runs = int(args.runs)
+        except ValueError:
+            raise UsageError(f"--runs must be an int, got {args.runs!r}") from None
+        at_least(runs, 2, "--runs")
     seeds = parse_seeds(args.seeds)
     held_seeds = parse_seeds(args.holdout_seeds, "--holdout-seeds") if args.holdout_seeds is not None else None
     holdout = _holdout(args.holdout, seeds) if held_seeds is None else None
@@ -763,7 +807,7 @@ def run_cli(args) -> int:
         if held_seeds is not None:
             holdout = [(s, i % n) for i, s in enumerate(held_seeds)]
     cal = calibrate(target, inputs, passes=passes, speedup=args.speedup, steps=args.steps,
-                    predictor=args.predictor, method=args.method, holdout=holdout)  # fmt: skip
+                    predictor=args.predictor, method=args.method, holdout=holdout, runs=runs)  # fmt: skip
     cal.save(args.out)
     print(report(cal))
     print(f"wrote {args.out}")
