@@ -8,8 +8,8 @@ For each zoo model and step count T, at the pass counts of the benchmark's speed
 calibrated schedule (tcpade/zoo/schedules.json, searched with the rational predictor) and the
 spaced rule (``TCPadeConfig.budget(passes=K, use_calibrated=False)``) -- every predictor runs the
 same computed steps: rational, linear, reuse, paper (its predictor alone, no stored predictions)
-and auto (per branch, whichever of rational and linear predicted the newest computed step
-better). PSNR against full computation of bench/quality.py's evaluation inputs (the sample
+and auto (the online choice among rational, linear, damped linear and reuse, one choice for
+the CFG branches of a step). PSNR against full computation of bench/quality.py's evaluation inputs (the sample
 counts of bench/results/quality_meta.json). Goal: auto within 0.5 dB of the best fixed predictor
 on every schedule.
 
@@ -83,9 +83,10 @@ def report(rows, meta, path):
              + ", ".join(f"{m} {n}" for m, n in SAMPLES.items()) + " samples). Each row: one schedule (the "
              "model's calibrated one, searched with the rational predictor on other inputs, or the spaced rule) "
              "run with every predictor; `paper` is the published predictor alone on that schedule (no stored "
-             "predictions). auto = per branch, after each computed step, whichever of rational and linear "
-             "predicted that step better (share of linear choices shown). Goal: auto within 0.5 dB of the best "
-             "fixed predictor.", ""]  # fmt: skip
+             "predictions). auto = after each computed step, the candidate among rational, linear, linear damped "
+             "toward R1 (five strengths) and reuse whose errors on the computed steps so far, summed over the CFG "
+             "branches, are the smallest (share of plain-linear choices shown). Goal: auto within 0.5 dB of the "
+             "best fixed predictor.", ""]  # fmt: skip
     verdicts = []
     for name in dict.fromkeys(r["model"] for r in rows):
         for T in sorted({r["steps"] for r in rows if r["model"] == name}):
