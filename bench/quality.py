@@ -698,6 +698,26 @@ def _summary_predictors(out_dir):
     return lines, met, total
 
 
+def _summary_defaults(out_dir):
+    """The leave-one-model-out section of bench/defaults.py's report (defaults.csv), or nothing."""
+    path = os.path.join(out_dir, "defaults.csv")
+    if not os.path.exists(path):
+        return []
+    import defaults
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    report = defaults.analyse(rows, defaults.best_peers(sorted({r["model"] for r in rows})))
+    start = report.index("## Leave one model out")
+    end = next(i for i, x in enumerate(report) if x.startswith("## The best peer"))
+    body = report[start + 1 : end]
+    return ["", "## A model nobody calibrated: the default rule, leave one model out (goal: >= 2 dB)", "",
+            "No calibration: the spaced rule with a predictor, at the levels' pass counts. For each zoo model, the "
+            "rule (predictor x where the spaced rule ends) with the best mean margin over the best peer on the "
+            "other five models, measured on the one left out. Every rule on every model: "
+            "[defaults.md](defaults.md) (`python bench/defaults.py`), data: `defaults.csv`."] + body  # fmt: skip
+
+
 def render_summary(out_dir, suffix, meta, results):
     """SUMMARY<suffix>.md: one page from the CSVs in ``out_dir`` (quality_<model>.csv, and where present
     calibration.csv / predictors.csv with the machine and command lines of their reports)."""
@@ -730,6 +750,7 @@ def render_summary(out_dir, suffix, meta, results):
         "model, step count and method group):",
         "",
     ] + [f"{i}. `{c}`" for i, c in enumerate(cmds, 1)]  # fmt: skip
+    lines += _summary_defaults(out_dir) if not suffix else []
     lines += ["", "## Pareto plots", "",
               "PSNR against speedup in block MACs for every run, per model, one panel per step count; solid line: "
               "tcpade's front, dashed: the peers'; dotted verticals: the levels above. Same runs as the table.",
