@@ -268,7 +268,7 @@ class Runtime:
         if p.choose:
             if reduce is not None:  # every rank chooses from the sums of the whole sequence
                 sums, reduce = reduce(sums), None
-            self._join(b, p.k)
+            self._join(b, p.k, p.t)
             chosen = b.auto.probed(sums, p.lam1, p.tau1)
         rec = StepRecord(p.k, p.t, True, p.reason, p.stage, sums=Sums(sums, reduce, chosen), stored=b.history.count,
                          probed=p.probe, lam1=p.lam1, tau1=p.tau1, choose=p.choose)  # fmt: skip
@@ -318,15 +318,18 @@ class Runtime:
                          tau1=tau1, choose=self._auto and probe)  # fmt: skip
         return None
 
-    def _join(self, b: Branch, k: int) -> None:
+    def _join(self, b: Branch, k: int, t: float) -> None:
         """Predictor "auto": the branches of one step (CFG's cond and uncond, called one after the
-        other) choose together: ``b`` takes the ``AutoChoice`` of a branch of this thread at the same
-        step of a run on the same expert that already chose, so that their errors are summed and
-        the next skips of both use one candidate. When cond and uncond pick differently their
-        errors stop cancelling in cond + g (cond - uncond) (docs/method.md section 6)."""
+        other) choose together: ``b`` takes the ``AutoChoice`` of a branch of this thread that
+        already chose at this very call of the run (its newest record: this step k at this time t,
+        on the same expert; not a branch left over from an earlier run), so that their errors are
+        summed and the next skips of both use one candidate. When cond and uncond pick differently
+        their errors stop cancelling in cond + g (cond - uncond) (docs/method.md section 6)."""
         for o in self.branches.values():
-            if (o is not b and o.auto is not b.auto and o.expert == b.expert and o.auto.index is not None
-                    and o.run.k in (k, k + 1) and o.history.count >= 3):  # fmt: skip
+            last = o.run.records[-1] if o.run.records else None
+            if (o is not b and o.auto is not b.auto and o.expert == b.expert and not o.reset_pending
+                    and o.auto.index is not None and last is not None and last.choose and last.k == k
+                    and last.t == t):  # fmt: skip
                 b.auto = o.auto
                 return
 
