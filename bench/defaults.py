@@ -63,11 +63,12 @@ def rule_name(pred: str, end: int) -> str:
     return f"{pred}, end {end}"
 
 
-def best_peers(models) -> dict:
-    """(model, steps, level) -> (psnr, label) of the best peer reaching that speedup."""
+def best_peers(models, folder: str = OUT) -> dict:
+    """(model, steps, level) -> (psnr, label) of the best peer reaching that speedup (the
+    quality_<model>.csv files in ``folder``)."""
     out = {}
     for name in models:
-        path = os.path.join(OUT, f"quality_{name}.csv")
+        path = os.path.join(folder, f"quality_{name}.csv")
         with open(path) as f:
             for r in csv.DictReader(f):
                 if r["group"].startswith("tcpade") or r["group"] == "full":

@@ -707,7 +707,7 @@ def _summary_defaults(out_dir):
 
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    report = defaults.analyse(rows, defaults.best_peers(sorted({r["model"] for r in rows})))
+    report = defaults.analyse(rows, defaults.best_peers(sorted({r["model"] for r in rows}), out_dir))
     start = report.index("## Leave one model out")
     end = next(i for i, x in enumerate(report) if x.startswith("## The best peer"))
     body = report[start + 1 : end]

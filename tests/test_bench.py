@@ -206,7 +206,7 @@ def test_quality_summary_reproduces_the_committed_page(tmp_path):
 
     res = ROOT / "bench" / "results"
     names = [p.name for p in res.glob("quality_*.csv")] + ["quality_meta.json", "calibration.csv", "calibration.md",
-                                                            "predictors.csv", "predictors.md"]  # fmt: skip
+                                                            "predictors.csv", "predictors.md", "defaults.csv"]  # fmt: skip
     for name in names:
         shutil.copy(res / name, tmp_path / name)
     quality.main(["--summary-only", "--out", str(tmp_path)])
