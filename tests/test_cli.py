@@ -104,7 +104,8 @@ def test_help_texts_match_the_code(capsys, monkeypatch):
     cal = _help(["calibrate"], capsys)
     assert "refine (default) for each pass count, the best evenly spaced schedule, then hill climbing" in cal
     assert "greedy greedy removal" in cal and "lazy the same removal evaluated lazily" in cal
-    assert "[--method {refine,lazy,greedy}]" in cal and "Pass counts must be in [lead, --steps]" in cal
+    assert "[--method {refine,lazy,greedy,trace}]" in cal and "[--runs RUNS]" in cal
+    assert "Pass counts must be in [lead, --steps]" in cal
     assert f"a zoo model ({', '.join(zoo.names())}) or a local diffusers pipeline folder" in cal
 
 
