@@ -1,6 +1,6 @@
+"""Placements of 3 and 4 passes at 10 steps (ten_steps.md). Run: PYTHONPATH=bench python bench/research/gap_damping/ten_steps.py MODELS"""
 import sys, torch
 torch.set_num_threads(1)
-sys.path.insert(0, "bench")
 from quality import eval_set
 from tcpade import zoo, metrics
 from tcpade.policy.config import TCPadeConfig
