@@ -283,3 +283,17 @@ def test_auto_config():
     assert 0 < passes["default"] < 20
     rec = [r for r in rt.records("default") if r.choice]
     assert rec and all(math.isfinite(r.error) for r in rec)
+
+
+def test_damping_with_a_calibrated_reuse_predictor_is_dropped_not_an_error():
+    """A rational config with a fixed damping whose calibrations run reuse: the damping does not
+    apply to reuse, so the runtime runs plain reuse (no ValueError at apply)."""
+    from tcpade.policy.plan import Resolved
+    from tcpade.policy.runtime import Runtime
+
+    cfg = TCPadeConfig.budget(passes=7, damping=1.0, calibrated_predictor=True)
+    rt = Runtime(cfg, resolved=Resolved(cfg, predictor="reuse"))
+    reuse = TCPadeConfig.budget(passes=7, predictor="reuse")
+    _, _, _, out_a = synthetic_run(cfg, 20, rt=rt)
+    _, _, _, out_b = synthetic_run(reuse, 20)
+    assert all(torch.equal(a, b) for a, b in zip(out_a["default"], out_b["default"]))

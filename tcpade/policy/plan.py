@@ -51,7 +51,9 @@ class Resolved:
         if predictor != self.config.predictor:
             # The config's checks with this predictor (its budget's pass count must cover the
             # predictor's minimum history); the config itself stays as it is.
-            dataclasses.replace(self.config, predictor=predictor)
+            # (a fixed damping applies to rational and linear only: the runtime drops it for another)
+            damping = self.config.damping if predictor in ("rational", "linear") else 0.0
+            dataclasses.replace(self.config, predictor=predictor, damping=damping)
         object.__setattr__(self, "predictor", predictor)
         object.__setattr__(self, "calibrated", tuple((int(t), tuple(s)) for t, s in self.calibrated))
         object.__setattr__(self, "checks", tuple((int(t), int(p), float(c), float(s)) for t, p, c, s in self.checks))
