@@ -388,13 +388,7 @@ def calibrate(
     runner, data_range = _runner(target, inputs, steps, noise_scheduler)
 
     counters = dict(runs=0, calls=0)
-
-    def execute(sched):
-        cfg = TCPadeConfig(predictor=predictor, schedule=tuple(sched), schedule_steps=steps, **overrides)
-        run = runner.run(cfg)
-        counters["runs"] += 1
-        counters["calls"] += run.calls
-        return run.outputs, run.branches
+    execute = _executor(runner, predictor, steps, overrides, counters)
 
     t0 = time.perf_counter()
     # Full computation through the same path (a schedule of every step: the model's own outputs).
@@ -404,11 +398,12 @@ def calibrate(
 
         recorder = Recorder()
     with recorder if recorder is not None else contextlib.nullcontext():
-        ref, branches = execute(range(steps))
+        full = execute(range(steps))
+    ref, branches = full.outputs, full.branches
     data_range = data_range or float(ref.max() - ref.min()) or 1.0
 
     def score(sched) -> float:
-        out, _ = execute(sched)
+        out = execute(sched).outputs
         return float(metrics.psnr(out, ref, data_range=data_range).mean())
 
     if method == "refine":
@@ -431,6 +426,20 @@ def calibrate(
     if held:  # the held-out check of every pass count found
         cal = validate(target, cal, held, noise_scheduler=noise_scheduler, progress=progress)
     return cal
+
+
+def _executor(runner, predictor: str, steps: int, overrides: dict, counters: dict):
+    """``execute(sched)``: one sampling run of the runner's inputs with that fixed schedule (the
+    runner's result: outputs, branches, calls), counted in ``counters`` (runs, calls)."""
+    from ..policy.config import TCPadeConfig
+
+    def execute(sched):
+        run = runner.run(TCPadeConfig(predictor=predictor, schedule=tuple(sched), schedule_steps=steps, **overrides))
+        counters["runs"] += 1
+        counters["calls"] += run.calls
+        return run
+
+    return execute
 
 
 def _split(inputs, holdout) -> Tuple[list, list]:
@@ -479,7 +488,6 @@ def validate(target, calibration: Calibration, inputs: Sequence, *, noise_schedu
     import dataclasses
 
     from ..policy import schedules as S
-    from ..policy.config import TCPadeConfig
     from . import metrics
 
     inputs = list(inputs)
@@ -493,20 +501,14 @@ def validate(target, calibration: Calibration, inputs: Sequence, *, noise_schedu
         raise ValueError(f"tcpade.calibrate.validate: the calibration is of model {calibration.model}, "
                          f"the target is {key}")  # fmt: skip
     counters = dict(runs=0, calls=0)
-
-    def execute(sched):
-        cfg = TCPadeConfig(predictor=predictor, schedule=tuple(sched), schedule_steps=steps, **overrides)
-        run = runner.run(cfg)
-        counters["runs"] += 1
-        counters["calls"] += run.calls
-        return run.outputs
+    execute = _executor(runner, predictor, steps, overrides, counters)
 
     t0 = time.perf_counter()
-    ref = execute(range(steps))
+    ref = execute(range(steps)).outputs
     data_range = data_range or float(ref.max() - ref.min()) or 1.0
 
     def score(sched) -> float:
-        return float(metrics.psnr(execute(sched), ref, data_range=data_range).mean())
+        return float(metrics.psnr(execute(sched).outputs, ref, data_range=data_range).mean())
 
     checks = {}
     bar = _bar(len(calibration.schedules), progress, steps)
