@@ -138,14 +138,12 @@ def candidate_rows(values: Sequence[float]) -> list:
     the rational kernel: linear is its pole term off (bmax = 0), damped linear that pulled toward
     R1 by ``gap_damping``, reuse all weight on R1 (the main term, linear, weighted 0)."""
     rows = []
-    for cand in L.AUTO_CANDIDATES:
+    for cand, d in zip(L.AUTO_CANDIDATES, candidate_dampings(values[TAU1])):
         c = list(values)
-        if cand.kind == "rational":
-            rows.append(c)
-            continue
-        c[BMAX] = 0.0
-        d = 0.0 if cand.kind == "reuse" else gap_damping(c[TAU1], cand.damping)
-        rows.append(damp(c, d) if d != 1.0 else c)
+        if cand.kind != "rational":
+            c[BMAX] = 0.0
+            c = damp(c, d) if d != 1.0 else c
+        rows.append(c)
     return rows
 
 
