@@ -28,6 +28,14 @@ T_TARGET = 0.45
 NAMES = [c.name for c in L.AUTO_CANDIDATES]
 
 
+def _inputs(shape, device, seed):
+    """h_in, a smoothly drifting ring of three residuals and a random slot order (float32)."""
+    g = gen(seed)
+    h_in = randn(shape, torch.float32, device, g)
+    ring = smooth_ring(shape, 3, torch.float32, device, g)
+    return h_in, ring, perm_slots(3, device, g)
+
+
 def _f64(h_in, ring, slots, values, variant):
     cf = torch.tensor(values, dtype=torch.float64)
     out, _ = reference.predict(h_in.cpu().double(), ring.cpu().double(), slots.cpu(), cf, None, variant, False, True,
@@ -38,10 +46,7 @@ def _f64(h_in, ring, slots, values, variant):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_rational_with_zero_pole_bound_is_linear(backend, shape):
     device, _ = backend
-    g = gen(5)
-    h_in = randn(shape, torch.float32, device, g)
-    ring = smooth_ring(shape, 3, torch.float32, device, g)
-    slots = perm_slots(3, device, g)
+    h_in, ring, slots = _inputs(shape, device, 5)
     lin = K.build_coef("linear", "middle", TIMES, T_TARGET, 3, 3)
     rat = K.build_coef("rational", "middle", TIMES, T_TARGET, 3, 3)
     assert rat[K.BMAX] > 0  # the rational term is on before the mask
@@ -60,10 +65,7 @@ def test_every_candidate_row_is_its_predictor(backend, shape, times, target):
     the float64 prediction of that candidate from its definition. Tolerance: the fp32 rule of
     tests/helpers.py (a few roundings per element of operands of the output's scale)."""
     device, _ = backend
-    g = gen(11)
-    h_in = randn(shape, torch.float32, device, g)
-    ring = smooth_ring(shape, 3, torch.float32, device, g)
-    slots = perm_slots(3, device, g)
+    h_in, ring, slots = _inputs(shape, device, 11)
     rat = K.build_coef("rational", "middle", times, target, 3, 3)
     lin = _f64(h_in, ring, slots, K.build_coef("linear", "middle", times, target, 3, 3), "linear")
     r1 = h_in.cpu().double() + ring.cpu().double()[int(slots[0])]
@@ -92,10 +94,7 @@ def test_damped_config_against_float64(backend, variant, damping):
     P the undamped prediction, on every backend against float64."""
     device, _ = backend
     shape = (2, 9, 40)
-    g = gen(17)
-    h_in = randn(shape, torch.float32, device, g)
-    ring = smooth_ring(shape, 3, torch.float32, device, g)
-    slots = perm_slots(3, device, g)
+    h_in, ring, slots = _inputs(shape, device, 17)
     times, target = [6.0, 3.0, 0.0], 10.0  # a gap of 4 past R1 with R2 3 steps before it: g = 4 / 3
     p = _f64(h_in, ring, slots, K.build_coef(variant, "middle", times, target, 3, 3), variant)
     r1 = h_in.cpu().double() + ring.cpu().double()[int(slots[0])]
