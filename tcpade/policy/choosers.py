@@ -82,18 +82,22 @@ class AutoChoice:
 
 
 def candidate_errors(d11, d22, d12, err2, r2, lam1, tau1):
-    """Predictor "auto", on the host (the records): ``candidate_errors_device`` of these sums, as
-    floats (float64), relative to ``r2`` = ||R||^2 (> 0)."""
-    v = dict(d11=d11, d22=d22, d12=d12, err2=err2, r2=r2, nonfinite=0.0)
-    sums = torch.tensor([float(v[n]) for n in L.SUMS], dtype=torch.float64)
-    return candidate_errors_device(sums, lam1, tau1).tolist()
+    """Predictor "auto", on the host: every candidate's squared error on one computed step
+    relative to ``r2`` = ||R||^2 (> 0), in ``AUTO_CANDIDATES`` order: rational's is the probe's
+    ``err2``, the others' d22 + 2 d lam1 d12 + d^2 lam1^2 d11 with their damping weight d."""
+    out = []
+    for c, d in zip(L.AUTO_CANDIDATES, K.candidate_dampings(tau1)):
+        if c.kind == "rational":
+            out.append(err2 / r2)
+        else:
+            dl = d * lam1
+            out.append((d22 + 2.0 * dl * d12 + dl * dl * d11) / r2)
+    return out
 
 
 def candidate_errors_device(sums: torch.Tensor, lam1: float, tau1: float) -> torch.Tensor:
-    """Every candidate's squared error on one computed step relative to ||R||^2 (float64, on the
-    sums' device, ``AUTO_CANDIDATES`` order; a NaN where a sum is NaN), from one write's sums:
-    rational's is the probe's ``err2``, the others' d22 + 2 d lam1 d12 + d^2 lam1^2 d11 with their
-    damping weight d (``lam1``, ``tau1``: the probe's linear weight on R2 and R2's normalised time)."""
+    """``candidate_errors`` on the device, from one write's sums (float64, one entry per candidate;
+    a NaN where a sum is NaN)."""
     s = sums.to(torch.float64)
     d11, d22, d12, err2, r2 = (s[L.SUMS.index(n)] for n in ("d11", "d22", "d12", "err2", "r2"))
     r2 = torch.where(r2 > 0, r2, torch.ones_like(r2))
