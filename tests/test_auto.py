@@ -286,13 +286,15 @@ def test_auto_config():
 
 def test_damping_with_a_calibrated_reuse_predictor_is_dropped_not_an_error():
     """A rational config with a fixed damping whose calibrations run reuse: the damping does not
-    apply to reuse, so the runtime runs plain reuse (no ValueError at apply)."""
+    apply to reuse, so the runtime runs plain reuse on the calibrated schedule (no ValueError at
+    apply)."""
     from tcpade.policy.plan import Resolved
     from tcpade.policy.runtime import Runtime
 
+    cal = (0, 1, 3, 6, 10, 14, 18)
     cfg = TCPadeConfig.budget(passes=7, damping=1.0, calibrated_predictor=True)
-    rt = Runtime(cfg, resolved=Resolved(cfg, predictor="reuse"))
-    reuse = TCPadeConfig.budget(passes=7, predictor="reuse")
+    rt = Runtime(cfg, resolved=Resolved(cfg, predictor="reuse", calibrated=((20, cal),)))
+    reuse = TCPadeConfig(predictor="reuse", schedule=cal, schedule_steps=20)
     _, _, _, out_a = synthetic_run(cfg, 20, rt=rt)
     _, _, _, out_b = synthetic_run(reuse, 20)
     assert all(torch.equal(a, b) for a, b in zip(out_a["default"], out_b["default"]))

@@ -133,15 +133,15 @@ BAD = [
     ([*CAL, "--speedup", "-2"], "tcpade calibrate: error: --speedup must be a finite number >= 1, got -2.0"),
     ([*CAL, "--speedup", "nan"], "--speedup must be a finite number >= 1, got nan"),
     ([*CAL, "--speedup", "fast"], "argument --speedup: invalid float value: 'fast'"),
-    ([*CAL, "--passes", "25", "--steps", "20"], "--passes must be in [2, 20] (a schedule computes the first 2 step(s), "
+    ([*CAL, "--passes", "25", "--steps", "20"], "--passes must be in [1, 20] (a schedule computes the first 1 step(s), "
                                                 "and at most --steps 20), got 25"),
-    ([*CAL, "--passes", "1,7"], "--passes must be in [2, 20]"),
+    ([*CAL, "--passes", "0,7"], "--passes must be in [1, 20]"),
     ([*CAL, "--passes", "2", "--steps", "1", "--predictor", "reuse"], "--passes must be in [1, 1]"),
     ([*CAL, "--passes", "7,x"], "--passes must be comma-separated integers, got '7,x'"),
     ([*CAL, "--passes", ","], "--passes must list at least one integer, got ','"),
     ([*CAL, "--passes", "3", "--speedup", "2"], "argument --speedup: not allowed with argument --passes"),
     (CAL, "one of the arguments --passes --speedup is required"),
-    ([*CAL, "--passes", "2", "--steps", "1"], "--steps must be >= 2 (the 'rational' predictor computes the first 2"),
+    ([*CAL, "--passes", "2", "--steps", "0"], "--steps must be >= 1 (the 'rational' predictor computes the first 1"),
     ([*CAL, "--passes", "2", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
     ([*CAL, "--passes", "7", "--seeds", "a,b"], "--seeds must be comma-separated integers, got 'a,b'"),
     ([*CAL, "--passes", "7", "--seeds", "-1"], "--seeds must be integers in [0, 2**64 - 1], got -1"),
@@ -228,7 +228,7 @@ def test_every_bad_value_is_one_line_and_exit_status_2(argv, message, bad_inputs
 # fmt: off
 SUBPROCESS_BAD = [
     (["calibrate", "flux-digits", "--speedup", "-2"], "--speedup must be a finite number >= 1, got -2.0"),
-    (["calibrate", "flux-digits", "--passes", "25", "--steps", "20", "--out", "s.json"], "--passes must be in [2, 20]"),
+    (["calibrate", "flux-digits", "--passes", "25", "--steps", "20", "--out", "s.json"], "--passes must be in [1, 20]"),
     (["calibrate", "flux-digits", "--passes", "7", "--seeds", "a,b"], "--seeds must be comma-separated integers"),
     (["calibrate", "flux-digits", "--passes", "7", "--predictor", "foo"], "argument --predictor: invalid choice"),
     (["bench", "flux-digits", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
@@ -351,10 +351,10 @@ def test_bench_on_a_saved_pipeline(tmp_path):
     assert "DiTPipeline, DiTTransformer2DModel" in proc.stdout and "4 sample(s), 8 steps" in proc.stdout
     rows = _table(proc.stdout)
     assert list(rows) == ["full", "slow", "fast", "warmup=1,interval=3,po"]  # names cut at 22 characters
-    # 8 steps: slow (2.5x) and fast (2.9x) both round to 3 of 8 passes, raised to 4 (0, 1, 3, 6) so that
-    # at most 3 steps in a row are predicted; warm-up 1, every 3rd, no final step: 0, 1, 3, 6: 4 of 8.
-    assert [r[0] for r in rows.values()] == ["8/8", "4/8", "4/8", "4/8"]
-    assert rows["fast"][1] == "2.00x" and rows["full"][3] == "inf"
+    # 8 steps: slow (2.5x) and fast (2.9x) both round to 3 of 8 passes (0, 3, 6: at most 2 steps in a row
+    # predicted); warm-up 1, every 3rd, no final step: 0, 1, 3, 6: 4 of 8.
+    assert [r[0] for r in rows.values()] == ["8/8", "3/8", "3/8", "4/8"]
+    assert rows["fast"][1] == "2.67x" and rows["full"][3] == "inf"
     for name in ("slow", "fast"):
         assert float(rows[name][3]) > 0 and 0 < float(rows[name][4]) <= 1  # finite, against the full run
     # Nothing on stderr but what torchao (in the test environment, not in the demo's) prints
@@ -363,7 +363,7 @@ def test_bench_on_a_saved_pipeline(tmp_path):
     assert [ln for ln in proc.stderr.splitlines() if not any(n in ln for n in noise)] == [], proc.stderr[-2000:]
     with open(tmp_path / "out" / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["method"] for r in table][:3] == ["full", "slow", "fast"] and table[2]["passes"] == "4.0"
+    assert [r["method"] for r in table][:3] == ["full", "slow", "fast"] and table[2]["passes"] == "3.0"
     for name in ("grid.png", "quality_speed.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -408,9 +408,9 @@ def test_bench_on_a_saved_prompt_pipeline(tmp_path):
     print(proc.stdout)
     assert "WanPipeline, WanTransformer3DModel" in proc.stdout and "1 sample(s), 6 steps" in proc.stdout
     rows = _table(proc.stdout)
-    # fast at 6 steps: round(6 / 2.9) = 2 passes, raised to 3 (0, 1, 4: at most 3 steps predicted in a
-    # row), in each CFG branch.
-    assert rows["full"][0] == "6/6" and rows["fast"][0] == "3/6", proc.stdout
+    # fast at 6 steps: round(6 / 2.9) = 2 passes (0, 4: at most 3 steps predicted in a row), in each
+    # CFG branch.
+    assert rows["full"][0] == "6/6" and rows["fast"][0] == "2/6", proc.stdout
     assert float(rows["fast"][3]) > 0, proc.stdout
     assert (tmp_path / "out" / "grid.png").stat().st_size > 500
 

@@ -36,6 +36,7 @@ WRONG_TYPE = {
     "budget_max_run": 3.0,
     "time_axis": 1,
     "damping": "1",
+    "extrapolate": 0,
 }
 
 
@@ -86,7 +87,9 @@ def test_pole_delta_as_string():
         (dict(predictor="pade"), r"TCPadeConfig\.predictor must be one of \('paper', 'rational'"),
         (dict(level="blocks"), r"TCPadeConfig\.level must be one of \('block', 'output'\), got 'blocks'"),
         (dict(early_frac=0.5, late_frac=0.4), r"early_frac <= late_frac .* early_frac=0\.5, late_frac=0\.4"),
-        (dict(passes=1), r"TCPadeConfig\.passes must be None or an int >= 2 \(the 'rational' predictor's minimum"),
+        (dict(passes=0), r"TCPadeConfig\.passes must be None or an int >= 1 \(the 'rational' predictor's minimum"),
+        (dict(predictor="paper", passes=1), r"TCPadeConfig\.passes must be None or an int >= 2 \(the 'paper' predictor"),
+        (dict(extrapolate="out"), r"TCPadeConfig\.extrapolate must be one of \('residual', 'h_out'\), got 'out'"),
         (dict(predictor="auto", input_correction=0.2), r"TCPadeConfig\.input_correction must be None or 0 with"),
         (dict(schedule_steps=20), r"TCPadeConfig\.schedule_steps must be None without a schedule, got 20"),
         (dict(late_frac=1.2), r"TCPadeConfig\.late_frac must be in \[0, 1\], got 1\.2"),

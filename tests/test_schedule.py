@@ -59,11 +59,12 @@ def _computed(cfg, T, branches=("cond", "uncond"), nan_at=None, rt=None):
         (dict(schedule=(0, True), schedule_steps=20), "ints"),
         (dict(schedule=(), schedule_steps=20), "non-empty"),
         (dict(schedule="0,1", schedule_steps=20), "sequence"),
-        (dict(schedule=(1, 2, 3), schedule_steps=20), "steps 0..1"),
-        (dict(schedule=(0, 2, 3), schedule_steps=20), "rational"),
+        (dict(schedule=(1, 2, 3), schedule_steps=20), "step 0"),
+        (dict(predictor="paper", schedule=(0, 2, 3), schedule_steps=20), "steps 0..1.*paper"),
         (dict(schedule=(0, 1), schedule_steps=20, passes=4), "at most one"),
         (dict(passes=4, speedup=2.0), "at most one"),
-        (dict(passes=1), "passes"),
+        (dict(passes=0), "passes"),
+        (dict(predictor="paper", passes=1), "passes"),
         (dict(passes=3.0), "passes"),
         (dict(speedup=0.5), "speedup"),
         (dict(speedup=math.nan), "speedup"),
@@ -100,9 +101,10 @@ def test_schedule_for_another_T_is_refused_and_rescaled_on_request():
         cfg.plan(50)
     for T in (10, 28, 50, 7):
         r = cfg.rescaled(T)
-        assert len(r.plan(T)) == 7 and r.plan(T)[:2] == (0, 1) and r.schedule_steps == T
+        assert len(r.plan(T)) == 7 and r.plan(T)[0] == 0 and r.schedule_steps == T
     assert cfg.rescaled(20) == cfg
-    assert cfg.rescaled(50).schedule == (0, 1, 10, 18, 23, 36, 46)
+    # step 0 kept (the one residual every predictor but the paper's needs), the rest at their fraction
+    assert cfg.rescaled(50).schedule == (0, 3, 10, 18, 23, 36, 46)
     with pytest.raises(ValueError, match="rescaled to 6"):
         cfg.rescaled(6)
     with pytest.raises(ValueError, match="needs a schedule"):
@@ -115,36 +117,41 @@ def test_policy_configs_have_no_plan():
     # A TSI that never blocks: the rule's steps are known before the run.
     assert rule_fast().plan(20) == (0, 1, 2, 4, 8, 12, 16) and rule_fast().plan_source(20) == "fixed rule"
     # the slow and fast presets are budgets: the spaced rule without a calibrated schedule
-    assert TCPadeConfig.fast().plan(20) == schedules.spaced(20, 7) == (0, 1, 4, 7, 11, 14, 18)
-    assert TCPadeConfig.slow().plan(20) == schedules.spaced(20, 8) == (0, 1, 3, 6, 9, 12, 15, 18)
+    assert TCPadeConfig.fast().plan(20) == schedules.spaced(20, 7) == (0, 3, 6, 9, 12, 15, 18)
+    assert TCPadeConfig.slow().plan(20) == schedules.spaced(20, 8) == (0, 3, 5, 8, 10, 13, 15, 18)
     assert TCPadeConfig.fast().plan_source(20) == TCPadeConfig.slow().plan_source(20) == "spaced rule"
     assert [len(TCPadeConfig.slow().plan(T)) for T in (10, 20, 28, 50)] == [4, 8, 11, 20]
-    assert [len(TCPadeConfig.fast().plan(T)) for T in (10, 20, 28, 50)] == [4, 7, 10, 17]
+    assert [len(TCPadeConfig.fast().plan(T)) for T in (10, 20, 28, 50)] == [3, 7, 10, 17]
     # the presets' guard for short runs: at most 3 steps predicted in a row by the spaced rule
     for T in range(2, 60):
         for cfg in (TCPadeConfig.slow(), TCPadeConfig.fast()):
             assert schedules.longest_skip_run(cfg.plan(T), T) <= 3, (T, cfg.plan(T))
-    assert TCPadeConfig.budget(passes=3).plan(10) == (0, 1, 8)  # a budget without the guard is exact
-    assert TCPadeConfig.budget(passes=3, budget_max_run=3).plan(10) == (0, 1, 4, 8)
+    assert TCPadeConfig.budget(passes=2).plan(10) == (0, 8)  # a budget without the guard is exact
+    assert TCPadeConfig.budget(passes=2, budget_max_run=3).plan(10) == (0, 4, 8)
+    # the paper's predictor needs two residuals: steps 0 and 1 first
+    assert TCPadeConfig.budget(passes=3, predictor="paper", store_predictions=True).plan(10) == (0, 1, 8)
 
 
 # ------------------------------------------------------------------------------ pass counts
 def test_spaced_rule():
-    assert schedules.spaced(20, 8) == (0, 1, 3, 6, 9, 12, 15, 18)
-    assert schedules.spaced(20, 7) == (0, 1, 4, 7, 11, 14, 18)
+    assert schedules.spaced(20, 8) == (0, 3, 5, 8, 10, 13, 15, 18)
+    assert schedules.spaced(20, 7) == (0, 3, 6, 9, 12, 15, 18)
+    assert schedules.spaced(10, 4) == (0, 3, 5, 8) and schedules.spaced(10, 3) == (0, 4, 8)
     assert schedules.spaced(20, 20) == tuple(range(20))
-    assert schedules.spaced(20, 2) == (0, 1)
+    assert schedules.spaced(20, 2) == (0, 18)
+    assert schedules.spaced(20, 8, lead=2) == (0, 1, 3, 6, 9, 12, 15, 18)  # the paper's predictor: two first
+    assert schedules.spaced(20, 2, lead=2) == (0, 1)
     assert schedules.spaced(5, 4) == (0, 1, 2, 3)
 
 
 @pytest.mark.parametrize("T", [10, 20, 28, 50, 7, 13, 33])
 def test_budget_passes_are_exact_at_any_T(T):
-    for k in range(2, T + 1):
+    for k in range(1, T + 1):
         plan = TCPadeConfig.budget(passes=k).plan(T)
-        assert len(plan) == k and plan[:2] == (0, 1) and list(plan) == sorted(set(plan)) and plan[-1] < T
+        assert len(plan) == k and plan[0] == 0 and list(plan) == sorted(set(plan)) and plan[-1] < T
     for s in (1.0, 2.0, 2.5, 20 / 7, 10 / 3, 4.0, 100.0):
         plan = TCPadeConfig.budget(speedup=s).plan(T)
-        assert len(plan) == min(T, max(2, math.floor(T / s + 0.5)))
+        assert len(plan) == min(T, max(1, math.floor(T / s + 0.5)))
     assert len(TCPadeConfig.budget(passes=T + 5).plan(T)) == T  # more passes than steps: all of them
 
 
@@ -268,28 +275,29 @@ def test_registry_keeps_out_a_schedule_that_lost_its_held_out_check(registry):
 def test_carry_moves_a_schedule_along_the_time_axis():
     """``carry``: leading steps kept; with as many passes each computed step goes to the target step
     whose time is nearest; with more or fewer the source's density is followed, the last one
-    where the source's is (or, ``keep_end``, as far from the end)."""
+    where the source's is (or, ``keep_end``, as far from the end). (Two leading steps, as the paper's
+    predictor needs, unless a test says otherwise.)"""
     frac = schedules.run_fraction
     src = (0, 1, 3, 6, 9, 12, 15, 18)
-    assert schedules.carry(src, frac(20), frac(20)) == src  # the same axis: the same schedule
-    assert schedules.carry(src, frac(20), frac(39), passes=8) == (0, 1, 6, 12, 18, 24, 30, 36)
+    assert schedules.carry(src, frac(20), frac(20), lead=2) == src  # the same axis: the same schedule
+    assert schedules.carry(src, frac(20), frac(39), passes=8, lead=2) == (0, 1, 6, 12, 18, 24, 30, 36)
     # the pass count scales with T' / T by default: 8 of 20 -> 4 of 10; the source's step 18 of 20
     # (time 0.947) is nearest to the final step 9 of 10 (1.0), unless the end is kept
-    assert schedules.carry(src, frac(20), frac(10)) == (0, 1, 4, 9)
-    assert schedules.carry(src, frac(20), frac(10), keep_end=True) == (0, 1, 4, 8)
-    assert len(schedules.carry(src, frac(20), frac(50))) == 20
+    assert schedules.carry(src, frac(20), frac(10), lead=2) == (0, 1, 4, 9)
+    assert schedules.carry(src, frac(20), frac(10), keep_end=True, lead=2) == (0, 1, 4, 8)
+    assert len(schedules.carry(src, frac(20), frac(50), lead=2)) == 20
     # a decreasing axis: flow sigmas 1 - k/T (the fraction of the run is k/(T-1): other nearest steps)
     sigmas = lambda t: [1 - k / t for k in range(t)]  # noqa: E731
-    assert schedules.carry(src, sigmas(20), sigmas(28), passes=8) == (0, 1, 4, 8, 13, 17, 21, 25)
-    assert schedules.carry(src, frac(20), frac(28), passes=8) == (0, 1, 4, 9, 13, 17, 21, 26)
+    assert schedules.carry(src, sigmas(20), sigmas(28), passes=8, lead=2) == (0, 1, 4, 8, 13, 17, 21, 25)
+    assert schedules.carry(src, frac(20), frac(28), passes=8, lead=2) == (0, 1, 4, 9, 13, 17, 21, 26)
     # more passes than the source: the cumulative count of its steps 2 and 5 of 10, sampled at 5 equal parts
     assert schedules.carry((0, 2, 5), frac(10), frac(20), lead=1) == (0, 2, 3, 5, 8, 11)
     with pytest.raises(ValueError, match="carry: steps must be"):
-        schedules.carry((0, 1, 1), frac(20), frac(10))
+        schedules.carry((0, 1, 1), frac(20), frac(10), lead=2)
     with pytest.raises(ValueError, match="carry: steps must start with steps 0..1"):
-        schedules.carry((0, 2, 5), frac(20), frac(10))
+        schedules.carry((0, 2, 5), frac(20), frac(10), lead=2)
     with pytest.raises(ValueError, match="carry: passes must be an int"):
-        schedules.carry(src, frac(20), frac(10), passes=4.0)
+        schedules.carry(src, frac(20), frac(10), passes=4.0, lead=2)
 
 
 def test_shipped_zoo_schedules_load():

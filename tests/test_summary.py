@@ -68,18 +68,27 @@ def test_records_are_read_from_the_device_only_when_asked():
 
 
 def test_summary_shows_what_was_resolved_for_the_model():
-    """A predictor chosen by calibration (here given by hand) runs and heads the summary; the
-    config stays the user's."""
+    """A predictor chosen by calibration (here given by hand) runs on the model's calibrated
+    schedules, the config's own on the spaced rule (the predictor is settled per run); both head
+    the summary, each plan line names its run's; the config stays the user's."""
     cfg = TCPadeConfig.budget(passes=7, calibrated_predictor=True)
-    rt = Runtime(cfg, resolved=Resolved(cfg, predictor="reuse"))
+    cal = (0, 1, 3, 6, 10, 14, 18)
+    resolved = Resolved(cfg, predictor="reuse", calibrated=((20, cal),))
+    rt = Runtime(cfg, resolved=resolved)
     assert rt.config is cfg and rt.resolved.predictor == "reuse" and cfg.predictor == "rational"
+    assert resolved.predictor_for(20) == "reuse" and resolved.predictor_for(12) == "rational"
     rt, _, _, _ = run(cfg, 20, rt=rt)
+    assert rt.branches["default"].run.predictor == "reuse"
     text = str(tcpade.summary(rt))
     assert text.startswith(
-        "tcpade: predictor=reuse (the one the model's calibrations were made with; the config's: rational)"
+        "tcpade: predictor=reuse on the calibrated schedules (the one the model's calibrations were made with), "
+        "rational (the config's) on the others"
     )
-    assert f"schedule: spaced rule {list(rt.resolved.plan(20))}" in text
-    assert tcpade.summary(rt).computed("default") == list(rt.resolved.plan(20))
+    assert f"schedule: calibrated {list(cal)} (unvalidated: no held-out check); predictor reuse" in text
+    assert tcpade.summary(rt).computed("default") == list(cal)
+    rt, _, _, _ = run(cfg, 12, rt=rt)
+    assert rt.branches["default"].run.predictor == "rational"
+    assert f"schedule: spaced rule {list(resolved.plan(12))}; predictor rational" in str(tcpade.summary(rt))
     with pytest.raises(ValueError, match="another config"):
         Runtime(TCPadeConfig(), resolved=Resolved(cfg))
 

@@ -101,7 +101,8 @@ class Variant:
 
     name: str
     code: int
-    min_history: int  # stored residuals before it may predict (fewer -> compute)
+    min_history: int  # stored residuals before it may predict (fewer -> compute); rational and linear
+    # predict from one residual as reuse does (coef.time_weights: no second time -> all weight on R1)
     gamma: float  # default input-change correction weight
     stage_weights: Mapping[str, Tuple[float, float, float]]  # stage -> (w_main, c1, c2)
     row_wise: bool  # one fit per token row (the rational kernel) instead of elementwise
@@ -110,9 +111,9 @@ class Variant:
 
 _TABLE = (
     Variant("paper", 0, 2, PAPER.gamma, PAPER.stage_weights, False, "the published [2/1] form"),
-    Variant("rational", 1, 2, 0.0, PURE_STAGE_WEIGHTS, True, "time-aware [1/1] Pade, one denominator per row"),
+    Variant("rational", 1, 1, 0.0, PURE_STAGE_WEIGHTS, True, "time-aware [1/1] Pade, one denominator per row"),
     Variant("reuse", 2, 1, 0.0, PURE_STAGE_WEIGHTS, False, "the newest residual R1"),
-    Variant("linear", 3, 2, 0.0, PURE_STAGE_WEIGHTS, False, "linear extrapolation in schedule time"),
+    Variant("linear", 3, 1, 0.0, PURE_STAGE_WEIGHTS, False, "linear extrapolation along the time axis"),
 )
 VARIANT_TABLE: Mapping[str, Variant] = MappingProxyType({v.name: v for v in _TABLE})
 VARIANTS = tuple(VARIANT_TABLE)

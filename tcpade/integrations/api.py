@@ -394,9 +394,11 @@ class Summary:
         c, ran = self.config, self.resolved
         predictor = ran.predictor
         if predictor != c.predictor:
-            predictor += f" (the one the model's calibrations were made with; the config's: {c.predictor})"
+            predictor = (f"{predictor} on the calibrated schedules (the one the model's calibrations were made with), "
+                         f"{c.predictor} (the config's) on the others")  # fmt: skip
         lines = [
-            f"tcpade: predictor={predictor}{' level=output' if c.level == 'output' else ''} {_decided_by(c)}; "
+            f"tcpade: predictor={predictor}{' level=output' if c.level == 'output' else ''}"
+            f"{' extrapolate=h_out' if c.level == 'block' and c.extrapolate == 'h_out' else ''} {_decided_by(c)}; "
             f"history {self.history_bytes / 2**20:.2f} MiB",
         ]
         if self.empty:
@@ -409,7 +411,8 @@ class Summary:
             t = c.schedule_steps or n  # (a fixed schedule is for its own T, also in a run cut short)
             if t and ran.plan(t) is not None:
                 note = ran.plan_note(t)  # a calibrated schedule's held-out check against the spaced rule
-                lines.append(f"  schedule: {ran.plan_source(t)} {list(ran.plan(t))}" + (f" ({note})" if note else ""))
+                lines.append(f"  schedule: {ran.plan_source(t)} {list(ran.plan(t))}" + (f" ({note})" if note else "")
+                             + (f"; predictor {ran.predictor_for(t)}" if ran.predictor != c.predictor else ""))
             bad = self.nonfinite(name)
             if bad:
                 kept = ran.plan(t) is not None

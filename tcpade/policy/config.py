@@ -23,8 +23,8 @@ the runtime (``tcpade.policy.plan.Resolved``), and ``runtime.config`` is the obj
 Presets (bench/results/quality.md and calibration.md compare them with every peer on the
 zoo's trained models): ``paper()`` reproduces the published method (for fidelity, not speed
 or quality); ``slow()`` and ``fast()`` are compute budgets at 2.5x and 2.9x fewer block-stack
-passes (8 and 7 of 20): on a model nobody calibrated, the spaced rule and the online choice
-of predictor ("auto"); on a calibrated one (the zoo ships them), its calibrated schedule and the
+passes (8 and 7 of 20): on a model nobody calibrated, the spaced rule and linear extrapolation
+on the step index; on a calibrated one (the zoo ships them), its calibrated schedule and the
 predictor its calibrations were made with; ``adaptive()`` is error-controlled skipping (its compute follows the trajectory).
 The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05: about 1.3x at
 20 steps on those models).
@@ -45,11 +45,12 @@ from .plan import Resolved
 POLICIES = ("tsi", "error")
 LEVELS = ("block", "output")
 TIME_AXES = ("index", "schedule")
+EXTRAPOLATE = ("residual", "h_out")
 
 # concern -> its fields (the class docstring's sections)
 CONCERNS = {
     "predictor": ("predictor", "level", "store_predictions", "input_correction", "early_frac", "late_frac",
-                  "pole_delta", "kappa", "history_slots", "time_axis", "damping"),
+                  "pole_delta", "kappa", "history_slots", "time_axis", "damping", "extrapolate"),
     "policy": ("policy", "warmup", "interval", "final_steps", "tsi_threshold", "tolerance", "max_skips"),
     "schedule": ("schedule", "schedule_steps"),
     "budget": ("passes", "speedup", "budget_max_run", "use_calibrated", "calibrated_predictor"),
@@ -149,6 +150,7 @@ _CHECKS: Dict[str, _Row] = {
     "use_calibrated": _Row("a bool", _bool, None, None),
     "calibrated_predictor": _Row("a bool", _bool, None, None),
     "time_axis": _Row("a str", _str, f"one of {TIME_AXES}", lambda v, c: v in TIME_AXES),
+    "extrapolate": _Row("a str", _str, f"one of {EXTRAPOLATE}", lambda v, c: v in EXTRAPOLATE),
     "damping": _Row("a number", _real, lambda c: "a finite number >= 0, and 0 unless predictor is 'rational' or "
                     f"'linear' (predictor={c.predictor!r})",
                     lambda v, c: _finite(v) and v >= 0.0 and (v == 0.0 or c.predictor in ("rational", "linear"))),
@@ -260,7 +262,7 @@ class TCPadeConfig:
     """A fixed schedule: the steps (0-based, sorted) computed in a run of ``schedule_steps``
     steps; every other step is skipped and predicted, whatever ``policy``, ``warmup``,
     ``interval``, ``final_steps`` and ``max_skips`` say. It must start with the steps the
-    predictor needs before its first skip (0 and 1; reuse: 0), so the pass count is exact
+    predictor needs before its first skip (step 0; the paper's predictor: 0 and 1), so the pass count is exact
     (only a non-finite value forces more). A run of another length raises ValueError: use
     ``rescaled(T)`` or ``budget(...)``. Fewer steps = faster."""
 
@@ -279,8 +281,8 @@ class TCPadeConfig:
 
     budget_max_run: Optional[int] = None
     """A budget's guard for short runs: its pass count is raised until the spaced rule predicts
-    at most this many steps in a row (e.g. ``slow()`` / ``fast()`` at 10 steps: 4 passes, not
-    3). None = exactly the budget. Smaller = more passes at short T (slower, safer)."""
+    at most this many steps in a row (e.g. ``slow()`` / ``fast()`` at 7 steps: 3 passes, not
+    2). None = exactly the budget. Smaller = more passes at short T (slower, safer)."""
 
     use_calibrated: bool = True
     """A budget takes the model's calibrated schedule for (T, passes) when the registry has one
@@ -310,6 +312,15 @@ class TCPadeConfig:
     (on ``time_axis``). 0 = off (>= 0). Larger = closer to reuse on long gaps. "auto" chooses
     its damping online. Not a speed knob."""
 
+    extrapolate: str = "residual"
+    """level "block": what the predictor extrapolates from the computed steps. "residual": the
+    block stack's residual h_out - h_in, added to the skipped call's own h_in (the paper's form).
+    "h_out": the stack's output h_out itself, the skipped call's h_in unused (what diffusers'
+    TaylorSeer does per block): on flow-matching models the velocity the stack leads to changes
+    less along the trajectory than the input the residual has to cancel. Which is more faithful
+    depends on the model (bench/results/defaults.md measures both). At level "output" the
+    transformer's output is extrapolated either way. Not a speed knob."""
+
     def __post_init__(self):
         _check(self)
 
@@ -334,29 +345,31 @@ class TCPadeConfig:
         """The 2.5x point: a compute budget of ``speedup=2.5`` (8 of 20 block-stack passes per
         branch, 11 of 28, 20 of 50), on the model's calibrated schedule when the registry has one
         (the zoo ships them; ``tcpade.calibrate`` makes them), else the spaced rule. Predictor
-        "auto" on a model nobody calibrated (chosen leave-one-model-out on the zoo models:
-        bench/results/defaults.md), the one the model's calibrations were made with on a
-        calibrated model (``calibrated_predictor``; a ``predictor=`` override turns that off). Short runs
-        get more passes, so that the spaced rule never predicts more
-        than 3 steps in a row (``budget_max_run=3``: 4 of 10, 3 of 6). Until this version
+        "linear" (on the step index) on a model nobody calibrated (the rule and the predictor chosen
+        leave-one-model-out on the zoo models: bench/results/defaults.md), the one the model's
+        calibrations were made with on a calibrated model (``calibrated_predictor``; a ``predictor=``
+        override turns that off). Short runs get more passes, so that the spaced rule never predicts
+        more than 3 steps in a row (``budget_max_run=3``: 4 of 10 is already so, 3 of 6). Until this version
         ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo
         the calibrated 8-of-20 schedule gave 3-12 dB more with one pass fewer
         (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4, interval=4,
         final_steps=1, tsi_threshold=1.0)`` is the old rule."""
-        base = dict(speedup=2.5, budget_max_run=3, predictor="auto", calibrated_predictor="predictor" not in overrides)
+        base = dict(speedup=2.5, budget_max_run=3, predictor=S.SPACED_PREDICTOR,
+                    calibrated_predictor="predictor" not in overrides)  # fmt: skip
         base.update(overrides)
         return cls.budget(**base)
 
     @classmethod
     def fast(cls, **overrides) -> "TCPadeConfig":
         """The 2.9x point: a compute budget of ``speedup=2.9`` (7 of 20 passes per branch, 10 of
-        28, 17 of 50), placed like ``slow()``: the model's calibrated schedule, else the spaced
-        rule, with at most 3 steps predicted in a row (4 of 10), and the same predictor. The paper's "fast" point
+        28, 17 of 50, 3 of 10), placed like ``slow()``: the model's calibrated schedule, else the
+        spaced rule, with at most 3 steps predicted in a row, and the same predictor. The paper's "fast" point
         computes the same 7 of 20 as warm-up 2, every 6th and the last step
         (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5, final_steps=1,
         tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
         every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
-        base = dict(speedup=2.9, budget_max_run=3, predictor="auto", calibrated_predictor="predictor" not in overrides)
+        base = dict(speedup=2.9, budget_max_run=3, predictor=S.SPACED_PREDICTOR,
+                    calibrated_predictor="predictor" not in overrides)  # fmt: skip
         base.update(overrides)
         return cls.budget(**base)
 
@@ -375,8 +388,8 @@ class TCPadeConfig:
         """Exactly ``passes`` block-stack passes per branch at any step count T (or round(T /
         ``speedup``)), with the rational predictor. Placement: the model's calibrated schedule
         for (T, passes) when the registry holds one (shipped for the zoo, or ``tcpade.calibrate``),
-        else the spaced rule (steps 0 and 1, then evenly spaced, the last step predicted;
-        tcpade.policy.schedules.spaced). ``tcpade.summary`` says which was used."""
+        else the spaced rule (step 0, then evenly spaced, the last step predicted; steps 0 and 1
+        first for the paper's predictor; tcpade.policy.schedules.spaced). ``tcpade.summary`` says which was used."""
         if (passes is None) == (speedup is None):
             raise ValueError("TCPadeConfig.budget takes exactly one of passes=K or speedup=S")
         base = dict(predictor="rational", passes=passes, speedup=speedup)

@@ -61,8 +61,18 @@ class Resolved:
 
     @property
     def min_history(self) -> int:
-        """Residuals the running predictor needs stored before it can predict."""
-        return K.MIN_HISTORY[self.predictor]
+        """Residuals the predictors that may run need stored before they can predict (the
+        calibrations' and the config's: ``predictor_for``)."""
+        return max(K.MIN_HISTORY[self.predictor], K.MIN_HISTORY[self.config.predictor])
+
+    def predictor_for(self, total: int) -> str:
+        """The predictor of a ``total``-step run: ``predictor`` (the calibrations', with
+        ``calibrated_predictor``) where the run follows one of the model's calibrated schedules, the
+        config's own where it does not (the spaced rule, or no plan): a calibrated predictor was
+        chosen with its schedules, and the spaced rule's default predictor was chosen with it."""
+        if self.predictor == self.config.predictor or self._plan(total)[1] == "calibrated":
+            return self.predictor
+        return self.config.predictor
 
     def budget_passes(self, total: int) -> Optional[int]:
         """The passes a budget computes in a run of ``total`` steps, or None (no budget)."""
@@ -127,7 +137,7 @@ class Resolved:
             for t, steps in self.calibrated:
                 if t == total and len(steps) == k:
                     return steps, "calibrated"
-            return S.spaced(total, k, self.min_history), "spaced rule"
+            return S.spaced(total, k, K.MIN_HISTORY[self.config.predictor]), "spaced rule"  # (the config's predictor runs it)
         if not self.rule.fixed:
             return None, "policy"
         return self._simulate(total), "fixed rule"

@@ -98,12 +98,15 @@ class Runtime:
         # Called at every decide (tcpade.apply: raises when another cache was enabled on the
         # transformer after tcpade, so that two caches never run at once).
         self.guard: Optional[Callable[[], None]] = None
-        c, predictor = self.config, self.resolved.predictor
-        gamma = c.input_correction if c.input_correction is not None else K.default_gamma(predictor)
-        self._keep_prev = float(gamma) != 0.0
-        self._variant = L.kernel_variant(predictor)  # what the kernels run
-        self._auto = predictor in L.CHOOSERS  # the candidate is chosen online
+        c, resolved = self.config, self.resolved
+        # (a run's predictor is the calibrations' or the config's: Resolved.predictor_for)
+        gammas = [c.input_correction if c.input_correction is not None else K.default_gamma(p)
+                  for p in {resolved.predictor, c.predictor}]  # fmt: skip
+        self._keep_prev = any(float(g) != 0.0 for g in gammas)
         self.level = c.level  # what the adapter hands over: the block stack's h_in/h_out, or the output
+        # TCPadeConfig.extrapolate "h_out": the history holds the stack's h_out (its inputs fed as
+        # zero), and a skip returns the extrapolated h_out itself
+        self.zero_input = c.level == "block" and c.extrapolate == "h_out"
 
     # ------------------------------------------------------- T, time, host reads
     @property
@@ -221,15 +224,18 @@ class Runtime:
             return self._compute(b, t, "beyond-steps", "late")
         if run.k == 0:
             run.planned = self.resolved.plan(total) is not None
+            run.predictor = self.resolved.predictor_for(total)
             run.total = total if declared else None  # only a declared num_steps can be wrong about a run
         stage = K.stage_of(run.k, total, c.early_frac, c.late_frac)
         reason = force if force is not None else self._reason(b, total)
         if reason is not None:
             return self._compute(b, t, reason, stage, self._probes(b))
-        coef = self._coef(b, stage, self._axis(run.k, t), rows=self._auto)[0]
-        if self._auto:
+        variant, auto = self._predictor(b)
+        coef = self._coef(b, stage, self._axis(run.k, t), rows=auto)[0]
+        if auto:
             coef = b.auto.select(coef)  # the candidate chosen so far (a row of every candidate's)
-        b.pending = Call(run.k, t, None, stage, b.history, self._variant, coef, c.store_predictions)
+        b.pending = Call(run.k, t, None, stage, b.history, variant, coef, c.store_predictions,
+                         zero_input=self.zero_input)  # fmt: skip
         return b.pending
 
     def finish(self, branch: str, h_in: Optional[torch.Tensor], h_out: Optional[torch.Tensor]) -> None:
@@ -257,12 +263,14 @@ class Runtime:
             log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
             b.new_run()
             total, c = self.total_steps(), self.config
+            b.run.predictor = self.resolved.predictor_for(total) if total else None
             p = Call(0, p.t, self.resolved.rule.forced(0, total) if total else "steps-unknown",
                      K.stage_of(0, total, c.early_frac, c.late_frac) if total else "middle", b.history,
-                     self._variant)  # fmt: skip
+                     self._predictor(b)[0])  # fmt: skip
+        x = None if self.zero_input else h_in  # what the history is fed as the input
         if p.probe:
-            b.history.predict(h_in, p.coef, self._variant, write_out=False, probe=True)
-        sums = b.history.record(h_in, h_out, probe=p.probe)
+            b.history.predict(x, p.coef, p.variant, write_out=False, probe=True)
+        sums = b.history.record(x, h_out, probe=p.probe)
         b.history.advance(self._axis(p.k, p.t), wrote=True)
         reduce, chosen = self.reduce, None
         if p.choose:
@@ -287,7 +295,7 @@ class Runtime:
                     return "schedule"
                 return plan.rule.reason(k, total, Counts(run.skipped, b.history.count)) or "schedule"
             # (a plan never skips a step the history cannot predict; this guards an explicit one)
-            return "history" if b.history.count < plan.min_history else None
+            return "history" if b.history.count < K.MIN_HISTORY[self._run_predictor(b)] else None
         if run.poisoned:
             return "nonfinite"
         reason = plan.rule.reason(k, total, Counts(run.skipped, b.history.count))
@@ -309,13 +317,14 @@ class Runtime:
         error; "auto" measures its candidates (also on a fixed plan, where the error policy
         measures nothing)."""
         count, run = b.history.count, b.run
-        measure = (self._auto and count >= 3) or (self.config.policy == "error" and not run.planned)
-        return measure and not run.poisoned and count >= self.resolved.min_history
+        measure = (self._predictor(b)[1] and count >= 3) or (self.config.policy == "error" and not run.planned)
+        return measure and not run.poisoned and count >= K.MIN_HISTORY[self._run_predictor(b)]
 
     def _compute(self, b: Branch, t: float, reason: str, stage: str, probe: bool = False) -> None:
         coef, lam1, tau1 = self._coef(b, stage, self._axis(b.run.k, t)) if probe else (None, 0.0, 0.0)
-        b.pending = Call(b.run.k, t, reason, stage, b.history, self._variant, coef, probe=probe, lam1=lam1,
-                         tau1=tau1, choose=self._auto and probe)  # fmt: skip
+        variant, auto = self._predictor(b)
+        b.pending = Call(b.run.k, t, reason, stage, b.history, variant, coef, probe=probe, lam1=lam1,
+                         tau1=tau1, choose=auto and probe)  # fmt: skip
         return None
 
     def _join(self, b: Branch, k: int, t: float) -> None:
@@ -332,6 +341,16 @@ class Runtime:
                     and last.t == t):  # fmt: skip
                 b.auto = o.auto
                 return
+
+    def _run_predictor(self, b: Branch) -> str:
+        """The predictor of ``b``'s current run (``Resolved.predictor_for`` its T; a run whose T is
+        unknown computes every call, and its records name the resolved predictor)."""
+        return b.run.predictor if b.run.predictor is not None else self.resolved.predictor
+
+    def _predictor(self, b: Branch) -> Tuple[str, bool]:
+        """(the kernel variant that runs, whether the candidate is chosen online) of ``b``'s run."""
+        p = self._run_predictor(b)
+        return L.kernel_variant(p), p in L.CHOOSERS
 
     @staticmethod
     def _recorded(b: Branch, rec: StepRecord) -> None:
@@ -353,9 +372,9 @@ class Runtime:
         kw = dict(delta=c.pole_delta, kappa=c.kappa)
         if c.input_correction is not None:
             kw["gamma"] = c.input_correction
-        if c.damping and self.resolved.predictor in ("rational", "linear"):  # (not a calibrations' reuse)
+        if c.damping and self._run_predictor(b) in ("rational", "linear"):  # (not a calibrations' reuse)
             kw["damping"] = c.damping
-        values = b.history.coef_values(self._variant, stage, t, **kw)
+        values = b.history.coef_values(self._predictor(b)[0], stage, t, **kw)
         coef = coef_to_device(K.candidate_rows(values) if rows else values, b.history.ring.device)
         lam1, tau1 = (struct.unpack("f", struct.pack("f", values[i]))[0] for i in (K.LAM1, K.TAU1))
         return coef, lam1, tau1

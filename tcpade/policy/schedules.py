@@ -22,10 +22,12 @@ of format version 1, or a calibration run with validation turned off) is used, m
 unvalidated.
 
 The spaced rule: steps 0 .. m-1 (m = ``tcpade.core.coef.MIN_HISTORY[predictor]``, the
-residuals the predictor needs before its first skip: 2 for rational / linear / paper, 1 for
-reuse) and then the remaining passes evenly spaced from step 0 on, the last one
-``SPACED_END`` steps before the end (the final step predicted), e.g. 8 of 20 -> 0 1 3 6 9 12
-15 18, 7 of 20 -> 0 1 4 7 11 14 18.
+residuals the predictor needs before its first skip: 1, the paper's 2; the first skips after a
+single residual reuse it) and then the remaining passes evenly spaced from step 0 on, the last
+one ``SPACED_END`` steps before the end (the final step predicted), e.g. 8 of 20 -> 0 3 5 8 10
+13 15 18, 7 of 20 -> 0 3 6 9 12 15 18, 3 of 10 -> 0 4 8. (Until this version it computed
+steps 0 and 1 first for every predictor: 0 1 3 6 9 12 15 18; one residual first measured
+better on the zoo models, bench/results/defaults.md.)
 """
 
 from __future__ import annotations
@@ -67,7 +69,11 @@ __all__ = [
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo", "schedules.json")
 # The spaced rule: steps 0..SPACED_WARMUP-1 (at least the predictor's minimum history), and its
 # last computed step SPACED_END steps before the end of the run.
-SPACED_WARMUP = 2
+SPACED_WARMUP = 1
+# The predictor slow() / fast() run the spaced rule with (the rule and the predictor were chosen
+# together, leave-one-model-out on the zoo models); a calibrated schedule's held-out check is made
+# against the spaced rule with it (tcpade.calibrate.validate), what those presets run instead.
+SPACED_PREDICTOR = "linear"
 SPACED_END = 1
 FORMAT_VERSION = 2  # version 2 added the held-out checks
 READ_VERSIONS = (1, 2)  # version 1 files load, their schedules unvalidated
@@ -116,7 +122,7 @@ def _fit(positions: Sequence[float], lead: int, total: int) -> Tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def spaced(total: int, passes: int, lead: int = 2, end: int = None, warmup: int = None) -> Tuple[int, ...]:
+def spaced(total: int, passes: int, lead: int = 1, end: int = None, warmup: int = None) -> Tuple[int, ...]:
     """The spaced rule: ``passes`` computed steps of ``total``: 0..w-1 (w = max(lead, ``warmup``)),
     then the rest evenly spaced counted from step 0, the last one ``end`` steps before the final
     step (fewer when the gaps get that short). Defaults: SPACED_END, SPACED_WARMUP."""
@@ -140,7 +146,7 @@ def longest_skip_run(steps: Sequence[int], total: int) -> int:
     return max(b - a - 1 for a, b in zip(edges, edges[1:]))
 
 
-def min_passes(total: int, max_run: int, lead: int = 2) -> int:
+def min_passes(total: int, max_run: int, lead: int = 1) -> int:
     """The fewest passes whose spaced-rule schedule predicts at most ``max_run`` steps in a row."""
     for k in range(min(lead, total), total + 1):
         if longest_skip_run(spaced(total, k, lead), total) <= max_run:
@@ -148,7 +154,7 @@ def min_passes(total: int, max_run: int, lead: int = 2) -> int:
     return total
 
 
-def even_family(total: int, passes: int, lead: int = 2) -> Tuple[Tuple[int, ...], ...]:
+def even_family(total: int, passes: int, lead: int = 1) -> Tuple[Tuple[int, ...], ...]:
     """Evenly spaced schedules with ``passes`` steps: steps 0..w-1 (w = lead or lead + 1), then a
     constant gap counted from step 0, the last ``e`` = 0, 1 or 2 steps predicted (e below the gap).
     The spaced rule is one of them (w = lead, e = SPACED_END)."""
@@ -167,7 +173,7 @@ def even_family(total: int, passes: int, lead: int = 2) -> Tuple[Tuple[int, ...]
     return tuple(sorted(out))
 
 
-def rescale(steps: Sequence[int], from_total: int, total: int, lead: int = 2) -> Tuple[int, ...]:
+def rescale(steps: Sequence[int], from_total: int, total: int, lead: int = 1) -> Tuple[int, ...]:
     """A schedule for ``from_total`` steps moved to ``total`` steps with the same pass count:
     steps 0..lead-1 kept, every later step at the same fraction of the run."""
     steps = tuple(steps)
@@ -179,7 +185,7 @@ def rescale(steps: Sequence[int], from_total: int, total: int, lead: int = 2) ->
 
 
 def carry(steps: Sequence[int], from_axis: Sequence[float], to_axis: Sequence[float], passes: Optional[int] = None,
-          lead: int = 2, keep_end: bool = False) -> Tuple[int, ...]:  # fmt: skip
+          lead: int = 1, keep_end: bool = False) -> Tuple[int, ...]:  # fmt: skip
     """A schedule of ``len(from_axis)`` steps carried to ``len(to_axis)`` steps along a time axis
     (per step, the scheduler's sigma or timestep of each run; monotonic): steps 0..lead-1 kept,
     the others placed where the source places them on the axis, each at the target step whose

@@ -67,6 +67,7 @@ class Call:
     lam1: float = 0.0  # a probe's linear weight on R2 (predictor "auto" measures linear with it)
     tau1: float = 0.0  # a probe's normalised time of R2 (predictor "auto": the damped candidates' weights)
     choose: bool = False  # predictor "auto": this probe chooses the candidate of the next skips
+    zero_input: bool = False  # the history holds the stack's h_out (TCPadeConfig.extrapolate "h_out")
 
     def __call__(self, h_in: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if h_in is None:  # output level: the transformer's output is its own residual (h_in = 0)
@@ -74,7 +75,8 @@ class Call:
                 return None
         elif not self.history.matches(h_in):
             return None  # another shape, dtype or device than the history's: compute this call
-        out, self.sums = self.history.predict(h_in, self.coef, self.variant, store=self.store)
+        x = None if self.zero_input else h_in  # "h_out": the prediction is h_out itself
+        out, self.sums = self.history.predict(x, self.coef, self.variant, store=self.store)
         return out
 
 
@@ -90,6 +92,7 @@ class Run:
     read: int = 0  # records[:read] have their sums read (``tcpade.policy.reader``)
     newest: Optional[StepRecord] = None  # the record of the newest history write
     poisoned: bool = False  # a non-finite value was read: trajectory policies compute from then on
+    predictor: Optional[str] = None  # the predictor of this run (``Resolved.predictor_for``; None: not settled)
 
     def restarted(self, t: float) -> bool:
         """Does time t begin a new sampling run? (A run interrupted by an exception leaves

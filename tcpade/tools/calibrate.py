@@ -57,9 +57,10 @@ computation's value range (max - min) for latents and bare transformers. SSIM is
 Held-out validation (``holdout=``, on by default): a search fits its few inputs, and on other
 inputs a searched schedule can lose to the spaced rule it started from. So part of the inputs
 (``holdout=0.5``: the last half; or ``holdout=[...]``: validation inputs of their own) is kept
-out of the search, and after it every pass count's schedule and the spaced rule's
-(``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)``) run on them against their
-full computation. A schedule is used (``schedule(K)``, ``config(K)``, the registry, the budget
+out of the search, and after it every pass count's schedule (with the calibration's predictor)
+and the spaced rule's (``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)``, with
+``tcpade.policy.schedules.SPACED_PREDICTOR``, "linear": what ``slow()`` / ``fast()`` run where no
+calibrated schedule is used) run on them against their full computation. A schedule is used (``schedule(K)``, ``config(K)``, the registry, the budget
 presets) only where its held-out PSNR is strictly higher than the spaced rule's; elsewhere the
 spaced rule stands, and ``Calibration.validation`` / ``verdict(K)`` / the saved JSON say so.
 One input leaves nothing to hold out: a ValueError, unless ``holdout=False`` (no validation:
@@ -205,13 +206,20 @@ class Calibration:
             raise ValueError(f"no calibrated schedule with {p} passes; have {sorted(self.schedules)}")
         if self.used(p):
             return self.schedules[p]
-        return _spaced_plan(self.predictor, p, self.steps, self.extra.get("config_overrides") or {})
+        from ..policy import schedules as S
+
+        return _spaced_plan(S.SPACED_PREDICTOR, p, self.steps, self.extra.get("config_overrides") or {})
 
     def config(self, passes: Optional[int] = None, **overrides) -> "TCPadeConfig":
-        """A fixed-schedule config with ``schedule(passes)`` (default: the requested count)."""
+        """A fixed-schedule config with ``schedule(passes)`` (default: the requested count) and its
+        predictor: the calibration's with its schedule, the spaced rule's (``SPACED_PREDICTOR``)
+        where the spaced rule stands."""
+        from ..policy import schedules as S
         from ..policy.config import TCPadeConfig
 
-        base = dict(predictor=self.predictor, schedule=self.schedule(passes), schedule_steps=self.steps)
+        p = self.passes if passes is None else passes
+        predictor = self.predictor if p not in self.schedules or self.used(p) else S.SPACED_PREDICTOR
+        base = dict(predictor=predictor, schedule=self.schedule(passes), schedule_steps=self.steps)
         base.update(overrides)
         return TCPadeConfig(**base)
 
@@ -502,21 +510,23 @@ def validate(target, calibration: Calibration, inputs: Sequence, *, noise_schedu
                          f"the target is {key}")  # fmt: skip
     counters = dict(runs=0, calls=0)
     execute = _executor(runner, predictor, steps, overrides, counters)
+    execute_spaced = _executor(runner, S.SPACED_PREDICTOR, steps, overrides, counters)
 
     t0 = time.perf_counter()
     ref = execute(range(steps)).outputs
     data_range = data_range or float(ref.max() - ref.min()) or 1.0
 
-    def score(sched) -> float:
-        return float(metrics.psnr(execute(sched).outputs, ref, data_range=data_range).mean())
+    def score(sched, run=execute) -> float:
+        return float(metrics.psnr(run(sched).outputs, ref, data_range=data_range).mean())
 
     checks = {}
+    same = predictor == S.SPACED_PREDICTOR
     bar = _bar(len(calibration.schedules), progress, steps)
     try:
         for k, sched in sorted(calibration.schedules.items(), reverse=True):
-            spaced = _spaced_plan(predictor, k, steps, overrides)
-            spaced_db = score(spaced)
-            cal_db = spaced_db if tuple(sched) == spaced else score(sched)
+            spaced = _spaced_plan(S.SPACED_PREDICTOR, k, steps, overrides)
+            spaced_db = score(spaced, execute_spaced)
+            cal_db = spaced_db if same and tuple(sched) == spaced else score(sched)
             checks[k] = (cal_db, spaced_db)
             bar.step(f"held-out {k} passes {cal_db:.2f} dB (spaced rule {spaced_db:.2f})")
     finally:

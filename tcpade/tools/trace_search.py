@@ -133,7 +133,7 @@ class Recorder:
             b = rt.branches.get(branch)
             p = b.pending if b is not None else None
             if p is not None and h_out is not None:
-                rec.add(branch, p.k, p.t, h_in, h_out)
+                rec.add(branch, p.k, p.t, None if rt.zero_input else h_in, h_out)  # what the history holds
             return original(rt, branch, h_in, h_out)
 
         self._saved = original
