@@ -535,7 +535,7 @@ def validate_shipped(names, steps_list, predictors, n, log):
                 row = dict(kind="shipped", model=name, predictor=c.predictor, steps=c.steps, passes=k,
                            calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db, verdict=v.verdict(k),
                            schedule=" ".join(map(str, v.schedules[k])),
-                           spaced_schedule=" ".join(map(str, _spaced_plan(c.predictor, k, c.steps, {}))),
+                           spaced_schedule=" ".join(map(str, _spaced_plan(schedules.SPACED_PREDICTOR, k, c.steps, {}))),
                            source=f"calibrated at T={c.steps}")  # fmt: skip
                 rows.append(row)
                 log(f"    {k:2d} passes: calibrated {cal_db:6.2f} dB, spaced rule {sp_db:6.2f} dB "
@@ -560,8 +560,9 @@ def write_validation(rows, meta, out):
              f"{meta['threads']} thread(s); {meta['date']}; tcpade at commit {meta['commit']}. "
              f"Command: `{meta['command']}`.", "",
              f"Every entry of `tcpade/zoo/schedules.json` and every pass count in it: the calibrated schedule and the "
-             f"spaced rule's schedule (`TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)`, with the entry's "
-             f"predictor) on {meta['holdout']} held-out inputs per model (seeds {HOLDOUT_SEED0}.."
+             f"spaced rule's schedule (`TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)`) with the "
+             f"predictor `slow()` / `fast()` run it with (`schedules.SPACED_PREDICTOR`: linear; the calibrated "
+             f"schedule with the entry's predictor) on {meta['holdout']} held-out inputs per model (seeds {HOLDOUT_SEED0}.."
              f"{HOLDOUT_SEED0 + meta['holdout'] - 1}, labels 0, 1, .. in turn: neither the calibration search's seeds "
              "0-3 nor "
              "bench/quality.py's evaluation seeds 1000..), mean PSNR (dB) against full computation of the same inputs "

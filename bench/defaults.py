@@ -5,8 +5,8 @@
     python bench/defaults.py --report-only           # re-render defaults.md from defaults.csv
 
 A user who brings a model tcpade never saw gets a default rule: a placement of the computed steps
-(the spaced rule: steps 0 and 1, then evenly spaced, the last one ``end`` steps before the end of
-the run) and a predictor. This bench runs every candidate rule (predictor x ``end``) on every zoo
+(the spaced rule: steps 0 .. lead-1, then evenly spaced from step 0, the last one a step before the
+end of the run) and a predictor. This bench runs every candidate rule (predictor x lead) on every zoo
 model at the pass counts of the benchmark's speedup levels (bench/peers.py ``levels``: 2x, 2.5x,
 2.9x; at 50 steps also 3x and 4x), with no calibration, on bench/quality.py's evaluation inputs
 (PSNR against full computation of the same seeds), and compares each with the best peer at that
@@ -44,23 +44,30 @@ OUT = os.path.join(ROOT, "bench", "results")
 CSV = os.path.join(OUT, "defaults.csv")
 MODELS = ("flux-digits", "dit-faces", "wan-digits", "flux-shapes", "dit-photos", "flux-photos")
 STEPS = (10, 20, 28, 50)
-# predictor label -> TCPadeConfig fields ("rational/schedule": the predictor and axis of the earlier releases)
+# predictor label -> TCPadeConfig fields ("rational/schedule": the predictor and axis of the earlier releases;
+# "linear h_out": linear extrapolation of the block stack's output instead of its residual)
 PREDICTORS = {
-    "auto": dict(predictor="auto"),
     "linear": dict(predictor="linear"),
+    "linear h_out": dict(predictor="linear", extrapolate="h_out"),
+    "auto": dict(predictor="auto"),
     "rational/schedule": dict(predictor="rational", time_axis="schedule"),
 }
-ENDS = (1, 2)  # (end 0 measured worse at 10 steps on flux-digits and dit-faces for every predictor: -3 to -8 dB)
+# rule name -> (predictor label, lead): the spaced rule computes steps 0 .. lead-1 first (lead 1: the first
+# skips reuse the one residual; lead 2: the rule of the earlier releases). The last computed step is always
+# one before the end (schedules.SPACED_END; end 0 and end 2 measured worse: bench/research/stack_output/).
+RULES = {
+    "linear, lead 1": ("linear", 1),
+    "linear h_out, lead 1": ("linear h_out", 1),
+    "auto, lead 1": ("auto", 1),
+    "auto, lead 2": ("auto", 2),
+    "rational/schedule, lead 2": ("rational/schedule", 2),
+}
 GOAL_DB = 2.0
 
 
 def passes_at(steps: int, level: float) -> int:
     """The most passes whose MAC speedup reaches ``level`` (bench/quality.py's 1e-3 slack)."""
     return max(3, math.floor(steps / (level * (1 - 1e-3))))
-
-
-def rule_name(pred: str, end: int) -> str:
-    return f"{pred}, end {end}"
 
 
 def best_peers(models, folder: str = OUT) -> dict:
@@ -93,15 +100,14 @@ def run(models, steps_list, log) -> list:
             ref = model.sample(seeds, labels, steps=steps)
             for level, tag in levels(steps):
                 k = passes_at(steps, level)
-                for pred, fields in PREDICTORS.items():
-                    for end in ENDS:
-                        sched = S.spaced(steps, k, MIN_HISTORY[fields["predictor"]], end=end)
-                        cfg = TCPadeConfig(schedule=sched, schedule_steps=steps, **fields)
-                        out = model.sample(seeds, labels, steps=steps, config=cfg)
-                        psnr = float(metrics.psnr(out, ref).mean())
-                        rows.append(dict(model=name, steps=steps, level=round(level, 4), tag=tag, passes=k,
-                                         rule=rule_name(pred, end), schedule=" ".join(map(str, sched)),
-                                         psnr=round(psnr, 4)))  # fmt: skip
+                for rule, (pred, lead) in RULES.items():
+                    fields = PREDICTORS[pred]
+                    sched = S.spaced(steps, k, max(lead, MIN_HISTORY[fields["predictor"]]), end=1)
+                    cfg = TCPadeConfig(schedule=sched, schedule_steps=steps, **fields)
+                    out = model.sample(seeds, labels, steps=steps, config=cfg)
+                    psnr = float(metrics.psnr(out, ref).mean())
+                    rows.append(dict(model=name, steps=steps, level=round(level, 4), tag=tag, passes=k, rule=rule,
+                                     schedule=" ".join(map(str, sched)), psnr=round(psnr, 4)))  # fmt: skip
                 here = [r for r in rows if (r["model"], r["steps"], r["tag"]) == (name, steps, tag)]
                 log(f"{name} T={steps} {tag} ({k} passes): " + " ".join(f"{r['rule']}={r['psnr']:.2f}" for r in here))
             log(f"{name} T={steps}: {time.perf_counter() - t0:.0f} s")
@@ -111,7 +117,7 @@ def run(models, steps_list, log) -> list:
 def analyse(rows, peers) -> list:
     """The markdown lines of the report."""
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
-    rules = sorted({r["rule"] for r in rows}, key=lambda x: (list(PREDICTORS).index(x.split(",")[0]), x))
+    rules = [r for r in RULES if any(x["rule"] == r for x in rows)]
     margin = {}
     for r in rows:
         p = peers.get((r["model"], int(r["steps"]), float(r["level"])))
@@ -175,12 +181,14 @@ def write_report(rows, cmd):
         "",
         f"Generated by `{cmd}` from defaults.csv. Machine: {cpu_name()} (2-core VM), 1 torch thread; torch "
         f"{torch.__version__}. PSNR in dB against full computation of the same seeds (bench/quality.py's evaluation "
-        "inputs), no calibration: every rule is the spaced rule (steps 0 and 1, then evenly spaced from step 0, the "
-        "last computed step `end` steps before the end) with a predictor, at the pass counts of the speedup levels "
+        "inputs), no calibration: every rule is the spaced rule (steps 0 .. lead-1, then evenly spaced from step 0, "
+        "the last computed step one before the end) with a predictor, at the pass counts of the speedup levels "
         "(2x, 2.5x, 2.9x = 20/7; at 50 steps also 3x and 4x; at least 3 passes). Margin: the rule's PSNR minus the "
         "best peer's reaching the same speedup (every peer and knob setting in quality_<model>.csv). Predictors: "
-        "`auto` (the online choice among rational, linear, damped linear and reuse), `linear` (on the step-index "
-        "axis), `rational/schedule` (rational on the scheduler's time axis: the predictor of the earlier releases).",
+        "`linear` (on the step-index axis), `linear h_out` (the same, extrapolating the block stack's output instead "
+        "of its residual: `TCPadeConfig(extrapolate=\"h_out\")`), `auto` (the online choice among rational, linear, "
+        "damped linear and reuse), `rational/schedule` (rational on the scheduler's time axis: the predictor of the "
+        "earlier releases). Lead 1 is the spaced rule of this release, lead 2 that of the earlier ones.",
         "",
     ]
     with open(os.path.join(OUT, "defaults.md"), "w") as f:

@@ -713,7 +713,7 @@ def _summary_defaults(out_dir):
     body = report[start + 1 : end]
     return ["", "## A model nobody calibrated: the default rule, leave one model out (goal: >= 2 dB)", "",
             "No calibration: the spaced rule with a predictor, at the levels' pass counts. For each zoo model, the "
-            "rule (predictor x where the spaced rule ends) with the best mean margin over the best peer on the "
+            "rule (predictor x the spaced rule's lead) with the best mean margin over the best peer on the "
             "other five models, measured on the one left out. Every rule on every model: "
             "[defaults.md](defaults.md) (`python bench/defaults.py`), data: `defaults.csv`."] + body  # fmt: skip
 
