@@ -269,9 +269,9 @@ def test_apply_keeps_the_users_config_and_resolves_beside_it(registry):
         assert s.config is cfg and s.resolved is rt.resolved
         assert s.computed("cond") == s.computed("uncond") == [0, 2, 4, 6]
         text = str(s)
-        assert text.startswith("tcpade: predictor=reuse (the one the model's calibrations were made with; the "
-                               "config's: rational) budget=passes 4;"), text  # fmt: skip
-        assert "schedule: calibrated [0, 2, 4, 6]" in text
+        assert text.startswith("tcpade: predictor=reuse on the calibrated schedules (the one the model's calibrations "
+                               "were made with), rational (the config's) on the others budget=passes 4;"), text  # fmt: skip
+        assert "schedule: calibrated [0, 2, 4, 6] (unvalidated: no held-out check); predictor reuse" in text
     finally:
         tcpade.remove(pipe)
     # the config alone: its own predictor, no model, the spaced rule

@@ -349,7 +349,7 @@ class TCPadeConfig:
         leave-one-model-out on the zoo models: bench/results/defaults.md), the one the model's
         calibrations were made with on a calibrated model (``calibrated_predictor``; a ``predictor=``
         override turns that off). Short runs get more passes, so that the spaced rule never predicts
-        more than 3 steps in a row (``budget_max_run=3``: 4 of 10 is already so, 3 of 6). Until this version
+        more than 3 steps in a row (``budget_max_run=3``: 3 of 7, not 2). Until this version
         ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo
         the calibrated 8-of-20 schedule gave 3-12 dB more with one pass fewer
         (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4, interval=4,
