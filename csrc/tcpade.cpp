@@ -675,13 +675,18 @@ Sums predict_impl(const typename D::S* hin, typename D::S* ring, typename D::S* 
     const bool use_main = var != REUSE && cf[W_MAIN] != 0.0f;  // W_MAIN == 0: main not evaluated
     const bool gamma = hprev != nullptr && cf[GAMMA] != 0.0f;
     const S* R1 = ring + A.slots[0] * n;
-    const S* R2 = ring + A.slots[1] * n;
+    // Rational / linear with no weight on R2 (one residual stored: the prediction is R1): R2 is
+    // not read, its terms read R1 with zero weight, so a stale non-finite value in R2's slot cannot
+    // leak in through 0 * NaN (the reference's r2_unread).
+    const bool r2_unread = (var == RATIONAL || var == LINEAR) && cf[LAM1] == 0.0f && cf[ALP0] == 0.0f &&
+                           cf[ALP1] == 0.0f && cf[C2] == 0.0f;
+    const S* R2 = ring + A.slots[r2_unread ? 0 : 1] * n;
     const S* R3 = ring + A.slots[2] * n;
     // Rational with a zero R3 weight (fewer than three stored residuals, or a degenerate
     // time grid): R3 is not read, so a stale non-finite value there cannot leak in through
     // 0 * NaN. Its terms then read R2 instead, with zero weight: a non-finite R2 makes the
     // prediction non-finite anyway, as it should.
-    const S* R3fit = (cf[ALP0] == 0.0f) ? ring + A.slots[1] * n : R3;
+    const S* R3fit = (cf[ALP0] == 0.0f) ? R2 : R3;
     const S* R4 = A.nslot >= 4 ? ring + A.slots[3] * n : nullptr;
     S* W = ring + A.slots[(size_t)A.nslot - 1] * n;
 

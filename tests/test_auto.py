@@ -113,18 +113,22 @@ def test_damped_config_against_float64(backend, variant, damping):
 def test_one_stored_residual_is_reused(backend, variant):
     """The spaced rule's first skips follow step 0 alone (``MIN_HISTORY`` 1): with one residual
     stored, rational, linear and every "auto" candidate predict h_in + R1 on every backend
-    (the other slots hold garbage that must get weight 0). Tolerance: h_in + R1 is one fp32
+    (the other slots hold a stale NaN, as a poisoned earlier run leaves them: it must not be read,
+    not even with weight 0, and no non-finite value is reported). Tolerance: h_in + R1 is one fp32
     addition, so the float64 reference of it differs by at most one rounding."""
     device, _ = backend
     shape = (2, 7, 36)
     h_in, ring, slots = _inputs(shape, device, 23)
+    for age in (1, 2):
+        ring[int(slots[age])] = float("nan")
     assert L.MIN_HISTORY[variant] == 1 and L.MIN_HISTORY["paper"] == 2
     want = h_in.cpu().double() + ring.cpu().double()[int(slots[0])]
     values = K.build_coef(L.kernel_variant(variant), "middle", [4.0, float("nan"), float("nan")], 9.0, 1, 3)
     rows = K.candidate_rows(values) if variant == "auto" else [values]
     for row in rows:
-        got, _ = ops.predict(h_in, ring.clone(), slots, K.coef_tensor(row, device), None, L.kernel_variant(variant),
-                             False, True)  # fmt: skip
+        got, sums = ops.predict(h_in, ring.clone(), slots, K.coef_tensor(row, device), None, L.kernel_variant(variant),
+                                False, True)  # fmt: skip
+        assert float(sums[L.SUMS.index("nonfinite")]) == 0.0
         assert (got.cpu().double() - want).abs().max().item() <= 2**-23 * want.abs().max().item()
 
 

@@ -191,6 +191,8 @@ def _predict_ew_kernel(
         # Reuse needs R2 only for the TSI sums of a stored prediction.
         r2 = r1
     else:
+        if VARIANT == LINEAR:
+            s2 = _r2_slot(s1, s2, coef_ptr)
         r2 = tl.load(ring_ptr + s2 * slot_stride + offs, mask=mask, other=0.0).to(tl.float32)
     if VARIANT == REUSE:
         rhat = r1
@@ -221,6 +223,16 @@ def _predict_ew_kernel(
     )
     idx = tl.arange(0, SUMS_PAD)
     tl.store(partial_ptr + pid * NSUMS_C + idx, acc, mask=idx < NSUMS_C)
+
+
+@triton.jit
+def _r2_slot(s1, s2, coef_ptr):
+    """R2's slot, or R1's where no weight falls on R2 (rational / linear with one residual stored):
+    R2 is then not read, so a stale non-finite value in its slot cannot leak in through 0 * NaN
+    (the reference's r2_unread; its terms read R1 with zero weight)."""
+    w = (tl.abs(tl.load(coef_ptr + LAM1)) + tl.abs(tl.load(coef_ptr + ALP0)) + tl.abs(tl.load(coef_ptr + ALP1))
+         + tl.abs(tl.load(coef_ptr + C2)))  # fmt: skip
+    return tl.where(w == 0.0, s1, s2)
 
 
 @triton.jit
@@ -314,7 +326,7 @@ def _predict_rational_kernel(
     rmask = rows < n_rows
     cols = tl.arange(0, BLOCK_C)
     s1 = load_slot(slots_ptr, 0, IDX64)
-    s2 = load_slot(slots_ptr, 1, IDX64)
+    s2 = _r2_slot(s1, load_slot(slots_ptr, 1, IDX64), coef_ptr)
     s3 = load_slot(slots_ptr, 2, IDX64)
     sw = load_slot(slots_ptr, NSLOT - 1, IDX64)
     a0 = tl.load(coef_ptr + ALP0)

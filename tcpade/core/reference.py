@@ -166,6 +166,13 @@ def _rational_main(r1, r2, r3, cf, cd, rows_shape):
     return out.reshape(rows_shape)
 
 
+def r2_unread(code: int, cf) -> bool:
+    """Does a prediction of variant ``code`` with coefficients ``cf`` give R2 no weight at all
+    (rational or linear with one residual stored, or a grid degenerate to R1)? Then R2 is not
+    read: its terms read R1 instead, with zero weight."""
+    return code in (_RATIONAL, _LINEAR) and all(float(cf[i]) == 0.0 for i in (K.LAM1, K.ALP0, K.ALP1, K.C2))
+
+
 def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper", store=False, write_out=True,
                  cd=torch.float32):
     """``predict`` with the slot order as Python ints and ``cf`` any sequence indexed by
@@ -176,7 +183,10 @@ def predict_math(h_in, ring, s: Sequence[int], cf, h_prev=None, variant="paper",
     code = K.check_variant(variant)
     nslot = ring.shape[0]
     r1 = ring[s[0]].to(cd)
-    r2 = ring[s[1]].to(cd)
+    # Rational / linear with no weight on R2 (one residual stored: the prediction is R1): R2 is not
+    # read, its terms read R1 with zero weight, so a stale non-finite value in R2's slot cannot
+    # leak in through 0 * NaN (``r2_unread``; every backend does the same).
+    r2 = r1 if r2_unread(code, cf) else ring[s[1]].to(cd)
     r3 = ring[s[2]].to(cd)
     r4 = ring[s[3]].to(cd) if nslot >= 4 else None
     if code == _REUSE:
