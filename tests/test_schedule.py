@@ -304,8 +304,12 @@ def test_shipped_zoo_schedules_load():
     schedules.clear()
     from tcpade import zoo
 
-    found = schedules.lookup(zoo.load("flux-digits").transformer, "rational")
-    assert {t for t, _ in found} >= {20, 50}
+    tr = zoo.load("flux-digits").transformer
+    found = schedules.lookup(tr, "rational")
+    # every step count shipped has its held-out checks; the schedules used are those that won them
+    assert {t for t, *_ in schedules.checks(tr, "rational")} == {10, 20, 28, 50} and found
+    assert all(any(t == c[0] and len(steps) == c[1] and c[2] > c[3] for c in schedules.checks(tr, "rational"))
+               for t, steps in found)  # fmt: skip
     for t, steps in found:
         TCPadeConfig(schedule=steps, schedule_steps=t)  # valid
 

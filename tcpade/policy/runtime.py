@@ -315,10 +315,11 @@ class Runtime:
     def _probes(self, b: Branch) -> bool:
         """Does this computed call first predict itself? The error policy measures its probe
         error; "auto" measures its candidates (also on a fixed plan, where the error policy
-        measures nothing)."""
-        count, run = b.history.count, b.run
+        measures nothing). A probe measures an extrapolation: two residuals stored (with one, every
+        predictor but the paper's predicts it as reuse does; reuse itself probes from one)."""
+        count, run, p = b.history.count, b.run, self._run_predictor(b)
         measure = (self._predictor(b)[1] and count >= 3) or (self.config.policy == "error" and not run.planned)
-        return measure and not run.poisoned and count >= K.MIN_HISTORY[self._run_predictor(b)]
+        return measure and not run.poisoned and count >= max(K.MIN_HISTORY[p], 1 if p == "reuse" else 2)
 
     def _compute(self, b: Branch, t: float, reason: str, stage: str, probe: bool = False) -> None:
         coef, lam1, tau1 = self._coef(b, stage, self._axis(b.run.k, t)) if probe else (None, 0.0, 0.0)

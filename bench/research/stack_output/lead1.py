@@ -3,8 +3,11 @@ from w + 1), with a one-residual lead: residual vs stack-output extrapolation (n
 Run: PYTHONPATH=bench python bench/research/stack_output/lead1.py MODELS"""
 import sys, contextlib, types, torch
 torch.set_num_threads(1)
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from probe import stack_output
+import importlib.util
+_spec = importlib.util.spec_from_file_location("probe", __file__.rsplit("/", 1)[0] + "/probe.py")
+_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_probe)
+stack_output = _probe.stack_output
 from quality import eval_set
 from tcpade import zoo, metrics
 from tcpade.core import layout as L, coef as K

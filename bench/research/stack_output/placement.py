@@ -9,8 +9,11 @@ Targets: "res" (the residual h_out - h_in, plus the call's h_in: the library as 
 Run: PYTHONPATH=bench python bench/research/stack_output/placement.py MODELS STEPS OUT.csv"""
 import csv, math, os, sys, contextlib, types, torch
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe import stack_output
+import importlib.util
+_spec = importlib.util.spec_from_file_location("probe", os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe.py"))
+_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_probe)
+stack_output = _probe.stack_output
 from quality import eval_set
 from peers import levels
 from tcpade import zoo, metrics
