@@ -355,7 +355,7 @@ def calibrate(
     curve then begins at its pass count.
     passes: one pass count or several (refine searches each; greedy / lazy go down to the
     smallest and keep every count on the way), each in [lead, steps], lead being the steps
-    every schedule computes first (``tcpade.core.layout.MIN_HISTORY[predictor]``: 2; reuse 1).
+    every schedule computes first (``tcpade.core.layout.MIN_HISTORY[predictor]``: 1; paper 2).
     sweeps: refine's hill-climbing sweeps per count.
     runs: trace's budget of sampling runs of the search inputs, the full computation included
     (default ``tcpade.tools.trace_search.default_runs(steps)``: 20 up to 20 steps, 40 above; the
