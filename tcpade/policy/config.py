@@ -316,10 +316,10 @@ class TCPadeConfig:
     """level "block": what the predictor extrapolates from the computed steps. "residual": the
     block stack's residual h_out - h_in, added to the skipped call's own h_in (the paper's form).
     "h_out": the stack's output h_out itself, the skipped call's h_in unused (what diffusers'
-    TaylorSeer does per block): on flow-matching models the velocity the stack leads to changes
-    less along the trajectory than the input the residual has to cancel. Which is more faithful
-    depends on the model (bench/results/defaults.md measures both). At level "output" the
-    transformer's output is extrapolated either way. Not a speed knob."""
+    TaylorSeer does per block). Which is more faithful depends on the model: on the zoo "h_out"
+    measured better on one model of six and the residual better on average
+    (bench/results/defaults.md). At level "output" the transformer's output is extrapolated
+    either way. Not a speed knob."""
 
     def __post_init__(self):
         _check(self)
