@@ -12,6 +12,7 @@ Tolerance rule: every backend is compared with the float64 reference.
   the result can always differ by one ulp from rounding the float64 value).
 """
 
+import pytest
 import torch
 
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -200,3 +201,15 @@ def rule_fast(**overrides):
     from tcpade.policy.config import TCPadeConfig
 
     return TCPadeConfig(**{**RULE_FAST, **overrides})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op torch thread for the tests of a module that imports this fixture
+    (``from helpers import one_thread``; autouse there). The tiny models' ops take microseconds:
+    one thread runs them several times faster than a pool whose threads spin-wait (tens of times
+    on a machine shared with other jobs, as the test machines' two cores are)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

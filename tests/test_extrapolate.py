@@ -23,18 +23,24 @@ from tcpade import TCPadeConfig  # noqa: E402
 from tcpade import coef as K  # noqa: E402
 from tcpade import reference  # noqa: E402
 from tcpade.tools.tiny import FAMILIES, CompileCount  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, one_thread  # noqa: E402, F401  (one_thread: autouse, 1 torch thread)
 
 T = 12
 SCHEDULE = (0, 1, 2, 5, 8, 11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+def _outputs(call, inputs, other_input_at=()):
+    """The outputs of T calls (timestep 1 - k / T; another hidden_states at ``other_input_at``)."""
+    outs = []
+    with torch.no_grad():
+        for k in range(T):
+            kw = dict(inputs(0))
+            if k in other_input_at:
+                kw["hidden_states"] = kw["hidden_states"] * 0.5 + 1.0
+            kw["timestep"] = torch.full_like(kw["timestep"], 1.0 - k / T)
+            outs.append(call(**kw, return_dict=False)[0])
+    return outs
 
 
 def _loop(model, inputs, cfg, other_input_at=()):
@@ -45,16 +51,9 @@ def _loop(model, inputs, cfg, other_input_at=()):
     hooks = [first.register_forward_pre_hook(lambda m, a, kw: seen["in"].append(kw["hidden_states"].clone()),
                                              with_kwargs=True),
              model.norm_out.register_forward_pre_hook(lambda m, a: seen["out"].append(a[0].clone()))]  # fmt: skip
-    outs = []
     tcpade.apply(model, cfg, num_steps=T)
     try:
-        with torch.no_grad():
-            for k in range(T):
-                kw = dict(inputs(0))
-                if k in other_input_at:
-                    kw["hidden_states"] = kw["hidden_states"] * 0.5 + 1.0
-                kw["timestep"] = torch.full_like(kw["timestep"], 1.0 - k / T)
-                outs.append(model(**kw, return_dict=False)[0])
+        outs = _outputs(model, inputs, other_input_at)
         computed = tcpade.summary(model).computed("default")
     finally:
         tcpade.remove(model)
@@ -107,16 +106,6 @@ def test_h_out_ignores_the_skipped_calls_input(extrapolate):
     for k in (3, 4, 6):
         assert torch.equal(a["out"][k], b["out"][k]) == (extrapolate == "h_out"), k
     assert torch.equal(a["out"][7], b["out"][7])  # the history itself is the same
-
-
-def _outputs(call, inputs):
-    outs = []
-    with torch.no_grad():
-        for k in range(T):
-            kw = dict(inputs(0))
-            kw["timestep"] = torch.full_like(kw["timestep"], 1.0 - k / T)
-            outs.append(call(**kw, return_dict=False)[0])
-    return outs
 
 
 @pytest.mark.parametrize("mode", ["regional", "full"])

@@ -23,20 +23,11 @@ import tcpade  # noqa: E402
 from tcpade.integrations import adapters  # noqa: E402
 
 from tcpade.tools.tiny import FAMILY_PIPELINES as PIPELINES, TINY  # noqa: E402
-from helpers import rule_slow  # noqa: E402
+from helpers import one_thread, rule_slow  # noqa: E402, F401  (one_thread: autouse, 1 torch thread)
 
 # fast(): a budget of 7 of 20 passes; a random model has no calibrated schedule: the spaced rule.
 FAST_20 = [0, 3, 6, 9, 12, 15, 18]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models' ops take microseconds: one intra-op thread runs them several times faster
-    than a pool whose threads spin-wait (tens of times on a machine shared with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Oracle:

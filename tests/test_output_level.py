@@ -26,15 +26,8 @@ from tcpade import reference  # noqa: E402  # noqa: E402
 from tcpade.tools.tiny import FAMILIES, CompileCount  # noqa: E402
 
 from tcpade.tools.tiny import FAMILY_PIPELINES as PIPELINES, TINY  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, one_thread  # noqa: E402, F401  (one_thread: autouse, 1 torch thread)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class SubmoduleCounter:

@@ -10,21 +10,12 @@
 import peers
 import pytest
 import torch
+from helpers import one_thread  # noqa: F401  (autouse: 1 torch thread)
 
 from tcpade import zoo
 
 STEPS = 6
 SEEDS, LABELS = [0], [1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The test machines share two cores; multi-threaded OpenMP under contention is far slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 _MODELS = {}
 
