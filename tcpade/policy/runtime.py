@@ -373,9 +373,10 @@ class Runtime:
         kw = dict(delta=c.pole_delta, kappa=c.kappa)
         if c.input_correction is not None:
             kw["gamma"] = c.input_correction
-        if c.damping and self._run_predictor(b) in ("rational", "linear"):  # (not a calibrations' reuse)
+        predictor = self._run_predictor(b)
+        if c.damping and predictor in ("rational", "linear"):  # (not a calibrations' reuse)
             kw["damping"] = c.damping
-        values = b.history.coef_values(self._predictor(b)[0], stage, t, **kw)
+        values = b.history.coef_values(L.kernel_variant(predictor), stage, t, **kw)
         coef = coef_to_device(K.candidate_rows(values) if rows else values, b.history.ring.device)
         lam1, tau1 = (struct.unpack("f", struct.pack("f", values[i]))[0] for i in (K.LAM1, K.TAU1))
         return coef, lam1, tau1
