@@ -4,29 +4,20 @@ Placements (P passes of T): "w2e1" the spaced rule as shipped (steps 0, 1, then 
 last computed step 1 before the end); "w1e1" / "w1e2": step 0 only, then evenly spaced (the first
 skip reuses the one residual); "w1back": step 0, then spaced backward from step T-2 with the gap
 ceil((T-2)/(P-1)) (diffusers TaylorSeer's own placement at 10 steps: 0 2 5 8).
-Targets: "res" (the residual h_out - h_in, plus the call's h_in: the library as it is) and "out"
-(the stack's h_out extrapolated itself: the history fed a zero input, see probe.py).
+Targets: "res" (``TCPadeConfig(extrapolate="residual")``: the residual h_out - h_in, plus the call's
+h_in) and "out" (``extrapolate="h_out"``: the stack's h_out extrapolated itself; the CSVs here were
+measured before that field existed, with the same computation patched in: see probe.py).
 Run: PYTHONPATH=bench python bench/research/stack_output/placement.py MODELS STEPS OUT.csv"""
-import csv, math, os, sys, contextlib, types, torch
+import csv, math, os, sys, torch
 torch.set_num_threads(1)
-import importlib.util
-_spec = importlib.util.spec_from_file_location("probe", os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe.py"))
-_probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_probe)
-stack_output = _probe.stack_output
 from quality import eval_set
 from peers import levels
+from defaults import passes_at
 from tcpade import zoo, metrics
-from tcpade.core import layout as L, coef as K
 from tcpade.policy.config import TCPadeConfig
 from tcpade.policy import schedules as S
 
-m1 = types.MappingProxyType({**L.MIN_HISTORY, "auto": 1, "linear": 1})
-L.MIN_HISTORY = K.MIN_HISTORY = m1
-
-
-def passes_at(steps, level):
-    return max(3, math.floor(steps / (level * (1 - 1e-3))))
+TARGET = {"res": "residual", "out": "h_out"}
 
 
 def back(T, P, end=1):
@@ -84,9 +75,8 @@ for name in models:
                 for p, tgt in RULES:
                     key = (sched, p, tgt)
                     if key not in done:
-                        cfg = TCPadeConfig(predictor=p, schedule=sched, schedule_steps=T)
-                        with (stack_output() if tgt == "out" else contextlib.nullcontext()):
-                            o = m.sample(s, l, steps=T, config=cfg)
+                        cfg = TCPadeConfig(predictor=p, schedule=sched, schedule_steps=T, extrapolate=TARGET[tgt])
+                        o = m.sample(s, l, steps=T, config=cfg)
                         done[key] = float(metrics.psnr(o, ref).mean())
                     w.writerow([name, T, round(level, 4), tag, P, pl, p, tgt, " ".join(map(str, sched)), round(done[key], 4)])
             f.flush()
