@@ -543,6 +543,75 @@ def validate_shipped(names, steps_list, predictors, n, log):
     return rows
 
 
+def trace_ship(names, steps_list, predictor, n, log):
+    """Search ``predictor``'s schedules with the trace search (``method="trace"``: 20 runs up to 20
+    steps, 40 above) on the calibration inputs of every model of ``names`` at ``steps_list``, at
+    the pass counts its shipped calibrations have there, validate them on ``n`` held-out inputs
+    and ship them: where the zoo already has an entry for the predictor, per pass count the
+    schedule of the two with the higher held-out PSNR (both checked on the same inputs against the
+    same spaced rule). Returns the validation rows of the entries written."""
+    from tcpade.tools.calibrate import _spaced_plan, save
+
+    rows = []
+    shipped = tcpade.calibrate.load(schedules.SHIPPED, register=False)
+    for name in names:
+        model = zoo.load(name)
+        held = holdout_inputs(name, n)
+        for T in steps_list:
+            here = [c for c in shipped if c.name == name and c.steps == T]
+            ks = sorted({k for c in here for k in c.schedules}, reverse=True)
+            if not ks:
+                continue
+            new = tcpade.calibrate(model, list(zip(CAL_SEEDS, CAL_LABELS[name])), passes=ks, steps=T,
+                                   predictor=predictor, method="trace", holdout=held, progress=False)  # fmt: skip
+            new.name, new.extra = name, dict(new.extra, methods={str(k): "trace" for k in ks})
+            old = next((c for c in here if c.predictor == predictor), None)
+            out = new
+            if old is not None and old.validated and old.holdout == new.holdout:
+                out = merge_by_holdout(old, new)
+            save(schedules.SHIPPED, out)  # one entry at a time: nothing is lost if the run stops
+            log(f"  {name} {predictor} T={T}: {new.runs} runs, {new.calls} calls, {new.seconds:.1f} s; "
+                f"{'merged with the shipped entry: ' if out is not new else ''}"
+                + " ".join(f"{k}:{out.extra['methods'][str(k)]}" for k in ks))  # fmt: skip
+            for k in sorted(out.schedules, reverse=True):
+                cal_db, sp_db = out.validation[k]
+                rows.append(dict(kind="shipped", model=name, predictor=predictor, steps=T, passes=k,
+                                 calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db,
+                                 verdict=out.verdict(k), schedule=" ".join(map(str, out.schedules[k])),
+                                 spaced_schedule=" ".join(map(str, _spaced_plan(schedules.SPACED_PREDICTOR, k, T, {}))),
+                                 source=f"calibrated at T={T}, {out.extra['methods'][str(k)]}"))  # fmt: skip
+                log(f"    {k:2d} passes: calibrated {cal_db:6.2f} dB, spaced rule {sp_db:6.2f} dB "
+                    f"({cal_db - sp_db:+.2f}): {rows[-1]['verdict']} ({out.extra['methods'][str(k)]})")  # fmt: skip
+    return rows
+
+
+def merge_by_holdout(old, new):
+    """One entry of ``old``'s and ``new``'s schedules (same model, predictor and T, both validated on
+    the same held-out inputs): per pass count the one with the higher held-out PSNR (old on a tie);
+    the cost is both searches' (what it takes to reproduce the entry)."""
+    import dataclasses
+
+    methods = dict(old.extra.get("methods") or {str(k): old.method for k in old.schedules})
+    schedules_, psnr, validation = dict(old.schedules), dict(old.psnr), dict(old.validation)
+    for k, steps in new.schedules.items():
+        if k in old.validation and abs(old.validation[k][1] - new.validation[k][1]) > 0.01:
+            raise SystemExit(f"{old.name} T={old.steps} {k} passes: the spaced rule's held-out PSNR differs between "
+                             f"the shipped check ({old.validation[k][1]:.3f}) and the new one "
+                             f"({new.validation[k][1]:.3f}): validate the shipped entry again first")  # fmt: skip
+        if k not in old.schedules or new.validation[k][0] > old.validation.get(k, (-math.inf,))[0]:
+            schedules_[k], validation[k], methods[str(k)] = steps, new.validation[k], "trace"
+            psnr.pop(k, None)
+            if k in new.psnr:
+                psnr[k] = new.psnr[k]
+    used = sorted({m for m in methods.values()})
+    return dataclasses.replace(
+        old, schedules=schedules_, psnr=psnr, validation=validation, method=" + ".join(used),
+        runs=old.runs + new.runs, calls=old.calls + new.calls, seconds=old.seconds + new.seconds,
+        validation_runs=old.validation_runs + new.validation_runs,
+        validation_calls=old.validation_calls + new.validation_calls,
+        validation_seconds=old.validation_seconds + new.validation_seconds, extra=dict(old.extra, methods=methods))
+
+
 def write_validation(rows, meta, out):
     """calibration_validation.csv and .md from the rows (kind "shipped" and "carried")."""
     csv_path = os.path.join(out, "calibration_validation.csv")
@@ -570,6 +639,13 @@ def write_validation(rows, meta, out):
              "use it; `spaced rule`: not higher, the entry keeps the schedule marked `\"used\": false` and the "
              "presets run the spaced rule at that pass count (a searched schedule that is the spaced rule's own "
              "counts as not used: the same schedule runs either way).", ""]  # fmt: skip
+    traced = [r for r in shipped if str(r.get("source", "")).endswith("trace")]
+    if traced:
+        cmd = meta.get("trace_command") or "python bench/calibration.py --trace-ship linear ...` (an earlier run)"
+        lines += [f"The {len(traced)} rows whose search is `trace` come from `{cmd}: the trace search (one recorded "
+                  "full run, an offline error table, 20 verification runs up to 20 steps, 40 above) on the same four "
+                  "calibration inputs, checked on the same held-out inputs; where the entry had a schedule of its own "
+                  "search, the one with the higher held-out PSNR is shipped per pass count.", ""]  # fmt: skip
     if shipped:
         lines += [f"Pass counts checked: {len(shipped)}; calibrated schedule kept: {len(used)}; spaced rule instead: "
                   f"{len(lost)} (of which {len(same)} where the search had returned the spaced rule's schedule "
@@ -582,11 +658,12 @@ def write_validation(rows, meta, out):
         if gains:
             lines[-1] += f" Where it was kept it won by {min(gains):.2f} to {max(gains):.2f} dB."
         lines += ["", "| model | predictor | T | passes | calibrated (dB) | spaced rule (dB) | margin | verdict | "
-                  "calibrated schedule | spaced-rule schedule |", "|---" * 10 + "|"]  # fmt: skip
+                  "calibrated schedule | spaced-rule schedule | search |", "|---" * 11 + "|"]  # fmt: skip
         for r in shipped:
+            search = "trace" if str(r.get("source", "")).endswith("trace") else "refine"
             lines.append(f"| {r['model']} | {r['predictor']} | {r['steps']} | {r['passes']} | "
                          f"{r['calibrated_db']:.2f} | {r['spaced_db']:.2f} | {r['margin_db']:+.2f} | {r['verdict']} | "
-                         f"{r['schedule']} | {r['spaced_schedule']} |")  # fmt: skip
+                         f"{r['schedule']} | {r['spaced_schedule']} | {search} |")  # fmt: skip
     lines += carry_section(rows, meta)
     with open(os.path.join(out, "calibration_validation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -720,6 +797,10 @@ def main(argv=None):
                    "at --steps on the held-out inputs, write the checks into tcpade/zoo/schedules.json and the table "
                    "into calibration_validation.md / .csv")  # fmt: skip
     p.add_argument("--predictors", default="rational,linear,reuse", help="with --validate-shipped: the predictors")
+    p.add_argument("--trace-ship", default=None, metavar="PREDICTOR", help="only: search PREDICTOR's schedules with the "
+                   "trace search at the shipped pass counts of --models at --steps, check them on the held-out inputs "
+                   "and ship them (per pass count the better of the new and the shipped schedule of PREDICTOR on the "
+                   "held-out inputs); their rows replace those entries' in calibration_validation.md / .csv")  # fmt: skip
     p.add_argument("--carry", default=None, metavar="T,..", help="only: the shipped 20-step rational calibrations of "
                    "--models carried to these step counts, against the per-T calibrations and the spaced rule on the "
                    "held-out inputs (added to calibration_validation.md / .csv)")  # fmt: skip
@@ -741,7 +822,7 @@ def main(argv=None):
     if (args.append or args.report_only) and not args.rules:  # keep the rows of an earlier run (other models / step counts)
         rows, costs = read_rows(csv_path), json.load(open(cost_path))
         meta["command"] += " (appended to the earlier run's rows)" if args.append else ""
-    if args.validate_shipped or args.carry:
+    if args.validate_shipped or args.carry or args.trace_ship:
         import subprocess
 
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -752,6 +833,9 @@ def main(argv=None):
         if args.validate_shipped:
             rows += validate_shipped(args.models.split(","), [int(x) for x in args.steps.split(",")],
                                      args.predictors.split(","), args.holdout_samples, log)  # fmt: skip
+        if args.trace_ship:
+            rows += trace_ship(args.models.split(","), [int(x) for x in args.steps.split(",")], args.trace_ship,
+                               args.holdout_samples, log)  # fmt: skip
         if args.carry:
             rows += carry_runs(args.models.split(","), [int(x) for x in args.carry.split(",")], args.holdout_samples,
                                log)  # fmt: skip
@@ -761,6 +845,8 @@ def main(argv=None):
             done = {(r["kind"], r["model"], r["predictor"], r["steps"]) for r in rows}
             keep = [r for r in read_validation(path) if (r["kind"], r["model"], r["predictor"], r["steps"]) not in done]
         meta["carry_command"] = f"{meta['command']}` (tcpade at commit {meta['commit']})"
+        if args.trace_ship:
+            meta["trace_command"] = meta["carry_command"]
         if not args.validate_shipped:  # the page's header keeps the validation run's command and commit
             old = _page_header(args.out)
             if old:

@@ -248,8 +248,8 @@ def registry():
 @torch.no_grad()
 def test_apply_keeps_the_users_config_and_resolves_beside_it(registry):
     """tcpade.apply neither changes nor replaces the config: ``runtime.config`` is the object
-    given, field for field what it was; what calibration resolves for the model (the predictor
-    of ``calibrated_predictor``, the calibrated schedule for T) is ``runtime.resolved``, and the
+    given, field for field what it was; what calibration resolves for the model (the calibrated
+    schedule for T and the predictor it was calibrated for) is ``runtime.resolved``, and the
     summary shows both."""
     pipe, generate = _flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -263,14 +263,15 @@ def test_apply_keeps_the_users_config_and_resolves_beside_it(registry):
     try:
         generate(8)
         assert rt.config is cfg and rt.resolved.config is cfg
-        assert rt.resolved.predictor == "reuse" and rt.resolved.calibrated == ((8, (0, 2, 4, 6)),)
+        assert rt.resolved.predictors == ("rational", "reuse")
+        assert rt.resolved.calibrated == ((8, (0, 2, 4, 6), "reuse"),) and rt.resolved.predictor_for(8) == "reuse"
         assert rt.resolved.plan(8) == (0, 2, 4, 6) and rt.resolved.plan_source(8) == "calibrated"
         s = tcpade.summary(pipe)
         assert s.config is cfg and s.resolved is rt.resolved
         assert s.computed("cond") == s.computed("uncond") == [0, 2, 4, 6]
         text = str(s)
-        assert text.startswith("tcpade: predictor=reuse on the calibrated schedules (the one the model's calibrations "
-                               "were made with), rational (the config's) on the others budget=passes 4;"), text  # fmt: skip
+        assert text.startswith("tcpade: predictor=reuse on the calibrated schedules made for it, rational (the config's) "
+                               "on the others budget=passes 4;"), text  # fmt: skip
         assert "schedule: calibrated [0, 2, 4, 6] (unvalidated: no held-out check); predictor reuse" in text
     finally:
         tcpade.remove(pipe)

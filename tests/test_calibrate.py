@@ -286,40 +286,57 @@ def _cal(model, predictor, psnr, steps=6):
                                         psnr={3: psnr[0], 4: psnr[1]}, passes=3)  # fmt: skip
 
 
-def test_calibrated_predictor_takes_the_best_scored_predictor(flux, registry):
-    """``calibrated_predictor`` (set by slow() / fast()): the predictor whose calibrations of this
-    model have the higher mean calibration PSNR over the (T, passes) they share replaces the
-    config's; an explicit predictor, or a model calibrated for one predictor only, keeps it."""
+def test_calibrated_predictor_takes_each_schedules_own_predictor(flux, registry):
+    """``calibrated_predictor`` (set by slow() / fast()): at each (T, passes) the schedule of the
+    predictor whose calibration beat the spaced rule on held-out inputs by the most (validated
+    before unvalidated; unvalidated by calibration PSNR), run with that predictor; an explicit
+    predictor keeps its own calibrations only."""
     key = schedules.model_key(flux.transformer)
     _cal(key, "rational", (30.0, 35.0)).register()
-    assert schedules.best_predictor(flux.transformer) == "rational"  # one predictor: the one calibrated
-    _cal(key, "reuse", (33.0, 34.0)).register()  # mean 33.5 > 32.5
-    _cal(key, "linear", (20.0, 40.0), steps=7).register()  # no (T, passes) shared with the others
-    _cal(key, "linear", (31.0, 33.0)).register()  # mean 32.0
-    assert schedules.best_predictor(flux.transformer) == "reuse"
+    assert schedules.best_schedules(flux.transformer) == ((6, (0, 1, 4), "rational"), (6, (0, 1, 3, 5), "rational"))
+    _cal(key, "reuse", (33.0, 34.0)).register()  # unvalidated: by calibration PSNR, reuse at 3 passes
+    _cal(key, "linear", (20.0, 40.0), steps=7).register()  # another T: its own
+    assert schedules.best_schedules(flux.transformer) == (
+        (6, (0, 2, 4), "reuse"), (6, (0, 1, 3, 5), "rational"), (7, (0, 1, 4), "linear"), (7, (0, 1, 3, 5), "linear"))
+    # a validated schedule before an unvalidated one; among validated, the larger held-out margin
+    lin = _cal(key, "linear", (10.0, 10.0))
+    lin.validation, lin.holdout = {3: (31.0, 30.0), 4: (36.5, 36.0)}, 2
+    lin.register()
+    rat = _cal(key, "rational", (30.0, 35.0))
+    rat.validation, rat.holdout = {3: (29.0, 30.0), 4: (37.0, 36.0)}, 2  # loses at 3 passes, +1.0 at 4
+    rat.register()
+    assert schedules.best_schedules(flux.transformer)[:2] == ((6, (0, 1, 4), "linear"), (6, (0, 1, 3, 5), "rational"))
     cfg = TCPadeConfig.budget(passes=3, calibrated_predictor=True)
     resolved = schedules.resolve(cfg, flux.transformer)
-    assert resolved.predictor == "reuse" and (6, (0, 2, 4)) in resolved.calibrated
+    assert resolved.predictors == ("rational", "linear")  # (reuse's schedules are outranked everywhere)
+    assert resolved.plan(6) == (0, 1, 4) and resolved.predictor_for(6) == "linear"
+    assert resolved.plan_note(6) == "held-out 31.00 dB, spaced rule 30.00 dB"
+    assert resolved.plan(5) == schedules.spaced(5, 3) and resolved.predictor_for(5) == "rational"
     _, summ = flux.sample([3], [1], steps=6, config=cfg, return_summary=True)
-    assert summ.computed("cond") == [0, 2, 4] and str(summ).startswith("tcpade: predictor=reuse ")
-    # slow() / fast(): "linear" on a model nobody calibrated, the calibrations' predictor on this one
+    assert summ.computed("cond") == [0, 1, 4]
+    assert str(summ).startswith("tcpade: predictor=linear on the calibrated schedules made for it, "
+                                "rational (the config's) on the others")  # fmt: skip
+    assert "; predictor linear" in str(summ)
+    # slow() / fast(): "linear" on the spaced rule, each calibrated schedule's own predictor on it
     assert TCPadeConfig.fast().predictor == TCPadeConfig.slow().predictor == "linear"
-    assert schedules.resolve(TCPadeConfig.fast(), flux.transformer).predictor == "reuse"
     assert TCPadeConfig.fast().calibrated_predictor and TCPadeConfig.slow().calibrated_predictor
     assert not TCPadeConfig.fast(predictor="linear").calibrated_predictor  # the user's predictor stays
-    assert schedules.resolve(TCPadeConfig.fast(predictor="linear"), flux.transformer).predictor == "linear"
-    assert schedules.resolve(TCPadeConfig.budget(passes=3), flux.transformer).predictor == "rational"
-    # the scores come back from a saved file
+    only = schedules.resolve(TCPadeConfig.budget(passes=4, predictor="linear"), flux.transformer)
+    assert only.predictors == ("linear",) and only.plan(6) == (0, 1, 3, 5) and only.plan_source(6) == "calibrated"
+    assert schedules.resolve(TCPadeConfig.budget(passes=4), flux.transformer).predictor_for(6) == "rational"
     schedules.clear(shipped=False)
-    assert schedules.best_predictor(flux.transformer) is None
+    assert schedules.best_schedules(flux.transformer) == ()
 
 
-def test_calibrated_predictor_scores_survive_save_and_load(flux, registry, tmp_path):
+def test_calibrated_predictor_choice_survives_save_and_load(flux, registry, tmp_path):
     key = schedules.model_key(flux.transformer)
     path = str(tmp_path / "s.json")
-    tcpade.calibrate.save(path, _cal(key, "rational", (30.0, 35.0)), _cal(key, "linear", (31.0, 36.0)))
+    rat, lin = _cal(key, "rational", (30.0, 35.0)), _cal(key, "linear", (31.0, 36.0))
+    rat.validation, rat.holdout = {3: (30.5, 30.0), 4: (36.0, 35.0)}, 2
+    lin.validation, lin.holdout = {3: (31.0, 30.0), 4: (35.5, 35.0)}, 2
+    tcpade.calibrate.save(path, rat, lin)
     tcpade.calibrate.load(path)
-    assert schedules.best_predictor(flux.transformer) == "linear"
+    assert schedules.best_schedules(flux.transformer) == ((6, (0, 1, 4), "linear"), (6, (0, 1, 3, 5), "rational"))
 
 
 # ------------------------------------------------------------------------------ held-out validation

@@ -253,7 +253,7 @@ def test_registry_keeps_out_a_schedule_that_lost_its_held_out_check(registry):
     schedules.register(key, "rational", 8, {4: (0, 1, 2, 6), 3: (0, 1, 4)}, psnr={4: 40.0, 3: 30.0},
                        validation={4: (35.0, 36.0), 3: (31.0, 30.5)})  # fmt: skip
     assert schedules.lookup(tr, "rational") == ((8, (0, 1, 4)),)
-    assert schedules.checks(tr, "rational") == ((8, 3, 31.0, 30.5), (8, 4, 35.0, 36.0))
+    assert schedules.checks(tr, "rational") == ((8, 3, 31.0, 30.5, "rational"), (8, 4, 35.0, 36.0, "rational"))
     resolved = schedules.resolve(TCPadeConfig.budget(passes=4), tr)
     assert resolved.plan(8) == schedules.spaced(8, 4) and resolved.plan_source(8) == "spaced rule"
     assert resolved.plan_note(8) == "the calibrated schedule lost on held-out inputs: 35.00 dB, spaced rule 36.00 dB"
@@ -262,6 +262,16 @@ def test_registry_keeps_out_a_schedule_that_lost_its_held_out_check(registry):
     _, summ = _sample(tr, 8, TCPadeConfig.budget(passes=4))
     assert summ.computed("cond") == list(schedules.spaced(8, 4))
     assert "schedule: spaced rule" in str(summ) and "lost on held-out inputs: 35.00 dB" in str(summ)
+    # two predictors' schedules lost there: the note gives the better check; one that won would run
+    schedules.register(key, "linear", 8, {4: (0, 2, 3, 6)}, validation={4: (35.5, 36.0)})
+    both = schedules.resolve(TCPadeConfig.budget(passes=4, calibrated_predictor=True), tr)
+    assert both.plan_source(8) == "spaced rule" and both.predictor_for(8) == "rational"
+    assert both.plan_note(8) == "the 2 calibrated schedules (the best) lost on held-out inputs: 35.50 dB, spaced rule 36.00 dB"
+    schedules.register(key, "linear", 8, {4: (0, 2, 3, 6)}, validation={4: (36.5, 36.0)})
+    both = schedules.resolve(TCPadeConfig.budget(passes=4, calibrated_predictor=True), tr)
+    assert both.plan(8) == (0, 2, 3, 6) and both.predictor_for(8) == "linear"
+    assert both.plan_note(8) == "held-out 36.50 dB, spaced rule 36.00 dB"
+    schedules.register(key, "linear", 8, {4: (0, 2, 3, 6)}, validation={4: (35.5, 36.0)})
     # every pass count lost: the config's own predictor, the spaced rule, the checks still shown
     schedules.register(key, "rational", 8, {3: (0, 1, 4)}, validation={3: (29.0, 30.5)})
     resolved = schedules.resolve(TCPadeConfig.budget(passes=3), tr)

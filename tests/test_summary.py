@@ -80,10 +80,8 @@ def test_summary_shows_what_was_resolved_for_the_model():
     rt, _, _, _ = run(cfg, 20, rt=rt)
     assert rt.branches["default"].run.predictor == "reuse"
     text = str(tcpade.summary(rt))
-    assert text.startswith(
-        "tcpade: predictor=reuse on the calibrated schedules (the one the model's calibrations were made with), "
-        "rational (the config's) on the others"
-    )
+    assert text.startswith("tcpade: predictor=reuse on the calibrated schedules made for it, rational (the config's) "
+                           "on the others")
     assert f"schedule: calibrated {list(cal)} (unvalidated: no held-out check); predictor reuse" in text
     assert tcpade.summary(rt).computed("default") == list(cal)
     rt, _, _, _ = run(cfg, 12, rt=rt)

@@ -392,10 +392,11 @@ class Summary:
 
     def __str__(self) -> str:
         c, ran = self.config, self.resolved
-        predictor = ran.predictor
-        if predictor != c.predictor:
-            predictor = (f"{predictor} on the calibrated schedules (the one the model's calibrations were made with), "
-                         f"{c.predictor} (the config's) on the others")  # fmt: skip
+        predictor, others = c.predictor, ran.predictors[1:]
+        if others:  # calibrated schedules of other predictors: each runs with its own
+            them = "it" if len(others) == 1 else "them"
+            predictor = (f"{', '.join(others)} on the calibrated schedules made for {them}, {c.predictor} "
+                         "(the config's) on the others")  # fmt: skip
         lines = [
             f"tcpade: predictor={predictor}{' level=output' if c.level == 'output' else ''}"
             f"{' extrapolate=h_out' if c.level == 'block' and c.extrapolate == 'h_out' else ''} {_decided_by(c)}; "
@@ -412,7 +413,7 @@ class Summary:
             if t and ran.plan(t) is not None:
                 note = ran.plan_note(t)  # a calibrated schedule's held-out check against the spaced rule
                 lines.append(f"  schedule: {ran.plan_source(t)} {list(ran.plan(t))}" + (f" ({note})" if note else "")
-                             + (f"; predictor {ran.predictor_for(t)}" if ran.predictor != c.predictor else ""))
+                             + (f"; predictor {ran.predictor_for(t)}" if others else ""))
             bad = self.nonfinite(name)
             if bad:
                 kept = ran.plan(t) is not None

@@ -1,10 +1,11 @@
 """What runs for one model: the user's config as given, and what calibration resolved.
 
 ``Resolved`` pairs the config (never changed, never copied with other values) with what
-``tcpade.apply`` looked up for the model (``tcpade.policy.schedules.resolve``): the
-predictor that runs (the config's, or with ``calibrated_predictor`` the one the model's
-calibrations score best) and the model's calibrated schedules for it. It answers
-``plan(T)``: the steps a T-step run computes when they are known before it runs.
+``tcpade.apply`` looked up for the model (``tcpade.policy.schedules.resolve``): the model's
+calibrated schedules, each with the predictor it was calibrated for (the config's; or, with
+``calibrated_predictor``, at each (T, passes) the predictor whose calibration won its held-out
+check by the most), and their held-out checks. It answers ``plan(T)``: the steps a T-step run
+computes when they are known before it runs, and ``predictor_for(T)``: the predictor of that run.
 
 Where a plan comes from (``plan_source``), first match:
 
@@ -38,41 +39,53 @@ PLANS_KEPT = 16  # plans (per T) a Resolved keeps; a server's step counts vary p
 @dataclass(frozen=True)
 class Resolved:
     config: "TCPadeConfig"  # noqa: F821  (the user's, as given)
-    predictor: Optional[str] = None  # the predictor that runs; None: the config's
-    calibrated: Tuple[Tuple[int, Tuple[int, ...]], ...] = ()  # the model's calibrated schedules, ((T, steps), ...)
+    # the predictor of the calibrated schedules and checks given without one; None: the config's
+    predictor: Optional[str] = None
+    # the model's calibrated schedules, ((T, steps, predictor), ...) (or (T, steps): ``predictor``'s)
+    calibrated: Tuple[tuple, ...] = ()
     # their held-out checks, and those of calibrated schedules that lost theirs (not in
-    # ``calibrated``): ((T, passes, calibrated dB, spaced rule dB), ...)
-    checks: Tuple[Tuple[int, int, float, float], ...] = ()
+    # ``calibrated``): ((T, passes, calibrated dB, spaced rule dB, predictor), ...) (or without the
+    # predictor: ``predictor``'s)
+    checks: Tuple[tuple, ...] = ()
     rule: Rule = field(init=False, repr=False, compare=False)
     _plans: Dict[int, tuple] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        predictor = self.config.predictor if self.predictor is None else self.predictor
-        if predictor != self.config.predictor:
+        default = self.config.predictor if self.predictor is None else self.predictor
+        object.__setattr__(self, "predictor", default)
+        cal = [(int(e[0]), tuple(int(x) for x in e[1]), str(e[2]) if len(e) > 2 else default) for e in self.calibrated]
+        checks = [(int(e[0]), int(e[1]), float(e[2]), float(e[3]), str(e[4]) if len(e) > 4 else default)
+                  for e in self.checks]  # fmt: skip
+        object.__setattr__(self, "calibrated", tuple(cal))
+        object.__setattr__(self, "checks", tuple(checks))
+        for predictor in self.predictors[1:]:
             # The config's checks with this predictor (its budget's pass count must cover the
             # predictor's minimum history); the config itself stays as it is.
             # (a fixed damping applies to rational and linear only: the runtime drops it for another)
             damping = self.config.damping if predictor in ("rational", "linear") else 0.0
             dataclasses.replace(self.config, predictor=predictor, damping=damping)
-        object.__setattr__(self, "predictor", predictor)
-        object.__setattr__(self, "calibrated", tuple((int(t), tuple(s)) for t, s in self.calibrated))
-        object.__setattr__(self, "checks", tuple((int(t), int(p), float(c), float(s)) for t, p, c, s in self.checks))
-        object.__setattr__(self, "rule", Rule.of(self.config, predictor))
+        neediest = max(self.predictors, key=lambda p: K.MIN_HISTORY[p])
+        object.__setattr__(self, "rule", Rule.of(self.config, neediest))
+
+    @property
+    def predictors(self) -> Tuple[str, ...]:
+        """Every predictor a run may use: the config's first, then the calibrated schedules' (by name)."""
+        c = self.config.predictor
+        return (c, *sorted({p for _, _, p in self.calibrated} - {c}))
 
     @property
     def min_history(self) -> int:
         """Residuals the predictors that may run need stored before they can predict (the
-        calibrations' and the config's: ``predictor_for``)."""
-        return max(K.MIN_HISTORY[self.predictor], K.MIN_HISTORY[self.config.predictor])
+        calibrated schedules' and the config's: ``predictor_for``)."""
+        return max(K.MIN_HISTORY[p] for p in self.predictors)
 
     def predictor_for(self, total: int) -> str:
-        """The predictor of a ``total``-step run: ``predictor`` (the calibrations', with
-        ``calibrated_predictor``) where the run follows one of the model's calibrated schedules, the
-        config's own where it does not (the spaced rule, or no plan): a calibrated predictor was
-        chosen with its schedules, and the spaced rule's default predictor was chosen with it."""
-        if self.predictor == self.config.predictor or self._plan(total)[1] == "calibrated":
-            return self.predictor
-        return self.config.predictor
+        """The predictor of a ``total``-step run: the one its calibrated schedule was calibrated
+        for where the run follows one of the model's calibrated schedules, the config's own where it
+        does not (the spaced rule, or no plan): a calibrated predictor was chosen with its
+        schedule, and the spaced rule's default predictor was chosen with it."""
+        entry = self._plan(total)[2]
+        return self.config.predictor if entry is None else entry[2]
 
     def budget_passes(self, total: int) -> Optional[int]:
         """The passes a budget computes in a run of ``total`` steps, or None (no budget)."""
@@ -100,19 +113,24 @@ class Resolved:
         its held-out check ("held-out 38.12 dB, spaced rule 37.20 dB") or "unvalidated"; for a
         spaced-rule plan that replaced a calibrated schedule which lost its check, that check;
         else ""."""
-        steps, source = self._plan(total)
+        steps, source, entry = self._plan(total)
         if source not in ("calibrated", "spaced rule"):
             return ""
-        check = next(((c, s) for t, p, c, s in self.checks if t == total and p == len(steps)), None)
+        mine = [(c, s, pred) for t, p, c, s, pred in self.checks if t == total and p == len(steps)]
         if source == "calibrated":
+            check = next(((c, s) for c, s, pred in mine if pred == entry[2]), None)
             if check is None:
                 return "unvalidated: no held-out check"
             return f"held-out {check[0]:.2f} dB, spaced rule {check[1]:.2f} dB"
-        if check is None or check[0] > check[1]:
+        lost = [(c, s) for c, s, _ in mine if c <= s]
+        if not lost or len(lost) < len(mine):
             return ""
-        return f"the calibrated schedule lost on held-out inputs: {check[0]:.2f} dB, spaced rule {check[1]:.2f} dB"
+        c, s = max(lost)
+        what = "the calibrated schedule" if len(lost) == 1 else f"the {len(lost)} calibrated schedules (the best)"
+        return f"{what} lost on held-out inputs: {c:.2f} dB, spaced rule {s:.2f} dB"
 
-    def _plan(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str]:
+    def _plan(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str, Optional[tuple]]:
+        """(plan, its source, the calibrated entry it follows or None)."""
         if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
             raise ValueError(f"total steps must be an int > 0, got {total!r}")
         plans = self._plans
@@ -123,7 +141,7 @@ class Resolved:
             plans[total] = found
         return plans[total]
 
-    def _make(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str]:
+    def _make(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str, Optional[tuple]]:
         c = self.config
         if c.schedule is not None:
             if total != c.schedule_steps:
@@ -131,16 +149,17 @@ class Resolved:
                     f"TCPadeConfig.schedule is for schedule_steps={c.schedule_steps} steps, this run has "
                     f"{total}: use config.rescaled({total}), a budget (TCPadeConfig.budget), or calibrate for {total}"
                 )
-            return c.schedule, "schedule"
+            return c.schedule, "schedule", None
         k = self.budget_passes(total)
         if k is not None:
-            for t, steps in self.calibrated:
-                if t == total and len(steps) == k:
-                    return steps, "calibrated"
-            return S.spaced(total, k, K.MIN_HISTORY[self.config.predictor]), "spaced rule"  # (the config's predictor runs it)
+            for entry in self.calibrated:
+                if entry[0] == total and len(entry[1]) == k:
+                    return entry[1], "calibrated", entry
+            # (the config's predictor runs it)
+            return S.spaced(total, k, K.MIN_HISTORY[self.config.predictor]), "spaced rule", None
         if not self.rule.fixed:
-            return None, "policy"
-        return self._simulate(total), "fixed rule"
+            return None, "policy", None
+        return self._simulate(total), "fixed rule", None
 
     def _simulate(self, total: int) -> Tuple[int, ...]:
         """The steps ``rule.reason`` computes in a run of ``total`` steps, its counts simulated."""

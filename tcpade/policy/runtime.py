@@ -99,9 +99,9 @@ class Runtime:
         # transformer after tcpade, so that two caches never run at once).
         self.guard: Optional[Callable[[], None]] = None
         c, resolved = self.config, self.resolved
-        # (a run's predictor is the calibrations' or the config's: Resolved.predictor_for)
+        # (a run's predictor is its calibrated schedule's or the config's: Resolved.predictor_for)
         gammas = [c.input_correction if c.input_correction is not None else K.default_gamma(p)
-                  for p in {resolved.predictor, c.predictor}]  # fmt: skip
+                  for p in resolved.predictors]  # fmt: skip
         self._keep_prev = any(float(g) != 0.0 for g in gammas)
         self.level = c.level  # what the adapter hands over: the block stack's h_in/h_out, or the output
         # TCPadeConfig.extrapolate "h_out": the history holds the stack's h_out (its inputs fed as
@@ -345,8 +345,8 @@ class Runtime:
 
     def _run_predictor(self, b: Branch) -> str:
         """The predictor of ``b``'s current run (``Resolved.predictor_for`` its T; a run whose T is
-        unknown computes every call, and its records name the resolved predictor)."""
-        return b.run.predictor if b.run.predictor is not None else self.resolved.predictor
+        unknown computes every call, and its records name the config's predictor)."""
+        return b.run.predictor if b.run.predictor is not None else self.config.predictor
 
     def _predictor(self, b: Branch) -> Tuple[str, bool]:
         """(the kernel variant that runs, whether the candidate is chosen online) of ``b``'s run."""

@@ -12,7 +12,10 @@ is skipped and its residual predicted. Three things make one:
   predictor and T, shipped with the zoo (``tcpade/zoo/schedules.json``) or loaded by the user
   (``load``); ``tcpade.apply`` looks the model up once (``resolve``) and keeps the matches on
   the runtime beside the config (``tcpade.policy.plan.Resolved``, whose ``plan(T)`` chooses
-  among them), never in it.
+  among them), never in it. With ``calibrated_predictor`` (``slow()`` / ``fast()``) a model
+  calibrated for several predictors runs, at each (T, passes), the schedule of the predictor
+  whose calibration beat the spaced rule on held-out inputs by the most, with that predictor
+  (``best_schedules``).
 
 A calibrated schedule may come with its held-out check (``tcpade.calibrate``'s validation): its
 mean PSNR and the spaced rule's on inputs the search did not see. The registry uses it only
@@ -47,7 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SHIPPED",
-    "best_predictor",
+    "best_schedules",
     "carry",
     "check_schedule",
     "checks",
@@ -277,7 +280,7 @@ def register(key: str, predictor: str, total: int, schedules: Dict[int, Sequence
              validation: Optional[Dict[int, Optional[Tuple[float, float]]]] = None) -> None:  # fmt: skip
     """Add calibrated schedules ({passes: steps}) for model ``key``, ``predictor`` and ``total`` steps
     (replacing earlier ones for the same passes), with their calibration PSNR ({passes: dB}) when
-    known (``best_predictor`` compares predictors by it) and their held-out checks ({passes:
+    known (``best_schedules`` ranks unvalidated schedules by it) and their held-out checks ({passes:
     (calibrated dB, spaced rule dB)}; a pass count not in it, or ``validation`` None: unvalidated).
     A schedule that lost its check is not used: the budget presets keep the spaced rule at that
     pass count (``wins``)."""
@@ -305,22 +308,32 @@ def register(key: str, predictor: str, total: int, schedules: Dict[int, Sequence
             scores[int(p)] = float(value)
 
 
-def best_predictor(transformer) -> Optional[str]:
-    """The predictor the model's calibrations were made with: the only one, or, when it is
-    calibrated for several, the one whose calibrated schedules score the highest mean
-    calibration PSNR over the (T, passes) that every calibrated predictor has; None when none is
-    calibrated (or several share no scored pass count)."""
+def _standing(key: str, predictor: str, total: int, passes: int) -> tuple:
+    """How a calibrated schedule in use ranks against another predictor's for the same (T, passes):
+    validated ones first, by their held-out margin over the spaced rule; unvalidated ones after,
+    by their calibration PSNR (unknown: last)."""
+    check = _CHECKS.get(key, {}).get(predictor, {}).get(total, {}).get(passes)
+    if check is not None:
+        return (1, check[0] - check[1])
+    psnr = _PSNR.get(key, {}).get(predictor, {}).get(total, {}).get(passes)
+    return (0, -math.inf if psnr is None else psnr)
+
+
+def best_schedules(transformer) -> Tuple[Tuple[int, Tuple[int, ...], str], ...]:
+    """The model's calibrated schedules across the predictors it is calibrated for, one per (T,
+    passes), as ((T, steps, predictor), ...): where several predictors have a schedule in use
+    there, the one whose held-out check beat the spaced rule by the most (a validated schedule
+    before an unvalidated one; unvalidated ones by calibration PSNR; ties: the first predictor by name)."""
     _load_shipped()
-    by_pred = _PSNR.get(model_key(transformer), {})
-    scored = {p: {(t, k): v for t, ks in by_t.items() for k, v in ks.items()} for p, by_t in by_pred.items()}
-    scored = {p: v for p, v in scored.items() if v}
-    if len(scored) < 2:
-        return next(iter(scored), None)
-    common = set.intersection(*(set(v) for v in scored.values()))
-    if not common:
-        return None
-    mean = {p: sum(v[c] for c in common) / len(common) for p, v in scored.items()}
-    return max(sorted(mean), key=lambda p: mean[p])
+    key = model_key(transformer)
+    best: Dict[Tuple[int, int], Tuple[tuple, str, Tuple[int, ...]]] = {}
+    for predictor, by_t in sorted(_REGISTRY.get(key, {}).items()):
+        for t, by_p in by_t.items():
+            for p, steps in by_p.items():
+                rank = _standing(key, predictor, t, p)
+                if (t, p) not in best or rank > best[(t, p)][0]:
+                    best[(t, p)] = (rank, predictor, steps)
+    return tuple((t, best[(t, p)][2], best[(t, p)][1]) for t, p in sorted(best))
 
 
 def entries_from_json(doc: dict) -> list:
@@ -381,31 +394,34 @@ def lookup(transformer, predictor: str) -> Tuple[Tuple[int, Tuple[int, ...]], ..
     return tuple((t, s) for t in sorted(by_t) for _, s in sorted(by_t[t].items()))
 
 
-def checks(transformer, predictor: str) -> Tuple[Tuple[int, int, float, float], ...]:
-    """The held-out checks of this model's calibrations for ``predictor``, as ((T, passes,
-    calibrated dB, spaced rule dB), ...): those of the schedules in use and of those that lost."""
+def checks(transformer, predictor: Optional[str] = None) -> Tuple[Tuple[int, int, float, float, str], ...]:
+    """The held-out checks of this model's calibrations for ``predictor`` (None: every predictor),
+    as ((T, passes, calibrated dB, spaced rule dB, predictor), ...): those of the schedules in use
+    and of those that lost."""
     _load_shipped()
-    by_t = _CHECKS.get(model_key(transformer), {}).get(predictor, {})
-    return tuple((t, p, c, s) for t in sorted(by_t) for p, (c, s) in sorted(by_t[t].items()))
+    by_pred = _CHECKS.get(model_key(transformer), {})
+    return tuple((t, p, c, s, pred) for pred in sorted(by_pred) if predictor in (None, pred)
+                 for t in sorted(by_pred[pred]) for p, (c, s) in sorted(by_pred[pred][t].items()))  # fmt: skip
 
 
 def resolve(config, transformer):
     """What runs of ``config`` on this model (a ``tcpade.policy.plan.Resolved``; ``config`` itself is
-    not changed): a budget that may use them gets the model's calibrated schedules, and with
-    ``calibrated_predictor`` the predictor they score best (``best_predictor``), when the model has
-    schedules for it; otherwise the config's own predictor and no calibrated schedule."""
+    not changed): a budget that may use them gets the model's calibrated schedules for the config's
+    predictor, or with ``calibrated_predictor`` those of every predictor the model is calibrated
+    for, one per (T, passes) with its own predictor (``best_schedules``); otherwise none."""
     from .plan import Resolved
 
     if not config.wants_calibrated:
         return Resolved(config)
-    predictor = config.predictor
     if config.calibrated_predictor:
-        predictor = best_predictor(transformer) or predictor
-    source = predictor
-    found: Optional[tuple] = lookup(transformer, predictor)
+        found = best_schedules(transformer)
+        if found:
+            return Resolved(config, calibrated=found, checks=checks(transformer))
+    predictor = source = config.predictor
+    found = lookup(transformer, predictor)
     if not found and predictor in L.CHOOSERS:  # "auto": the schedules of the variant it runs
         source = L.kernel_variant(predictor)
         found = lookup(transformer, source)
-    if not found:  # the config's own predictor; its checks say where a calibration lost
-        return Resolved(config, checks=checks(transformer, config.predictor))
-    return Resolved(config, predictor=predictor, calibrated=found, checks=checks(transformer, source))
+    # (the config's predictor runs them: "auto" on its variant's schedules)
+    cal_checks = tuple((t, p, c, s, predictor) for t, p, c, s, _ in checks(transformer, source))
+    return Resolved(config, calibrated=tuple((t, steps, predictor) for t, steps in found), checks=cal_checks)
