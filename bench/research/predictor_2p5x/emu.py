@@ -1,0 +1,115 @@
+"""Whole-stack skipping emulated outside the library with custom predictors (measurement only).
+
+Adapted from bench/research/partial_stack/emulate.py (n_f = n_b = 0 only): the forward of every block
+of the stack is wrapped in this process; a pre-hook on the transformer counts calls (CFG: call index
+mod 2 is the branch; each branch has its own history and predictor state). On a computed step the
+stack input x (image stream, and FLUX's text stream) and the residual R = h_out - h_in are stored
+(newest first, KEEP kept) and the predictor's ``observe`` is called first (so it can compare what it
+would have predicted with the truth); on a skipped step block 0 returns ``pred.predict(...)`` (the
+predicted h_out, per stream) and the other blocks pass through.
+hist entries: (k, t, [R per stream], [x per stream]) in float32.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Dict, Sequence
+
+import torch
+
+from tcpade.integrations import families
+
+KEEP = 5
+
+
+class Emulator:
+    def __init__(self, model):
+        tr = model.transformer
+        fam = families.FAMILIES[type(tr).__name__]
+        self.blocks = [b for _, b in fam.stack(tr)]
+        self.specs = [fam.spec_for(b) for b in self.blocks]
+        self.n = len(self.blocks)
+        self.model = model
+        self.nbranch = 2 if model.spec.guidance_scale != 1 else 1
+        self.active = False
+        self._orig = []
+        for i, b in enumerate(self.blocks):
+            orig = b.forward
+            self._orig.append(b.__dict__.get("forward"))
+            b.forward = self._wrap(i, b, orig, inspect.signature(orig))
+        self._pre = tr.register_forward_pre_hook(self._on_call, with_kwargs=True)
+
+    def close(self):
+        for b, orig in zip(self.blocks, self._orig):
+            if orig is None:
+                del b.forward
+            else:
+                b.forward = orig
+        self._pre.remove()
+
+    def _on_call(self, mod, args, kwargs):
+        if not self.active:
+            return None
+        ts = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self.time = float(ts.reshape(-1)[0]) if torch.is_tensor(ts) else float(ts)
+        c = self.calls
+        self.calls += 1
+        self.k, self.branch = c // self.nbranch, c % self.nbranch
+        self.skip = self.k not in self.schedule
+        return None
+
+    def _wrap(self, i, block, orig, sig):
+        spec = self.specs[i]
+        emu = self
+
+        def forward(*args, **kwargs):
+            if not emu.active:
+                return orig(*args, **kwargs)
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            h = bound[spec.hidden_arg]
+            e = bound.get(spec.encoder_arg) if spec.encoder_arg else None
+            if not emu.skip:
+                if i == 0:
+                    emu._in = (h, e)
+                out = orig(*args, **kwargs)
+                if i == emu.n - 1:
+                    h0, e0 = emu._in
+                    ho = spec.stream_of(block, out)
+                    res = [ho.float() - h0.float()]
+                    xs = [h0.float()]
+                    if e0 is not None:
+                        res.append(out[spec.encoder_index].float() - e0.float())
+                        xs.append(e0.float())
+                    hist = emu.hist.setdefault(emu.branch, [])
+                    st = emu.state.setdefault(emu.branch, {})
+                    if hist:
+                        emu.pred.observe(hist, emu.k, emu.time, xs, res, st)
+                    hist.insert(0, (emu.k, emu.time, res, xs))
+                    del hist[KEEP:]
+                return out
+            if i == 0:
+                hist = emu.hist.get(emu.branch)
+                if not hist:
+                    raise RuntimeError(f"step {emu.k} skipped with no stored residual")
+                x = [h.float()] + ([e.float()] if e is not None else [])
+                outs = emu.pred.predict(hist, emu.k, emu.time, x, emu.state.setdefault(emu.branch, {}))
+                h = outs[0].to(h.dtype)
+                if e is not None:
+                    e = outs[1].to(e.dtype)
+            return spec.assemble(block, e, h)
+
+        return forward
+
+    def run(self, seeds, labels, steps: int, schedule: Sequence[int], pred):
+        self.schedule = frozenset(schedule)
+        self.pred = pred
+        self.hist: Dict[int, list] = {}
+        self.state: Dict[int, dict] = {}
+        self.calls = 0
+        self.active = True
+        try:
+            return self.model.sample(seeds, labels, steps=steps)
+        finally:
+            self.active = False
+            self.hist = {}
+            self.state = {}
