@@ -50,7 +50,7 @@ def test_every_field_has_a_check_and_a_concern():
     assert sorted(n for names in CONCERNS.values() for n in names) == sorted(fields)
     grouped = TCPadeConfig.fast().by_concern()
     assert list(grouped) == ["predictor", "policy", "schedule", "budget"]
-    assert grouped["budget"] == dict(passes=None, speedup=2.9, budget_max_run=3, use_calibrated=True,
+    assert grouped["budget"] == dict(passes=None, speedup=3.0, budget_max_run=3, use_calibrated=True,
                                      calibrated_predictor=True)  # fmt: skip
 
 

@@ -250,3 +250,18 @@ def test_seacache_only_where_it_runs():
     for name in zoo.names():
         groups = {x.group for x in peers.peer_methods(name, 20)}
         assert ("SeaCache" in groups) == (zoo.SPECS[name].family == "wan"), name
+
+
+@pytest.mark.parametrize("steps", [20, 28, 50])
+def test_taylorseer_sweep_has_short_warm_ups_at_every_step_count(steps):
+    """TaylorSeer's strongest settings at 20 and 50 steps have a warm-up of 1 or 2 steps (diffusers
+    computes step k when k < w or (k - w - 1) % N == 0): the sweep has them at every step count, not
+    only the warm-ups scaled with the run, and at each level up to 2.9x one of them reaches it."""
+    for mode in ("whole-block", "lite"):
+        grid = [m.knobs for m in peers.peer_methods("flux-digits", steps) if m.group == f"TaylorSeer ({mode})"]
+        short = [k for k in grid if k["disable_cache_before_step"] <= 2 and k["max_order"] == 1]
+        assert {(k["cache_interval"], k["disable_cache_before_step"]) for k in short} >= {(3, 1), (3, 2), (4, 1)}
+        for level, _ in peers.levels(steps)[:3]:
+            passes = [sum(1 for s in range(steps) if s < k["disable_cache_before_step"]
+                          or (s - k["disable_cache_before_step"] - 1) % k["cache_interval"] == 0) for k in short]
+            assert any(steps / p >= level * (1 - 1e-3) for p in passes), (mode, steps, level, passes)

@@ -17,15 +17,15 @@ and the allowed range: one table (``_CHECKS``) holds every field's check, and th
 relations between fields, walked once by ``__post_init__``.
 
 A config is what the user wrote and stays so: ``tcpade.apply`` keeps what it resolves for
-a model (the calibrated schedules, the predictor of ``calibrated_predictor``) beside it, on
+a model (the calibrated schedules, each with its predictor) beside it, on
 the runtime (``tcpade.policy.plan.Resolved``), and ``runtime.config`` is the object given.
 
 Presets (bench/results/quality.md and calibration.md compare them with every peer on the
 zoo's trained models): ``paper()`` reproduces the published method (for fidelity, not speed
-or quality); ``slow()`` and ``fast()`` are compute budgets at 2.5x and 2.9x fewer block-stack
-passes (8 and 7 of 20): on a model nobody calibrated, the spaced rule and linear extrapolation
-on the step index; on a calibrated one (the zoo ships them), its calibrated schedule and the
-predictor its calibrations were made with; ``adaptive()`` is error-controlled skipping (its compute follows the trajectory).
+or quality); ``slow()`` and ``fast()`` are compute budgets at 2.5x and 3x fewer block-stack
+passes, rounded (8 and 7 of 20): on a model nobody calibrated, the spaced rule and linear extrapolation
+on the step index; on a calibrated one (the zoo ships them), its calibrated schedules, each with the
+predictor it was calibrated for; ``adaptive()`` is error-controlled skipping (its compute follows the trajectory).
 The field defaults are the conservative end of ``adaptive()`` (tolerance 0.05: about 1.3x at
 20 steps on those models).
 """
@@ -346,9 +346,9 @@ class TCPadeConfig:
         branch, 11 of 28, 20 of 50), on the model's calibrated schedule when the registry has one
         (the zoo ships them; ``tcpade.calibrate`` makes them), else the spaced rule. Predictor
         "linear" (on the step index) on a model nobody calibrated (the rule and the predictor chosen
-        leave-one-model-out on the zoo models: bench/results/defaults.md), the one the model's
-        calibrations were made with on a calibrated model (``calibrated_predictor``; a ``predictor=``
-        override turns that off). Short runs get more passes, so that the spaced rule never predicts
+        leave-one-model-out on the zoo models: bench/results/defaults.md); on a calibrated model's
+        calibrated schedule the predictor that schedule was calibrated for (``calibrated_predictor``;
+        a ``predictor=`` override turns that off). Short runs get more passes, so that the spaced rule never predicts
         more than 3 steps in a row (``budget_max_run=3``: 3 of 7, not 2). Until this version
         ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo
         the calibrated 8-of-20 schedule gave 3-12 dB more with one pass fewer
@@ -361,14 +361,16 @@ class TCPadeConfig:
 
     @classmethod
     def fast(cls, **overrides) -> "TCPadeConfig":
-        """The 2.9x point: a compute budget of ``speedup=2.9`` (7 of 20 passes per branch, 10 of
-        28, 17 of 50, 3 of 10), placed like ``slow()``: the model's calibrated schedule, else the
-        spaced rule, with at most 3 steps predicted in a row, and the same predictor. The paper's "fast" point
+        """The fast point: a compute budget of ``speedup=3`` (rounded to the nearest pass count: 7 of
+        20 passes per branch (2.86x), 9 of 28 (3.11x), 17 of 50 (2.94x), 3 of 10 (3.33x); at least
+        2.86x at each of them), placed like ``slow()``: the model's calibrated schedule, else the
+        spaced rule, with at most 3 steps predicted in a row, and the same predictor. (Until this
+        version ``speedup=2.9``: the same pass counts but 10 of 28, 2.8x.) The paper's "fast" point
         computes the same 7 of 20 as warm-up 2, every 6th and the last step
         (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5, final_steps=1,
         tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
         every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
-        base = dict(speedup=2.9, budget_max_run=3, predictor=S.SPACED_PREDICTOR,
+        base = dict(speedup=3.0, budget_max_run=3, predictor=S.SPACED_PREDICTOR,
                     calibrated_predictor="predictor" not in overrides)  # fmt: skip
         base.update(overrides)
         return cls.budget(**base)
