@@ -1,12 +1,12 @@
 """Margins of each candidate: over the shipped linear (same runs) and over the best peer of
 bench/results/quality_<model>.csv at the level (bench/defaults.py's best_peers: group not "full",
 not "tcpade*", speedup >= level * 0.999, highest PSNR).
-Run: PYTHONPATH=bench python bench/research/predictor_2p5x/analyse.py CSV [LEVEL] [--points]"""
+Run: PYTHONPATH=bench python bench/research/predictor_2p5x/analyse.py CSV[,CSV...] [LEVEL] [--points]"""
 import csv, sys
 from collections import defaultdict
 from defaults import best_peers
 
-rows = list(csv.DictReader(open(sys.argv[1])))
+rows = [r for p in sys.argv[1].split(",") for r in csv.DictReader(open(p))]
 level = float(sys.argv[2]) if len(sys.argv) > 2 and not sys.argv[2].startswith("-") else 2.5
 rows = [r for r in rows if abs(float(r["level"]) - level) < 1e-3]
 models = list(dict.fromkeys(r["model"] for r in rows))

@@ -8,6 +8,7 @@ stack input x (image stream, and FLUX's text stream) and the residual R = h_out 
 would have predicted with the truth); on a skipped step block 0 returns ``pred.predict(...)`` (the
 predicted h_out, per stream) and the other blocks pass through.
 hist entries: (k, t, [R per stream], [x per stream]) in float32.
+Diagnostic: ``run(..., exact=steps)`` computes those skipped steps exactly without storing them.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class Emulator:
                 if i == 0:
                     emu._in = (h, e)
                 out = orig(*args, **kwargs)
-                if i == emu.n - 1:
+                if i == emu.n - 1 and emu.k not in emu.nostore:
                     h0, e0 = emu._in
                     ho = spec.stream_of(block, out)
                     res = [ho.float() - h0.float()]
@@ -100,8 +101,11 @@ class Emulator:
 
         return forward
 
-    def run(self, seeds, labels, steps: int, schedule: Sequence[int], pred):
-        self.schedule = frozenset(schedule)
+    def run(self, seeds, labels, steps: int, schedule: Sequence[int], pred, exact: Sequence[int] = ()):
+        """``exact``: steps that are computed but not stored (a diagnostic: the truth at those
+        skipped steps, the history as if they had been skipped)."""
+        self.nostore = frozenset(exact)
+        self.schedule = frozenset(schedule) | self.nostore
         self.pred = pred
         self.hist: Dict[int, list] = {}
         self.state: Dict[int, dict] = {}

@@ -341,6 +341,19 @@ class Chooser(Base):
         return outs.gather(0, pick.view(1, -1, *([1] * (outs.dim() - 2))).expand(1, *outs.shape[1:]))[0]
 
 
+class FirstScale(Base):
+    """Diagnostic of the first skips: with one residual stored the prediction is c R0 (the shipped
+    rule: c = 1, reuse); with two or more, the shipped linear."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def one(self, hist, j, k, x, st):
+        if len(hist) < 2:
+            return x + self.c * hist[0][2][j]
+        return x + lin_r(hist, j, k)
+
+
 def make(name, total):
     """Candidate by name."""
     p = name.split(":")
@@ -358,7 +371,8 @@ def make(name, total):
         "blend": lambda: BlendOut(f(1, 0.5)),
         "cherr": lambda: TokErr("channel"),
         "mix": lambda: SlopeMix(f(1, 0.5)),
-        "choose": lambda: Chooser(p[1].split("/"), total),
+        "first": lambda: FirstScale(f(1, 1.0)),
+        "choose": lambda: Chooser(name.split(":", 1)[1].split("/"), total),
         "ells": lambda: ElLS(),
         "s13err": lambda: Slope13Err(),
         "elerr+ch": lambda: WithChan(TokErr("element"), f(1, 1.0)),

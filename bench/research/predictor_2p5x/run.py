@@ -2,7 +2,9 @@
 Run (repository root): PYTHONPATH=bench nice -n 10 .venv/bin/python bench/research/predictor_2p5x/run.py \
     MODELS STEPS LEVELS CANDIDATES OUT.csv [--lib]
 LEVELS: 2,2.5,2.9 (2.9 = the benchmark's 20/7); --lib also runs the library's own linear
-(TCPadeConfig(predictor="linear", schedule=spaced(T, K), schedule_steps=T)) as "lib_linear"."""
+(TCPadeConfig(predictor="linear", schedule=spaced(T, K), schedule_steps=T)) as "lib_linear".
+Diagnostic candidates (more compute than the level): "x12|<cand>": steps 1 and 2 computed exactly
+but not stored; "xlate|<cand>": every skipped step after step 3 computed exactly, not stored."""
 import csv, os, sys, time
 import torch
 
@@ -47,7 +49,12 @@ for name in models:
             try:
                 for c in cands:
                     t0 = time.time()
-                    o = emu.run(s, l, T, sched, P.make(c, T))
+                    ex, cc = (), c
+                    if c.startswith("x12|"):  # diagnostic: steps 1, 2 (reuse of R0) exact, not stored
+                        ex, cc = (1, 2), c[4:]
+                    elif c.startswith("xlate|"):  # diagnostic: every skip after step 3 exact, not stored
+                        ex, cc = tuple(k for k in range(4, T) if k not in sched), c[6:]
+                    o = emu.run(s, l, T, sched, P.make(cc, T), exact=ex)
                     p = float(metrics.psnr(o, ref).mean())
                     w.writerow([name, T, round(level, 4), K, " ".join(map(str, sched)), c, round(p, 4), round(time.time() - t0, 1)])
                     f.flush()
