@@ -353,7 +353,8 @@ class TCPadeConfig:
         ``slow()`` was the paper's 9-of-20 rule (warm-up 4, every 4th step, the last); on the zoo
         the calibrated 8-of-20 schedule gave 3-12 dB more with one pass fewer
         (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4, interval=4,
-        final_steps=1, tsi_threshold=1.0)`` is the old rule."""
+        final_steps=1, tsi_threshold=1.0)`` is the old rule. ``slow(speedup=2)`` is the same
+        budget at another level (10 of 20: the benchmark's 2x point)."""
         base = dict(speedup=2.5, budget_max_run=3, predictor=S.SPACED_PREDICTOR,
                     calibrated_predictor="predictor" not in overrides)  # fmt: skip
         base.update(overrides)
