@@ -104,7 +104,7 @@ def test_summary_shows_the_held_out_check_of_a_calibrated_plan():
     lost = Resolved(cfg, checks=((20, 7, 36.0, 37.2),))
     rt, _, _, _ = run(cfg, 20, rt=Runtime(cfg, resolved=lost))
     text = str(tcpade.summary(rt))
-    assert (f"schedule: spaced rule {list(lost.plan(20))} (the calibrated schedule lost on held-out inputs: "
+    assert (f"schedule: spaced rule {list(lost.plan(20))} (the calibrated schedule did not beat it on held-out inputs: "
             "36.00 dB, spaced rule 37.20 dB)") in text  # fmt: skip
     rt, _, _, _ = run(cfg, 20)  # nothing calibrated: no note
     assert f"schedule: spaced rule {list(cfg.plan(20))}\n" in str(tcpade.summary(rt))

@@ -111,8 +111,8 @@ class Resolved:
     def plan_note(self, total: int) -> str:
         """What is known of ``plan(total)``'s quality against the spaced rule: for a calibrated plan,
         its held-out check ("held-out 38.12 dB, spaced rule 37.20 dB") or "unvalidated"; for a
-        spaced-rule plan that replaced a calibrated schedule which lost its check, that check;
-        else ""."""
+        spaced-rule plan that replaced calibrated schedules which lost their checks (a tie is a loss:
+        the search may return the spaced rule's own schedule), the best of those checks; else ""."""
         steps, source, entry = self._plan(total)
         if source not in ("calibrated", "spaced rule"):
             return ""
@@ -126,8 +126,10 @@ class Resolved:
         if not lost or len(lost) < len(mine):
             return ""
         c, s = max(lost)
-        what = "the calibrated schedule" if len(lost) == 1 else f"the {len(lost)} calibrated schedules (the best)"
-        return f"{what} lost on held-out inputs: {c:.2f} dB, spaced rule {s:.2f} dB"
+        if len(lost) == 1:
+            return f"the calibrated schedule did not beat it on held-out inputs: {c:.2f} dB, spaced rule {s:.2f} dB"
+        return (f"none of the {len(lost)} calibrated schedules beat it on held-out inputs: the best {c:.2f} dB, "
+                f"spaced rule {s:.2f} dB")
 
     def _plan(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str, Optional[tuple]]:
         """(plan, its source, the calibrated entry it follows or None)."""
