@@ -289,13 +289,13 @@ class TCPadeConfig:
     (False: always the spaced rule). Not a speed knob."""
 
     calibrated_predictor: bool = False
-    """A budget takes the predictor the model's calibrations were made with, when the registry
-    holds calibrated schedules of this model: the only one, or, calibrated for several (the zoo
-    ships rational for every model, linear and reuse for some), the one with the highest mean
-    calibration PSNR over the (T, passes) they share; ``predictor`` runs on a model without
-    calibrations. ``tcpade.apply`` decides and keeps the choice on the runtime
-    (``runtime.resolved``; this config is not changed); the summary shows it. ``slow()`` and
-    ``fast()`` set it unless given a predictor. Not a speed knob."""
+    """A budget takes the calibrated schedules of every predictor the model is calibrated for
+    (the zoo ships rational and linear for every model, reuse for one), at each (T, passes) the
+    one whose held-out check beat the spaced rule by the most, and runs it with its own
+    predictor; ``predictor`` runs where no calibrated schedule does (the spaced rule).
+    ``tcpade.apply`` decides and keeps the choice on the runtime (``runtime.resolved``; this
+    config is not changed); the summary shows it. ``slow()`` and ``fast()`` set it unless given
+    a predictor. Not a speed knob."""
 
     # ---- predictor, continued (fields added later, kept last so positional arguments keep working)
     time_axis: str = "index"
