@@ -77,7 +77,9 @@ def test_quick_sweeps_are_small_and_labels_unique():
             assert len({x.label for x in full}) == len(full)
             for g in {x.group for x in full}:
                 assert 1 <= sum(x.group == g for x in quick) <= 2
-                assert 3 <= sum(x.group == g for x in full) <= 10
+                # (TaylorSeer whole-block and lite: the scaled warm-ups and the short ones)
+                most = 15 if g in ("TaylorSeer (whole-block)", "TaylorSeer (lite)") else 10
+                assert 3 <= sum(x.group == g for x in full) <= most
 
 
 def test_cachedit_runs_repeat_exactly():
