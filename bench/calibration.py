@@ -585,6 +585,51 @@ def trace_ship(names, steps_list, predictor, n, log):
     return rows
 
 
+def spaced_ship(names, steps_list, predictors, n, log):
+    """The predictor for the spaced rule, chosen on held-out inputs: for every model of ``names``
+    at ``steps_list`` and every pass count its shipped calibrations have there, the spaced rule's
+    own schedule run with each of ``predictors`` is checked on ``n`` held-out inputs against the
+    spaced rule as the presets run it (with linear), and shipped as a calibrated schedule of that
+    predictor (method "spaced rule": no search) where it has the higher held-out PSNR than the
+    entry's own schedule; like every calibrated schedule, it is used only where it beats the
+    spaced rule with linear there. Returns the validation rows of the entries written."""
+    from tcpade.core.layout import MIN_HISTORY
+    from tcpade.tools.calibrate import Calibration, _spaced_plan, save
+
+    rows = []
+    shipped = tcpade.calibrate.load(schedules.SHIPPED, register=False)
+    for name in names:
+        model = zoo.load(name)
+        key = schedules.model_key(model.transformer)
+        held = holdout_inputs(name, n)
+        for T in steps_list:
+            here = [c for c in shipped if c.name == name and c.steps == T]
+            ks = sorted({k for c in here for k in c.schedules}, reverse=True)
+            for predictor in predictors:
+                if not ks:
+                    continue
+                plain = Calibration(model=key, predictor=predictor, steps=T, passes=min(ks), name=name,
+                                    schedules={k: schedules.spaced(T, k, MIN_HISTORY[predictor]) for k in ks},
+                                    psnr={}, method="spaced rule", extra={"branches": 2 if model.spec.guidance_scale != 1
+                                                                          else 1})  # fmt: skip
+                new = tcpade.calibrate.validate(model, plain, held, progress=False)
+                new.extra["methods"] = {str(k): "spaced rule" for k in ks}
+                old = next((c for c in here if c.predictor == predictor), None)
+                out = merge_by_holdout(old, new) if old is not None and old.validated and old.holdout == new.holdout else new
+                save(schedules.SHIPPED, out)
+                log(f"  {name} {predictor} T={T}: {new.validation_runs} runs, {new.validation_seconds:.1f} s; "
+                    + " ".join(f"{k}:{out.extra['methods'][str(k)]}{'+' if out.used(k) else '-'}" for k in ks))
+                for k in sorted(out.schedules, reverse=True):
+                    cal_db, sp_db = out.validation[k]
+                    rows.append(dict(kind="shipped", model=name, predictor=predictor, steps=T, passes=k,
+                                     calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db,
+                                     verdict=out.verdict(k), schedule=" ".join(map(str, out.schedules[k])),
+                                     spaced_schedule=" ".join(map(str, _spaced_plan(schedules.SPACED_PREDICTOR, k, T,
+                                                                                    {}))),
+                                     source=f"calibrated at T={T}, {out.extra['methods'][str(k)]}"))  # fmt: skip
+    return rows
+
+
 def merge_by_holdout(old, new):
     """One entry of ``old``'s and ``new``'s schedules (same model, predictor and T, both validated on
     the same held-out inputs): per pass count the one with the higher held-out PSNR (old on a tie);
@@ -599,7 +644,7 @@ def merge_by_holdout(old, new):
                              f"the shipped check ({old.validation[k][1]:.3f}) and the new one "
                              f"({new.validation[k][1]:.3f}): validate the shipped entry again first")  # fmt: skip
         if k not in old.schedules or new.validation[k][0] > old.validation.get(k, (-math.inf,))[0]:
-            schedules_[k], validation[k], methods[str(k)] = steps, new.validation[k], "trace"
+            schedules_[k], validation[k], methods[str(k)] = steps, new.validation[k], new.method
             psnr.pop(k, None)
             if k in new.psnr:
                 psnr[k] = new.psnr[k]
@@ -639,17 +684,25 @@ def write_validation(rows, meta, out):
              "use it; `spaced rule`: not higher, the entry keeps the schedule marked `\"used\": false` and the "
              "presets run the spaced rule at that pass count (a searched schedule that is the spaced rule's own "
              "counts as not used: the same schedule runs either way).", ""]  # fmt: skip
-    traced = [r for r in shipped if str(r.get("source", "")).endswith("trace")]
+    search = lambda r: str(r.get("source", "")).split(", ")[-1] if ", " in str(r.get("source", "")) else "refine"  # noqa: E731
+    traced = [r for r in shipped if search(r) == "trace"]
     if traced:
         cmd = meta.get("trace_command") or "python bench/calibration.py --trace-ship linear ...` (an earlier run)"
         lines += [f"The {len(traced)} rows whose search is `trace` come from `{cmd}: the trace search (one recorded "
                   "full run, an offline error table, 20 verification runs up to 20 steps, 40 above) on the same four "
                   "calibration inputs, checked on the same held-out inputs; where the entry had a schedule of its own "
                   "search, the one with the higher held-out PSNR is shipped per pass count.", ""]  # fmt: skip
+    plain = [r for r in shipped if search(r) == "spaced rule"]
+    if plain:
+        cmd = meta.get("spaced_command") or "python bench/calibration.py --spaced-ship ...` (an earlier run)"
+        lines += [f"The {len(plain)} rows whose search is `spaced rule` come from `{cmd}: no search, the spaced rule's own "
+                  "schedule run with the row's predictor, checked on the same held-out inputs against the spaced rule "
+                  "with linear and shipped where it had the higher held-out PSNR than the entry's own schedule: the "
+                  "predictor for the spaced rule, chosen on held-out inputs.", ""]  # fmt: skip
     if shipped:
         lines += [f"Pass counts checked: {len(shipped)}; calibrated schedule kept: {len(used)}; spaced rule instead: "
-                  f"{len(lost)} (of which {len(same)} where the search had returned the spaced rule's schedule "
-                  "itself)."]
+                  f"{len(lost)} (of which {len(same)} with the spaced rule's own schedule: a search that returned it, "
+                  "or a predictor checked on it)."]
         losses = [r["margin_db"] for r in lost if r["schedule"] != r["spaced_schedule"]]
         if losses:
             lines[-1] += (f" Where a different schedule lost, it lost by {-max(losses):.2f} to {-min(losses):.2f} dB "
@@ -660,10 +713,9 @@ def write_validation(rows, meta, out):
         lines += ["", "| model | predictor | T | passes | calibrated (dB) | spaced rule (dB) | margin | verdict | "
                   "calibrated schedule | spaced-rule schedule | search |", "|---" * 11 + "|"]  # fmt: skip
         for r in shipped:
-            search = "trace" if str(r.get("source", "")).endswith("trace") else "refine"
             lines.append(f"| {r['model']} | {r['predictor']} | {r['steps']} | {r['passes']} | "
                          f"{r['calibrated_db']:.2f} | {r['spaced_db']:.2f} | {r['margin_db']:+.2f} | {r['verdict']} | "
-                         f"{r['schedule']} | {r['spaced_schedule']} | {search} |")  # fmt: skip
+                         f"{r['schedule']} | {r['spaced_schedule']} | {search(r)} |")  # fmt: skip
     lines += carry_section(rows, meta)
     with open(os.path.join(out, "calibration_validation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -797,6 +849,10 @@ def main(argv=None):
                    "at --steps on the held-out inputs, write the checks into tcpade/zoo/schedules.json and the table "
                    "into calibration_validation.md / .csv")  # fmt: skip
     p.add_argument("--predictors", default="rational,linear,reuse", help="with --validate-shipped: the predictors")
+    p.add_argument("--spaced-ship", default=None, metavar="PREDICTOR,..", help="only: the spaced rule's schedule run "
+                   "with each of these predictors, at the shipped pass counts of --models at --steps, checked on the "
+                   "held-out inputs and shipped as that predictor's calibrated schedule where it beats the entry's own "
+                   "schedule there (used only where it beats the spaced rule with linear)")  # fmt: skip
     p.add_argument("--trace-ship", default=None, metavar="PREDICTOR", help="only: search PREDICTOR's schedules with the "
                    "trace search at the shipped pass counts of --models at --steps, check them on the held-out inputs "
                    "and ship them (per pass count the better of the new and the shipped schedule of PREDICTOR on the "
@@ -822,7 +878,7 @@ def main(argv=None):
     if (args.append or args.report_only) and not args.rules:  # keep the rows of an earlier run (other models / step counts)
         rows, costs = read_rows(csv_path), json.load(open(cost_path))
         meta["command"] += " (appended to the earlier run's rows)" if args.append else ""
-    if args.validate_shipped or args.carry or args.trace_ship:
+    if args.validate_shipped or args.carry or args.trace_ship or args.spaced_ship:
         import subprocess
 
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -836,6 +892,9 @@ def main(argv=None):
         if args.trace_ship:
             rows += trace_ship(args.models.split(","), [int(x) for x in args.steps.split(",")], args.trace_ship,
                                args.holdout_samples, log)  # fmt: skip
+        if args.spaced_ship:
+            rows += spaced_ship(args.models.split(","), [int(x) for x in args.steps.split(",")],
+                                args.spaced_ship.split(","), args.holdout_samples, log)  # fmt: skip
         if args.carry:
             rows += carry_runs(args.models.split(","), [int(x) for x in args.carry.split(",")], args.holdout_samples,
                                log)  # fmt: skip
@@ -847,6 +906,8 @@ def main(argv=None):
         meta["carry_command"] = f"{meta['command']}` (tcpade at commit {meta['commit']})"
         if args.trace_ship:
             meta["trace_command"] = meta["carry_command"]
+        if args.spaced_ship:
+            meta["spaced_command"] = meta["carry_command"]
         if not args.validate_shipped:  # the page's header keeps the validation run's command and commit
             old = _page_header(args.out)
             if old:
