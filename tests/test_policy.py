@@ -32,7 +32,7 @@ class EveryRead(Runtime):
 
 @pytest.mark.parametrize(
     "preset, T, computed",
-    [("slow", 20, 8), ("slow", 28, 11), ("slow", 50, 20), ("slow", 10, 4), ("fast", 20, 7), ("fast", 28, 10),
+    [("slow", 20, 8), ("slow", 28, 11), ("slow", 50, 20), ("slow", 10, 4), ("fast", 20, 7), ("fast", 28, 9),
      ("fast", 50, 17), ("fast", 10, 3), ("paper", 20, 9), ("paper", 50, 17)],
 )
 def test_presets_skip_the_expected_share(preset, T, computed):

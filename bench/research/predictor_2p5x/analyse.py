@@ -1,7 +1,7 @@
 """Margins of each candidate: over the shipped linear (same runs) and over the best peer of
 bench/results/quality_<model>.csv at the level (bench/defaults.py's best_peers: group not "full",
 not "tcpade*", speedup >= level * 0.999, highest PSNR).
-Run: PYTHONPATH=bench python bench/research/predictor_2p5x/analyse.py CSV[,CSV...] [LEVEL] [--points]"""
+Run: PYTHONPATH=bench:bench/research/partial_stack:bench/research/predictor_2p5x python bench/research/predictor_2p5x/analyse.py CSV[,CSV...] [LEVEL] [--points]"""
 import csv, sys
 from collections import defaultdict
 from defaults import best_peers

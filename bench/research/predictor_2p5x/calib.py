@@ -3,7 +3,7 @@
 - per-model leave-one-T-out choice: for each model and held-out T, the candidate (within a family)
   with the best mean PSNR at that model's other three step counts, scored at the held-out T
   (what a per-model calibration, as bench/research/linear_calibration does for linear, could reach).
-Run: PYTHONPATH=bench python bench/research/predictor_2p5x/calib.py CSV[,CSV...]"""
+Run: PYTHONPATH=bench:bench/research/partial_stack:bench/research/predictor_2p5x python bench/research/predictor_2p5x/calib.py CSV[,CSV...]"""
 import csv, sys
 from collections import defaultdict
 from defaults import best_peers

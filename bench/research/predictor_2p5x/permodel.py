@@ -1,5 +1,5 @@
 """Per-model means at 2.5x (margin over the best peer / over linear) and per-T means over the best peer.
-Run: PYTHONPATH=bench python bench/research/predictor_2p5x/permodel.py CSV[,CSV...] CAND[,CAND...]"""
+Run: PYTHONPATH=bench:bench/research/partial_stack:bench/research/predictor_2p5x python bench/research/predictor_2p5x/permodel.py CSV[,CSV...] CAND[,CAND...]"""
 import csv, sys
 from defaults import best_peers
 

@@ -6,13 +6,10 @@ Tensors are [B, N, C] (batch, tokens, channels); "per token" reduces over C, "pe
 """
 from __future__ import annotations
 
-import sys
-import os
-
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "partial_stack"))
-from emulate import parse_predictor  # noqa: E402  (the library's coefficients: ours:<variant>)
+# (PYTHONPATH=bench:bench/research/partial_stack:bench/research/predictor_2p5x: see README.md)
+from emulate import parse_predictor  # the library's coefficients: ours:<variant>
 
 EPS = 1e-12
 

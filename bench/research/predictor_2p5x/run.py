@@ -1,5 +1,5 @@
 """Candidates on spaced(T, K) at the benchmark's levels; PSNR against full computation.
-Run (repository root): PYTHONPATH=bench nice -n 10 .venv/bin/python bench/research/predictor_2p5x/run.py \
+Run (repository root): PYTHONPATH=bench:bench/research/partial_stack:bench/research/predictor_2p5x nice -n 10 .venv/bin/python bench/research/predictor_2p5x/run.py \
     MODELS STEPS LEVELS CANDIDATES OUT.csv [--lib]
 LEVELS: 2,2.5,2.9 (2.9 = the benchmark's 20/7); --lib also runs the library's own linear
 (TCPadeConfig(predictor="linear", schedule=spaced(T, K), schedule_steps=T)) as "lib_linear".
@@ -9,7 +9,6 @@ import csv, os, sys, time
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, os.path.dirname(__file__))
 from quality import eval_set  # noqa: E402
 from defaults import passes_at  # noqa: E402
 from tcpade import zoo  # noqa: E402
