@@ -837,6 +837,8 @@ def main(argv=None):
                    "run (its --samples), so that its peer rows are on the same inputs (default 16)")
     p.add_argument("--append", action="store_true", help="add to the rows of calibration.csv instead of replacing")
     p.add_argument("--report-only", action="store_true", help="re-render calibration.md from calibration.csv")
+    p.add_argument("--refresh-peers", action="store_true", help="with --report-only: take the best-peer rows from the "
+                   "quality CSVs (--peers) as they are now, into calibration.csv too")  # fmt: skip
     p.add_argument("--resweep", type=int, default=None, metavar="SWEEPS",
                    help="only: search the shipped calibrations of --models at --steps again with SWEEPS sweeps and "
                    "ship, per pass count, the better of the old and the new schedule by calibration PSNR")
@@ -926,6 +928,16 @@ def main(argv=None):
               os.path.join(args.out, "calibration_rules.csv"))  # fmt: skip
         return
     if args.report_only:
+        if args.refresh_peers:  # the best-peer rows from the quality CSVs as they are now
+            for r in rows:
+                if r["method"] == "best peer":
+                    bp = best_peer(peers_from_csv(r["model"], r["steps"]), r["steps"], r["K"])
+                    r.update(speedup=bp["speedup"], psnr=bp["psnr"], schedule=bp["label"])
+            with open(csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                for row in rows:
+                    w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
         report(rows, costs, meta, os.path.join(args.out, "calibration.md"))
         return
     schedules.clear(shipped=False)  # the evaluation must not pick up shipped schedules by accident
