@@ -280,6 +280,10 @@ def test_registry_keeps_out_a_schedule_that_lost_its_held_out_check(registry):
     assert resolved.calibrated == () and resolved.plan_source(8) == "spaced rule"
     assert "did not beat it on held-out inputs: 29.00 dB" in resolved.plan_note(8)
     assert TCPadeConfig.budget(passes=3).plan(8) == resolved.plan(8)
+    # with calibrated_predictor and no schedule in use anywhere, every predictor's lost checks still show
+    assert schedules.best_schedules(tr) == ()
+    both = schedules.resolve(TCPadeConfig.budget(passes=4, calibrated_predictor=True), tr)
+    assert both.calibrated == () and both.plan_note(8).startswith("none of the 2 calibrated schedules beat it")
     with pytest.raises(ValueError, match="held-out check for 3 passes must be"):
         schedules.register(key, "rational", 8, {3: (0, 1, 4)}, validation={3: 29.0})
 

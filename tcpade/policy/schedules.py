@@ -413,10 +413,8 @@ def resolve(config, transformer):
 
     if not config.wants_calibrated:
         return Resolved(config)
-    if config.calibrated_predictor:
-        found = best_schedules(transformer)
-        if found:
-            return Resolved(config, calibrated=found, checks=checks(transformer))
+    if config.calibrated_predictor:  # (every predictor's checks: the summary names those that lost)
+        return Resolved(config, calibrated=best_schedules(transformer), checks=checks(transformer))
     predictor = source = config.predictor
     found = lookup(transformer, predictor)
     if not found and predictor in L.CHOOSERS:  # "auto": the schedules of the variant it runs
