@@ -515,7 +515,7 @@ VAL_FIELDS = ["kind", "model", "predictor", "steps", "passes", "calibrated_db", 
 def validate_shipped(names, steps_list, predictors, n, log):
     """Check every shipped calibration of ``names`` at ``steps_list`` for ``predictors`` on ``n``
     held-out inputs; write the checks into tcpade/zoo/schedules.json; return the rows."""
-    from tcpade.tools.calibrate import _spaced_plan, save
+    from tcpade.tools.calibrate import save
 
     rows = []
     cals = tcpade.calibrate.load(schedules.SHIPPED, register=False)
@@ -530,16 +530,28 @@ def validate_shipped(names, steps_list, predictors, n, log):
             save(schedules.SHIPPED, v)  # one entry at a time: nothing is lost if the run stops
             log(f"  {name} {c.predictor} T={c.steps}: {v.validation_runs} runs, {v.validation_calls} calls, "
                 f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
-            for k in sorted(v.schedules, reverse=True):
-                cal_db, sp_db = v.validation[k]
-                row = dict(kind="shipped", model=name, predictor=c.predictor, steps=c.steps, passes=k,
-                           calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db, verdict=v.verdict(k),
-                           schedule=" ".join(map(str, v.schedules[k])),
-                           spaced_schedule=" ".join(map(str, _spaced_plan(schedules.SPACED_PREDICTOR, k, c.steps, {}))),
-                           source=f"calibrated at T={c.steps}")  # fmt: skip
-                rows.append(row)
-                log(f"    {k:2d} passes: calibrated {cal_db:6.2f} dB, spaced rule {sp_db:6.2f} dB "
-                    f"({cal_db - sp_db:+.2f}): {row['verdict']}")  # fmt: skip
+            rows += entry_rows(v, name, log)
+    return rows
+
+
+def entry_rows(entry, name, log):
+    """The validation rows of a checked calibration ``entry`` (one per pass count, most passes first);
+    ``source`` names the search of each pass count's schedule (``extra["methods"]`` of a merged entry,
+    else the entry's method)."""
+    from tcpade.tools.calibrate import _spaced_plan
+
+    rows, methods = [], entry.extra.get("methods") or {}
+    for k in sorted(entry.schedules, reverse=True):
+        cal_db, sp_db = entry.validation[k]
+        search = methods.get(str(k), entry.method or "refine").split(",")[0]
+        rows.append(dict(kind="shipped", model=name, predictor=entry.predictor, steps=entry.steps, passes=k,
+                         calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db, verdict=entry.verdict(k),
+                         schedule=" ".join(map(str, entry.schedules[k])),
+                         spaced_schedule=" ".join(map(str, _spaced_plan(schedules.SPACED_PREDICTOR, k, entry.steps,
+                                                                        {}))),
+                         source=f"calibrated at T={entry.steps}, {search}"))  # fmt: skip
+        log(f"    {k:2d} passes: calibrated {cal_db:6.2f} dB, spaced rule {sp_db:6.2f} dB ({cal_db - sp_db:+.2f}): "
+            f"{rows[-1]['verdict']} ({search})")  # fmt: skip
     return rows
 
 
@@ -550,7 +562,7 @@ def trace_ship(names, steps_list, predictor, n, log):
     and ship them: where the zoo already has an entry for the predictor, per pass count the
     schedule of the two with the higher held-out PSNR (both checked on the same inputs against the
     same spaced rule). Returns the validation rows of the entries written."""
-    from tcpade.tools.calibrate import _spaced_plan, save
+    from tcpade.tools.calibrate import save
 
     rows = []
     shipped = tcpade.calibrate.load(schedules.SHIPPED, register=False)
@@ -573,15 +585,7 @@ def trace_ship(names, steps_list, predictor, n, log):
             log(f"  {name} {predictor} T={T}: {new.runs} runs, {new.calls} calls, {new.seconds:.1f} s; "
                 f"{'merged with the shipped entry: ' if out is not new else ''}"
                 + " ".join(f"{k}:{out.extra['methods'][str(k)]}" for k in ks))  # fmt: skip
-            for k in sorted(out.schedules, reverse=True):
-                cal_db, sp_db = out.validation[k]
-                rows.append(dict(kind="shipped", model=name, predictor=predictor, steps=T, passes=k,
-                                 calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db,
-                                 verdict=out.verdict(k), schedule=" ".join(map(str, out.schedules[k])),
-                                 spaced_schedule=" ".join(map(str, _spaced_plan(schedules.SPACED_PREDICTOR, k, T, {}))),
-                                 source=f"calibrated at T={T}, {out.extra['methods'][str(k)]}"))  # fmt: skip
-                log(f"    {k:2d} passes: calibrated {cal_db:6.2f} dB, spaced rule {sp_db:6.2f} dB "
-                    f"({cal_db - sp_db:+.2f}): {rows[-1]['verdict']} ({out.extra['methods'][str(k)]})")  # fmt: skip
+            rows += entry_rows(out, name, log)
     return rows
 
 
@@ -594,7 +598,7 @@ def spaced_ship(names, steps_list, predictors, n, log):
     entry's own schedule; like every calibrated schedule, it is used only where it beats the
     spaced rule with linear there. Returns the validation rows of the entries written."""
     from tcpade.core.layout import MIN_HISTORY
-    from tcpade.tools.calibrate import Calibration, _spaced_plan, save
+    from tcpade.tools.calibrate import Calibration, save
 
     rows = []
     shipped = tcpade.calibrate.load(schedules.SHIPPED, register=False)
@@ -605,28 +609,22 @@ def spaced_ship(names, steps_list, predictors, n, log):
         for T in steps_list:
             here = [c for c in shipped if c.name == name and c.steps == T]
             ks = sorted({k for c in here for k in c.schedules}, reverse=True)
+            branches = 2 if model.spec.guidance_scale != 1 else 1
             for predictor in predictors:
                 if not ks:
                     continue
                 plain = Calibration(model=key, predictor=predictor, steps=T, passes=min(ks), name=name,
                                     schedules={k: schedules.spaced(T, k, MIN_HISTORY[predictor]) for k in ks},
-                                    psnr={}, method="spaced rule", extra={"branches": 2 if model.spec.guidance_scale != 1
-                                                                          else 1})  # fmt: skip
+                                    psnr={}, method="spaced rule", extra={"branches": branches})  # fmt: skip
                 new = tcpade.calibrate.validate(model, plain, held, progress=False)
                 new.extra["methods"] = {str(k): "spaced rule" for k in ks}
                 old = next((c for c in here if c.predictor == predictor), None)
-                out = merge_by_holdout(old, new) if old is not None and old.validated and old.holdout == new.holdout else new
+                mergeable = old is not None and old.validated and old.holdout == new.holdout
+                out = merge_by_holdout(old, new) if mergeable else new
                 save(schedules.SHIPPED, out)
                 log(f"  {name} {predictor} T={T}: {new.validation_runs} runs, {new.validation_seconds:.1f} s; "
                     + " ".join(f"{k}:{out.extra['methods'][str(k)]}{'+' if out.used(k) else '-'}" for k in ks))
-                for k in sorted(out.schedules, reverse=True):
-                    cal_db, sp_db = out.validation[k]
-                    rows.append(dict(kind="shipped", model=name, predictor=predictor, steps=T, passes=k,
-                                     calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db,
-                                     verdict=out.verdict(k), schedule=" ".join(map(str, out.schedules[k])),
-                                     spaced_schedule=" ".join(map(str, _spaced_plan(schedules.SPACED_PREDICTOR, k, T,
-                                                                                    {}))),
-                                     source=f"calibrated at T={T}, {out.extra['methods'][str(k)]}"))  # fmt: skip
+                rows += entry_rows(out, name, log)
     return rows
 
 
@@ -695,7 +693,8 @@ def write_validation(rows, meta, out):
     plain = [r for r in shipped if search(r) == "spaced rule"]
     if plain:
         cmd = meta.get("spaced_command") or "python bench/calibration.py --spaced-ship ...` (an earlier run)"
-        lines += [f"The {len(plain)} rows whose search is `spaced rule` come from `{cmd}: no search, the spaced rule's own "
+        lines += [f"The {len(plain)} rows whose search is `spaced rule` come from `{cmd}: no search, the spaced "
+                  "rule's own "
                   "schedule run with the row's predictor, checked on the same held-out inputs against the spaced rule "
                   "with linear and shipped where it had the higher held-out PSNR than the entry's own schedule: the "
                   "predictor for the spaced rule, chosen on held-out inputs.", ""]  # fmt: skip
