@@ -1,6 +1,6 @@
 """Whole-stack skipping emulated outside the library with custom predictors (measurement only).
 
-Adapted from bench/research/partial_stack/emulate.py (n_f = n_b = 0 only): the forward of every block
+A subclass of bench/research/partial_stack/emulate.py's Emulator (n_f = n_b = 0 only): the forward of every block
 of the stack is wrapped in this process; a pre-hook on the transformer counts calls (CFG: call index
 mod 2 is the branch; each branch has its own history and predictor state). On a computed step the
 stack input x (image stream, and FLUX's text stream) and the residual R = h_out - h_in are stored
@@ -12,61 +12,25 @@ Diagnostic: ``run(..., exact=steps)`` computes those skipped steps exactly witho
 """
 from __future__ import annotations
 
-import inspect
-import math
 from typing import Dict, Sequence
 
-import torch
-
-from tcpade.integrations import families
+import emulate  # bench/research/partial_stack (PYTHONPATH, see README.md): the block wrapping and call counting
 
 KEEP = 5
 
 
-class Emulator:
-    def __init__(self, model):
-        tr = model.transformer
-        fam = families.FAMILIES[type(tr).__name__]
-        self.blocks = [b for _, b in fam.stack(tr)]
-        self.specs = [fam.spec_for(b) for b in self.blocks]
-        self.n = len(self.blocks)
-        self.model = model
-        self.nbranch = 2 if model.spec.guidance_scale != 1 else 1
-        self.active = False
-        self._orig = []
-        for i, b in enumerate(self.blocks):
-            orig = b.forward
-            self._orig.append(b.__dict__.get("forward"))
-            b.forward = self._wrap(i, b, orig, inspect.signature(orig))
-        self._pre = tr.register_forward_pre_hook(self._on_call, with_kwargs=True)
+class Emulator(emulate.Emulator):
+    """partial_stack's Emulator (its block wrapping, call counting and ``close``) with whole-stack
+    skipping, predictor objects with state, and the ``exact`` diagnostic (module docstring)."""
 
-    def close(self):
-        for b, orig in zip(self.blocks, self._orig):
-            if orig is None:
-                del b.forward
-            else:
-                b.forward = orig
-        self._pre.remove()
-
-    def _on_call(self, mod, args, kwargs):
-        if not self.active:
-            return None
-        ts = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        self.time = float(ts.reshape(-1)[0]) if torch.is_tensor(ts) else float(ts)
-        c = self.calls
-        self.calls += 1
-        self.k, self.branch = c // self.nbranch, c % self.nbranch
-        self.skip = self.k not in self.schedule
-        return None
-
-    def _wrap(self, i, block, orig, sig):
+    def _wrap(self, i, block, orig, reader):
         spec = self.specs[i]
         emu = self
 
         def forward(*args, **kwargs):
             if not emu.active:
                 return orig(*args, **kwargs)
-            bound = sig.bind_partial(*args, **kwargs).arguments
+            bound = reader.bind(args, kwargs)
             h = bound[spec.hidden_arg]
             e = bound.get(spec.encoder_arg) if spec.encoder_arg else None
             if not emu.skip:
