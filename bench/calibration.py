@@ -555,16 +555,9 @@ def entry_rows(entry, name, log):
     return rows
 
 
-def trace_ship(names, steps_list, predictor, n, log):
-    """Search ``predictor``'s schedules with the trace search (``method="trace"``: 20 runs up to 20
-    steps, 40 above) on the calibration inputs of every model of ``names`` at ``steps_list``, at
-    the pass counts its shipped calibrations have there, validate them on ``n`` held-out inputs
-    and ship them: where the zoo already has an entry for the predictor, per pass count the
-    schedule of the two with the higher held-out PSNR (both checked on the same inputs against the
-    same spaced rule). Returns the validation rows of the entries written."""
-    from tcpade.tools.calibrate import save
-
-    rows = []
+def _shipped_points(names, steps_list, n):
+    """(name, model, held-out inputs, T, the shipped entries of that model at T, their pass counts,
+    most first) for every model of ``names`` and T of ``steps_list`` that has shipped calibrations."""
     shipped = tcpade.calibrate.load(schedules.SHIPPED, register=False)
     for name in names:
         model = zoo.load(name)
@@ -572,20 +565,40 @@ def trace_ship(names, steps_list, predictor, n, log):
         for T in steps_list:
             here = [c for c in shipped if c.name == name and c.steps == T]
             ks = sorted({k for c in here for k in c.schedules}, reverse=True)
-            if not ks:
-                continue
-            new = tcpade.calibrate(model, list(zip(CAL_SEEDS, CAL_LABELS[name])), passes=ks, steps=T,
-                                   predictor=predictor, method="trace", holdout=held, progress=False)  # fmt: skip
-            new.name, new.extra = name, dict(new.extra, methods={str(k): "trace" for k in ks})
-            old = next((c for c in here if c.predictor == predictor), None)
-            out = new
-            if old is not None and old.validated and old.holdout == new.holdout:
-                out = merge_by_holdout(old, new)
-            save(schedules.SHIPPED, out)  # one entry at a time: nothing is lost if the run stops
-            log(f"  {name} {predictor} T={T}: {new.runs} runs, {new.calls} calls, {new.seconds:.1f} s; "
-                f"{'merged with the shipped entry: ' if out is not new else ''}"
-                + " ".join(f"{k}:{out.extra['methods'][str(k)]}" for k in ks))  # fmt: skip
-            rows += entry_rows(out, name, log)
+            if ks:
+                yield name, model, held, T, here, ks
+
+
+def _ship(new, here, log):
+    """Ship the checked calibration ``new`` (``extra["methods"]`` naming its search per pass count):
+    merged per pass count with the shipped entry of its predictor in ``here`` when that was checked
+    on as many held-out inputs (``merge_by_holdout``), else as it is. Returns its validation rows."""
+    from tcpade.tools.calibrate import save
+
+    old = next((c for c in here if c.predictor == new.predictor), None)
+    mergeable = old is not None and old.validated and old.holdout == new.holdout
+    out = merge_by_holdout(old, new) if mergeable else new
+    save(schedules.SHIPPED, out)  # one entry at a time: nothing is lost if the run stops
+    log(f"  {new.name} {new.predictor} T={new.steps}: {new.runs} runs, {new.calls} calls, {new.seconds:.1f} s; "
+        + ("merged with the shipped entry: " if mergeable else "")
+        + " ".join(f"{k}:{out.extra['methods'][str(k)]}{'+' if out.used(k) else '-'}"
+                   for k in sorted(new.schedules, reverse=True)))  # fmt: skip
+    return entry_rows(out, new.name, log)
+
+
+def trace_ship(names, steps_list, predictor, n, log):
+    """Search ``predictor``'s schedules with the trace search (``method="trace"``: 20 runs up to 20
+    steps, 40 above) on the calibration inputs of every model of ``names`` at ``steps_list``, at
+    the pass counts its shipped calibrations have there, validate them on ``n`` held-out inputs
+    and ship them: where the zoo already has an entry for the predictor, per pass count the
+    schedule of the two with the higher held-out PSNR (both checked on the same inputs against the
+    same spaced rule). Returns the validation rows of the entries written."""
+    rows = []
+    for name, model, held, T, here, ks in _shipped_points(names, steps_list, n):
+        new = tcpade.calibrate(model, list(zip(CAL_SEEDS, CAL_LABELS[name])), passes=ks, steps=T,
+                               predictor=predictor, method="trace", holdout=held, progress=False)  # fmt: skip
+        new.name, new.extra = name, dict(new.extra, methods={str(k): "trace" for k in ks})
+        rows += _ship(new, here, log)
     return rows
 
 
@@ -598,33 +611,19 @@ def spaced_ship(names, steps_list, predictors, n, log):
     entry's own schedule; like every calibrated schedule, it is used only where it beats the
     spaced rule with linear there. Returns the validation rows of the entries written."""
     from tcpade.core.layout import MIN_HISTORY
-    from tcpade.tools.calibrate import Calibration, save
+    from tcpade.tools.calibrate import Calibration
 
     rows = []
-    shipped = tcpade.calibrate.load(schedules.SHIPPED, register=False)
-    for name in names:
-        model = zoo.load(name)
+    for name, model, held, T, here, ks in _shipped_points(names, steps_list, n):
         key = schedules.model_key(model.transformer)
-        held = holdout_inputs(name, n)
-        for T in steps_list:
-            here = [c for c in shipped if c.name == name and c.steps == T]
-            ks = sorted({k for c in here for k in c.schedules}, reverse=True)
-            branches = 2 if model.spec.guidance_scale != 1 else 1
-            for predictor in predictors:
-                if not ks:
-                    continue
-                plain = Calibration(model=key, predictor=predictor, steps=T, passes=min(ks), name=name,
-                                    schedules={k: schedules.spaced(T, k, MIN_HISTORY[predictor]) for k in ks},
-                                    psnr={}, method="spaced rule", extra={"branches": branches})  # fmt: skip
-                new = tcpade.calibrate.validate(model, plain, held, progress=False)
-                new.extra["methods"] = {str(k): "spaced rule" for k in ks}
-                old = next((c for c in here if c.predictor == predictor), None)
-                mergeable = old is not None and old.validated and old.holdout == new.holdout
-                out = merge_by_holdout(old, new) if mergeable else new
-                save(schedules.SHIPPED, out)
-                log(f"  {name} {predictor} T={T}: {new.validation_runs} runs, {new.validation_seconds:.1f} s; "
-                    + " ".join(f"{k}:{out.extra['methods'][str(k)]}{'+' if out.used(k) else '-'}" for k in ks))
-                rows += entry_rows(out, name, log)
+        branches = 2 if model.spec.guidance_scale != 1 else 1
+        for predictor in predictors:
+            plain = Calibration(model=key, predictor=predictor, steps=T, passes=min(ks), name=name,
+                                schedules={k: schedules.spaced(T, k, MIN_HISTORY[predictor]) for k in ks},
+                                psnr={}, method="spaced rule", extra={"branches": branches})  # fmt: skip
+            new = tcpade.calibrate.validate(model, plain, held, progress=False)
+            new.extra["methods"] = {str(k): "spaced rule" for k in ks}
+            rows += _ship(new, here, log)
     return rows
 
 
