@@ -721,6 +721,22 @@ def _summary_defaults(out_dir):
             "[defaults.md](defaults.md) (`python bench/defaults.py`), data: `defaults.csv`."] + body  # fmt: skip
 
 
+def _summary_self_calibration(out_dir):
+    """The margin table of bench/self_calibration.py's report (self_calibration.csv), or nothing."""
+    path = os.path.join(out_dir, "self_calibration.csv")
+    if not os.path.exists(path):
+        return []
+    import self_calibration as SC
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    table, met, total, gains = SC.margin_lines(rows)
+    return ["", f"## A model nobody calibrated, calibrated by its user (goal: >= {GOAL_DB:g} dB)", "",
+            SC.INTRO + " Cell: margin over the best peer in dB (**bold: a miss**). Details and every schedule: "
+            "[self_calibration.md](self_calibration.md) (`python bench/self_calibration.py`), data: "
+            "`self_calibration.csv`.", ""] + table + ["", SC.totals_line(rows, met, total, gains)]  # fmt: skip
+
+
 def render_summary(out_dir, suffix, meta, results):
     """SUMMARY<suffix>.md: one page from the CSVs in ``out_dir`` (quality_<model>.csv, and where present
     calibration.csv / predictors.csv with the machine and command lines of their reports)."""
@@ -754,6 +770,7 @@ def render_summary(out_dir, suffix, meta, results):
         "",
     ] + [f"{i}. `{c}`" for i, c in enumerate(cmds, 1)]  # fmt: skip
     lines += _summary_defaults(out_dir) if not suffix else []
+    lines += _summary_self_calibration(out_dir) if not suffix else []
     lines += ["", "## Pareto plots", "",
               "PSNR against speedup in block MACs for every run, per model, one panel per step count; solid line: "
               "tcpade's front, dashed: the peers'; dotted verticals: the levels above. Same runs as the table.",

@@ -206,7 +206,8 @@ def test_quality_summary_reproduces_the_committed_page(tmp_path):
 
     res = ROOT / "bench" / "results"
     names = [p.name for p in res.glob("quality_*.csv")] + ["quality_meta.json", "calibration.csv", "calibration.md",
-                                                            "predictors.csv", "predictors.md", "defaults.csv"]  # fmt: skip
+                                                            "predictors.csv", "predictors.md", "defaults.csv",
+                                                            "self_calibration.csv"]  # fmt: skip
     for name in names:
         shutil.copy(res / name, tmp_path / name)
     quality.main(["--summary-only", "--out", str(tmp_path)])
@@ -230,3 +231,62 @@ def test_quality_summary_reproduces_the_committed_page(tmp_path):
     assert "Within 0.5 dB on {} of {} schedules.".format(*pred) in summary
     for png in re.findall(r"\]\((pareto_[^)]+\.png)\)", summary):
         assert (res / png).exists(), png
+
+
+def test_self_calibration_report_reproduces_the_committed_page(tmp_path):
+    """bench/results/self_calibration.md is generated from its CSV (and meta): ``--report-only``
+    reproduces it byte for byte; its count of points at the goal is the one SUMMARY.md quotes, and
+    every row's margin is its PSNR minus the best peer's."""
+    import csv
+    import re
+    import shutil
+
+    import self_calibration as SC
+
+    res = ROOT / "bench" / "results"
+    for name in ("self_calibration.csv", "self_calibration_meta.json"):
+        shutil.copy(res / name, tmp_path / name)
+    SC.main(["--report-only", "--out", str(tmp_path)])
+    page = (tmp_path / "self_calibration.md").read_text()
+    assert page == (res / "self_calibration.md").read_text(), "run: python bench/self_calibration.py --report-only"
+    met, total = map(int, re.search(r"Goal met at (\d+) of (\d+) points", page).groups())
+    assert f"Goal met at {met} of {total} points" in (res / "SUMMARY.md").read_text()
+    rows = list(csv.DictReader(open(res / "self_calibration.csv")))
+    assert total == len(rows) and met == sum(float(r["margin"]) >= SC.GOAL_DB for r in rows)
+    for r in rows:
+        assert abs(float(r["psnr"]) - float(r["peer"]) - float(r["margin"])) < 1e-3, r
+        assert len(r["schedule"].split()) == int(r["passes"]), r
+        if r["verdict"] != "calibrated":  # a search that lost its held-out check leaves the spaced rule
+            assert r["psnr"] == r["psnr_spaced"], r
+
+
+def test_self_calibration_runs_as_a_user_would(tmp_path):
+    """One real point of bench/self_calibration.py (flux-digits, 10 steps): the trace search on the
+    user's inputs, cal.register(), the presets as a user takes them (the script checks that each
+    ran the schedule the calibration gives at the level's pass count), the zoo's shipped schedules
+    out of it and back afterwards. Where the run chose the committed schedule, its PSNR matches the
+    committed row to 0.05 dB (16 samples; matmul order differs across CPUs and thread counts by
+    ~1e-6 relative, far below that; a different held-out decision changes the schedule and is
+    only compared by shape)."""
+    import csv
+
+    import self_calibration as SC
+
+    from tcpade.policy import schedules as S
+
+    SC.main(["--models", "flux-digits", "--steps", "10", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "self_calibration.csv")))
+    assert [r["tag"] for r in rows] == ["2x", "2.5x", "2.9x"]
+    assert [r["preset"] for r in rows] == ["slow(speedup=2)", "slow", "fast"]
+    assert [int(r["passes"]) for r in rows] == [5, 4, 3]
+    committed = {(r["model"], r["steps"], r["tag"]): r for r in csv.DictReader(open(ROOT / "bench" / "results" /
+                                                                                     "self_calibration.csv"))}  # fmt: skip
+    for r in rows:
+        assert r["verdict"] in ("calibrated", "spaced rule"), r
+        c = committed[(r["model"], r["steps"], r["tag"])]
+        if r["schedule"] == c["schedule"]:
+            assert abs(float(r["psnr"]) - float(c["psnr"])) < 0.05, (r, c)
+    assert (tmp_path / "self_calibration.md").exists() and (tmp_path / "self_calibration_meta.json").exists()
+    assert S.lookup(__import__("tcpade").zoo.load("flux-digits").transformer, "linear")  # the shipped ones are back
+    with pytest.raises(SystemExit):
+        SC.main(["--inputs", "1", "--out", str(tmp_path)])
