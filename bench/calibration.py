@@ -548,7 +548,7 @@ def entry_rows(entry, name, log):
                          calibrated_db=cal_db, spaced_db=sp_db, margin_db=cal_db - sp_db, verdict=entry.verdict(k),
                          schedule=" ".join(map(str, entry.schedules[k])),
                          spaced_schedule=" ".join(map(str, _spaced_plan(schedules.SPACED_PREDICTOR, k, entry.steps,
-                                                                        {}))),
+                                                                        {}, entry.extra.get("times")))),
                          source=f"calibrated at T={entry.steps}, {search}"))  # fmt: skip
         log(f"    {k:2d} passes: calibrated {cal_db:6.2f} dB, spaced rule {sp_db:6.2f} dB ({cal_db - sp_db:+.2f}): "
             f"{rows[-1]['verdict']} ({search})")  # fmt: skip
@@ -671,7 +671,8 @@ def write_validation(rows, meta, out):
              f"{meta['threads']} thread(s); {meta['date']}; tcpade at commit {meta['commit']}. "
              f"Command: `{meta['command']}`.", "",
              f"Every entry of `tcpade/zoo/schedules.json` and every pass count in it: the calibrated schedule and the "
-             f"spaced rule's schedule (`TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)`) with the "
+             f"spaced rule's schedule (`TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T, times)`: on the "
+             f"run's times, as the runtime places it) with the "
              f"predictor `slow()` / `fast()` run it with (`schedules.SPACED_PREDICTOR`: linear; the calibrated "
              f"schedule with the entry's predictor) on {meta['holdout']} held-out inputs per model (seeds {HOLDOUT_SEED0}.."
              f"{HOLDOUT_SEED0 + meta['holdout'] - 1}, labels 0, 1, .. in turn: neither the calibration search's seeds "

@@ -535,3 +535,39 @@ def test_trace_search_inside_calibrate_keeps_its_run_budget(flux, registry):
     with pytest.raises(ValueError, match="budget"):
         tcpade.calibrate(flux, [(5, 3)], passes=[5, 4], steps=10, method="trace", runs=2, holdout=False,
                          progress=False)  # fmt: skip
+
+
+def test_the_spaced_rule_is_placed_on_the_pipelines_times_in_runs_and_checks(registry):
+    """A pipeline with a shifted flow-matching scheduler (Wan, CFG as two calls): the budget's
+    spaced rule runs on the run's times (the runtime reads them from the pipeline's scheduler), and
+    calibrate's held-out check measures that same rule: its spaced-rule PSNR is the budget run's,
+    and a pass count whose searched schedule lost gives the time-placed schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe, _ = PIPELINES["wan"]()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    steps, k = 10, 4
+    inp = dict(_latent_inputs("wan"), output_type="latent", seed=0)
+    held = dict(inp, seed=1)
+    cfg = TCPadeConfig.budget(passes=k, predictor="linear", use_calibrated=False)
+    tcpade.apply(pipe, cfg)
+    try:
+        kw = dict(held)
+        gen = torch.Generator().manual_seed(kw.pop("seed"))
+        out = torch.as_tensor(pipe(**kw, num_inference_steps=steps, generator=gen, return_dict=False)[0]).float()
+        summ = tcpade.summary(pipe)
+    finally:
+        tcpade.remove(pipe)
+    times = [float(t) for t in pipe.scheduler.timesteps]
+    placed = cfg.plan(steps, times)
+    assert placed == schedules.spaced(steps, k, times=times, time_weight=0.5) != cfg.plan(steps)
+    assert summ.computed("cond") == summ.computed("uncond") == list(placed), str(summ)
+    assert "spaced rule on the run's times" in str(summ)
+
+    cal = tcpade.calibrate(pipe, [inp], passes=[k], steps=steps, predictor="linear", progress=False, holdout=[held])
+    full = _call(pipe, held, steps, None)
+    rng = float(full.max() - full.min())
+    assert cal.validation[k][1] == pytest.approx(float(metrics.psnr(out, full, data_range=rng).mean()), abs=1e-9)
+    assert cal.extra["times"] == pytest.approx(times)
+    expect = tuple(cal.schedules[k]) if cal.used(k) else placed
+    assert cal.schedule(k) == expect

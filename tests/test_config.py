@@ -37,6 +37,7 @@ WRONG_TYPE = {
     "time_axis": 1,
     "damping": "1",
     "extrapolate": 0,
+    "time_spacing": "0.5",
 }
 
 
@@ -51,7 +52,7 @@ def test_every_field_has_a_check_and_a_concern():
     grouped = TCPadeConfig.fast().by_concern()
     assert list(grouped) == ["predictor", "policy", "schedule", "budget"]
     assert grouped["budget"] == dict(passes=None, speedup=3.0, budget_max_run=3, use_calibrated=True,
-                                     calibrated_predictor=True)  # fmt: skip
+                                     calibrated_predictor=True, time_spacing=0.5)  # fmt: skip
 
 
 def test_what_calibration_resolves_is_no_field():
@@ -93,6 +94,8 @@ def test_pole_delta_as_string():
         (dict(predictor="auto", input_correction=0.2), r"TCPadeConfig\.input_correction must be None or 0 with"),
         (dict(schedule_steps=20), r"TCPadeConfig\.schedule_steps must be None without a schedule, got 20"),
         (dict(late_frac=1.2), r"TCPadeConfig\.late_frac must be in \[0, 1\], got 1\.2"),
+        (dict(time_spacing=1.5), r"TCPadeConfig\.time_spacing must be a finite number in \[0, 1\], got 1\.5"),
+        (dict(time_spacing=float("nan")), r"TCPadeConfig\.time_spacing must be a finite number in \[0, 1\], got nan"),
     ],
 )
 def test_out_of_range_names_field_and_range(kw, message):

@@ -168,7 +168,11 @@ def test_fast_run(name):
     for branch, recs in s.branches.items():
         assert len(recs) == 20, (branch, len(recs))
         if name != "wan22":  # two experts: see test_wan22_two_experts
-            assert s.computed(branch) == FAST_20, (branch, s.computed(branch))
+            # the spaced rule on the run's times: the tiny Wan pipeline's scheduler is shifted, so its
+            # 7 steps move toward the end; the others' times are even in the step index (or unknown)
+            expect = list(tcpade.TCPadeConfig.fast().plan(20, s.times.get(branch)))
+            assert s.computed(branch) == expect, (branch, s.computed(branch))
+            assert (expect == FAST_20) == (name != "wan"), (name, expect)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert not torch.equal(out, ref)  # skipped passes were predicted, not computed
     assert torch.equal(again, out)

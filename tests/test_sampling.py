@@ -142,16 +142,21 @@ def test_slow_preset_computes_8_of_20_per_branch_and_is_removed_after():
     per_call = counter.snapshot()
     counter.counts = dict.fromkeys(per_call, 0)
     try:
-        out, s = tcpade.sample(model, FlowMatchEulerDiscreteScheduler(shift=7.0), noise, cond, uncond=uncond,
-                               guidance_scale=5.0, steps=20, config=TCPadeConfig.slow(), progress=False,
-                               return_summary=True)  # fmt: skip
+        sched = FlowMatchEulerDiscreteScheduler(shift=7.0)
+        out, s = tcpade.sample(model, sched, noise, cond, uncond=uncond, guidance_scale=5.0, steps=20,
+                               config=TCPadeConfig.slow(), progress=False, return_summary=True)  # fmt: skip
         counts = counter.snapshot()
     finally:
         counter.remove()
     assert isinstance(s, tcpade.Summary) and sorted(s.branches) == ["cond", "uncond"]
+    # The spaced rule on the run's times (time_spacing 0.5): a shift-7 schedule moves fastest at its
+    # end, so 8 of 20 computed steps crowd there, not the index rule's 0 3 5 8 10 13 15 18.
+    times = [float(t) for t in sched.timesteps]
+    expect = list(tcpade.schedules.spaced(20, 8, times=times, time_weight=0.5))
+    assert expect == [0, 4, 7, 11, 13, 15, 17, 18] != list(tcpade.schedules.spaced(20, 8))
     for br in ("cond", "uncond"):
-        assert len(s.branches[br]) == 20 and s.computed(br) == [0, 3, 5, 8, 10, 13, 15, 18], str(s)
-    assert "schedule: spaced rule" in str(s)
+        assert len(s.branches[br]) == 20 and s.computed(br) == expect, str(s)
+    assert "schedule: spaced rule on the run's times (time_spacing=0.5)" in str(s)
     # 2 branches x 8 computed calls: block bodies ran 8/20 as often as in a full 20-step CFG run.
     assert all(counts[k] == per_call[k] * 2 * 8 for k in per_call), (counts, per_call)
     assert out.shape == noise.shape and torch.isfinite(out).all()

@@ -358,3 +358,103 @@ def test_a_run_of_another_length_is_refused_at_its_first_call():
     with pytest.raises(ValueError, match="schedule_steps=10 steps, this run has 12"):
         _computed(cfg, 12, branches=("cond",))
     assert _computed(cfg.rescaled(12), 12, branches=("cond",))["cond"] == [0, 1, 6]
+
+
+def _reference_time_spaced(T, K, times, a):
+    """spaced() on the run's time, written out in float64 with numpy (lead 1, the last computed step
+    one before the end): w(k) = (1 - a) k / (T - 1) + a (t0 - t_k) / (t0 - t_{T-1}); K - 1 steps at
+    w = w(T - 2) (i + 1) / (K - 1), their fractional k by linear interpolation, rounded."""
+    np = pytest.importorskip("numpy")
+    t = np.asarray(times, dtype=np.float64)
+    k = np.arange(T, dtype=np.float64)
+    w = (1 - a) * k / (T - 1) + a * (t[0] - t) / (t[0] - t[-1])
+    targets = w[T - 2] * np.arange(1, K) / (K - 1)
+    return (0, *(int(round(x)) for x in np.interp(targets, w, k)))
+
+
+@pytest.mark.parametrize("shift", [3.0, 7.0])
+@pytest.mark.parametrize("T, K", [(20, 10), (20, 8), (20, 7), (28, 11), (50, 20), (50, 12), (10, 4)])
+def test_spaced_rule_on_the_runs_time(shift, T, K):
+    """TCPadeConfig.time_spacing a: the spaced rule's steps evenly on a blend of the step index and
+    the run's time. On a shifted flow-matching schedule (time fastest at the end) they move toward
+    the end; the pass count, step 0 and the last computed step stay; it equals a float64 numpy
+    reference; a = 0, no times, or times even in k give the rule on the step index."""
+    times = [1000.0 * s for s in flow_sigmas(T, shift)]
+    plain = schedules.spaced(T, K)
+    assert schedules.spaced(T, K, times=times, time_weight=0.0) == plain
+    assert schedules.spaced(T, K, times=None, time_weight=0.5) == plain
+    even = [950.0 - 50.0 * k for k in range(T)]  # DDIM's: even in the step index
+    assert schedules.spaced(T, K, times=even, time_weight=1.0) == plain
+    for a in (0.25, 0.5, 1.0):
+        got = schedules.spaced(T, K, times=times, time_weight=a)
+        assert len(got) == K and got[0] == 0 and got[-1] == plain[-1] == T - 2
+        assert list(got) == sorted(set(got))
+        ref = _reference_time_spaced(T, K, times, a)
+        if list(ref) == sorted(set(ref)):  # (where two steps round alike the rule spreads them: above)
+            assert got == ref
+        assert sum(got) >= sum(plain)  # later on average: the time moves fastest at the end
+        # an increasing time axis places the same steps (negation keeps every difference exact)
+        assert schedules.spaced(T, K, times=[-x for x in times], time_weight=a) == got
+
+
+def test_spaced_rule_on_the_runs_time_refuses_bad_times():
+    t = [1000.0 * s for s in flow_sigmas(20)]
+    with pytest.raises(ValueError, match="one entry per step"):
+        schedules.spaced(20, 8, times=t[:-1], time_weight=0.5)
+    with pytest.raises(ValueError, match="strictly monotonic"):
+        schedules.spaced(20, 8, times=t[:10] + t[9:19], time_weight=0.5)  # a repeated time
+    with pytest.raises(ValueError, match="finite"):
+        schedules.spaced(20, 8, times=t[:5] + [math.nan] + t[6:], time_weight=0.5)
+    for bad in (1.5, -0.1, math.nan, True, "0.5"):
+        with pytest.raises(ValueError, match="time_weight must be a number in"):
+            schedules.spaced(20, 8, times=t, time_weight=bad)
+
+
+class _Clock:
+    """A loop's clock: the current step's time, and the run's times (as tcpade.sample's)."""
+
+    def __init__(self, times):
+        self.times, self.index = times, 0
+
+    def __call__(self):
+        return self.times[self.index]
+
+    def run_times(self, total):
+        return self.times if len(self.times) == total else None
+
+
+class _NowOnly(_Clock):
+    """A clock that knows the current step's time only (no run_times)."""
+
+    run_times = None
+
+
+@pytest.mark.parametrize("times, kind, placed", [
+    ([1000.0 * s for s in flow_sigmas(20, 3.0)], _Clock, True),    # shifted: the rule on the run's times
+    ([950.0 - 50.0 * k for k in range(20)], _Clock, False),        # even in k: the rule on the index anyway
+    ([1000.0 * s for s in flow_sigmas(20, 3.0)], _NowOnly, False),  # no run's times: the index
+])  # fmt: skip
+def test_runtime_places_the_spaced_rule_on_the_clocks_times(times, kind, placed):
+    """The runtime takes the run's times from its clock (tcpade.sample's loop, a pipeline's
+    scheduler) at step 0 and computes the spaced rule on them; where the clock has none, on the
+    step index (config.plan(T))."""
+    cfg = TCPadeConfig.budget(passes=8, predictor="linear")
+    rt = Runtime(cfg)
+    rt.set_steps(20)
+    clock = kind(times)
+    done = []
+    with rt.steps.clocked(clock):
+        for k in range(20):
+            clock.index = k
+            h_in = torch.full(SHAPE, 1.0 - k / 20)
+            predict = rt.decide("cond", torch.tensor(0.0))
+            if predict is None:
+                rt.finish("cond", h_in, h_in * 1.01)
+                done.append(k)
+            else:
+                predict(h_in)
+                rt.finish("cond", None, None)
+    expect = cfg.plan(20, times) if placed else cfg.plan(20)
+    assert done == list(expect)
+    assert (tuple(done) != cfg.plan(20)) == placed
+    assert cfg.plan(20, times if placed else None) == tuple(done)

@@ -207,6 +207,17 @@ class _SchedulerClock:
         host = local.host
         return host[index] if 0 <= index < len(host) else None
 
+    def run_times(self, total: int):
+        """The times of the run's ``total`` steps from the host copy the calls made (the spaced
+        rule's axis; no read of its own), or None before one was made."""
+        pipe = self.pipe() if isinstance(self.pipe, _Caller) else self.pipe
+        scheduler = getattr(pipe, "scheduler", None)
+        host = getattr(self._local, "host", None)
+        if host is None or getattr(scheduler, "timesteps", None) is not getattr(self._local, "source", None):
+            return None
+        begin = getattr(scheduler, "begin_index", None) or 0
+        return host[begin : begin + total] if len(host) - begin == total else None
+
 
 # The second transformer of a two-expert pipeline (Wan2.2: ``transformer`` denoises the
 # high-noise steps, ``transformer_2`` the rest).
@@ -366,10 +377,14 @@ class Summary:
     branches: Dict[str, List[StepRecord]]
     history_bytes: int
     resolved: Optional[Resolved] = None
+    # per branch, the run's time per step where the runtime knew them (the spaced rule's axis)
+    times: Optional[Dict[str, Optional[tuple]]] = None
 
     def __post_init__(self):
         if self.resolved is None:
             self.resolved = Resolved(self.config)
+        if self.times is None:
+            self.times = {}
 
     def computed(self, branch: str) -> List[int]:
         return [r.k for r in self.branches[branch] if r.computed]
@@ -410,13 +425,17 @@ class Summary:
             ratio = f"{n / comp:.2f}x fewer block-stack passes" if comp else "no pass computed"
             lines.append(f"\nbranch {name!r}: {comp}/{n} computed ({ratio}); skipped {self.skipped(name)}")
             t = c.schedule_steps or n  # (a fixed schedule is for its own T, also in a run cut short)
-            if t and ran.plan(t) is not None:
-                note = ran.plan_note(t)  # a calibrated schedule's held-out check against the spaced rule
-                lines.append(f"  schedule: {ran.plan_source(t)} {list(ran.plan(t))}" + (f" ({note})" if note else "")
-                             + (f"; predictor {ran.predictor_for(t)}" if others else ""))
+            times = self.times.get(name) if self.times.get(name) is not None and len(self.times[name]) == t else None
+            if t and ran.plan(t, times) is not None:
+                note = ran.plan_note(t, times)  # a calibrated schedule's held-out check against the spaced rule
+                source = ran.plan_source(t, times)
+                if source == "spaced rule" and schedules.time_axis_weights(times, t, c.time_spacing) is not None:
+                    source += f" on the run's times (time_spacing={c.time_spacing:g})"
+                lines.append(f"  schedule: {source} {list(ran.plan(t, times))}" + (f" ({note})" if note else "")
+                             + (f"; predictor {ran.predictor_for(t, times)}" if others else ""))
             bad = self.nonfinite(name)
             if bad:
-                kept = ran.plan(t) is not None
+                kept = ran.plan(t, times) is not None
                 then = ("the fixed schedule was kept; non-finite predicted elements fell back to h_in + R1" if kept
                         else "computed fully from there on")  # fmt: skip
                 lines.append(f"  non-finite values at steps {bad}: {then}")
@@ -475,4 +494,5 @@ def summary(target) -> Summary:
     """The step records of a pipeline, transformer or Runtime (the last run of each branch), their
     device sums read (one host wait per branch that has unread ones)."""
     rt = target if isinstance(target, Runtime) else runtime(target)
-    return Summary(rt.config, {n: list(rt.records(n)) for n in rt.branches}, rt.nbytes, rt.resolved)
+    return Summary(rt.config, {n: list(rt.records(n)) for n in rt.branches}, rt.nbytes, rt.resolved,
+                   {n: b.run.times for n, b in rt.branches.items()})

@@ -151,6 +151,10 @@ class _LoopClock:
     def __call__(self) -> float:
         return self.times[self.index]
 
+    def run_times(self, total: int):
+        """Every step's time (the spaced rule's axis), when the loop runs ``total`` steps."""
+        return self.times if len(self.times) == total else None
+
 
 def _batch_timestep(t, batch: int, scale: float, dtype: torch.dtype, device) -> torch.Tensor:
     if not torch.is_tensor(t):
@@ -202,7 +206,7 @@ def _progress(iterable, enabled: bool):
 
 def _run_summary(rt, branches) -> api.Summary:
     return api.Summary(rt.config, {n: list(rt.records(n)) for n in branches if n in rt.branches}, rt.nbytes,
-                       rt.resolved)  # fmt: skip
+                       rt.resolved, {n: b.run.times for n, b in rt.branches.items() if n in branches})  # fmt: skip
 
 
 def sample(

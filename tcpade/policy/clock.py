@@ -17,6 +17,7 @@ scheduler contradicts) are given once per clock, at the user's line.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -99,6 +100,21 @@ class StepClock:
             self.reads += 1
             return float(timestep.reshape(-1)[0])
         return None if timestep is None else float(timestep)
+
+    def run_times(self, total: int) -> Optional[Tuple[float, ...]]:
+        """The time of each of the run's ``total`` steps, where the clock knows them before the
+        run ends (``tcpade.sample``'s loop, a pipeline's scheduler: no device read beyond the
+        clock's one copy) and they can place the spaced rule (one per step, finite, strictly
+        monotonic); else None (the rule then runs on the step index)."""
+        get = getattr(self.clock, "run_times", None)
+        times = get(total) if get is not None else None
+        if times is None:
+            return None
+        times = tuple(float(x) for x in times)
+        d = [b - a for a, b in zip(times, times[1:])]
+        ok = len(times) == total and all(math.isfinite(x) for x in times) and (
+            all(x < 0 for x in d) or all(x > 0 for x in d))  # fmt: skip
+        return times if ok else None
 
     @contextlib.contextmanager
     def clocked(self, clock: Callable[[], Optional[float]]):

@@ -53,7 +53,7 @@ CONCERNS = {
                   "pole_delta", "kappa", "history_slots", "time_axis", "damping", "extrapolate"),
     "policy": ("policy", "warmup", "interval", "final_steps", "tsi_threshold", "tolerance", "max_skips"),
     "schedule": ("schedule", "schedule_steps"),
-    "budget": ("passes", "speedup", "budget_max_run", "use_calibrated", "calibrated_predictor"),
+    "budget": ("passes", "speedup", "budget_max_run", "use_calibrated", "calibrated_predictor", "time_spacing"),
 }  # fmt: skip
 
 
@@ -150,6 +150,7 @@ _CHECKS: Dict[str, _Row] = {
     "use_calibrated": _Row("a bool", _bool, None, None),
     "calibrated_predictor": _Row("a bool", _bool, None, None),
     "time_axis": _Row("a str", _str, f"one of {TIME_AXES}", lambda v, c: v in TIME_AXES),
+    "time_spacing": _Row("a number", _real, "a finite number in [0, 1]", lambda v, c: _finite(v) and 0.0 <= v <= 1.0),
     "extrapolate": _Row("a str", _str, f"one of {EXTRAPOLATE}", lambda v, c: v in EXTRAPOLATE),
     "damping": _Row("a number", _real, lambda c: "a finite number >= 0, and 0 unless predictor is 'rational' or "
                     f"'linear' (predictor={c.predictor!r})",
@@ -321,6 +322,19 @@ class TCPadeConfig:
     (bench/results/defaults.md). At level "output" the transformer's output is extrapolated
     either way. Not a speed knob."""
 
+    # ---- budget, continued
+    time_spacing: float = S.SPACED_TIME_WEIGHT
+    """The spaced rule (a budget without a calibrated schedule): how far its computed steps are
+    spaced evenly on the run's time (the scheduler's timesteps) rather than on the step index,
+    0 .. 1 (``tcpade.policy.schedules.spaced``'s ``time_weight``). A shifted flow-matching
+    schedule (FLUX, Wan, SD3) moves fastest at its end, so more steps are computed there; a
+    schedule even in the step index (DDIM, an unshifted one) is not changed. 0.5 measured best
+    leave-one-model-out on the zoo models (bench/results/defaults.md); 0 is the rule on the step
+    index alone (until this version). The run's times come from the pipeline's scheduler or
+    ``tcpade.sample``'s loop; a bare transformer with ``num_steps`` runs the rule on the step
+    index. ``config.plan(T)`` (no times) shows the rule on the step index; ``config.plan(T, times)``
+    and ``tcpade.summary`` the steps a run computes. Not a speed knob."""
+
     def __post_init__(self):
         _check(self)
 
@@ -410,18 +424,20 @@ class TCPadeConfig:
         """The passes a budget config computes in a run of ``total`` steps, or None (no budget)."""
         return Resolved(self).budget_passes(total)
 
-    def plan(self, total: int) -> Optional[Tuple[int, ...]]:
+    def plan(self, total: int, times=None) -> Optional[Tuple[int, ...]]:
         """The computed steps of a ``total``-step run when they are fixed in advance (a schedule,
         a budget, or the TSI policy with a TSI that never blocks: every preset but
         ``adaptive()``), or None when the decisions depend on the trajectory (the error
-        policy, a TSI threshold < 1)."""
-        return Resolved(self).plan(total)
+        policy, a TSI threshold < 1). ``times``: the run's time per step (the scheduler's
+        timesteps), which the spaced rule places its steps on (``time_spacing``); without them
+        the rule on the step index."""
+        return Resolved(self).plan(total, times)
 
-    def plan_source(self, total: int) -> str:
+    def plan_source(self, total: int, times=None) -> str:
         """Where ``plan(total)`` comes from: "schedule", "calibrated", "spaced rule", "fixed rule"
         (the TSI policy's warm-up / interval / final steps with a TSI that never blocks) or
         "policy" (no plan: decided during the run)."""
-        return Resolved(self).plan_source(total)
+        return Resolved(self).plan_source(total, times)
 
     def rescaled(self, total: int) -> "TCPadeConfig":
         """This config with its ``schedule`` moved to ``total`` steps, same pass count: the leading

@@ -12,7 +12,8 @@ Where a plan comes from (``plan_source``), first match:
 * "schedule": ``config.schedule`` (only for its own ``schedule_steps``);
 * "calibrated": a budget, and a calibrated schedule of the model with T steps and the
   budget's pass count (one that lost its held-out check is not among them);
-* "spaced rule": a budget otherwise (``tcpade.policy.schedules.spaced``);
+* "spaced rule": a budget otherwise (``tcpade.policy.schedules.spaced``, placed on the run's
+  times where they are given and ``config.time_spacing`` is not 0);
 * "fixed rule": the TSI policy with a TSI test that never blocks: ``Rule.reason`` run over
   a simulated run (a computed step stores a residual, a skipped one too with
   ``store_predictions``, up to ``history_slots``);
@@ -79,12 +80,12 @@ class Resolved:
         calibrated schedules' and the config's: ``predictor_for``)."""
         return max(K.MIN_HISTORY[p] for p in self.predictors)
 
-    def predictor_for(self, total: int) -> str:
+    def predictor_for(self, total: int, times=None) -> str:
         """The predictor of a ``total``-step run: the one its calibrated schedule was calibrated
         for where the run follows one of the model's calibrated schedules, the config's own where it
         does not (the spaced rule, or no plan): a calibrated predictor was chosen with its
         schedule, and the spaced rule's default predictor was chosen with it."""
-        entry = self._plan(total)[2]
+        entry = self._plan(total, times)[2]
         return self.config.predictor if entry is None else entry[2]
 
     def budget_passes(self, total: int) -> Optional[int]:
@@ -100,20 +101,22 @@ class Resolved:
             k = max(k, S.min_passes(total, c.budget_max_run, m))
         return k
 
-    def plan(self, total: int) -> Optional[Tuple[int, ...]]:
-        """The computed steps of a ``total``-step run when they are fixed in advance, or None."""
-        return self._plan(total)[0]
+    def plan(self, total: int, times=None) -> Optional[Tuple[int, ...]]:
+        """The computed steps of a ``total``-step run when they are fixed in advance, or None.
+        ``times``: the run's time per step (the spaced rule places its steps on them,
+        ``config.time_spacing``); None: the rule on the step index."""
+        return self._plan(total, times)[0]
 
-    def plan_source(self, total: int) -> str:
+    def plan_source(self, total: int, times=None) -> str:
         """Where ``plan(total)`` comes from (module docstring)."""
-        return self._plan(total)[1]
+        return self._plan(total, times)[1]
 
-    def plan_note(self, total: int) -> str:
+    def plan_note(self, total: int, times=None) -> str:
         """What is known of ``plan(total)``'s quality against the spaced rule: for a calibrated plan,
         its held-out check ("held-out 38.12 dB, spaced rule 37.20 dB") or "unvalidated"; for a
         spaced-rule plan that replaced calibrated schedules which lost their checks (a tie is a loss:
         the search may return the spaced rule's own schedule), the best of those checks; else ""."""
-        steps, source, entry = self._plan(total)
+        steps, source, entry = self._plan(total, times)
         if source not in ("calibrated", "spaced rule"):
             return ""
         mine = [(c, s, pred) for t, p, c, s, pred in self.checks if t == total and p == len(steps)]
@@ -131,19 +134,22 @@ class Resolved:
         return (f"none of the {len(lost)} calibrated schedules beat it on held-out inputs: the best {c:.2f} dB, "
                 f"spaced rule {s:.2f} dB")
 
-    def _plan(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str, Optional[tuple]]:
+    def _plan(self, total: int, times=None) -> Tuple[Optional[Tuple[int, ...]], str, Optional[tuple]]:
         """(plan, its source, the calibrated entry it follows or None)."""
         if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
             raise ValueError(f"total steps must be an int > 0, got {total!r}")
+        # the times matter only to the spaced rule, and only where they are not even in the step index
+        weights = S.time_axis_weights(times, total, self.config.time_spacing) if times is not None else None
+        key = (total, weights)
         plans = self._plans
-        if total not in plans:
-            found = self._make(total)
+        if key not in plans:
+            found = self._make(total, weights)
             if len(plans) >= PLANS_KEPT:
                 plans.pop(next(iter(plans)), None)
-            plans[total] = found
-        return plans[total]
+            plans[key] = found
+        return plans[key]
 
-    def _make(self, total: int) -> Tuple[Optional[Tuple[int, ...]], str, Optional[tuple]]:
+    def _make(self, total: int, weights=None) -> Tuple[Optional[Tuple[int, ...]], str, Optional[tuple]]:
         c = self.config
         if c.schedule is not None:
             if total != c.schedule_steps:
@@ -158,7 +164,7 @@ class Resolved:
                 if entry[0] == total and len(entry[1]) == k:
                     return entry[1], "calibrated", entry
             # (the config's predictor runs it)
-            return S.spaced(total, k, K.MIN_HISTORY[self.config.predictor]), "spaced rule", None
+            return S._spaced(total, k, K.MIN_HISTORY[self.config.predictor], None, None, weights), "spaced rule", None
         if not self.rule.fixed:
             return None, "policy", None
         return self._simulate(total), "fixed rule", None

@@ -223,8 +223,11 @@ class Runtime:
                                  "the run's length (tcpade.apply(..., num_steps=) or runtime.set_steps)")  # fmt: skip
             return self._compute(b, t, "beyond-steps", "late")
         if run.k == 0:
-            run.planned = self.resolved.plan(total) is not None
-            run.predictor = self.resolved.predictor_for(total)
+            run.times = self.steps.run_times(total)
+            plan = self.resolved.plan(total, run.times)
+            run.planned, run.plan = plan is not None, frozenset(plan or ())
+            run.fixed_rule = plan is not None and self.resolved.plan_source(total, run.times) == "fixed rule"
+            run.predictor = self.resolved.predictor_for(total, run.times)
             run.total = total if declared else None  # only a declared num_steps can be wrong about a run
         stage = K.stage_of(run.k, total, c.early_frac, c.late_frac)
         reason = force if force is not None else self._reason(b, total)
@@ -263,7 +266,8 @@ class Runtime:
             log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
             b.new_run()
             total, c = self.total_steps(), self.config
-            b.run.predictor = self.resolved.predictor_for(total) if total else None
+            b.run.times = self.steps.run_times(total) if total else None
+            b.run.predictor = self.resolved.predictor_for(total, b.run.times) if total else None
             p = Call(0, p.t, self.resolved.rule.forced(0, total) if total else "steps-unknown",
                      K.stage_of(0, total, c.early_frac, c.late_frac) if total else "middle", b.history,
                      self._predictor(b)[0])  # fmt: skip
@@ -289,9 +293,9 @@ class Runtime:
         run, plan = b.run, self.resolved
         k = run.k
         if run.planned:
-            if k in plan.plan(total):
+            if k in run.plan:
                 # a schedule or a budget decides every step itself; the TSI rule's plan keeps its reasons
-                if plan.plan_source(total) != "fixed rule":
+                if not run.fixed_rule:
                     return "schedule"
                 return plan.rule.reason(k, total, Counts(run.skipped, b.history.count)) or "schedule"
             # (a plan never skips a step the history cannot predict; this guards an explicit one)

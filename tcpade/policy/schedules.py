@@ -30,7 +30,11 @@ single residual reuse it) and then the remaining passes evenly spaced from step 
 one ``SPACED_END`` steps before the end (the final step predicted), e.g. 8 of 20 -> 0 3 5 8 10
 13 15 18, 7 of 20 -> 0 3 6 9 12 15 18, 3 of 10 -> 0 4 8. (Until this version it computed
 steps 0 and 1 first for every predictor: 0 1 3 6 9 12 15 18; one residual first measured
-better on the zoo models, bench/results/defaults.md.)
+better on the zoo models, bench/results/defaults.md.) "Evenly spaced" is on a blend of the step
+index and the run's time (``spaced``'s ``times`` and ``time_weight``, ``TCPadeConfig.time_spacing``,
+default ``SPACED_TIME_WEIGHT``) where the runtime knows the run's times: on a shifted
+flow-matching schedule (time moving fastest at the end) 8 of 20 become 0 4 7 10 12 15 16 18 at
+shift 3; where the time moves evenly with the step index nothing changes.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ __all__ = [
     "resolve",
     "schedule_problem",
     "spaced",
+    "time_axis_weights",
     "wins",
 ]
 
@@ -78,6 +83,9 @@ SPACED_WARMUP = 1
 # against the spaced rule with it (tcpade.calibrate.validate), what those presets run instead.
 SPACED_PREDICTOR = "linear"
 SPACED_END = 1
+# The spaced rule's weight of the run's time against the step index (``spaced``'s time_weight, the
+# default of TCPadeConfig.time_spacing): chosen leave-one-model-out on the zoo models.
+SPACED_TIME_WEIGHT = 0.5
 FORMAT_VERSION = 2  # version 2 added the held-out checks
 READ_VERSIONS = (1, 2)  # version 1 files load, their schedules unvalidated
 
@@ -124,11 +132,46 @@ def _fit(positions: Sequence[float], lead: int, total: int) -> Tuple[int, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=256)
-def spaced(total: int, passes: int, lead: int = 1, end: int = None, warmup: int = None) -> Tuple[int, ...]:
+def spaced(total: int, passes: int, lead: int = 1, end: int = None, warmup: int = None, times=None,
+           time_weight: float = 0.0) -> Tuple[int, ...]:  # fmt: skip
     """The spaced rule: ``passes`` computed steps of ``total``: 0..w-1 (w = max(lead, ``warmup``)),
     then the rest evenly spaced counted from step 0, the last one ``end`` steps before the final
-    step (fewer when the gaps get that short). Defaults: SPACED_END, SPACED_WARMUP."""
+    step (fewer when the gaps get that short). Defaults: SPACED_END, SPACED_WARMUP.
+
+    ``times`` (the run's time per step, the scheduler's timesteps or sigmas, strictly monotonic)
+    and ``time_weight`` a in [0, 1]: the steps are evenly spaced on
+    w(k) = (1 - a) k / (T - 1) + a (t_0 - t_k) / (t_0 - t_{T-1}) instead of on the step index k
+    (``time_axis_weights``): a shifted flow-matching schedule, whose time moves fastest at the
+    end, gets more of its computed steps there. a = 0, no ``times``, or times that move evenly
+    with k (DDIM's, an unshifted flow-matching schedule's) give the plain rule."""
+    weights = time_axis_weights(times, total, time_weight)
+    return _spaced(total, passes, lead, end, warmup, weights)
+
+
+def time_axis_weights(times, total: int, time_weight: float) -> Optional[Tuple[float, ...]]:
+    """w(0..T-1) of ``spaced`` (0 .. 1, strictly increasing), or None where it is the step index
+    itself (no ``times``, ``time_weight`` 0, or times evenly spaced in k to 1e-6). ``times`` of
+    another length than ``total``, not finite or not strictly monotonic: ValueError."""
+    if not (isinstance(time_weight, (int, float)) and not isinstance(time_weight, bool)
+            and math.isfinite(time_weight) and 0.0 <= time_weight <= 1.0):  # fmt: skip
+        raise ValueError(f"time_weight must be a number in [0, 1], got {time_weight!r}")
+    if times is None or time_weight == 0.0 or total < 3:
+        return None
+    t = [float(x) for x in times]
+    if len(t) != total:
+        raise ValueError(f"times must have one entry per step ({total}), got {len(t)}")
+    d = [b - a for a, b in zip(t, t[1:])]
+    if not all(math.isfinite(x) for x in t) or not (all(x < 0 for x in d) or all(x > 0 for x in d)):
+        raise ValueError(f"times must be finite and strictly monotonic, got {t!r}")
+    span = t[0] - t[-1]
+    w = [(1.0 - time_weight) * k / (total - 1) + time_weight * (t[0] - t[k]) / span for k in range(total)]
+    if all(abs(w[k] - k / (total - 1)) < 1e-6 for k in range(total)):  # (float32 timesteps: ~5e-8 off)
+        return None
+    return tuple(w)
+
+
+@functools.lru_cache(maxsize=256)
+def _spaced(total, passes, lead, end, warmup, weights) -> Tuple[int, ...]:
     end = SPACED_END if end is None else end
     warmup = SPACED_WARMUP if warmup is None else warmup
     if passes >= total:
@@ -140,7 +183,26 @@ def spaced(total: int, passes: int, lead: int = 1, end: int = None, warmup: int 
     # Spaced from step 0 (the steps after it are the warm-up): at 20 steps, 8 passes -> gap 3.
     last = max(lead - 1 + r, total - 1 - end)
     gap = last / r
-    return _fit([gap * (i + 1) for i in range(r)], lead, total)
+    if weights is None:
+        return _fit([gap * (i + 1) for i in range(r)], lead, total)
+    # the same count evenly on w from w(0) to w(last), back to step indices; where they crowd (more
+    # than one per step) the earlier ones give way, so the last computed step stays ``last``
+    w_last = weights[last]
+    steps = [int(round(_inverse(weights, w_last * (i + 1) / r))) for i in range(r)]
+    steps[-1] = min(steps[-1], last)
+    for i in range(r - 2, -1, -1):
+        steps[i] = min(steps[i], steps[i + 1] - 1)
+    for i in range(r):
+        steps[i] = max(steps[i], (steps[i - 1] + 1) if i else lead)
+    return tuple(range(lead)) + tuple(steps)
+
+
+def _inverse(w: Sequence[float], value: float) -> float:
+    """The fractional step k at which the piecewise-linear w(k) (increasing) equals ``value``."""
+    for k in range(len(w) - 1):
+        if value <= w[k + 1]:
+            return k + (value - w[k]) / (w[k + 1] - w[k])
+    return float(len(w) - 1)
 
 
 def longest_skip_run(steps: Sequence[int], total: int) -> int:

@@ -93,6 +93,9 @@ class Run:
     newest: Optional[StepRecord] = None  # the record of the newest history write
     poisoned: bool = False  # a non-finite value was read: trajectory policies compute from then on
     predictor: Optional[str] = None  # the predictor of this run (``Resolved.predictor_for``; None: not settled)
+    times: Optional[tuple] = None  # the run's time per step where the clock knows them (the spaced rule's axis)
+    plan: frozenset = frozenset()  # the computed steps of a planned run (settled at step 0, on ``times``)
+    fixed_rule: bool = False  # the plan is the TSI rule's simulated one (its reasons are kept)
 
     def restarted(self, t: float) -> bool:
         """Does time t begin a new sampling run? (A run interrupted by an exception leaves

@@ -58,7 +58,8 @@ Held-out validation (``holdout=``, on by default): a search fits its few inputs,
 inputs a searched schedule can lose to the spaced rule it started from. So part of the inputs
 (``holdout=0.5``: the last half; or ``holdout=[...]``: validation inputs of their own) is kept
 out of the search, and after it every pass count's schedule (with the calibration's predictor)
-and the spaced rule's (``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)``, with
+and the spaced rule's (``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T, times)``, on
+the run's times as the runtime places it, with
 ``tcpade.policy.schedules.SPACED_PREDICTOR``, "linear": what ``slow()`` / ``fast()`` run where no
 calibrated schedule is used) run on them against their full computation. A schedule is used (``schedule(K)``, ``config(K)``, the registry, the budget
 presets) only where its held-out PSNR is strictly higher than the spaced rule's; elsewhere the
@@ -208,7 +209,8 @@ class Calibration:
             return self.schedules[p]
         from ..policy import schedules as S
 
-        return _spaced_plan(S.SPACED_PREDICTOR, p, self.steps, self.extra.get("config_overrides") or {})
+        return _spaced_plan(S.SPACED_PREDICTOR, p, self.steps, self.extra.get("config_overrides") or {},
+                            self.extra.get("times"))
 
     def config(self, passes: Optional[int] = None, **overrides) -> "TCPadeConfig":
         """A fixed-schedule config with ``schedule(passes)`` (default: the requested count) and its
@@ -407,7 +409,7 @@ def calibrate(
         recorder = Recorder()
     with recorder if recorder is not None else contextlib.nullcontext():
         full = execute(range(steps))
-    ref, branches = full.outputs, full.branches
+    ref, branches, times = full.outputs, full.branches, full.times  # (times: the spaced rule's axis)
     data_range = data_range or float(ref.max() - ref.min()) or 1.0
 
     def score(sched) -> float:
@@ -421,7 +423,8 @@ def calibrate(
 
         run_budget = default_runs(steps) if runs is None else runs
         path, curve = search_runner(runner, score, steps, targets, lead, predictor, recorder.trace(steps), run_budget,
-                                    counters["runs"], config_overrides=overrides, progress=progress)  # fmt: skip
+                                    counters["runs"], config_overrides=overrides, progress=progress,
+                                    spaced_rule=lambda k: _spaced_plan(predictor, k, steps, overrides, times))  # fmt: skip
     else:
         path, curve = _remove(score, steps, min(targets), lead, method, start, predictor, progress, counters)
     seconds = time.perf_counter() - t0
@@ -430,7 +433,8 @@ def calibrate(
                       schedules=path, psnr=curve, passes=min(targets), inputs=len(inputs), method=method,
                       runs=counters["runs"], calls=counters["calls"], seconds=seconds,
                       extra=dict(branches=branches, start=max(path),
-                                 **({"config_overrides": overrides} if overrides else {})))  # fmt: skip
+                                 **({"config_overrides": overrides} if overrides else {}),
+                                 **({"times": list(times)} if times is not None else {})))  # fmt: skip
     if held:  # the held-out check of every pass count found
         cal = validate(target, cal, held, noise_scheduler=noise_scheduler, progress=progress)
     return cal
@@ -476,13 +480,14 @@ def _split(inputs, holdout) -> Tuple[list, list]:
     return inputs[: n - m], inputs[n - m :]
 
 
-def _spaced_plan(predictor: str, passes: int, steps: int, overrides: dict) -> Tuple[int, ...]:
+def _spaced_plan(predictor: str, passes: int, steps: int, overrides: dict, times=None) -> Tuple[int, ...]:
     """The spaced rule's schedule of ``passes`` at ``steps``: what the budget computes without a
-    calibrated schedule (``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T)``)."""
+    calibrated schedule (``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T, times)``,
+    ``times`` the run's, as the runtime saw them: the rule is placed on them)."""
     from ..policy.config import TCPadeConfig
 
     cfg = TCPadeConfig.budget(passes=passes, use_calibrated=False, predictor=predictor, **overrides)
-    return tuple(cfg.plan(steps))
+    return tuple(cfg.plan(steps, times))
 
 
 def validate(target, calibration: Calibration, inputs: Sequence, *, noise_scheduler=None,
@@ -513,7 +518,8 @@ def validate(target, calibration: Calibration, inputs: Sequence, *, noise_schedu
     execute_spaced = _executor(runner, S.SPACED_PREDICTOR, steps, overrides, counters)
 
     t0 = time.perf_counter()
-    ref = execute(range(steps)).outputs
+    full = execute(range(steps))
+    ref, times = full.outputs, full.times
     data_range = data_range or float(ref.max() - ref.min()) or 1.0
 
     def score(sched, run=execute) -> float:
@@ -524,7 +530,7 @@ def validate(target, calibration: Calibration, inputs: Sequence, *, noise_schedu
     bar = _bar(len(calibration.schedules), progress, steps)
     try:
         for k, sched in sorted(calibration.schedules.items(), reverse=True):
-            spaced = _spaced_plan(S.SPACED_PREDICTOR, k, steps, overrides)
+            spaced = _spaced_plan(S.SPACED_PREDICTOR, k, steps, overrides, times)
             spaced_db = score(spaced, execute_spaced)
             cal_db = spaced_db if same and tuple(sched) == spaced else score(sched)
             checks[k] = (cal_db, spaced_db)
@@ -533,7 +539,8 @@ def validate(target, calibration: Calibration, inputs: Sequence, *, noise_schedu
         bar.close()
     seconds = time.perf_counter() - t0
     c = calibration
-    return dataclasses.replace(c, validation=checks, holdout=len(inputs),
+    extra = dict(c.extra, times=list(times)) if times is not None else c.extra  # the checks' spaced rule's axis
+    return dataclasses.replace(c, validation=checks, holdout=len(inputs), extra=extra,
                                runs=c.runs - c.validation_runs + counters["runs"],
                                calls=c.calls - c.validation_calls + counters["calls"],
                                seconds=c.seconds - c.validation_seconds + seconds, validation_runs=counters["runs"],

@@ -51,6 +51,12 @@ class Run:
         return sum(len(s.computed(b)) for s in self._summaries for b in s.branches)
 
     @property
+    def times(self):
+        """The run's time per step as the runtime knew them (the spaced rule's axis), from the
+        first call that had them; None where none did (full computation, an unknown clock)."""
+        return next((t for s in self._summaries for t in (s.times or {}).values() if t is not None), None)
+
+    @property
     def branches(self) -> int:
         """Branches (cond / uncond) of the last call with a config; 1 without one."""
         done = self._summaries

@@ -549,8 +549,9 @@ def _concordance(table, rows) -> int:
 
 
 def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequence[int], lead: int, tables,
-           runs: int, *, candidates: int = 2, progress: bool = False,
-           log: Optional[Log] = None) -> Tuple[Dict[int, Tuple[int, ...]], Dict[int, float]]:  # fmt: skip
+           runs: int, *, candidates: int = 2, progress: bool = False, log: Optional[Log] = None,
+           spaced_rule: Optional[Callable[[int], Tuple[int, ...]]] = None,
+           ) -> Tuple[Dict[int, Tuple[int, ...]], Dict[int, float]]:  # fmt: skip
     """The search's verification part: for every pass count in ``targets``, at most its share of
     ``runs`` calls of ``score`` (one sampling run of every calibration input each).
 
@@ -563,7 +564,9 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
     the best measured schedule, lowest offline error first. The runs are shared evenly among the pass
     counts, most passes first; runs a count leaves unused go to the next. Returns ({passes:
     schedule}, {passes: calibration PSNR}), as ``tcpade.tools.calibrate``'s searches do.
-    ``runs`` must allow one run per pass count."""
+    ``runs`` must allow one run per pass count. ``spaced_rule(k)``: the spaced rule's schedule
+    of k passes as the runs place it (on the run's times, ``TCPadeConfig.time_spacing``;
+    default: on the step index)."""
     from ..policy import schedules as S
 
     tables = list(tables) if isinstance(tables, (list, tuple)) else [tables]
@@ -613,7 +616,7 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
                 spent += 1
                 bar.step(f"{k} passes")
                 continue
-            measure(S.spaced(steps, k, lead), "spaced")
+            measure(spaced_rule(k) if spaced_rule is not None else S.spaced(steps, k, lead), "spaced")
             ranked = {id(t): best_schedules(t, steps, k, lead, candidates) for t in tables}
             # the first count measures every table's best schedule; the later ones that of the table
             # chosen so far first, the others' last
@@ -654,7 +657,7 @@ def search(score: Callable[[Sequence[int]], float], steps: int, targets: Sequenc
 def search_runner(runner, score: Callable[[Sequence[int]], float], steps: int, targets: Sequence[int], lead: int,
                   predictor: str, trace: Trace, budget: int, used: int = 0, *,
                   config_overrides: Optional[dict] = None, progress: bool = False, log: Optional[Log] = None,
-                  candidates: int = 2):  # fmt: skip
+                  candidates: int = 2, spaced_rule: Optional[Callable[[int], Tuple[int, ...]]] = None):  # fmt: skip
     """``search`` inside ``tcpade.calibrate``: ``budget`` runs in all, ``used`` of them spent
     already (the full computation that recorded ``trace``); the error table is built from
     ``trace`` and what the calibration runner (``tcpade.tools.runner``) knows: the noise
@@ -675,7 +678,7 @@ def search_runner(runner, score: Callable[[Sequence[int]], float], steps: int, t
     table = ErrorTable(trace, predictor, guidance=guidance, config_overrides=config_overrides, max_gap=gap)
     tables = [table] if weights is None else [table.weighted(w) for w in weightings(weights)]
     return search(score, steps, targets, lead, tables, budget - used, candidates=candidates, progress=progress,
-                  log=log)  # fmt: skip
+                  log=log, spaced_rule=spaced_rule)  # fmt: skip
 
 
 def weightings(weights: Sequence[float]) -> List[List[float]]:
