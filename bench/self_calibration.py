@@ -32,7 +32,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import cpu_name  # noqa: E402
 from defaults import best_peers, passes_at  # noqa: E402
 from peers import levels  # noqa: E402
@@ -103,6 +102,9 @@ def _one(w, f, m, name, T, seeds, labels, n_inputs, peers):
     print(f"{name} T={T}: calibrated in {time.perf_counter() - t0:.0f} s ({cal.runs} runs, {cal.calls} calls)",
           flush=True)  # fmt: skip
     ref = m.sample(seeds, labels, steps=T)
+    noise = m.noise_scheduler()
+    noise.set_timesteps(T)
+    times = [float(t) for t in noise.timesteps]  # the run's times, which the spaced rule is placed on
     for level, tag in lv:
         k = passes_at(T, level)
         label, make = config_at(tag, k)
@@ -114,7 +116,7 @@ def _one(w, f, m, name, T, seeds, labels, n_inputs, peers):
         expect = tuple(cal.schedule(k))  # the searched schedule where it won its check, else the spaced rule
         if used != expect:
             raise RuntimeError(f"{name} T={T} {label}: ran {used}, the calibration gives {expect}")
-        base = spaced(T, k)
+        base = spaced(T, k, times=times, time_weight=S.SPACED_TIME_WEIGHT)  # what an uncalibrated run computes
         spaced_cfg = TCPadeConfig(predictor="linear", schedule=base, schedule_steps=T)
         p = float(metrics.psnr(images, ref).mean())
         ps = p if used == base else float(metrics.psnr(m.sample(seeds, labels, steps=T, config=spaced_cfg), ref).mean())
@@ -141,7 +143,8 @@ INTRO = (
     "2000.., half searched, half held out), the trace search's default budget (20 sampling runs of the 4 search "
     "inputs up to 20 steps, 40 above, the held-out check on top), `cal.register()`, then the preset at the level as "
     'a user takes it (`slow(speedup=2)`, `slow()`, `fast()`; at 3x and 4x `budget(passes=K, predictor="linear")`): '
-    "the searched schedule where it won its held-out check, else the spaced rule. PSNR (dB) against full computation "
+    "the searched schedule where it won its held-out check, else the spaced rule (placed on the run's times, "
+    "`time_spacing` 0.5, as an uncalibrated run computes it). PSNR (dB) against full computation "
     "on bench/quality.py's evaluation inputs (seeds 1000.., 16 samples, wan-digits 10; not seen by the "
     "calibration); best peer: every peer of quality_<model>.csv swept over its knobs on those same inputs, the best "
     "that reaches the level."

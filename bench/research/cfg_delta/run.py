@@ -59,8 +59,6 @@ if __name__ == "__main__":
                         sc = spaced(T, K + m)
                         su = subset(sc, K - m)
                         for mode in modes:
-                            if m == 0 and mode != "own" and mode != "dlin":
-                                pass
                             t0 = time.time()
                             o = em.run(s, l, T, sc, su, mode)
                             p = float(metrics.psnr(o, ref).mean())
