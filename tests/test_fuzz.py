@@ -321,6 +321,12 @@ def test_predict_fuzz(case):
         prev is None or torch.isfinite(prev).all()
     )
     near = _near_overflow(out64.double(), dtype) or _near_overflow(ring64[w].double(), dtype)
+    # The kernels accumulate the squared norms and TSI sums in fp32: where the float64 sums exceed
+    # fp32's range, the kernels' overflow to inf, and the data-dependent terms computed from them
+    # (the rational / paper pole term) may differ from the reference by more than rounding, also
+    # where the prediction itself is not written (it is still counted) or is far from overflow.
+    sums_overflow = any(math.isfinite(v) and abs(v) > F32_MAX for v in sums64.tolist())
+    near = near or sums_overflow
     for name in BACKENDS:
         out, sums, ring, p = call(name, ring0)
         s = [float(v) for v in sums]
@@ -346,7 +352,7 @@ def test_predict_fuzz(case):
         if p is not None:
             assert torch.equal(_bits(p), _bits(x["h_in"])), "h_prev must hold h_in exactly"
         # Properties 3 and 4: stale slots are zero in the reference run, NaN here.
-        if write_out:
+        if write_out and not sums_overflow:
             _finite_match(out, out64, out_low, dtype, f"{name} {variant}/{case['stage']} out", ftz)
         if store:
             _finite_match(ring[w], ring64[w], ring_low[w], dtype, f"{name} {variant} stored", ftz)
