@@ -47,6 +47,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -654,6 +655,16 @@ def merge_by_holdout(old, new):
         validation_seconds=old.validation_seconds + new.validation_seconds, extra=dict(old.extra, methods=methods))
 
 
+def _carry_command(out):
+    """The command (and commit) an existing calibration_validation.md names for its carried rows, or None."""
+    path = os.path.join(out, "calibration_validation.md")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        m = re.search(r"^Command: `(.*?)\. The shipped rational 20-step calibration", f.read(), re.M)
+    return m.group(1) if m else None
+
+
 def write_validation(rows, meta, out):
     """calibration_validation.csv and .md from the rows (kind "shipped" and "carried")."""
     csv_path = os.path.join(out, "calibration_validation.csv")
@@ -905,6 +916,8 @@ def main(argv=None):
             done = {(r["kind"], r["model"], r["predictor"], r["steps"]) for r in rows}
             keep = [r for r in read_validation(path) if (r["kind"], r["model"], r["predictor"], r["steps"]) not in done]
         meta["carry_command"] = f"{meta['command']}` (tcpade at commit {meta['commit']})"
+        if not args.carry:  # the carried rows are an earlier run's: keep the command the page names for them
+            meta["carry_command"] = _carry_command(args.out) or "an earlier run`"
         if args.trace_ship:
             meta["trace_command"] = meta["carry_command"]
         if args.spaced_ship:

@@ -571,3 +571,24 @@ def test_the_spaced_rule_is_placed_on_the_pipelines_times_in_runs_and_checks(reg
     assert cal.extra["times"] == pytest.approx(times)
     expect = tuple(cal.schedules[k]) if cal.used(k) else placed
     assert cal.schedule(k) == expect
+
+
+def test_the_checks_spaced_rule_is_what_the_presets_run():
+    """The held-out check compares a calibrated schedule with what slow() / fast() would run in its
+    place: on the run's times, at a pass count the presets use, with no more than 3 steps predicted
+    in a row (fast's 3 of 10 at shift 3: 0 4 8, not 0 5 8); at a pass count they never use (below
+    what keeps 3 in a row) the plain budget's placement; without times, the rule on the step index."""
+    from tcpade.tools.calibrate import _spaced_plan
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def times(T):
+        s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        s.set_timesteps(T)
+        return [float(t) for t in s.timesteps]
+
+    assert _spaced_plan("linear", 3, 10, {}, times(10)) == (0, 4, 8) == TCPadeConfig.fast().plan(10, times(10))
+    assert TCPadeConfig.budget(passes=3, predictor="linear").plan(10, times(10)) == (0, 5, 8)
+    plain = TCPadeConfig.budget(passes=4, predictor="linear").plan(50, times(50))
+    assert schedules.longest_skip_run(plain, 50) > 3 and _spaced_plan("linear", 4, 50, {}, times(50)) == plain
+    assert _spaced_plan("linear", 3, 10, {}, None) == schedules.spaced(10, 3)

@@ -458,3 +458,23 @@ def test_runtime_places_the_spaced_rule_on_the_clocks_times(times, kind, placed)
     assert done == list(expect)
     assert (tuple(done) != cfg.plan(20)) == placed
     assert cfg.plan(20, times if placed else None) == tuple(done)
+
+
+def test_presets_keep_their_max_run_on_the_runs_time():
+    """slow() / fast() never predict more than 3 steps in a row (budget_max_run), also where the
+    spaced rule is placed on the run's times and its steps crowd toward the end: a gap the placement
+    opens early moves back (cap_runs), the pass count and the last step stay."""
+    for shift in (3.0, 7.0):
+        for T in range(4, 61):
+            times = [1000.0 * s for s in flow_sigmas(T, shift)]
+            for cfg in (TCPadeConfig.slow(), TCPadeConfig.fast(), TCPadeConfig.slow(speedup=2)):
+                placed, plain = cfg.plan(T, times), cfg.plan(T)
+                assert len(placed) == len(plain) and placed[0] == 0 and placed[-1] == plain[-1], (T, placed)
+                assert schedules.longest_skip_run(placed, T) <= 3, (shift, T, placed)
+    assert schedules.cap_runs((0, 5, 8), 3) == (0, 4, 8)
+    assert schedules.cap_runs((0, 5, 9, 13, 16, 19, 22, 24, 26), 3) == (0, 4, 8, 12, 16, 19, 22, 24, 26)
+    assert schedules.cap_runs((0, 3, 5, 8), 3) == (0, 3, 5, 8)  # nothing to cut: unchanged
+    # a budget without budget_max_run keeps the placement as it is
+    t = [1000.0 * s for s in flow_sigmas(10, 3.0)]
+    assert TCPadeConfig.budget(passes=3, predictor="linear").plan(10, t) == schedules.spaced(10, 3, times=t,
+                                                                                             time_weight=0.5)  # fmt: skip

@@ -369,7 +369,7 @@ class TCPadeConfig:
         (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4, interval=4,
         final_steps=1, tsi_threshold=1.0)`` is the old rule. ``slow(speedup=2)`` is the same
         budget at another level (10 of 20: the benchmark's 2x point)."""
-        base = dict(speedup=2.5, budget_max_run=3, predictor=S.SPACED_PREDICTOR,
+        base = dict(speedup=2.5, budget_max_run=S.PRESET_MAX_RUN, predictor=S.SPACED_PREDICTOR,
                     calibrated_predictor="predictor" not in overrides)  # fmt: skip
         base.update(overrides)
         return cls.budget(**base)
@@ -385,7 +385,7 @@ class TCPadeConfig:
         (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5, final_steps=1,
         tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
         every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
-        base = dict(speedup=3.0, budget_max_run=3, predictor=S.SPACED_PREDICTOR,
+        base = dict(speedup=3.0, budget_max_run=S.PRESET_MAX_RUN, predictor=S.SPACED_PREDICTOR,
                     calibrated_predictor="predictor" not in overrides)  # fmt: skip
         base.update(overrides)
         return cls.budget(**base)

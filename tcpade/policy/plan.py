@@ -164,7 +164,10 @@ class Resolved:
                 if entry[0] == total and len(entry[1]) == k:
                     return entry[1], "calibrated", entry
             # (the config's predictor runs it)
-            return S._spaced(total, k, K.MIN_HISTORY[self.config.predictor], None, None, weights), "spaced rule", None
+            steps = S._spaced(total, k, K.MIN_HISTORY[self.config.predictor], None, None, weights)
+            if weights is not None and c.budget_max_run is not None:  # (the rule on the index keeps it by its count)
+                steps = S.cap_runs(steps, c.budget_max_run)
+            return steps, "spaced rule", None
         if not self.rule.fixed:
             return None, "policy", None
         return self._simulate(total), "fixed rule", None

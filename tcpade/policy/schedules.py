@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SHIPPED",
     "best_schedules",
+    "cap_runs",
     "carry",
     "check_schedule",
     "checks",
@@ -86,6 +87,8 @@ SPACED_END = 1
 # The spaced rule's weight of the run's time against the step index (``spaced``'s time_weight, the
 # default of TCPadeConfig.time_spacing): chosen leave-one-model-out on the zoo models.
 SPACED_TIME_WEIGHT = 0.5
+# slow() / fast(): at most this many steps predicted in a row (their budget_max_run)
+PRESET_MAX_RUN = 3
 FORMAT_VERSION = 2  # version 2 added the held-out checks
 READ_VERSIONS = (1, 2)  # version 1 files load, their schedules unvalidated
 
@@ -195,6 +198,18 @@ def _spaced(total, passes, lead, end, warmup, weights) -> Tuple[int, ...]:
     for i in range(r):
         steps[i] = max(steps[i], (steps[i - 1] + 1) if i else lead)
     return tuple(range(lead)) + tuple(steps)
+
+
+def cap_runs(steps: Sequence[int], max_run: int) -> Tuple[int, ...]:
+    """``steps`` with every run of predicted steps between two computed ones cut to ``max_run``:
+    from the start, a computed step further than ``max_run + 1`` after the previous one moves back
+    to ``previous + max_run + 1`` (the count, the first and the last step stay; nothing moves later).
+    The spaced rule on the run's times (its steps crowd toward the end) under a budget's
+    ``budget_max_run``."""
+    out = [int(steps[0])]
+    for x in steps[1:]:
+        out.append(max(out[-1] + 1, min(int(x), out[-1] + max_run + 1)))
+    return tuple(out)
 
 
 def _inverse(w: Sequence[float], value: float) -> float:

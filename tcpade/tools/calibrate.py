@@ -483,11 +483,21 @@ def _split(inputs, holdout) -> Tuple[list, list]:
 def _spaced_plan(predictor: str, passes: int, steps: int, overrides: dict, times=None) -> Tuple[int, ...]:
     """The spaced rule's schedule of ``passes`` at ``steps``: what the budget computes without a
     calibrated schedule (``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T, times)``,
-    ``times`` the run's, as the runtime saw them: the rule is placed on them)."""
+    ``times`` the run's, as the runtime saw them: the rule is placed on them, with no more than
+    ``PRESET_MAX_RUN`` steps predicted in a row, as ``slow()`` / ``fast()`` run it there)."""
+    from ..core.layout import MIN_HISTORY
+    from ..policy import schedules as S
     from ..policy.config import TCPadeConfig
 
     cfg = TCPadeConfig.budget(passes=passes, use_calibrated=False, predictor=predictor, **overrides)
-    return tuple(cfg.plan(steps, times))
+    plan = tuple(cfg.plan(steps, times))
+    lead = MIN_HISTORY[predictor]
+    if (times is not None and S.time_axis_weights(times, steps, cfg.time_spacing) is not None
+            and passes >= S.min_passes(steps, S.PRESET_MAX_RUN, lead)):  # fmt: skip
+        # placed on the times, as slow() / fast() run it at a pass count they use: at most
+        # PRESET_MAX_RUN steps predicted in a row
+        plan = S.cap_runs(plan, S.PRESET_MAX_RUN)
+    return plan
 
 
 def validate(target, calibration: Calibration, inputs: Sequence, *, noise_scheduler=None,
