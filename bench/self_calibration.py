@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
 import time
 
 import torch
-
 from _bench_common import cpu_name  # noqa: E402
 from defaults import best_peers, passes_at  # noqa: E402
 from peers import levels  # noqa: E402
@@ -41,7 +41,6 @@ import tcpade  # noqa: E402
 from tcpade import zoo  # noqa: E402
 from tcpade.policy import schedules as S  # noqa: E402
 from tcpade.policy.config import TCPadeConfig  # noqa: E402
-from tcpade.policy.schedules import spaced  # noqa: E402
 from tcpade.tools import metrics  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -65,10 +64,14 @@ PRESET_AT = {
 }
 
 
-def config_at(tag: str, passes: int):
-    """The preset that sits at the level (bench/quality.py's PRESETS), else the linear budget."""
+def config_at(tag: str, passes: int, steps: int):
+    """The preset that sits at the level (bench/quality.py's PRESETS); at 3x and 4x ``fast()`` with the
+    level's pass count where it keeps its 3-in-a-row guard at that count, else the linear budget
+    (at 4x no preset reaches the level: the guard raises the count)."""
     if tag in PRESET_AT:
         return PRESET_AT[tag]
+    if passes >= S.min_passes(steps, S.PRESET_MAX_RUN):
+        return f"fast(passes={passes})", lambda: TCPadeConfig.fast(speedup=None, passes=passes)
     label = f"budget(passes={passes}, predictor='linear')"
     return label, lambda: TCPadeConfig.budget(passes=passes, predictor="linear")
 
@@ -107,7 +110,7 @@ def _one(w, f, m, name, T, seeds, labels, n_inputs, peers):
     times = [float(t) for t in noise.timesteps]  # the run's times, which the spaced rule is placed on
     for level, tag in lv:
         k = passes_at(T, level)
-        label, make = config_at(tag, k)
+        label, make = config_at(tag, k, T)
         cfg = make()
         images, summ = m.sample(seeds, labels, steps=T, config=cfg, return_summary=True)
         used = tuple(summ.computed("cond"))
@@ -116,7 +119,9 @@ def _one(w, f, m, name, T, seeds, labels, n_inputs, peers):
         expect = tuple(cal.schedule(k))  # the searched schedule where it won its check, else the spaced rule
         if used != expect:
             raise RuntimeError(f"{name} T={T} {label}: ran {used}, the calibration gives {expect}")
-        base = spaced(T, k, times=times, time_weight=S.SPACED_TIME_WEIGHT)  # what an uncalibrated run computes
+        # what the same config computes uncalibrated: the spaced rule on the run's times (cut to 3 predicted
+        # steps in a row under fast()'s guard)
+        base = tuple(dataclasses.replace(cfg, use_calibrated=False).plan(T, times))
         spaced_cfg = TCPadeConfig(predictor="linear", schedule=base, schedule_steps=T)
         p = float(metrics.psnr(images, ref).mean())
         ps = p if used == base else float(metrics.psnr(m.sample(seeds, labels, steps=T, config=spaced_cfg), ref).mean())
@@ -142,7 +147,8 @@ INTRO = (
     'passes=..., steps=T, predictor="linear", method="trace", holdout=0.5)` on 8 inputs of its own (seeds '
     "2000.., half searched, half held out), the trace search's default budget (20 sampling runs of the 4 search "
     "inputs up to 20 steps, 40 above, the held-out check on top), `cal.register()`, then the preset at the level as "
-    'a user takes it (`slow(speedup=2)`, `slow()`, `fast()`; at 3x and 4x `budget(passes=K, predictor="linear")`): '
+    "a user takes it (`slow(speedup=2)`, `slow()`, `fast()`; at 3x `fast(passes=16)`, at 4x, which no preset "
+    'reaches, `budget(passes=12, predictor="linear")`): '
     "the searched schedule where it won its held-out check, else the spaced rule (placed on the run's times, "
     "`time_spacing` 0.5, as an uncalibrated run computes it). PSNR (dB) against full computation "
     "on bench/quality.py's evaluation inputs (seeds 1000.., 16 samples, wan-digits 10; not seen by the "
