@@ -111,6 +111,9 @@ def test_numpy_scalars_and_ints_for_floats_are_accepted():
     # every field alike, the budget's and the schedule's too (one check per field)
     assert TCPadeConfig.budget(passes=np.int64(8)).plan(20) == TCPadeConfig.budget(passes=8).plan(20)
     assert TCPadeConfig.budget(speedup=np.float32(2.5)).plan(20) == TCPadeConfig.budget(speedup=2.5).plan(20)
+    times = [1000.0 * (1 - k / 20) * 3 / (1 + 2 * (1 - k / 20)) for k in range(20)]  # shift 3
+    assert TCPadeConfig.budget(passes=8, time_spacing=np.float32(0.5)).plan(20, times) == TCPadeConfig.budget(
+        passes=8, time_spacing=0.5).plan(20, times)  # fmt: skip
     assert TCPadeConfig(schedule=[0, 1, 5], schedule_steps=np.int64(8)).plan(8) == (0, 1, 5)
     # The presets pass their own check.
     for preset in (TCPadeConfig.paper, TCPadeConfig.slow, TCPadeConfig.fast, TCPadeConfig.adaptive):

@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -155,9 +156,10 @@ def time_axis_weights(times, total: int, time_weight: float) -> Optional[Tuple[f
     """w(0..T-1) of ``spaced`` (0 .. 1, strictly increasing), or None where it is the step index
     itself (no ``times``, ``time_weight`` 0, or times evenly spaced in k to 1e-6). ``times`` of
     another length than ``total``, not finite or not strictly monotonic: ValueError."""
-    if not (isinstance(time_weight, (int, float)) and not isinstance(time_weight, bool)
+    if not (isinstance(time_weight, numbers.Real) and not isinstance(time_weight, bool)
             and math.isfinite(time_weight) and 0.0 <= time_weight <= 1.0):  # fmt: skip
         raise ValueError(f"time_weight must be a number in [0, 1], got {time_weight!r}")
+    time_weight = float(time_weight)
     if times is None or time_weight == 0.0 or total < 3:
         return None
     t = [float(x) for x in times]
@@ -203,9 +205,10 @@ def _spaced(total, passes, lead, end, warmup, weights) -> Tuple[int, ...]:
 def cap_runs(steps: Sequence[int], max_run: int) -> Tuple[int, ...]:
     """``steps`` with every run of predicted steps between two computed ones cut to ``max_run``:
     from the start, a computed step further than ``max_run + 1`` after the previous one moves back
-    to ``previous + max_run + 1`` (the count, the first and the last step stay; nothing moves later).
-    The spaced rule on the run's times (its steps crowd toward the end) under a budget's
-    ``budget_max_run``."""
+    to ``previous + max_run + 1`` (the count and the first step stay; nothing moves later). The
+    spaced rule on the run's times (its steps crowd toward the end) under a budget's
+    ``budget_max_run``, whose pass count is already enough for the rule on the step index to keep
+    the run: its last step then stays too (tests/test_schedule.py checks the presets)."""
     out = [int(steps[0])]
     for x in steps[1:]:
         out.append(max(out[-1] + 1, min(int(x), out[-1] + max_run + 1)))
