@@ -1,7 +1,8 @@
 """CFG branches on schedules of their own, the unconditional residual predicted from the guidance
 difference (a measurement study outside the library).
 
-A subclass of bench/research/predictor_2p5x/emu.py's Emulator (whole-stack skipping; branch 0 = cond,
+A subclass of bench/research/predictor_2p5x/emu.py's Emulator (its block wrapping; this changes
+what a computed call stores and what a skipped one returns; whole-stack skipping; branch 0 = cond,
 branch 1 = uncond, called in that order at each step). ``run(seeds, labels, T, sc, su, mode)``:
 
 * the cond branch computes the steps ``sc``; on the others its residual is extrapolated linearly in
@@ -25,16 +26,6 @@ from typing import Dict, Sequence
 import emu  # bench/research/predictor_2p5x
 
 
-def lin(hist, k):
-    """hist: [(k_i, [tensors])] newest first -> [tensors] at k (reuse with one entry)."""
-    k1, r1 = hist[0]
-    if len(hist) < 2:
-        return [r.clone() for r in r1]
-    k2, r2 = hist[1]
-    a = (k - k1) / (k1 - k2)
-    return [x + (x - y) * a for x, y in zip(r1, r2)]
-
-
 def dlin(hist, k, beta):
     """The newest D extrapolated with its slope scaled by beta (0: reuse, 1: linear)."""
     k1, r1 = hist[0]
@@ -52,70 +43,47 @@ class CfgEmulator(emu.Emulator):
             self.skip = self.k not in (self.sc if self.branch == 0 else self.su)
         return None
 
-    def _wrap(self, i, block, orig, reader):
-        spec = self.specs[i]
-        em = self
+    def computed(self, res, xs) -> None:
+        self.own.setdefault(self.branch, []).insert(0, (self.k, res))
+        del self.own[self.branch][3:]
+        if self.branch == 0:
+            self.rc = (self.k, res)
+            return
+        assert self.rc[0] == self.k
+        d = [a - b for a, b in zip(self.rc[1], res)]
+        if self.dh:  # what each damping would have predicted for this D (the "dauto" choice)
+            for beta in self.betas:
+                pr = dlin(self.dh, self.k, beta)
+                self.derr[beta] = self.derr.get(beta, 0.0) + sum(float((x - y).pow(2).sum()) for x, y in zip(pr, d))
+        self.dh.insert(0, (self.k, d))
+        del self.dh[3:]
 
-        def forward(*args, **kwargs):
-            if not em.active:
-                return orig(*args, **kwargs)
-            bound = reader.bind(args, kwargs)
-            h = bound[spec.hidden_arg]
-            e = bound.get(spec.encoder_arg) if spec.encoder_arg else None
-            if not em.skip:
-                if i == 0:
-                    em._in = (h, e)
-                out = orig(*args, **kwargs)
-                if i == em.n - 1:
-                    h0, e0 = em._in
-                    res = [spec.stream_of(block, out).float() - h0.float()]
-                    if e0 is not None:
-                        res.append(out[spec.encoder_index].float() - e0.float())
-                    em.own.setdefault(em.branch, []).insert(0, (em.k, res))
-                    del em.own[em.branch][3:]
-                    if em.branch == 0:
-                        em.rc = (em.k, res)
-                    else:
-                        assert em.rc[0] == em.k
-                        d = [a - b for a, b in zip(em.rc[1], res)]
-                        if em.dh:  # what each damping would have predicted for this D (the "dauto" choice)
-                            for beta in em.betas:
-                                pr = dlin(em.dh, em.k, beta)
-                                em.derr[beta] = em.derr.get(beta, 0.0) + sum(float((x - y).pow(2).sum()) for x, y in zip(pr, d))
-                        em.dh.insert(0, (em.k, d))
-                        del em.dh[3:]
-                return out
-            if i == 0:
-                if em.branch == 0:
-                    r = lin(em.own[0], em.k)
-                    em.rc = (em.k, r)
+    def skipped(self, x):
+        if self.branch == 0:
+            r = dlin(self.own[0], self.k, 1.0)
+            self.rc = (self.k, r)
+        else:
+            m = self.mode
+            if m == "mix":
+                m = "dreuse" if self.k in self.sc else "own"
+            if m == "own":
+                r = dlin(self.own[1], self.k, 1.0)
+            else:
+                if m == "dreuse":
+                    d = self.dh[0][1]
+                elif m == "dlin":
+                    d = dlin(self.dh, self.k, 1.0)
+                elif m.startswith("dbeta:"):
+                    d = dlin(self.dh, self.k, float(m.split(":")[1]))
+                elif m == "dauto":
+                    beta = min(self.betas, key=lambda b: (self.derr.get(b, 0.0), b)) if self.derr else self.betas[0]
+                    self.chosen.append(beta)
+                    d = dlin(self.dh, self.k, beta)
                 else:
-                    m = em.mode
-                    if m == "mix":
-                        m = "dreuse" if em.k in em.sc else "own"
-                    if m == "own":
-                        r = lin(em.own[1], em.k)
-                    else:
-                        if m == "dreuse":
-                            d = em.dh[0][1]
-                        elif m == "dlin":
-                            d = lin(em.dh, em.k)
-                        elif m.startswith("dbeta:"):
-                            d = dlin(em.dh, em.k, float(m.split(":")[1]))
-                        elif m == "dauto":
-                            beta = min(em.betas, key=lambda b: (em.derr.get(b, 0.0), b)) if em.derr else em.betas[0]
-                            em.chosen.append(beta)
-                            d = dlin(em.dh, em.k, beta)
-                        else:
-                            raise ValueError(m)
-                        assert em.rc[0] == em.k
-                        r = [a - b for a, b in zip(em.rc[1], d)]
-                h = (h.float() + r[0]).to(h.dtype)
-                if e is not None:
-                    e = (e.float() + r[1]).to(e.dtype)
-            return spec.assemble(block, e, h)
-
-        return forward
+                    raise ValueError(m)
+                assert self.rc[0] == self.k
+                r = [a - b for a, b in zip(self.rc[1], d)]
+        return [xi + ri for xi, ri in zip(x, r)]
 
     def run(self, seeds, labels, steps: int, sc: Sequence[int], su: Sequence[int], mode: str):
         if not set(su) <= set(sc):

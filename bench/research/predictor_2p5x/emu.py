@@ -6,7 +6,8 @@ mod 2 is the branch; each branch has its own history and predictor state). On a 
 stack input x (image stream, and FLUX's text stream) and the residual R = h_out - h_in are stored
 (newest first, KEEP kept) and the predictor's ``observe`` is called first (so it can compare what it
 would have predicted with the truth); on a skipped step block 0 returns ``pred.predict(...)`` (the
-predicted h_out, per stream) and the other blocks pass through.
+predicted h_out, per stream) and the other blocks pass through. A subclass changes only
+``computed(res, xs)`` and ``skipped(x)`` (bench/research/cfg_delta/cfgemu.py).
 hist entries: (k, t, [R per stream], [x per stream]) in float32.
 Diagnostic: ``run(..., exact=steps)`` computes those skipped steps exactly without storing them.
 """
@@ -37,33 +38,41 @@ class Emulator(emulate.Emulator):
                 if i == 0:
                     emu._in = (h, e)
                 out = orig(*args, **kwargs)
-                if i == emu.n - 1 and emu.k not in emu.nostore:
+                if i == emu.n - 1:
                     h0, e0 = emu._in
-                    ho = spec.stream_of(block, out)
-                    res = [ho.float() - h0.float()]
+                    res = [spec.stream_of(block, out).float() - h0.float()]
                     xs = [h0.float()]
                     if e0 is not None:
                         res.append(out[spec.encoder_index].float() - e0.float())
                         xs.append(e0.float())
-                    hist = emu.hist.setdefault(emu.branch, [])
-                    st = emu.state.setdefault(emu.branch, {})
-                    if hist:
-                        emu.pred.observe(hist, emu.k, emu.time, xs, res, st)
-                    hist.insert(0, (emu.k, emu.time, res, xs))
-                    del hist[KEEP:]
+                    emu.computed(res, xs)
                 return out
             if i == 0:
-                hist = emu.hist.get(emu.branch)
-                if not hist:
-                    raise RuntimeError(f"step {emu.k} skipped with no stored residual")
-                x = [h.float()] + ([e.float()] if e is not None else [])
-                outs = emu.pred.predict(hist, emu.k, emu.time, x, emu.state.setdefault(emu.branch, {}))
+                outs = emu.skipped([h.float()] + ([e.float()] if e is not None else []))
                 h = outs[0].to(h.dtype)
                 if e is not None:
                     e = outs[1].to(e.dtype)
             return spec.assemble(block, e, h)
 
         return forward
+
+    # what a subclass changes: a computed call's residuals R and inputs x (per stream), and a skipped
+    # call's outputs from its inputs x
+    def computed(self, res, xs) -> None:
+        if self.k in self.nostore:
+            return
+        hist = self.hist.setdefault(self.branch, [])
+        st = self.state.setdefault(self.branch, {})
+        if hist:
+            self.pred.observe(hist, self.k, self.time, xs, res, st)
+        hist.insert(0, (self.k, self.time, res, xs))
+        del hist[KEEP:]
+
+    def skipped(self, x):
+        hist = self.hist.get(self.branch)
+        if not hist:
+            raise RuntimeError(f"step {self.k} skipped with no stored residual")
+        return self.pred.predict(hist, self.k, self.time, x, self.state.setdefault(self.branch, {}))
 
     def run(self, seeds, labels, steps: int, schedule: Sequence[int], pred, exact: Sequence[int] = ()):
         """``exact``: steps that are computed but not stored (a diagnostic: the truth at those
