@@ -489,15 +489,13 @@ def _spaced_plan(predictor: str, passes: int, steps: int, overrides: dict, times
     from ..policy import schedules as S
     from ..policy.config import TCPadeConfig
 
-    cfg = TCPadeConfig.budget(passes=passes, use_calibrated=False, predictor=predictor, **overrides)
-    plan = tuple(cfg.plan(steps, times))
-    lead = MIN_HISTORY[predictor]
-    if (times is not None and S.time_axis_weights(times, steps, cfg.time_spacing) is not None
-            and passes >= S.min_passes(steps, S.PRESET_MAX_RUN, lead)):  # fmt: skip
-        # placed on the times, as slow() / fast() run it at a pass count they use: at most
-        # PRESET_MAX_RUN steps predicted in a row
-        plan = S.cap_runs(plan, S.PRESET_MAX_RUN)
-    return plan
+    fields = dict(passes=passes, use_calibrated=False, predictor=predictor)
+    if passes >= S.min_passes(steps, S.PRESET_MAX_RUN, MIN_HISTORY[predictor]):
+        # a pass count slow() / fast() use: their guard, which cuts the placement on the times to at
+        # most PRESET_MAX_RUN predicted steps in a row (and leaves this count as it is)
+        fields["budget_max_run"] = S.PRESET_MAX_RUN
+    cfg = TCPadeConfig.budget(**{**fields, **overrides})
+    return tuple(cfg.plan(steps, times))
 
 
 def validate(target, calibration: Calibration, inputs: Sequence, *, noise_scheduler=None,
