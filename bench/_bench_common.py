@@ -577,6 +577,14 @@ def markdown(rows: List[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def zoo_times(model, steps: int) -> list:
+    """The timesteps of a ``steps``-step run of zoo model ``model`` (its noise scheduler's): the axis
+    tcpade.sample's runtime places the spaced rule on (``TCPadeConfig.time_spacing``)."""
+    noise = model.noise_scheduler()
+    noise.set_timesteps(steps)
+    return [float(t) for t in noise.timesteps]
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout

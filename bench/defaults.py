@@ -32,7 +32,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_common import cpu_name
+from _bench_common import cpu_name, zoo_times
 from peers import levels
 from quality import eval_set
 
@@ -105,9 +105,7 @@ def run(models, steps_list, log, only=None) -> list:
         for steps in steps_list:
             t0 = time.perf_counter()
             ref = model.sample(seeds, labels, steps=steps)
-            noise = model.noise_scheduler()
-            noise.set_timesteps(steps)
-            times = [float(t) for t in noise.timesteps]  # what tcpade.sample's runtime places the rule on
+            times = zoo_times(model, steps)  # what tcpade.sample's runtime places the rule on
             for level, tag in levels(steps):
                 k = passes_at(steps, level)
                 for rule, (pred, lead, weight) in rules.items():

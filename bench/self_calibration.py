@@ -32,7 +32,7 @@ import sys
 import time
 
 import torch
-from _bench_common import cpu_name  # noqa: E402
+from _bench_common import cpu_name, zoo_times  # noqa: E402
 from defaults import best_peers, passes_at  # noqa: E402
 from peers import levels  # noqa: E402
 from quality import eval_set  # noqa: E402
@@ -105,9 +105,7 @@ def _one(w, f, m, name, T, seeds, labels, n_inputs, peers):
     print(f"{name} T={T}: calibrated in {time.perf_counter() - t0:.0f} s ({cal.runs} runs, {cal.calls} calls)",
           flush=True)  # fmt: skip
     ref = m.sample(seeds, labels, steps=T)
-    noise = m.noise_scheduler()
-    noise.set_timesteps(T)
-    times = [float(t) for t in noise.timesteps]  # the run's times, which the spaced rule is placed on
+    times = zoo_times(m, T)  # the run's times, which the spaced rule is placed on
     for level, tag in lv:
         k = passes_at(T, level)
         label, make = config_at(tag, k, T)

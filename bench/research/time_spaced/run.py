@@ -11,6 +11,7 @@ import csv, os, sys, time
 import torch
 
 torch.set_num_threads(1)
+from _bench_common import zoo_times  # noqa: E402
 from quality import eval_set  # noqa: E402
 from defaults import passes_at, best_peers  # noqa: E402
 from tcpade import zoo  # noqa: E402
@@ -64,9 +65,7 @@ if __name__ == "__main__":
         s, l = eval_set(name, False, 16)
         for T in Ts:
             ref = mdl.sample(s, l, steps=T)
-            sch = mdl.noise_scheduler()
-            sch.set_timesteps(T)
-            times = [float(t) for t in sch.timesteps]
+            times = zoo_times(mdl, T)
             for lv in lvls:
                 level = LV[lv]
                 K = passes_at(T, level)
