@@ -701,15 +701,22 @@ def _summary_predictors(out_dir):
     return lines, met, total
 
 
+def _csv_rows(out_dir, name):
+    """The rows of ``name`` in ``out_dir`` (dicts of strings), or None where there is no such file."""
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def _summary_defaults(out_dir):
     """The leave-one-model-out section of bench/defaults.py's report (defaults.csv), or nothing."""
-    path = os.path.join(out_dir, "defaults.csv")
-    if not os.path.exists(path):
+    rows = _csv_rows(out_dir, "defaults.csv")
+    if rows is None:
         return []
     import defaults
 
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
     report = defaults.analyse(rows, defaults.best_peers(sorted({r["model"] for r in rows}), out_dir))
     start = report.index("## Leave one model out")
     end = next(i for i, x in enumerate(report) if x.startswith("## The best peer"))
@@ -723,13 +730,11 @@ def _summary_defaults(out_dir):
 
 def _summary_self_calibration(out_dir):
     """The margin table of bench/self_calibration.py's report (self_calibration.csv), or nothing."""
-    path = os.path.join(out_dir, "self_calibration.csv")
-    if not os.path.exists(path):
+    rows = _csv_rows(out_dir, "self_calibration.csv")
+    if rows is None:
         return []
     import self_calibration as SC
 
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
     table, met, total, gains = SC.margin_lines(rows)
     return ["", f"## A model nobody calibrated, calibrated by its user (goal: >= {GOAL_DB:g} dB)", "",
             SC.INTRO + " Cell: margin over the best peer in dB (**bold: a miss**). Details and every schedule: "
