@@ -17,7 +17,6 @@ scheduler contradicts) are given once per clock, at the user's line.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import threading
@@ -25,6 +24,8 @@ import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from .schedules import times_problem
 
 _PACKAGE = __package__.split(".")[0]  # warnings point past every frame of tcpade
 
@@ -111,10 +112,7 @@ class StepClock:
         if times is None:
             return None
         times = tuple(float(x) for x in times)
-        d = [b - a for a, b in zip(times, times[1:])]
-        ok = len(times) == total and all(math.isfinite(x) for x in times) and (
-            all(x < 0 for x in d) or all(x > 0 for x in d))  # fmt: skip
-        return times if ok else None
+        return None if times_problem(times, total) else times
 
     @contextlib.contextmanager
     def clocked(self, clock: Callable[[], Optional[float]]):

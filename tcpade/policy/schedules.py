@@ -163,16 +163,25 @@ def time_axis_weights(times, total: int, time_weight: float) -> Optional[Tuple[f
     if times is None or time_weight == 0.0 or total < 3:
         return None
     t = [float(x) for x in times]
-    if len(t) != total:
-        raise ValueError(f"times must have one entry per step ({total}), got {len(t)}")
-    d = [b - a for a, b in zip(t, t[1:])]
-    if not all(math.isfinite(x) for x in t) or not (all(x < 0 for x in d) or all(x > 0 for x in d)):
-        raise ValueError(f"times must be finite and strictly monotonic, got {t!r}")
+    problem = times_problem(t, total)
+    if problem:
+        raise ValueError(problem)
     span = t[0] - t[-1]
     w = [(1.0 - time_weight) * k / (total - 1) + time_weight * (t[0] - t[k]) / span for k in range(total)]
     if all(abs(w[k] - k / (total - 1)) < 1e-6 for k in range(total)):  # (float32 timesteps: ~5e-8 off)
         return None
     return tuple(w)
+
+
+def times_problem(times: Sequence[float], total: int) -> Optional[str]:
+    """What is wrong with ``times`` as a run's time per step for ``spaced`` (one per step, finite,
+    strictly monotonic), or None."""
+    if len(times) != total:
+        return f"times must have one entry per step ({total}), got {len(times)}"
+    d = [b - a for a, b in zip(times, times[1:])]
+    if not all(math.isfinite(x) for x in times) or not (all(x < 0 for x in d) or all(x > 0 for x in d)):
+        return f"times must be finite and strictly monotonic, got {list(times)!r}"
+    return None
 
 
 @functools.lru_cache(maxsize=256)
