@@ -55,7 +55,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_common import cpu_name
+from _bench_common import cpu_name, zoo_times
 from quality import eval_set
 
 import tcpade
@@ -257,14 +257,15 @@ def rules(names, steps_list, log, path):
 
 
 def _page_header(out):
-    """(command, commit) recorded in an existing calibration_validation.md's header, or None."""
+    """What an existing calibration_validation.md's header says after "tcpade at commit " (the
+    validation run's commit and command, with any note on them), to the end of that line; or None."""
     import re
 
     path = os.path.join(out, "calibration_validation.md")
     if not os.path.exists(path):
         return None
-    m = re.search(r"tcpade at commit (\S+)\. Command: `([^`]*)`", open(path).read())
-    return (m.group(2), m.group(1)) if m else None
+    m = re.search(r"tcpade at commit (.+)$", open(path).read(), re.M)
+    return m.group(1) if m else None
 
 
 def read_validation(path):
@@ -679,8 +680,8 @@ def write_validation(rows, meta, out):
     same = [r for r in lost if r["schedule"] == r["spaced_schedule"]]
     lines = ["# Held-out validation of the shipped calibrations", "",
              f"Machine: {os.cpu_count()}-core VM ({meta['machine']}, shared with other jobs), torch {meta['torch']}, "
-             f"{meta['threads']} thread(s); {meta['date']}; tcpade at commit {meta['commit']}. "
-             f"Command: `{meta['command']}`.", "",
+             f"{meta['threads']} thread(s); {meta['date']}; tcpade at commit "
+             + (meta.get("header") or f"{meta['commit']}. Command: `{meta['command']}`."), "",
              f"Every entry of `tcpade/zoo/schedules.json` and every pass count in it: the calibrated schedule and the "
              f"spaced rule's schedule (`TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T, times)`: on the "
              f"run's times, as the runtime places it) with the "
@@ -733,9 +734,7 @@ def write_validation(rows, meta, out):
 
 def axis(model, T):
     """The zoo scheduler's timesteps of a T-step run (sigma x 1000 for flow matching, DDIM's timesteps)."""
-    sched = model.noise_scheduler()
-    sched.set_timesteps(T)
-    return [float(t) for t in sched.timesteps]
+    return zoo_times(model, T)
 
 
 def carry_runs(names, targets, n, log, source_T=20, predictor="rational"):
@@ -774,7 +773,7 @@ def carry_runs(names, targets, n, log, source_T=20, predictor="rational"):
                                        passes=K, lead=schedules.K.MIN_HISTORY[predictor])  # fmt: skip
                 end = schedules.carry(src.schedules[k0], axis(model, source_T), axis(model, T), passes=K,
                                       lead=schedules.K.MIN_HISTORY[predictor], keep_end=True)  # fmt: skip
-                spaced = _spaced_plan(predictor, K, T, {})
+                spaced = _spaced_plan(predictor, K, T, {}, axis(model, T))  # placed on the run's times, as it runs
                 c_db, s_db, p_db, f_db = score(carried), score(spaced), score(per_t.schedules[K]), score(frac)
                 e_db = score(end)
                 row = dict(kind="carried", model=name, predictor=predictor, steps=T, passes=K, calibrated_db=c_db,
@@ -809,7 +808,8 @@ def carry_section(rows, meta):
              "the source places them on the scheduler's time axis, at the T' step whose timestep is nearest; the "
              "source's pass count is the 20-step one nearest to K * 20 / T', and the carried schedule follows its "
              "density to K passes), on the same held-out inputs as above, against the shipped calibration at T' "
-             "(its searched schedule, validated or not) and the spaced rule. `run fraction`: the same carry on each "
+             "(its searched schedule, validated or not) and the spaced rule (placed on the run's times, as the presets "
+             "run it). `run fraction`: the same carry on each "
              "step's fraction of the run instead of the scheduler's times (what a plan can use before the run, "
              "without the scheduler). `end kept`: the scheduler's times, and as many final steps left predicted as "
              "the source leaves (`keep_end=True`). PSNR (dB) against full computation.", "",
@@ -923,9 +923,7 @@ def main(argv=None):
         if args.spaced_ship:
             meta["spaced_command"] = meta["carry_command"]
         if not args.validate_shipped:  # the page's header keeps the validation run's command and commit
-            old = _page_header(args.out)
-            if old:
-                meta["command"], meta["commit"] = old
+            meta["header"] = _page_header(args.out)
         write_validation(keep + rows, meta, args.out)
         print(f"wrote {os.path.join(args.out, 'calibration_validation.md')}", flush=True)
         return
