@@ -45,6 +45,21 @@ def test_presets_skip_the_expected_share(preset, T, computed):
     assert all(math.isfinite(e) for e in errors["default"])
 
 
+@pytest.mark.parametrize("preset", ["slow", "fast"])
+def test_presets_take_a_pass_count_instead_of_their_speedup(preset):
+    """``fast(passes=16)`` is the preset at 16 passes (its speedup dropped, not "exactly one of"
+    refused), with the presets' guard: at 50 steps 12 passes would predict 4 in a row, so 13 run."""
+    make = getattr(TCPadeConfig, preset)
+    cfg = make(passes=16)
+    assert (cfg.passes, cfg.speedup) == (16, None)
+    assert cfg.budget_max_run == make().budget_max_run == 3 and cfg.predictor == make().predictor
+    assert run(cfg, 50)[1]["default"] == 16
+    assert make(passes=12).budget_passes(50) == 13
+    assert make(passes=None) == make()  # passes=None: the preset's own speedup
+    with pytest.raises(ValueError, match="exactly one of passes=K or speedup=S"):
+        make(passes=16, speedup=3.0)
+
+
 def test_operating_points_at_20_steps():
     assert 20 / run(TCPadeConfig.slow(), 20)[1]["default"] == pytest.approx(2.5)
     assert 20 / run(TCPadeConfig.fast(), 20)[1]["default"] == pytest.approx(2.86, abs=0.01)

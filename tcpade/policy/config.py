@@ -368,11 +368,9 @@ class TCPadeConfig:
         the calibrated 8-of-20 schedule gave 3-12 dB more with one pass fewer
         (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4, interval=4,
         final_steps=1, tsi_threshold=1.0)`` is the old rule. ``slow(speedup=2)`` is the same
-        budget at another level (10 of 20: the benchmark's 2x point)."""
-        base = dict(speedup=2.5, budget_max_run=S.PRESET_MAX_RUN, predictor=S.SPACED_PREDICTOR,
-                    calibrated_predictor="predictor" not in overrides)  # fmt: skip
-        base.update(overrides)
-        return cls.budget(**base)
+        budget at another level (10 of 20: the benchmark's 2x point); ``slow(passes=K)`` computes K
+        per branch at every step count (more where K would predict more than 3 steps in a row)."""
+        return cls._preset_budget(2.5, overrides)
 
     @classmethod
     def fast(cls, **overrides) -> "TCPadeConfig":
@@ -384,9 +382,18 @@ class TCPadeConfig:
         computes the same 7 of 20 as warm-up 2, every 6th and the last step
         (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5, final_steps=1,
         tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
-        every 4th step (``interval=4, max_skips=3, final_steps=0``)."""
-        base = dict(speedup=3.0, budget_max_run=S.PRESET_MAX_RUN, predictor=S.SPACED_PREDICTOR,
+        every 4th step (``interval=4, max_skips=3, final_steps=0``). ``fast(speedup=S)`` or
+        ``fast(passes=K)`` is the same preset at another level."""
+        return cls._preset_budget(3.0, overrides)
+
+    @classmethod
+    def _preset_budget(cls, speedup: float, overrides: dict) -> "TCPadeConfig":
+        """``slow()`` / ``fast()``: the budget at ``speedup`` with the presets' guard and predictor;
+        ``passes=K`` in ``overrides`` replaces the speedup (a budget takes one of the two)."""
+        base = dict(speedup=speedup, budget_max_run=S.PRESET_MAX_RUN, predictor=S.SPACED_PREDICTOR,
                     calibrated_predictor="predictor" not in overrides)  # fmt: skip
+        if overrides.get("passes") is not None and "speedup" not in overrides:
+            del base["speedup"]
         base.update(overrides)
         return cls.budget(**base)
 
