@@ -201,6 +201,34 @@ def test_shape_change_mid_run_starts_a_new_run_at_that_call():
     assert rt.branches["default"].history.ring.shape[1:] == (2, 9, 40)
 
 
+def test_the_run_a_shape_change_starts_follows_the_budgets_plan():
+    """The new run that a shape change mid-run starts is planned like any other: a budget computes
+    its plan's steps there too (its step 0 is the call where the shape changed), not the policy's."""
+    cfg = TCPadeConfig.budget(passes=8, predictor="linear")
+    rt = Runtime(cfg)
+    rt.set_steps(20)
+    small, big = _truth(0), _truth(1, (2, 9, 40))
+    sig = flow_sigmas(20)
+    for k in range(6):
+        h, r = small(sig[k])
+        p = rt.decide("default", sig[k])
+        rt.finish("default", *((h, h + r) if p is None or p(h) is None else (None, None)))
+    plan = cfg.plan(20)
+    assert 6 not in plan  # the shape changes on a planned skip, so the history cannot predict it
+    # a whole run of 20 steps at the new shape, its step 0 at the change; its times go on falling
+    # (time going back up would start a new run by itself)
+    later = [sig[6] * (1 - k / 20) for k in range(20)]
+    for k in range(20):
+        h, r = big(later[k])
+        p = rt.decide("default", later[k])
+        rt.finish("default", *((h, h + r) if p is None or p(h) is None else (None, None)))
+    rec = rt.records("default")
+    assert [r.k for r in rec] == list(range(20))
+    assert tuple(r.k for r in rec if r.computed) == plan
+    assert {r.reason for r in rec if r.computed} == {"schedule"}  # step 0 too, as in any planned run
+    assert rt.branches["default"].run.planned
+
+
 def test_unknown_step_count_computes_everything_with_a_warning():
     rt = Runtime(rule_fast())
     step = _truth(0)

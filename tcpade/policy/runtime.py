@@ -223,12 +223,7 @@ class Runtime:
                                  "the run's length (tcpade.apply(..., num_steps=) or runtime.set_steps)")  # fmt: skip
             return self._compute(b, t, "beyond-steps", "late")
         if run.k == 0:
-            run.times = self.steps.run_times(total)
-            plan = self.resolved.plan(total, run.times)
-            run.planned, run.plan = plan is not None, frozenset(plan or ())
-            run.fixed_rule = plan is not None and self.resolved.plan_source(total, run.times) == "fixed rule"
-            run.predictor = self.resolved.predictor_for(total, run.times)
-            run.total = total if declared else None  # only a declared num_steps can be wrong about a run
+            self._settle(run, total, declared)
         stage = K.stage_of(run.k, total, c.early_frac, c.late_frac)
         reason = force if force is not None else self._reason(b, total)
         if reason is not None:
@@ -240,6 +235,16 @@ class Runtime:
         b.pending = Call(run.k, t, None, stage, b.history, variant, coef, c.store_predictions,
                          zero_input=self.zero_input)  # fmt: skip
         return b.pending
+
+    def _settle(self, run, total: int, declared: bool) -> None:
+        """What a run fixes at its step 0: the run's times, its plan (None: decided call by call),
+        where the plan comes from, the predictor, and the step count it was declared for."""
+        run.times = self.steps.run_times(total)
+        plan = self.resolved.plan(total, run.times)
+        run.planned, run.plan = plan is not None, frozenset(plan or ())
+        run.fixed_rule = plan is not None and self.resolved.plan_source(total, run.times) == "fixed rule"
+        run.predictor = self.resolved.predictor_for(total, run.times)
+        run.total = total if declared else None  # only a declared num_steps can be wrong about a run
 
     def finish(self, branch: str, h_in: Optional[torch.Tensor], h_out: Optional[torch.Tensor]) -> None:
         """After the forward: ``h_in`` and ``h_out`` of a computed call (store R = h_out - h_in;
@@ -265,10 +270,16 @@ class Runtime:
         if p.reason is None or (b.run.k > 0 and not b.history.matches(h_out if h_in is None else h_in)):
             log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
             b.new_run()
-            total, c = self.total_steps(), self.config
-            b.run.times = self.steps.run_times(total) if total else None
-            b.run.predictor = self.resolved.predictor_for(total, b.run.times) if total else None
-            p = Call(0, p.t, self.resolved.rule.forced(0, total) if total else "steps-unknown",
+            (total, declared), c = self.steps.total(), self.config
+            if total:  # the new run is settled like any run at its step 0: this call
+                self._settle(b.run, total, declared)
+            if not total:
+                reason = "steps-unknown"
+            elif b.run.planned and not b.run.fixed_rule and 0 in b.run.plan:
+                reason = "schedule"  # as decide() says of a planned run's step 0
+            else:
+                reason = self.resolved.rule.forced(0, total)
+            p = Call(0, p.t, reason,
                      K.stage_of(0, total, c.early_frac, c.late_frac) if total else "middle", b.history,
                      self._predictor(b)[0])  # fmt: skip
         x = None if self.zero_input else h_in  # what the history is fed as the input
