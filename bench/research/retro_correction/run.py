@@ -22,7 +22,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from quality import PRESETS, eval_set  # noqa: E402
 
 from tcpade import zoo  # noqa: E402

@@ -28,7 +28,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from quality import PRESETS, eval_set  # noqa: E402
 
 from tcpade import zoo  # noqa: E402
