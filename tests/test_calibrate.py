@@ -576,8 +576,9 @@ def test_the_spaced_rule_is_placed_on_the_pipelines_times_in_runs_and_checks(reg
 def test_the_checks_spaced_rule_is_what_the_presets_run():
     """The held-out check compares a calibrated schedule with what slow() / fast() would run in its
     place: on the run's times, at a pass count the presets use, with no more than 3 steps predicted
-    in a row (fast's 3 of 10 at shift 3: 0 4 8, not 0 5 8); at a pass count they never use (below
-    what keeps 3 in a row) the plain budget's placement; without times, the rule on the step index."""
+    in a row (fast's 3 of 10 at shift 3: 0 4 8, not 0 5 8); at a pass count too few to keep 3 in a
+    row, what fast(passes=K) runs: the placement cut to the fewest in a row K keeps (12 of 50: 4,
+    where the plain budget's placement predicts 5); without times, the rule on the step index."""
     from tcpade.tools.calibrate import _spaced_plan
 
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -589,6 +590,9 @@ def test_the_checks_spaced_rule_is_what_the_presets_run():
 
     assert _spaced_plan("linear", 3, 10, {}, times(10)) == (0, 4, 8) == TCPadeConfig.fast().plan(10, times(10))
     assert TCPadeConfig.budget(passes=3, predictor="linear").plan(10, times(10)) == (0, 5, 8)
-    plain = TCPadeConfig.budget(passes=4, predictor="linear").plan(50, times(50))
-    assert schedules.longest_skip_run(plain, 50) > 3 and _spaced_plan("linear", 4, 50, {}, times(50)) == plain
+    plain = TCPadeConfig.budget(passes=12, predictor="linear").plan(50, times(50))
+    check = _spaced_plan("linear", 12, 50, {}, times(50))
+    assert check == TCPadeConfig.fast(passes=12).plan(50, times(50)) and len(check) == 12
+    assert schedules.longest_skip_run(plain, 50) == 5 and schedules.longest_skip_run(check, 50) == 4
+    assert schedules.run_cap(50, 12, 3) == 4 and schedules.run_cap(50, 13, 3) == 3
     assert _spaced_plan("linear", 3, 10, {}, None) == schedules.spaced(10, 3)

@@ -48,13 +48,14 @@ def test_presets_skip_the_expected_share(preset, T, computed):
 @pytest.mark.parametrize("preset", ["slow", "fast"])
 def test_presets_take_a_pass_count_instead_of_their_speedup(preset):
     """``fast(passes=16)`` is the preset at 16 passes (its speedup dropped, not "exactly one of"
-    refused), with the presets' guard: at 50 steps 12 passes would predict 4 in a row, so 13 run."""
+    refused), with the presets' guard; an explicit count is kept even where it cannot keep 3 steps
+    in a row (12 of 50: 4 at most)."""
     make = getattr(TCPadeConfig, preset)
     cfg = make(passes=16)
     assert (cfg.passes, cfg.speedup) == (16, None)
     assert cfg.budget_max_run == make().budget_max_run == 3 and cfg.predictor == make().predictor
     assert run(cfg, 50)[1]["default"] == 16
-    assert make(passes=12).budget_passes(50) == 13
+    assert make(passes=12).budget_passes(50) == 12 and make(speedup=4.2).budget_passes(50) == 13
     assert make(passes=None) == make()  # passes=None: the preset's own speedup
     with pytest.raises(ValueError, match="exactly one of passes=K or speedup=S"):
         make(passes=16, speedup=3.0)

@@ -127,7 +127,11 @@ def test_policy_configs_have_no_plan():
         for cfg in (TCPadeConfig.slow(), TCPadeConfig.fast()):
             assert schedules.longest_skip_run(cfg.plan(T), T) <= 3, (T, cfg.plan(T))
     assert TCPadeConfig.budget(passes=2).plan(10) == (0, 8)  # a budget without the guard is exact
-    assert TCPadeConfig.budget(passes=2, budget_max_run=3).plan(10) == (0, 4, 8)
+    # the guard raises a count that comes from the speedup (2 of 10 at 4.5x: 3, not 2) ...
+    assert TCPadeConfig.budget(speedup=4.5).plan(10) == (0, 8)
+    assert TCPadeConfig.budget(speedup=4.5, budget_max_run=3).plan(10) == (0, 4, 8)
+    # ... and keeps an explicit one
+    assert TCPadeConfig.budget(passes=2, budget_max_run=3).plan(10) == (0, 8)
     # the paper's predictor needs two residuals: steps 0 and 1 first
     assert TCPadeConfig.budget(passes=3, predictor="paper", store_predictions=True).plan(10) == (0, 1, 8)
 
@@ -458,6 +462,24 @@ def test_runtime_places_the_spaced_rule_on_the_clocks_times(times, kind, placed)
     assert done == list(expect)
     assert (tuple(done) != cfg.plan(20)) == placed
     assert cfg.plan(20, times if placed else None) == tuple(done)
+
+
+def test_a_presets_explicit_pass_count_is_kept_with_the_fewest_steps_in_a_row_it_allows():
+    """fast(passes=K) computes exactly K (T >= K) at every T, on the run's times too; it predicts
+    at most 3 steps in a row where K can keep that, else at most run_cap(T, K, 3): the fewest runs
+    the spaced rule with K passes keeps (checked against a brute-force minimum)."""
+    for shift in (3.0, 7.0):
+        for T in range(4, 41):
+            times = [1000.0 * s for s in flow_sigmas(T, shift)]
+            for k in range(1, T + 1):
+                cap = schedules.run_cap(T, k, 3)
+                brute = min(r for r in range(3, T + 1) if schedules.longest_skip_run(schedules.spaced(T, k), T) <= r)
+                assert cap == brute, (T, k, cap, brute)
+                assert (cap == 3) == (k >= schedules.min_passes(T, 3))
+                placed = TCPadeConfig.fast(passes=k).plan(T, times)
+                assert len(placed) == k and placed[0] == 0, (shift, T, k, placed)
+                assert placed[-1] == TCPadeConfig.fast(passes=k).plan(T)[-1]  # the last step stays
+                assert schedules.longest_skip_run(placed, T) <= cap, (shift, T, k, placed)
 
 
 def test_presets_keep_their_max_run_on_the_runs_time():

@@ -281,9 +281,11 @@ class TCPadeConfig:
     predictor's minimum history (>= 1). Larger = faster."""
 
     budget_max_run: Optional[int] = None
-    """A budget's guard for short runs: its pass count is raised until the spaced rule predicts
-    at most this many steps in a row (e.g. ``slow()`` / ``fast()`` at 7 steps: 3 passes, not
-    2). None = exactly the budget. Smaller = more passes at short T (slower, safer)."""
+    """A budget's guard for short runs: the spaced rule predicts at most this many steps in a
+    row. A pass count from ``speedup`` is raised until it does (e.g. ``slow()`` / ``fast()`` at
+    7 steps: 3 passes, not 2); an explicit ``passes=K`` is kept, and where K is too few for this
+    cap the rule predicts no more steps in a row than K must (``tcpade.schedules.run_cap``).
+    None = no guard. Smaller = more passes at short T (slower, safer)."""
 
     use_calibrated: bool = True
     """A budget takes the model's calibrated schedule for (T, passes) when the registry has one
@@ -368,8 +370,9 @@ class TCPadeConfig:
         the calibrated 8-of-20 schedule gave 3-12 dB more with one pass fewer
         (bench/results/calibration.md). ``TCPadeConfig(policy="tsi", warmup=4, interval=4,
         final_steps=1, tsi_threshold=1.0)`` is the old rule. ``slow(speedup=2)`` is the same
-        budget at another level (10 of 20: the benchmark's 2x point); ``slow(passes=K)`` computes K
-        per branch at every step count (more where K would predict more than 3 steps in a row)."""
+        budget at another level (10 of 20: the benchmark's 2x point); ``slow(passes=K)`` computes
+        exactly K per branch at every step count T >= K (where K cannot keep 3 steps in a row,
+        no more in a row than K must: 12 of 50, 4)."""
         return cls._preset_budget(2.5, overrides)
 
     @classmethod
@@ -383,7 +386,9 @@ class TCPadeConfig:
         (``TCPadeConfig(policy="tsi", warmup=2, interval=6, max_skips=5, final_steps=1,
         tsi_threshold=1.0)``); until this version ``fast()`` was warm-up 2, then
         every 4th step (``interval=4, max_skips=3, final_steps=0``). ``fast(speedup=S)`` or
-        ``fast(passes=K)`` is the same preset at another level."""
+        ``fast(passes=K)`` is the same preset at another level (an explicit K is kept, as in
+        ``slow(passes=K)``: ``fast(passes=12)`` is 4.17x at 50 steps, where no speedup gives
+        fewer than 13 passes under the 3-in-a-row guard)."""
         return cls._preset_budget(3.0, overrides)
 
     @classmethod

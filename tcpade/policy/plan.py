@@ -97,7 +97,9 @@ class Resolved:
             k = min(total, max(m, int(math.floor(total / c.speedup + 0.5))))
         else:
             return None
-        if c.budget_max_run is not None:
+        if c.budget_max_run is not None and c.passes is None:
+            # a count from the speedup is raised to keep the run cap; an explicit pass count is
+            # kept, and the cap widened to the fewest steps in a row it can keep (S.run_cap)
             k = max(k, S.min_passes(total, c.budget_max_run, m))
         return k
 
@@ -164,9 +166,10 @@ class Resolved:
                 if entry[0] == total and len(entry[1]) == k:
                     return entry[1], "calibrated", entry
             # (the config's predictor runs it)
-            steps = S._spaced(total, k, K.MIN_HISTORY[self.config.predictor], None, None, weights)
+            m = K.MIN_HISTORY[self.config.predictor]
+            steps = S._spaced(total, k, m, None, None, weights)
             if weights is not None and c.budget_max_run is not None:  # (the rule on the index keeps it by its count)
-                steps = S.cap_runs(steps, c.budget_max_run)
+                steps = S.cap_runs(steps, S.run_cap(total, k, c.budget_max_run, m))
             return steps, "spaced rule", None
         if not self.rule.fixed:
             return None, "policy", None
