@@ -49,7 +49,7 @@ def test_presets_skip_the_expected_share(preset, T, computed):
 def test_presets_take_a_pass_count_instead_of_their_speedup(preset):
     """``fast(passes=16)`` is the preset at 16 passes (its speedup dropped, not "exactly one of"
     refused), with the presets' guard; an explicit count is kept even where it cannot keep 3 steps
-    in a row (12 of 50: 4 at most)."""
+    in a row (12 of 50)."""
     make = getattr(TCPadeConfig, preset)
     cfg = make(passes=16)
     assert (cfg.passes, cfg.speedup) == (16, None)

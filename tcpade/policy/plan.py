@@ -99,7 +99,7 @@ class Resolved:
             return None
         if c.budget_max_run is not None and c.passes is None:
             # a count from the speedup is raised to keep the run cap; an explicit pass count is
-            # kept, and the cap widened to the fewest steps in a row it can keep (S.run_cap)
+            # kept (too few to keep the cap, the placement on the times is left as it is)
             k = max(k, S.min_passes(total, c.budget_max_run, m))
         return k
 
@@ -168,8 +168,9 @@ class Resolved:
             # (the config's predictor runs it)
             m = K.MIN_HISTORY[self.config.predictor]
             steps = S._spaced(total, k, m, None, None, weights)
-            if weights is not None and c.budget_max_run is not None:  # (the rule on the index keeps it by its count)
-                steps = S.cap_runs(steps, S.run_cap(total, k, c.budget_max_run, m))
+            if (weights is not None and c.budget_max_run is not None  # (the rule on the index keeps it by its count)
+                    and k >= S.min_passes(total, c.budget_max_run, m)):
+                steps = S.cap_runs(steps, c.budget_max_run)
             return steps, "spaced rule", None
         if not self.rule.fixed:
             return None, "policy", None

@@ -64,7 +64,6 @@ __all__ = [
     "even_family",
     "longest_skip_run",
     "min_passes",
-    "run_cap",
     "load",
     "lookup",
     "model_key",
@@ -217,8 +216,8 @@ def cap_runs(steps: Sequence[int], max_run: int) -> Tuple[int, ...]:
     from the start, a computed step further than ``max_run + 1`` after the previous one moves back
     to ``previous + max_run + 1`` (the count and the first step stay; nothing moves later). The
     spaced rule on the run's times (its steps crowd toward the end) under a budget's
-    ``budget_max_run`` (``run_cap``: a cap the rule on the step index keeps with this pass count):
-    its last step then stays too (tests/test_schedule.py checks the presets)."""
+    ``budget_max_run``, whose pass count is already enough for the rule on the step index to keep
+    the run: its last step then stays too (tests/test_schedule.py checks the presets)."""
     out = [int(steps[0])]
     for x in steps[1:]:
         out.append(max(out[-1] + 1, min(int(x), out[-1] + max_run + 1)))
@@ -245,16 +244,6 @@ def min_passes(total: int, max_run: int, lead: int = 1) -> int:
         if longest_skip_run(spaced(total, k, lead), total) <= max_run:
             return k
     return total
-
-
-def run_cap(total: int, passes: int, max_run: int, lead: int = 1) -> int:
-    """The most steps a budget of ``passes`` (of ``total``) under ``budget_max_run=max_run``
-    predicts in a row: ``max_run``, or, when ``passes`` is too few for that, the fewest runs the
-    spaced rule with ``passes`` keeps (the budget of an explicit pass count keeps its count)."""
-    r = max_run
-    while r < total and min_passes(total, r, lead) > passes:
-        r += 1
-    return r
 
 
 def even_family(total: int, passes: int, lead: int = 1) -> Tuple[Tuple[int, ...], ...]:

@@ -484,13 +484,13 @@ def _spaced_plan(predictor: str, passes: int, steps: int, overrides: dict, times
     """The spaced rule's schedule of ``passes`` at ``steps``: what the budget computes without a
     calibrated schedule (``TCPadeConfig.budget(passes=K, use_calibrated=False).plan(T, times)``,
     ``times`` the run's, as the runtime saw them: the rule is placed on them, with no more than
-    ``PRESET_MAX_RUN`` steps predicted in a row (or the fewest ``passes`` can keep), as
+    ``PRESET_MAX_RUN`` steps predicted in a row where ``passes`` can keep that, as
     ``slow()`` / ``fast()`` run it there)."""
     from ..policy import schedules as S
     from ..policy.config import TCPadeConfig
 
     # the presets' guard, as fast(passes=K) runs it: the placement on the times cut to at most
-    # PRESET_MAX_RUN predicted steps in a row, or the fewest K can keep (the count stays K)
+    # PRESET_MAX_RUN predicted steps in a row where K can keep that (the count stays K)
     fields = dict(passes=passes, use_calibrated=False, predictor=predictor, budget_max_run=S.PRESET_MAX_RUN)
     cfg = TCPadeConfig.budget(**{**fields, **overrides})
     return tuple(cfg.plan(steps, times))
