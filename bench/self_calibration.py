@@ -66,14 +66,11 @@ PRESET_AT = {
 
 def config_at(tag: str, passes: int, steps: int):
     """The preset that sits at the level (bench/quality.py's PRESETS); at 3x and 4x ``fast()`` with the
-    level's pass count where it keeps its 3-in-a-row guard at that count, else the linear budget
-    (at 4x no preset reaches the level: the guard raises the count)."""
+    level's pass count (``fast(passes=16)`` / ``fast(passes=12)`` at 50 steps; an explicit count is
+    kept, predicting no more steps in a row than it must)."""
     if tag in PRESET_AT:
         return PRESET_AT[tag]
-    if passes >= S.min_passes(steps, S.PRESET_MAX_RUN):
-        return f"fast(passes={passes})", lambda: TCPadeConfig.fast(speedup=None, passes=passes)
-    label = f"budget(passes={passes}, predictor='linear')"
-    return label, lambda: TCPadeConfig.budget(passes=passes, predictor="linear")
+    return f"fast(passes={passes})", lambda: TCPadeConfig.fast(passes=passes)
 
 
 def run(models, steps_list, n_inputs, path, append):
@@ -118,7 +115,7 @@ def _one(w, f, m, name, T, seeds, labels, n_inputs, peers):
         if used != expect:
             raise RuntimeError(f"{name} T={T} {label}: ran {used}, the calibration gives {expect}")
         # what the same config computes uncalibrated: the spaced rule on the run's times (cut to 3 predicted
-        # steps in a row under fast()'s guard)
+        # steps in a row under fast()'s guard, or the fewest an explicit count keeps)
         base = tuple(dataclasses.replace(cfg, use_calibrated=False).plan(T, times))
         spaced_cfg = TCPadeConfig(predictor="linear", schedule=base, schedule_steps=T)
         p = float(metrics.psnr(images, ref).mean())
@@ -145,8 +142,8 @@ INTRO = (
     'passes=..., steps=T, predictor="linear", method="trace", holdout=0.5)` on 8 inputs of its own (seeds '
     "2000.., half searched, half held out), the trace search's default budget (20 sampling runs of the 4 search "
     "inputs up to 20 steps, 40 above, the held-out check on top), `cal.register()`, then the preset at the level as "
-    "a user takes it (`slow(speedup=2)`, `slow()`, `fast()`; at 3x `fast(passes=16)`, at 4x, which no preset "
-    'reaches, `budget(passes=12, predictor="linear")`): '
+    "a user takes it (`slow(speedup=2)`, `slow()`, `fast()`; at 3x `fast(passes=16)`, at 4x "
+    "`fast(passes=12)`): "
     "the searched schedule where it won its held-out check, else the spaced rule (placed on the run's times, "
     "`time_spacing` 0.5, as an uncalibrated run computes it). PSNR (dB) against full computation "
     "on bench/quality.py's evaluation inputs (seeds 1000.., 16 samples, wan-digits 10; not seen by the "

@@ -191,7 +191,9 @@ def test_quality_report_and_eval_set(tmp_path):
     seeds, labels = quality.eval_set("flux-digits", False, samples=7)
     assert labels == list(range(7)) and len(seeds) == 7  # classes in turn
     assert quality.eval_set("dit-faces", False)[1][:4] == [0, 1, 0, 1]
-    assert [label for label, _ in quality.PRESETS] == ["slow", "fast", "paper", "adaptive", "slow(speedup=2)"]
+    assert [label for label, _ in quality.PRESETS] == ["slow", "fast", "paper", "adaptive", "slow(speedup=2)",
+                                                        "fast(passes=16)", "fast(passes=12)"]  # fmt: skip
+    assert quality.PRESET_STEPS == {"fast(passes=16)": (50,), "fast(passes=12)": (50,)}
 
 
 def test_quality_summary_reproduces_the_committed_page(tmp_path):
