@@ -168,8 +168,10 @@ class Resolved:
             # (the config's predictor runs it)
             m = K.MIN_HISTORY[self.config.predictor]
             steps = S._spaced(total, k, m, None, None, weights)
-            if (weights is not None and c.budget_max_run is not None  # (the rule on the index keeps it by its count)
-                    and k >= S.min_passes(total, c.budget_max_run, m)):
+            # (the rule on the index keeps the cap by its count; an explicit count too few for it
+            # is placed without the cut)
+            if weights is not None and c.budget_max_run is not None and (
+                    c.passes is None or k >= S.min_passes(total, c.budget_max_run, m)):
                 steps = S.cap_runs(steps, c.budget_max_run)
             return steps, "spaced rule", None
         if not self.rule.fixed:
