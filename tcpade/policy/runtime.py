@@ -271,14 +271,12 @@ class Runtime:
             log.info("tcpade: branch %r: hidden-state shape/dtype/device changed; new run", branch)
             b.new_run()
             (total, declared), c = self.steps.total(), self.config
-            if total:  # the new run is settled like any run at its step 0: this call
-                self._settle(b.run, total, declared)
             if not total:
                 reason = "steps-unknown"
-            elif b.run.planned and not b.run.fixed_rule and 0 in b.run.plan:
-                reason = "schedule"  # as decide() says of a planned run's step 0
             else:
-                reason = self.resolved.rule.forced(0, total)
+                self._settle(b.run, total, declared)  # like any run at its step 0, which this call is
+                planned = b.run.planned and not b.run.fixed_rule and 0 in b.run.plan
+                reason = "schedule" if planned else self.resolved.rule.forced(0, total)  # as decide() says
             p = Call(0, p.t, reason,
                      K.stage_of(0, total, c.early_frac, c.late_frac) if total else "middle", b.history,
                      self._predictor(b)[0])  # fmt: skip
