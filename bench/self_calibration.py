@@ -67,7 +67,7 @@ PRESET_AT = {
 def config_at(tag: str, passes: int, steps: int):
     """The preset that sits at the level (bench/quality.py's PRESETS); at 3x and 4x ``fast()`` with the
     level's pass count (``fast(passes=16)`` / ``fast(passes=12)`` at 50 steps; an explicit count is
-    kept, predicting no more steps in a row than it must)."""
+    kept, and where it is too few for the 3-in-a-row guard the rule is placed without the cut)."""
     if tag in PRESET_AT:
         return PRESET_AT[tag]
     return f"fast(passes={passes})", lambda: TCPadeConfig.fast(passes=passes)
@@ -115,7 +115,7 @@ def _one(w, f, m, name, T, seeds, labels, n_inputs, peers):
         if used != expect:
             raise RuntimeError(f"{name} T={T} {label}: ran {used}, the calibration gives {expect}")
         # what the same config computes uncalibrated: the spaced rule on the run's times (cut to 3 predicted
-        # steps in a row under fast()'s guard, or the fewest an explicit count keeps)
+        # steps in a row under fast()'s guard where the count can keep that)
         base = tuple(dataclasses.replace(cfg, use_calibrated=False).plan(T, times))
         spaced_cfg = TCPadeConfig(predictor="linear", schedule=base, schedule_steps=T)
         p = float(metrics.psnr(images, ref).mean())
