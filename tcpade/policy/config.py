@@ -285,7 +285,8 @@ class TCPadeConfig:
     row. A pass count from ``speedup`` is raised until it does (e.g. ``slow()`` / ``fast()`` at
     7 steps: 3 passes, not 2); an explicit ``passes=K`` is kept, and where K is too few for this
     cap the spaced rule is placed as it is, without a cut (on the zoo's three shifted schedules
-    the cut that 12 of 50 allows, to 4 in a row, lost 0.8 dB on average). None = no guard.
+    the cut that 12 of 50 allows, to 4 in a row, lost 0.8 dB on average:
+    bench/research/time_spaced). None = no guard.
     Smaller = more passes at short T (slower, safer)."""
 
     use_calibrated: bool = True
