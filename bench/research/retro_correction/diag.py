@@ -1,6 +1,6 @@
 """Per step of one preset run: |x - x*|, |m - m*| (m: what the scheduler gets; *: full computation) and the
 interpolation error of the skipped steps (from this run's computed outputs, and from the full run's).
-Usage (repository root): PYTHONPATH=bench:bench/research/retro_correction diag.py MODEL STEPS PRESET"""
+Usage (repository root): PYTHONPATH=bench:bench/research:bench/research/retro_correction diag.py MODEL STEPS PRESET"""
 import sys, os, torch
 import run as R
 from quality import PRESETS, eval_set

@@ -9,25 +9,16 @@ x_k is corrected by it before the scheduler's step at k (the same as adding a_k^
 the model is not called again). Flow matching Euler: a = 1, b = sigma_{i+1} - sigma_i; DDIM
 (eta 0, epsilon): a = sqrt(ab_prev / ab_t), b = sqrt(1 - ab_prev) - sqrt(ab_prev (1 - ab_t) / ab_t).
 
-Usage: run.py MODELS STEPS PRESETS VARIANTS OUT.csv
+Usage (repository root, PYTHONPATH=bench:bench/research): run.py MODELS STEPS PRESETS VARIANTS OUT.csv
   variants: lin:<axis> | quad:<axis> (axis: time = sigma (flow) / timestep (DDIM); index)
 """
 from __future__ import annotations
 
-import csv
 import math
-import os
 import sys
-import time
 
 import torch
-
-from quality import PRESETS, eval_set  # noqa: E402
-
-from tcpade import zoo  # noqa: E402
-from tcpade.tools import metrics  # noqa: E402
-
-PRE = dict(PRESETS)
+from preset_grid import grid
 
 
 def coefficients(sched):
@@ -94,38 +85,15 @@ def wrap(sched, computed, variant):
     return sched
 
 
-def main():
-    models, steps, presets, variants, out = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")], \
-        sys.argv[3].split(";"), sys.argv[4].split(","), sys.argv[5]
-    torch.set_num_threads(1)
-    new = not os.path.exists(out)
-    f = open(out, "a", newline="")
-    w = csv.writer(f)
-    if new:
-        w.writerow(["model", "steps", "preset", "variant", "passes", "psnr", "base_psnr", "gain"])
-    for name in models:
-        model = zoo.load(name)
-        seeds, labels = eval_set(name, False, 16)
-        for T in steps:
-            ref = model.sample(seeds, labels, steps=T)
-            for p in presets:
-                cfg = PRE[p]()
-                base, summ = model.sample(seeds, labels, steps=T, config=cfg, return_summary=True)
-                comp = frozenset(summ.computed("cond"))
-                assert all(frozenset(summ.computed(b)) == comp for b in summ.branches), "branches differ"
-                bp = float(metrics.psnr(base, ref).mean())
-                make = model.noise_scheduler
-                for v in variants:
-                    model.noise_scheduler = lambda: wrap(make(), comp, v)
-                    try:
-                        img = model.sample(seeds, labels, steps=T, config=cfg)
-                    finally:
-                        del model.noise_scheduler
-                    ps = float(metrics.psnr(img, ref).mean())
-                    w.writerow([name, T, p, v, len(comp), f"{ps:.4f}", f"{bp:.4f}", f"{ps - bp:+.4f}"])
-                    f.flush()
-                    print(name, T, p, v, len(comp), f"{bp:.2f} -> {ps:.2f} ({ps - bp:+.2f})", sorted(comp), flush=True)
+def run_variant(model, T, computed, variant, cfg, seeds, labels):
+    """The preset's run with the zoo scheduler's ``step`` wrapped to apply the correction."""
+    make = model.noise_scheduler
+    model.noise_scheduler = lambda: wrap(make(), computed, variant)
+    try:
+        return model.sample(seeds, labels, steps=T, config=cfg)
+    finally:
+        del model.noise_scheduler
 
 
 if __name__ == "__main__":
-    main()
+    grid(sys.argv[1:], "base_psnr", run_variant)

@@ -17,23 +17,15 @@ rule: ``reuse`` (the newest), ``lin:index`` / ``lin:time`` (through the two newe
 the step index or on sigma / DDIM's timestep), ``damp:<c>`` (newest + c x the linear step on the
 index). DiT's learned-variance channels are extrapolated as outputs (the sampler ignores them).
 
-Usage: run.py MODELS STEPS PRESETS VARIANTS OUT.csv (PRESETS ';'-separated, from bench/quality.py)
+Usage (repository root, PYTHONPATH=bench:bench/research): run.py MODELS STEPS PRESETS VARIANTS OUT.csv (PRESETS ';'-separated, from bench/quality.py)
 """
 from __future__ import annotations
 
-import csv
 import math
-import os
 import sys
 
 import torch
-
-from quality import PRESETS, eval_set  # noqa: E402
-
-from tcpade import zoo  # noqa: E402
-from tcpade.tools import metrics  # noqa: E402
-
-PRE = dict(PRESETS)
+from preset_grid import grid
 
 
 class OutputEmulator:
@@ -112,38 +104,16 @@ class OutputEmulator:
         return (m,)
 
 
-def main():
-    models, steps = sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")]
-    presets, variants, out = sys.argv[3].split(";"), sys.argv[4].split(","), sys.argv[5]
-    torch.set_num_threads(1)
-    new = not os.path.exists(out)
-    f = open(out, "a", newline="")
-    w = csv.writer(f)
-    if new:
-        w.writerow(["model", "steps", "preset", "variant", "passes", "psnr", "lib_psnr", "gain"])
-    for name in models:
-        model = zoo.load(name)
-        seeds, labels = eval_set(name, False, 16)
-        for T in steps:
-            ref = model.sample(seeds, labels, steps=T)
-            for p in presets:
-                cfg = PRE[p]()
-                base, summ = model.sample(seeds, labels, steps=T, config=cfg, return_summary=True)
-                comp = frozenset(summ.computed("cond"))
-                assert all(frozenset(summ.computed(b)) == comp for b in summ.branches), "branches differ"
-                bp = float(metrics.psnr(base, ref).mean())
-                for v in variants:
-                    emu = OutputEmulator(model, T, comp, v)
-                    try:
-                        img = model.sample(seeds, labels, steps=T)
-                    finally:
-                        emu.close()
-                    assert emu.calls == T * emu.nb
-                    ps = float(metrics.psnr(img, ref).mean())
-                    w.writerow([name, T, p, v, len(comp), f"{ps:.4f}", f"{bp:.4f}", f"{ps - bp:+.4f}"])
-                    f.flush()
-                    print(name, T, p, v, len(comp), f"lib {bp:.2f} -> {ps:.2f} ({ps - bp:+.2f})", flush=True)
+def run_variant(model, T, computed, variant, cfg, seeds, labels):
+    """The same computed steps emulated at the transformer's output (the library not attached)."""
+    emu = OutputEmulator(model, T, computed, variant)
+    try:
+        img = model.sample(seeds, labels, steps=T)
+    finally:
+        emu.close()
+    assert emu.calls == T * emu.nb
+    return img
 
 
 if __name__ == "__main__":
-    main()
+    grid(sys.argv[1:], "lib_psnr", run_variant)
