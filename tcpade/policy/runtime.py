@@ -275,8 +275,7 @@ class Runtime:
                 reason = "steps-unknown"
             else:
                 self._settle(b.run, total, declared)  # like any run at its step 0, which this call is
-                planned = b.run.planned and not b.run.fixed_rule and 0 in b.run.plan
-                reason = "schedule" if planned else self.resolved.rule.forced(0, total)  # as decide() says
+                reason = self._reason(b, total)  # as decide() says of step 0 (no device read: step 0 is forced)
             p = Call(0, p.t, reason,
                      K.stage_of(0, total, c.early_frac, c.late_frac) if total else "middle", b.history,
                      self._predictor(b)[0])  # fmt: skip
