@@ -732,11 +732,6 @@ def write_validation(rows, meta, out):
         f.write("\n".join(lines) + "\n")
 
 
-def axis(model, T):
-    """The zoo scheduler's timesteps of a T-step run (sigma x 1000 for flow matching, DDIM's timesteps)."""
-    return zoo_times(model, T)
-
-
 def carry_runs(names, targets, n, log, source_T=20, predictor="rational"):
     """The shipped ``source_T``-step calibrations carried to each T of ``targets`` (at the pass counts of
     the shipped T calibration), against that per-T calibration and the spaced rule, on ``n`` held-out
@@ -765,15 +760,16 @@ def carry_runs(names, targets, n, log, source_T=20, predictor="rational"):
                     memo[sched] = float(metrics.psnr(model.sample(seeds, labels, steps=T, config=cfg), ref).mean())
                 return memo[sched]
 
+            src_times, times = zoo_times(model, source_T), zoo_times(model, T)  # the scheduler's timesteps
             for K in sorted(per_t.schedules, reverse=True):
                 k0 = min(src.schedules, key=lambda k: (abs(k - K * source_T / T), -k))
-                carried = schedules.carry(src.schedules[k0], axis(model, source_T), axis(model, T), passes=K,
+                carried = schedules.carry(src.schedules[k0], src_times, times, passes=K,
                                           lead=schedules.K.MIN_HISTORY[predictor])  # fmt: skip
                 frac = schedules.carry(src.schedules[k0], schedules.run_fraction(source_T), schedules.run_fraction(T),
                                        passes=K, lead=schedules.K.MIN_HISTORY[predictor])  # fmt: skip
-                end = schedules.carry(src.schedules[k0], axis(model, source_T), axis(model, T), passes=K,
+                end = schedules.carry(src.schedules[k0], src_times, times, passes=K,
                                       lead=schedules.K.MIN_HISTORY[predictor], keep_end=True)  # fmt: skip
-                spaced = _spaced_plan(predictor, K, T, {}, axis(model, T))  # placed on the run's times, as it runs
+                spaced = _spaced_plan(predictor, K, T, {}, times)  # placed on the run's times, as it runs
                 c_db, s_db, p_db, f_db = score(carried), score(spaced), score(per_t.schedules[K]), score(frac)
                 e_db = score(end)
                 row = dict(kind="carried", model=name, predictor=predictor, steps=T, passes=K, calibrated_db=c_db,
